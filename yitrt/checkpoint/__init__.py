@@ -1,0 +1,1 @@
+"""TensorRT-LLM checkpoints: safetensors streaming I/O, sharding rules, the checkpoint config, conversion."""

@@ -1,0 +1,35 @@
+"""Shared option types (``Annotated`` aliases) so every command spells an option the same way.
+
+Choices come from the library's tables (schemes, KV formats, dtypes), never from a second list.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from yitrt.checkpoint.trtllm_config import DTYPES
+from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
+
+SchemeChoice = Enum("SchemeChoice", {name: name for name in SCHEMES if name != "none"}, type=str)
+KvCacheChoice = Enum("KvCacheChoice", {name: name for name in KV_CACHE_FORMATS}, type=str)
+DtypeChoice = Enum("DtypeChoice", {name: name for name in DTYPES}, type=str)
+
+ModelArg = Annotated[str, typer.Argument(help="A Hugging Face repo id (owner/name) or a local model folder.", show_default=False)]
+RepoIdArg = Annotated[str, typer.Argument(help="A Hugging Face repo id, e.g. 01-ai/Yi-1.5-9B-Chat.", show_default=False)]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit of the Hub repo (pin it for reproducible runs).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output artifact folder (created atomically).", show_default=False)]
+TpOpt = Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel size (GPUs per pipeline stage).")]
+PpOpt = Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel size (stages).")]
+DtypeOpt = Annotated[DtypeChoice, typer.Option("--dtype", help="Model dtype; auto = the source's (float32 becomes float16).")]
+KvCacheOpt = Annotated[KvCacheChoice | None, typer.Option("--kv-cache", help="Quantize the KV cache (fp8 is written data-free with scale 1.0).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the work even if an identical artifact exists.")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")]
+ParallelEmbeddingOpt = Annotated[
+    bool,
+    typer.Option("--parallel-embedding/--no-parallel-embedding", help="Split the embedding table across TP ranks by vocab rows."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]

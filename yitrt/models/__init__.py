@@ -1,0 +1,1 @@
+"""Model knowledge: normalised configs, the Yi checkpoint registry and the Llama-family tensor table."""

@@ -1,0 +1,1 @@
+"""Quantization schemes: the registry, data-free encoders and (later) calibrated quantization."""

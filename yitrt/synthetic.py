@@ -1,0 +1,147 @@
+"""Random Hugging Face Llama-family folders of any shape, written streaming (for tests and benchmarks).
+
+A folder made here is what ``save_pretrained`` would write for a model of that shape: ``config.json``, one or
+more ``model*.safetensors`` shards (with ``model.safetensors.index.json`` when sharded) and, on request, the
+legacy ``YiForCausalLM`` layout (norms named ``ln1``/``ln2``). Shards are written tensor by tensor, so a
+Yi-6B-shaped folder (12 GB) needs only one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yitrt.checkpoint.safetensors_io import CODES, PlannedTensor, StreamingWriter
+
+#: Dims of the Yi shape families (reference/yi-models.md §1.2) plus a tiny Yi-shaped model for tests.
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 688, "vocab_size": 512},
+    "yi-6b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 11008, "vocab_size": 64000},
+    "yi-9b": {"hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 11008, "vocab_size": 64000},
+    "yi-34b": {"hidden_size": 7168, "num_hidden_layers": 60, "num_attention_heads": 56, "num_key_value_heads": 8, "intermediate_size": 20480, "vocab_size": 64000},
+    "yi-coder-1.5b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 5504, "vocab_size": 64000},
+}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate.
+
+    Attributes:
+        shape: a key of SHAPES.
+        layers: override the layer count (quicker benchmarks).
+        dtype: torch dtype name of the weights.
+        shards: number of safetensors shards (>1 writes an index).
+        legacy_yi: write the ``YiForCausalLM`` layout.
+        tied: tie embeddings (no lm_head tensor written).
+        seed: RNG seed.
+        overrides: extra config.json keys (e.g. rope settings).
+    """
+
+    shape: str = "tiny"
+    layers: int | None = None
+    dtype: str = "bfloat16"
+    shards: int = 1
+    legacy_yi: bool = False
+    tied: bool = False
+    seed: int = 0
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def hf_config(spec: SyntheticSpec) -> dict[str, Any]:
+    """The config.json of a synthetic model."""
+    dims = dict(SHAPES[spec.shape])
+    if spec.layers:
+        dims["num_hidden_layers"] = spec.layers
+    cfg = {
+        "architectures": ["YiForCausalLM" if spec.legacy_yi else "LlamaForCausalLM"],
+        "model_type": "Yi" if spec.legacy_yi else "llama",
+        **dims,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 5000000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": spec.tied,
+        "torch_dtype": spec.dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    cfg.update(dict(spec.overrides))
+    return cfg
+
+
+def tensor_shapes(cfg: dict[str, Any], legacy_yi: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes in ``save_pretrained`` order for a Llama config dict."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    ln1, ln2 = ("ln1", "ln2") if legacy_yi else ("input_layernorm", "post_attention_layernorm")
+    out = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        out += [
+            (p + f"{ln1}.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (heads * d, h)),
+            (p + "self_attn.k_proj.weight", (kv * d, h)),
+            (p + "self_attn.v_proj.weight", (kv * d, h)),
+            (p + "self_attn.o_proj.weight", (h, heads * d)),
+            (p + f"{ln2}.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings"):
+        out.append(("lm_head.weight", (v, h)))
+    return out
+
+
+def write_synthetic_model(folder: Path, spec: SyntheticSpec) -> Path:
+    """Write a random HF model folder.
+
+    Norm weights are near 1 and linear weights ~N(0, 0.02) so the model computes finite logits.
+
+    Args:
+        folder: destination (created; must not hold another model).
+        spec: what to generate.
+
+    Returns:
+        The folder.
+    """
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config(spec)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    dtype = getattr(torch, spec.dtype)
+    code = CODES[spec.dtype]
+    tensors = tensor_shapes(cfg, spec.legacy_yi)
+    groups = [tensors[k :: spec.shards] for k in range(spec.shards)] if spec.shards > 1 else [tensors]
+    # contiguous groups keep layers together, as save_pretrained does
+    per = -(-len(tensors) // spec.shards)
+    groups = [tensors[k * per : (k + 1) * per] for k in range(spec.shards)]
+    gen = torch.Generator().manual_seed(spec.seed)
+    weight_map = {}
+    for k, group in enumerate(groups):
+        fname = "model.safetensors" if spec.shards == 1 else f"model-{k + 1:05d}-of-{spec.shards:05d}.safetensors"
+        writer = StreamingWriter(folder / fname, [PlannedTensor(n, code, s) for n, s in group], {"format": "pt"})
+        for name, shape in group:
+            if len(shape) == 1:
+                t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            else:
+                t = 0.02 * torch.randn(shape, generator=gen)
+            writer.write(name, t.to(dtype))
+            weight_map[name] = fname
+        writer.close()
+    if spec.shards > 1:
+        total = sum(PlannedTensor(n, code, s).nbytes for n, s in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
