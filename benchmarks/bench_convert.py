@@ -7,7 +7,9 @@ measures in separate processes, each with its own wall time and peak RSS (from w
 2. ``yitrt convert --tp 2``;
 3. ModelOpt's path: transformers ``from_pretrained`` + ``export_tensorrt_llm_checkpoint(inference_tensor_parallel=2)``.
 
-The source is read once before the runs so every method starts from the same page-cache state. Results go to
+The source is read once before the runs so every method starts from the same page-cache state, each run starts
+after ``sync`` (no dirty pages left by the previous one), cp and yitrt alternate ``--repeats`` times and the
+median of each is compared (this machine's I/O varies by 2x between identical runs). Results go to
 ``benchmarks/results/convert.json``. Targets (issue #2): yitrt wall <= 1.5x cp, peak RSS <= 1.5 GB (full shape).
 """
 
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="layer count (default: Yi-6B's 32)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--skip-modelopt", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of cp and of yitrt (the median is reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "convert.json")
     args = parser.parse_args()
 
@@ -102,27 +105,30 @@ def main() -> None:
             while fh.read(64 << 20):
                 pass
 
+    copy_dst, ours, theirs = args.work / "cp-out", args.work / "yitrt-out", args.work / "modelopt-out"
+    commands = {
+        "cp": ["cp", *map(str, weights), str(copy_dst)],
+        "yitrt": [sys.executable, "-m", "yitrt", "convert", str(src), "--tp", "2", "--out", str(ours), "--json"],
+        "modelopt": [sys.executable, "-c", MODELOPT_SCRIPT, str(src), str(theirs)],
+    }
+    outputs = {"cp": copy_dst, "yitrt": ours, "modelopt": theirs}
+    order = ["cp", "yitrt"] * args.repeats + ([] if args.skip_modelopt else ["modelopt"])
     runs = []
-    copy_dst = args.work / "cp-out"
-    shutil.rmtree(copy_dst, ignore_errors=True)
-    copy_dst.mkdir(parents=True)
-    runs.append(measure(["cp", *map(str, weights), str(copy_dst)], "cp"))
-    shutil.rmtree(copy_dst)
+    for label in order:  # alternate cp and yitrt so both see the same machine state
+        shutil.rmtree(outputs[label], ignore_errors=True)
+        if label == "cp":
+            copy_dst.mkdir(parents=True)
+        subprocess.run(["sync"], check=False)  # start each run with no dirty pages from the previous one
+        run = measure(commands[label], label)
+        run["output_bytes"] = dir_bytes(outputs[label]) if outputs[label].exists() else 0
+        runs.append(run)
+        shutil.rmtree(outputs[label], ignore_errors=True)
 
-    ours = args.work / "yitrt-out"
-    shutil.rmtree(ours, ignore_errors=True)
-    runs.append(measure([sys.executable, "-m", "yitrt", "convert", str(src), "--tp", "2", "--out", str(ours), "--force", "--json"], "yitrt"))
-    runs[-1]["output_bytes"] = dir_bytes(ours) if ours.exists() else 0
-    shutil.rmtree(ours, ignore_errors=True)
+    def median_run(label: str) -> dict:
+        mine = sorted((r for r in runs if r["label"] == label), key=lambda r: r["wall_s"])
+        return mine[len(mine) // 2]
 
-    if not args.skip_modelopt:
-        theirs = args.work / "modelopt-out"
-        shutil.rmtree(theirs, ignore_errors=True)
-        runs.append(measure([sys.executable, "-c", MODELOPT_SCRIPT, str(src), str(theirs)], "modelopt"))
-        runs[-1]["output_bytes"] = dir_bytes(theirs) if theirs.exists() else 0
-        shutil.rmtree(theirs, ignore_errors=True)
-
-    by = {r["label"]: r for r in runs}
+    by = {label: median_run(label) for label in dict.fromkeys(order)}
     summary = {
         "yitrt_wall_vs_cp": round(by["yitrt"]["wall_s"] / by["cp"]["wall_s"], 3),
         "yitrt_peak_rss_gb": round(by["yitrt"]["peak_rss_bytes"] / 1e9, 3),
@@ -139,6 +145,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": {"shape": "yi-6b", "layers": args.layers or 32, "dtype": "bfloat16", "tp": 2, "source_bytes": nbytes, "shards": len(weights)},
         "runs": runs,
+        "median": by,
         "summary": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,13 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from yitrt.checkpoint.safetensors_io import read_header
 from yitrt.errors import CheckpointError, MissingDependencyError, require
 from yitrt.manifest import ArtifactWriter, artifact_key, find_reusable, fingerprint_files
 
@@ -275,12 +275,6 @@ def _quiet_transformers(transformers: Any, gguf: Path, progress: ProgressFn | No
         hf_logging.set_verbosity(verbosity)
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(length))
-
-
 def _check_saved(folder: Path) -> dict[str, Any]:
     """Check what transformers wrote against what later stages rely on; return facts for the manifest.
 
@@ -295,10 +289,9 @@ def _check_saved(folder: Path) -> dict[str, Any]:
     names: list[str] = []
     dtypes: set[str] = set()
     for shard in sorted(folder.glob("*.safetensors")):
-        header = _safetensors_header(shard)
-        header.pop("__metadata__", None)
-        names += header
-        dtypes |= {entry["dtype"] for entry in header.values()}
+        tensors, _, _ = read_header(shard)
+        names += tensors
+        dtypes |= {info.dtype for info in tensors.values()}
     if not names:
         problems.append("no safetensors weights were written")
     if dtypes - {"BF16"}:

@@ -145,22 +145,26 @@ def find_reusable(out: Path, stage: str, key: str) -> Manifest | None:
     return manifest
 
 
-def check_output_folder(out: Path) -> None:
-    """Refuse to replace a folder yitrt did not make.
+def check_output_folder(out: Path, stage: str | None = None) -> None:
+    """Refuse to replace a folder yitrt did not make, or an artifact of another stage.
 
     Raises:
-        ArtifactError: ``out`` exists, is not empty and holds no yitrt manifest (or is a file).
+        ArtifactError: ``out`` is a file, or a non-empty folder without a yitrt manifest, or (when ``stage`` is
+            given) the artifact of a different stage.
     """
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a folder", "choose another --out")
-    if read_manifest(out) is None and any(out.iterdir()):
+    manifest = read_manifest(out)
+    if manifest is None and any(out.iterdir()):
         raise ArtifactError(
             f"{out} exists, is not empty and was not made by yitrt",
             "choose another --out, or remove that folder yourself",
         )
+    if manifest is not None and stage is not None and manifest.stage != stage:
+        raise ArtifactError(f"{out} holds a yitrt {manifest.stage} artifact, not a {stage} one", "choose another --out")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -217,7 +221,7 @@ class ArtifactWriter:
         self._hashed[relative] = (size, digest)
 
     def __enter__(self) -> ArtifactWriter:
-        check_output_folder(self.out)
+        check_output_folder(self.out, self.stage)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(self.out)
         if self.path.exists():

@@ -102,3 +102,10 @@ def test_schemes_json_matches_registry():
     data = json.loads(run_cli("schemes", "--json").stdout)
     assert [s["name"] for s in data["schemes"]] == list(SCHEMES)
     assert {k["name"] for k in data["kv_cache"]} == {"fp8", "int8"}
+
+
+def test_bad_option_is_one_line_with_the_help_to_read():
+    proc = run_cli("convert", "some/model", "--out", "x", "--tp", "0")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--tp" in lines[0] and "yitrt convert --help" in lines[0]

@@ -252,3 +252,23 @@ def test_stale_partial_of_a_dead_process_is_removed(make_model, tmp_path):
     convert(ConvertRequest(src, tmp_path / "c"))
     assert not stale.exists() and (tmp_path / "c" / "rank0.safetensors").exists()
     assert os.path.getsize(tmp_path / "c" / "rank0.safetensors") > 1000
+
+
+def test_artifact_of_another_stage_and_the_source_folder_are_refused(make_model, tmp_path):
+    src = make_model()
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    (fetched / MANIFEST_NAME).write_text(json.dumps({"stage": "fetch", "key": "k", "files": []}))
+    with pytest.raises(ArtifactError, match="fetch artifact"):
+        convert(ConvertRequest(src, fetched))
+    with pytest.raises(ArtifactError, match="not made by yitrt|model folder itself"):
+        convert(ConvertRequest(src, src))
+    assert (src / "config.json").exists()
+
+
+@pytest.mark.parametrize(("stored", "declared", "expected"), [("bfloat16", "float32", "bfloat16"), ("float32", "float32", "float16"), ("float16", None, "float16")])
+def test_auto_dtype_follows_the_stored_weights(make_model, tmp_path, stored, declared, expected):
+    src = make_model(dtype=stored, overrides={"torch_dtype": declared})
+    result = convert(ConvertRequest(src, tmp_path / "c"))
+    assert result.config["dtype"] == expected
+    assert all(t.dtype == getattr(torch, expected) for t in load_file(tmp_path / "c" / "rank0.safetensors").values())

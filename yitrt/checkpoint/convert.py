@@ -22,7 +22,7 @@ from yitrt.checkpoint.sharding import Mapping, local_shape, pp_problems, tp_prob
 from yitrt.checkpoint.source import INDEX_NAME, SourceCheckpoint
 from yitrt.checkpoint.streaming import copy_pieces, keep_freed_memory_for_reuse, stream_pieces
 from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM, build_config, resolve_dtype
-from yitrt.errors import CheckpointError, UnsupportedModelError, ValidationError
+from yitrt.errors import ArtifactError, CheckpointError, UnsupportedModelError, ValidationError
 from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, fingerprint_files
 from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.llama import Kind, ResolvedTensor, resolve_tensors
@@ -223,7 +223,9 @@ def convert(req: ConvertRequest, progress: ProgressFn | None = None) -> ConvertR
     started = time.perf_counter()
     cfg = load_config(req.model_dir)
     scheme, kv, mapping, warnings = validate_request(req, cfg)
-    check_output_folder(req.out)
+    check_output_folder(req.out, STAGE)
+    if Path(req.out).resolve() == Path(req.model_dir).resolve():
+        raise ArtifactError(f"{req.out} is the model folder itself", "write the checkpoint to another --out")
     with SourceCheckpoint(req.model_dir, allow_pickle=req.allow_pickle) as source:
         available = {n: t.shape for n, t in source.tensors.items()}
         resolved = resolve_tensors(cfg, available)

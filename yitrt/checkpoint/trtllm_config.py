@@ -24,9 +24,10 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def resolve_dtype(requested: str, cfg: ModelConfig, first_tensor_dtype: str | None = None) -> str:
-    """Resolve ``auto`` the way TensorRT-LLM's converter does: the source's dtype, float32 becoming float16.
-
-    (convert_checkpoint.py help: "if the source dtype is float32, it is converted to float16".)
+    """Resolve ``auto``: the dtype the weights are stored in (config.json's when unknown), float32 becoming
+    float16 as in TensorRT-LLM's converter ("if the source dtype is float32, it is converted to float16",
+    convert_checkpoint.py). The stored dtype wins over config.json's, which can be wrong, so that ``auto``
+    never rounds weights.
 
     Raises:
         UsageError: unknown dtype.
@@ -35,7 +36,7 @@ def resolve_dtype(requested: str, cfg: ModelConfig, first_tensor_dtype: str | No
         raise UsageError(f"unknown dtype {requested!r}", "choose one of: " + ", ".join(DTYPES))
     if requested != "auto":
         return requested
-    declared = (cfg.dtype or first_tensor_dtype or "float16").removeprefix("torch.")
+    declared = (first_tensor_dtype or cfg.dtype or "float16").removeprefix("torch.")
     return declared if declared in ("bfloat16", "float16") else "float16"
 
 

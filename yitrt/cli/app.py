@@ -10,8 +10,8 @@ import os
 import sys
 import traceback
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from yitrt import __version__
 from yitrt.cli import render
@@ -31,7 +31,7 @@ from yitrt.cli.options import (
     SchemeChoice,
     TpOpt,
 )
-from yitrt.errors import YitrtError
+from yitrt.errors import UsageError, YitrtError
 
 INTERNAL_ERROR_EXIT = 70
 
@@ -251,7 +251,7 @@ def demo_model(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     as_json = "--json" in args
     debug = os.environ.get("YITRT_DEBUG") == "1"
     try:
@@ -261,12 +261,15 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         render.report_error(exc, as_json)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except TyperException as exc:  # bad options (Typer's bundled Click): one line too, naming the help to read
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "yitrt"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        render.report_error(UsageError(" ".join(message.split()), f"see `{command} --help`"), as_json)
+        sys.exit(UsageError.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("aborted\n")
         sys.exit(130)
     except Exception as exc:  # a bug in yitrt, not a user error
