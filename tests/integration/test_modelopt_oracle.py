@@ -81,3 +81,45 @@ def test_replicated_embedding_equals_gathered_modelopt_embedding(tiny_yi, tmp_pa
     for rank in range(tp):
         assert torch.equal(load_file(ours / f"rank{rank}.safetensors")[name], gathered)
     assert json.loads((ours / "config.json").read_text())["use_parallel_embedding"] is False
+
+
+def _fp8_bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def test_fp8_rowwise_equals_modelopt_fp8_per_channel_per_token(tmp_path):
+    """Data-free FP8 rowwise against ModelOpt's FP8_PER_CHANNEL_PER_TOKEN export (weights need no calibration).
+
+    tp 1: bit-for-bit. tp 2: column-parallel layers bit-for-bit; row-parallel layers (dense, proj) differ by
+    design — yitrt takes each row's scale over the rank's slice, as TensorRT-LLM's own converter does, ModelOpt over
+    the whole row — so there the dequantized weights are compared, within e4m3's rounding.
+    """
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256, num_attention_heads=8, num_key_value_heads=2, intermediate_size=768, vocab_size=512,
+        num_hidden_layers=2, rope_theta=5e6,
+    )
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 512, (2, 16))
+    model = mtq.quantize(model, mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG, lambda m: m(ids))
+    for tp in (1, 2):
+        theirs, ours = tmp_path / f"modelopt{tp}", tmp_path / f"yitrt{tp}"
+        export.export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.bfloat16, export_dir=str(theirs), inference_tensor_parallel=tp)
+        convert(ConvertRequest(tmp_path / "hf", ours, tp=tp, scheme="fp8-rowwise"))
+        assert json.loads((ours / "config.json").read_text())["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+        for rank in range(tp):
+            a = load_file(ours / f"rank{rank}.safetensors")
+            b = load_file(theirs / f"rank{rank}.safetensors")
+            assert sorted(a) == sorted(b)
+            for name in b:
+                assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
+                row_parallel = tp > 1 and (".attention.dense." in name or ".mlp.proj." in name)
+                if not row_parallel:
+                    assert torch.equal(_fp8_bits(a[name]), _fp8_bits(b[name])), f"tp {tp} rank {rank}: {name}"
+                elif name.endswith(".weight"):
+                    scale = name.removesuffix("weight") + "per_channel_scale"
+                    ours_w = a[name].float() * a[scale][:, None]
+                    their_w = b[name].float() * b[scale][:, None]
+                    assert torch.allclose(ours_w, their_w, rtol=2**-3, atol=1e-4), name
