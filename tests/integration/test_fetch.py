@@ -265,3 +265,32 @@ def test_pickle_only_repo(hub, tmp_path):
     allowed = allowed["ok"]
     assert allowed["files"] == ["config.json", "pytorch_model.bin"]
     assert read_manifest(out).parameters["allow_pickle"] is True and no_partials(out)
+
+
+def test_cli_inspect_fetch_and_convert_by_repo_id(hub, source_repo, tmp_path):
+    """The user's path: repo ids on the command line, through the real CLI process, against the Hub double."""
+    hub.add_repo(REPO, source_repo)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and "proxy" not in k.lower()}
+    env.update(hub.env(tmp_path / "hf"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "yitrt", *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+    inspected = cli("inspect", REPO, "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["valid_tp"] == [1, 2, 4, 8]
+    assert not hub.downloaded() & {SHARD1, SHARD2}  # inspect reads metadata only
+
+    fetched = cli("fetch", REPO, "--out", str(tmp_path / "yi"), "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert set(json.loads(fetched.stdout)["files"]) >= {SHARD1, SHARD2, INDEX}
+
+    converted = cli("convert", REPO, "--tp", "2", "--out", str(tmp_path / "ckpt"), "--json")
+    assert converted.returncode == 0, converted.stderr
+    assert json.loads(converted.stdout)["world_size"] == 2
+    manifest = read_manifest(tmp_path / "ckpt")
+    assert manifest.parameters["model_ref"] == REPO
+
+    missing = cli("convert", "01-ai/does-not-exist", "--out", str(tmp_path / "none"))
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()

@@ -85,3 +85,37 @@ def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, in
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def inspect_report(data: dict) -> None:
+    """Print `yitrt inspect`'s tables from its JSON object."""
+    yi = data["yi"]
+    match = yi["repo_id"] or (f"{yi['shape']} shape: " + ", ".join(yi["candidates"]) if yi["candidates"] else "not a known Yi checkpoint")
+    rows = [
+        ["architecture", data["architecture"] + (" (legacy Yi layout)" if data["legacy_yi_layout"] else "")],
+        ["Yi registry", match if yi["matched_by"] == "none" else f"{match} (matched by {yi['matched_by']})"],
+        ["parameters", f"{data['params']:,}"],
+        ["layers / hidden / intermediate", f"{data['num_layers']} / {data['hidden_size']} / {data['intermediate_size']}"],
+        ["heads / KV heads / head dim", f"{data['num_heads']} / {data['num_kv_heads']} / {data['head_dim']}"],
+        ["vocab", data["vocab_size"]],
+        ["context length", f"{data['context_length']:,}"],
+        ["rope base / scaling", f"{data['rope_theta']:g} / {data['rope_scaling'] or 'none'}"],
+        ["chat end id", f"{data['chat_end_id']} (from {data['chat_end_id_source']})"],
+    ]
+    out.print(table(f"Model {data['source']}", ["", ""], rows))
+    out.print(table(
+        "Weight bytes (decoder linears in the dtype; embedding, lm_head, norms 16-bit)",
+        list(data["weight_bytes"]), [[human_bytes(v) for v in data["weight_bytes"].values()]],
+    ))
+    kv = data["kv_bytes_per_token"]
+    tps = list(next(iter(kv.values())))
+    kv_rows = [[tp, *[f"{kv[d][tp]:,}" for d in kv], data["kv_head_duplication"].get(tp, "")] for tp in tps]
+    out.print(table("KV-cache bytes per token per GPU (pp 1)", ["tp", *[f"{d} KV" for d in kv], "KV head copies"], kv_rows))
+    out.print(f"valid tp: {data['valid_tp']}   valid pp: {data['valid_pp']}")
+    for tp, reasons in data["invalid_tp"].items():
+        if int(tp) <= 8:
+            out.print(f"  tp {tp}: " + "; ".join(reasons))
+    for pp, reasons in data["invalid_pp"].items():
+        out.print(f"  pp {pp}: " + "; ".join(reasons))
+    for pit in data["pitfalls"]:
+        out.print(f"pitfall: {pit['text']} [{pit['source']}]")
