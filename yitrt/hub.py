@@ -185,7 +185,7 @@ def fetch_model(
     _check_repo_id(repo_id)
     if out is not None:
         out = Path(out)
-        check_output_folder(out)  # before any network call: an unusable --out is the user's to fix first
+        check_output_folder(out, STAGE)  # before any network call: an unusable --out is the user's to fix first
     start = time.monotonic()
     hf = _hf()
     with _hub_errors(repo_id, revision):
