@@ -33,14 +33,15 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from yitrt.checkpoint.source import INDEX_NAME, PICKLE_INDEX_NAME, PICKLE_WEIGHTS_GLOB
 from yitrt.errors import ArtifactError, CheckpointError, HubError, UsageError, YitrtError
 from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, read_manifest
 
 ProgressCallback = Callable[[int, int], None]
 
 STAGE = "fetch"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_INDEX = INDEX_NAME
+PICKLE_INDEX = PICKLE_INDEX_NAME
 #: Non-weight files a conversion or a Triton tokenizer may read (top level of the repo only).
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -57,7 +58,7 @@ TOKENIZER_FILES = (
 #: What ``resolve_model(metadata_only=True)`` downloads: enough to describe a model, no weights.
 METADATA_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", SAFETENSORS_INDEX)
 #: Pickle weights in the transformers layout; fetched only with ``allow_pickle`` and no safetensors present.
-PICKLE_WEIGHT_PATTERN = "pytorch_model*.bin"
+PICKLE_WEIGHT_PATTERN = PICKLE_WEIGHTS_GLOB
 #: Other pickle suffixes, named in errors when a repo holds only those.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 

@@ -14,15 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.checkpoint.safetensors_io import CODES, PlannedTensor, StreamingWriter
+from yitrt.models.registry import load_registry
 
-#: Dims of the Yi shape families (reference/yi-models.md §1.2) plus a tiny Yi-shaped model for tests.
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 688, "vocab_size": 512},
-    "yi-6b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 11008, "vocab_size": 64000},
-    "yi-9b": {"hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 11008, "vocab_size": 64000},
-    "yi-34b": {"hidden_size": 7168, "num_hidden_layers": 60, "num_attention_heads": 56, "num_key_value_heads": 8, "intermediate_size": 20480, "vocab_size": 64000},
-    "yi-coder-1.5b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 5504, "vocab_size": 64000},
-}
+#: A tiny Yi-shaped model (GQA 8 heads / 2 KV heads) for tests.
+_TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 688, "vocab_size": 512}
+
+
+def _hf_dims(dims: dict[str, int]) -> dict[str, int]:
+    """Registry shape dims (ModelConfig names) → config.json keys."""
+    return {
+        "hidden_size": dims["hidden_size"], "num_hidden_layers": dims["num_layers"], "num_attention_heads": dims["num_heads"],
+        "num_key_value_heads": dims["num_kv_heads"], "intermediate_size": dims["intermediate_size"], "vocab_size": dims["vocab_size"],
+    }
+
+
+#: config.json dims by shape name: "tiny" plus every Yi shape family of the registry (yi_checkpoints.yaml).
+SHAPES: dict[str, dict[str, int]] = {"tiny": _TINY, **{name: _hf_dims(d) for name, d in load_registry().shapes.items()}}
 
 
 @dataclass(frozen=True)

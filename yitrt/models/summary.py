@@ -10,15 +10,15 @@ from typing import Any
 from yitrt.checkpoint.sharding import kv_heads_per_rank, pp_problems, tp_problems
 from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.registry import RegistryMatch, load_registry
-from yitrt.quant.schemes import KV_BYTES_FP16, KV_CACHE_FORMATS
+from yitrt.quant.schemes import KV_BYTES_FP16, KV_CACHE_FORMATS, SCHEMES
 
 #: Sizes checked for TP and PP (a single node holds at most 8 GPUs; 16 shows what two nodes would allow).
 TP_CANDIDATES = tuple(range(1, 17))
 PP_CANDIDATES = tuple(range(1, 9))
 
-#: Weight storage bytes per linear weight for each dtype inspect reports; int4 adds one fp16 scale per
-#: 128-weight group (the AWQ default). Embedding, lm_head and norms stay 16-bit under every scheme.
-WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
+#: The scheme whose storage each dtype column of `inspect` shows (int4: AWQ, with one fp16 scale per group).
+#: Embedding, lm_head and norms stay 16-bit under every scheme.
+WEIGHT_DTYPE_SCHEMES = {"bf16": "none", "fp8": "fp8", "int8": "int8-sq", "int4": "int4-awq"}
 
 
 @dataclass
@@ -46,7 +46,10 @@ class ModelReport:
         embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
         norms = cfg.num_layers * 2 * cfg.hidden_size + cfg.hidden_size
         linear = self.params - embed - norms
-        return {k: int(linear * b + (embed + norms) * 2) for k, b in WEIGHT_BYTES.items()}
+        return {
+            column: int(linear * SCHEMES[scheme].weight_bytes + (embed + norms) * 2)
+            for column, scheme in WEIGHT_DTYPE_SCHEMES.items()
+        }
 
     def kv_bytes_per_token(self) -> dict[str, dict[int, int]]:
         """KV-cache bytes per token per GPU (pp = 1), per KV dtype and valid TP size.
