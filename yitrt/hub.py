@@ -270,8 +270,12 @@ class _Plan:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        # Everything that decides the artifact's content: the commit pins the bytes, allow_pickle the file choice.
-        return {"repo_id": self.repo_id, "revision": self.sha, "allow_pickle": self.allow_pickle}
+        return _artifact_parameters(self.repo_id, self.sha, self.allow_pickle)
+
+
+def _artifact_parameters(repo_id: str, sha: str, allow_pickle: bool) -> dict[str, Any]:
+    """What decides a fetch artifact's content: the commit pins the bytes, allow_pickle the file choice."""
+    return {"repo_id": repo_id, "revision": sha, "allow_pickle": allow_pickle}
 
 
 def _plan_files(repo_id: str, sha: str, names: list[str], allow_pickle: bool) -> list[str]:
@@ -357,7 +361,7 @@ def _fetch_offline(
         # or the branch/tag it was fetched from (no revision is the default branch, as huggingface_hub has it).
         asked = manifest is not None and (revision or "main") in (sha, (manifest.extra or {}).get("ref"))
         if manifest is not None and manifest.stage == STAGE and params.get("repo_id") == repo_id and asked:
-            key = artifact_key(STAGE, {"repo_id": repo_id, "revision": sha, "allow_pickle": allow_pickle}, {"commit": sha})
+            key = artifact_key(STAGE, _artifact_parameters(repo_id, sha, allow_pickle), {"commit": sha})
             if (found := find_reusable(out, STAGE, key)) is not None:
                 return _reused_result(out, repo_id, sha, found, start)
         raise cause

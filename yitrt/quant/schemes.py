@@ -120,11 +120,6 @@ def data_free_schemes() -> list[str]:
     return [s.name for s in SCHEMES.values() if not s.calibrated and s.quant_algo]
 
 
-def calibrated_schemes() -> list[str]:
-    """Names of schemes that need ModelOpt calibration."""
-    return [s.name for s in SCHEMES.values() if s.calibrated]
-
-
 def get_scheme(name: str) -> Scheme:
     """Look up a scheme by CLI name.
 
