@@ -11,7 +11,7 @@ DEMO_MODEL  := build/demo/SmolLM2-135M-Instruct
 DEMO_CKPT   := build/demo/ckpt-bf16-tp3
 LAYERS      ?=
 
-.PHONY: setup demo test test-fast lint bench-convert clean
+.PHONY: setup demo test test-fast lint bench-convert bench-fidelity clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ demo: setup
 	$(BIN)/yitrt convert $(DEMO_MODEL) --tp 3 --out $(DEMO_CKPT)
 	@echo "demo: TensorRT-LLM checkpoint (tp 3: 9 heads and 3 KV heads split 3 ways) in $(DEMO_CKPT):"
 	@ls -l $(DEMO_CKPT)
+	# prove it: the checkpoint, run by the reference runtime in 3 processes, against the original in transformers
+	$(BIN)/yitrt verify $(DEMO_CKPT) --against $(DEMO_MODEL)
+	$(BIN)/yitrt generate $(DEMO_CKPT) --chat --prompt "What is the capital of France?" --max-new-tokens 24
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -44,6 +47,10 @@ lint: setup
 # LAYERS=4 for a quick run; the full 32-layer shape needs ~40 GB of free disk.
 bench-convert: setup
 	$(BIN)/python benchmarks/bench_convert.py $(if $(LAYERS),--layers $(LAYERS))
+
+# yitrt verify figures for every format the converter writes, on the demo model → benchmarks/results/fidelity.json
+bench-fidelity: setup
+	$(BIN)/python benchmarks/bench_fidelity.py
 
 clean:
 	rm -rf build

@@ -33,3 +33,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     return subprocess.run(
         [sys.executable, "-m", "yitrt", *args], capture_output=True, text=True, env=full_env, cwd=cwd or REPO_ROOT, timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The demo model materialised once per test session into a fresh folder: (result, progress reports).
+
+    Skips when the demo model's wheel is not installed.
+    """
+    from yitrt.demo import DemoModelUnavailableError, find_demo_gguf, materialize_demo_model
+
+    try:
+        find_demo_gguf()
+    except DemoModelUnavailableError as exc:  # pragma: no cover - depends on the environment
+        pytest.skip(f"{exc} ({exc.hint})")
+    out = tmp_path_factory.mktemp("demo") / "smollm2"
+    reports: list[tuple[int, int]] = []
+    result = materialize_demo_model(out, progress=lambda done, total: reports.append((done, total)))
+    return result, reports

@@ -45,6 +45,7 @@ class SyntheticSpec:
         tied: tie embeddings (no lm_head tensor written).
         seed: RNG seed.
         overrides: extra config.json keys (e.g. rope settings).
+        tokenizer: also write a byte-level BPE tokenizer of the model's vocab size with a ChatML template.
     """
 
     shape: str = "tiny"
@@ -55,6 +56,7 @@ class SyntheticSpec:
     tied: bool = False
     seed: int = 0
     overrides: tuple[tuple[str, Any], ...] = ()
+    tokenizer: bool = False
 
 
 def hf_config(spec: SyntheticSpec) -> dict[str, Any]:
@@ -130,7 +132,6 @@ def write_synthetic_model(folder: Path, spec: SyntheticSpec) -> Path:
     dtype = getattr(torch, spec.dtype)
     code = CODES[spec.dtype]
     tensors = tensor_shapes(cfg, spec.legacy_yi)
-    groups = [tensors[k :: spec.shards] for k in range(spec.shards)] if spec.shards > 1 else [tensors]
     # contiguous groups keep layers together, as save_pretrained does
     per = -(-len(tensors) // spec.shards)
     groups = [tensors[k * per : (k + 1) * per] for k in range(spec.shards)]
@@ -147,8 +148,41 @@ def write_synthetic_model(folder: Path, spec: SyntheticSpec) -> Path:
             writer.write(name, t.to(dtype))
             weight_map[name] = fname
         writer.close()
+    if spec.tokenizer:
+        write_tokenizer(folder, cfg["vocab_size"])
     if spec.shards > 1:
         total = sum(PlannedTensor(n, code, s).nbytes for n, s in tensors)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+#: ChatML, as Yi-Chat and the demo model use it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` ids, trained on the shipped evaluation text, with
+    ``<s>``/``</s>`` (ids 1, 2) and ChatML turn markers; saved as tokenizer.json + tokenizer_config.json."""
+    from importlib import resources
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = resources.files("yitrt").joinpath("data", "eval_text.txt").read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([text] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=specials[3:],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(folder))

@@ -40,12 +40,9 @@ EXPECTED_NAMES = {"model.embed_tokens.weight", "model.norm.weight"} | {
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The demo model materialised once into a fresh folder, with the progress reports it made."""
-    out = tmp_path_factory.mktemp("demo") / "smollm2"
-    reports: list[tuple[int, int]] = []
-    result = materialize_demo_model(out, progress=lambda done, total: reports.append((done, total)))
-    return result, reports
+def built(demo_build):
+    """The demo model materialised once into a fresh folder, with the progress reports it made (conftest)."""
+    return demo_build
 
 
 @pytest.fixture(scope="module")

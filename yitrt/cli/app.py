@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from typer.exceptions import TyperException
@@ -17,6 +19,11 @@ from yitrt import __version__
 from yitrt.cli import render
 from yitrt.cli.options import (
     AllowPickleOpt,
+    CheckpointArg,
+    ComputeDtypeChoice,
+    ComputeDtypeOpt,
+    DeviceChoice,
+    DeviceOpt,
     DtypeChoice,
     DtypeOpt,
     ForceOpt,
@@ -141,6 +148,7 @@ def convert(
     dtype: DtypeOpt = DtypeChoice.auto,
     tp: TpOpt = 1,
     pp: PpOpt = 1,
+    kv_cache: KvCacheOpt = None,
     parallel_embedding: ParallelEmbeddingOpt = True,
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -148,7 +156,7 @@ def convert(
     json_: JsonOpt = False,
 ) -> None:
     """Convert an HF model to a TensorRT-LLM checkpoint (bf16/fp16), sharded for TP × PP, streaming."""
-    _convert(model, out, dtype.value, tp, pp, "none", None, parallel_embedding, revision, allow_pickle, force, json_)
+    _convert(model, out, dtype.value, tp, pp, "none", kv_cache.value if kv_cache else None, parallel_embedding, revision, allow_pickle, force, json_)
 
 
 @app.command()
@@ -195,6 +203,99 @@ def schemes(json_: JsonOpt = False) -> None:
     render.out.print(render.table("KV cache", ["name", "algo", "data-free", "summary"], [
         [k["name"], k["kv_cache_quant_algo"], "yes" if k["data_free"] else "no", k["summary"]] for k in kv
     ]))
+
+
+VERIFY_FAILED_EXIT = 10  # verification ran and a threshold failed (not a usage error)
+
+
+def _tokenizer_or_model(checkpoint: Path, against: str | None, revision: str | None, allow_pickle: bool) -> Path:
+    from yitrt.reference.textgen import recorded_source
+
+    if against is None:
+        source = recorded_source(checkpoint)
+        if source is None:
+            raise UsageError(f"{checkpoint} records no source model", "pass the original with --against MODEL")
+        return source
+    return _resolve(against, revision, allow_pickle=allow_pickle).path
+
+
+@app.command()
+def verify(
+    checkpoint: CheckpointArg,
+    against: Annotated[str | None, typer.Option("--against", help="The HF original (repo id or folder); default: the model the manifest records.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompts file: one per line (\\n = newline) or JSONL with 'prompt'.")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Evaluation text for perplexity (default: shipped bilingual text).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy continuation length per prompt.")] = 16,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Score at most this many tokens of the evaluation text.")] = 1024,
+    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per perplexity window.")] = 512,
+    min_top1: Annotated[float | None, typer.Option("--min-top1", help="Override: minimum top-1 agreement (0-1).")] = None,
+    max_ppl_delta: Annotated[float | None, typer.Option("--max-ppl-delta", help="Override: maximum |perplexity delta| in percent.")] = None,
+    max_logit_diff: Annotated[float | None, typer.Option("--max-logit-diff", help="Override: maximum |Δlogit| as a fraction of max |logit|.")] = None,
+    min_greedy: Annotated[float | None, typer.Option("--min-greedy", help="Override: minimum fraction of greedy tokens matched.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the original's folder).")] = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    compute_dtype: ComputeDtypeOpt = ComputeDtypeChoice.float32,
+    revision: RevisionOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Prove a checkpoint computes what its HF original computes (reference runtime vs transformers)."""
+    from yitrt.reference.verify import VerifyRequest, read_prompts, verify
+
+    def read_text(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}", "pass a UTF-8 text file") from None
+
+    model = _tokenizer_or_model(checkpoint, against, revision, allow_pickle)
+    request = VerifyRequest(
+        checkpoint=checkpoint, model=model, prompts=tuple(read_prompts(prompts)) if prompts else None,
+        eval_text=read_text(eval_text), max_new_tokens=max_new_tokens, eval_tokens=eval_tokens, window=window,
+        device=device.value, compute_dtype=compute_dtype.value, allow_pickle=allow_pickle, tokenizer=tokenizer,
+        thresholds={"min_top1": min_top1, "max_ppl_delta_pct": max_ppl_delta, "max_logit_diff_rel": max_logit_diff, "min_greedy": min_greedy},
+    )
+    with render.phase_status(not json_) as progress:
+        report = verify(request, progress)
+    data = report.to_json()
+    if json_:
+        render.emit_json(data)
+    else:
+        render.verify_report(data)
+    if not report.passed:
+        sys.exit(VERIFY_FAILED_EXIT)
+
+
+@app.command()
+def generate(
+    checkpoint: CheckpointArg,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeat for a batch).", show_default=False)],
+    chat: Annotated[bool, typer.Option("--chat", help="Render the prompt with the tokenizer's chat template; stop at the chat end id.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Maximum new tokens.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; else sample.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the model the manifest records).")] = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    compute_dtype: ComputeDtypeOpt = ComputeDtypeChoice.float32,
+    json_: JsonOpt = False,
+) -> None:
+    """Generate text from a checkpoint with the reference runtime (a quick look, not a server)."""
+    from yitrt.reference.textgen import GenerateRequest, generate_text
+
+    result = generate_text(GenerateRequest(
+        checkpoint=checkpoint, prompts=tuple(prompt), chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, tokenizer=tokenizer, device=device.value, compute_dtype=compute_dtype.value,
+    ))
+    if json_:
+        render.emit_json(result)
+        return
+    for c in result["completions"]:
+        render.err.print(f"[bold]> {c['prompt']}[/bold]", markup=True, highlight=False)
+        render.out.print(c["text"])
 
 
 @app.command("demo-model")

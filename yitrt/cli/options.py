@@ -13,10 +13,13 @@ import typer
 
 from yitrt.checkpoint.trtllm_config import DTYPES
 from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
+from yitrt.reference import COMPUTE_DTYPES, DEVICES
 
 SchemeChoice = Enum("SchemeChoice", {name: name for name in SCHEMES if name != "none"}, type=str)
 KvCacheChoice = Enum("KvCacheChoice", {name: name for name in KV_CACHE_FORMATS}, type=str)
 DtypeChoice = Enum("DtypeChoice", {name: name for name in DTYPES}, type=str)
+DeviceChoice = Enum("DeviceChoice", {name: name for name in DEVICES}, type=str)
+ComputeDtypeChoice = Enum("ComputeDtypeChoice", {name: name for name in COMPUTE_DTYPES}, type=str)
 
 ModelArg = Annotated[str, typer.Argument(help="A Hugging Face repo id (owner/name) or a local model folder.", show_default=False)]
 RepoIdArg = Annotated[str, typer.Argument(help="A Hugging Face repo id, e.g. 01-ai/Yi-1.5-9B-Chat.", show_default=False)]
@@ -31,5 +34,11 @@ AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bi
 ParallelEmbeddingOpt = Annotated[
     bool,
     typer.Option("--parallel-embedding/--no-parallel-embedding", help="Split the embedding table across TP ranks by vocab rows."),
+]
+CheckpointArg = Annotated[Path, typer.Argument(help="A TensorRT-LLM checkpoint folder (config.json + rank*.safetensors).", show_default=False)]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the reference runtime runs; auto = CUDA if available.")]
+ComputeDtypeOpt = Annotated[
+    ComputeDtypeChoice,
+    typer.Option("--compute-dtype", help="Arithmetic dtype of both models; float32 computes the checkpoint's exact values."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]

@@ -119,3 +119,43 @@ def inspect_report(data: dict) -> None:
         out.print(f"  pp {pp}: " + "; ".join(reasons))
     for pit in data["pitfalls"]:
         out.print(f"pitfall: {pit['text']} [{pit['source']}]")
+
+
+@contextlib.contextmanager
+def phase_status(enabled: bool) -> Iterator[Callable[[str], None] | None]:
+    """A spinner on stderr whose text ``callback(description)`` replaces; None when disabled or not a TTY."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    with err.status("starting") as status:
+        yield status.update
+
+
+def verify_report(data: dict[str, Any]) -> None:
+    """Print `yitrt verify`'s result from its JSON object."""
+    t = data["thresholds"]
+
+    def limit(key: str, fmt: str) -> str:
+        return "-" if t.get(key) is None else fmt.format(t[key])
+
+    rows = [
+        ["top-1 agreement", f"{data['top1_agreement']:.4f} over {data['positions_compared']} positions", limit("min_top1", ">= {}")],
+        ["max |Δlogit|", f"{data['max_abs_logit_diff']:.4g} ({data['max_rel_logit_diff']:.3g} of max |logit| {data['logit_scale']:.3g})",
+         limit("max_logit_diff_rel", "<= {} of max")],
+        ["mean |Δlogit|", f"{data['mean_abs_logit_diff']:.4g}", "-"],
+        ["perplexity original / checkpoint", f"{data['ppl_reference']:.4f} / {data['ppl_checkpoint']:.4f} ({data['eval_tokens']} tokens)", "-"],
+        ["perplexity delta", f"{data['ppl_delta_pct']:+.3f}%", limit("max_ppl_delta_pct", "within ±{}%")],
+        ["greedy tokens matched", f"{data['greedy_match_frac']:.3f} (" + ", ".join(f"{g['matched']}/{g['generated']}" for g in data["greedy_match"]) + ")",
+         limit("min_greedy", ">= {}")],
+    ]
+    algo = data["quant_algo"] or "none"
+    title = f"verify {data['checkpoint']} against {data['model']} (quant {algo}, KV {data['kv_cache_quant_algo'] or 'model dtype'}, tp {data['tp_size']} × pp {data['pp_size']})"
+    out.print(table(title, ["metric", "value", "threshold"], rows))
+    pids = ", ".join(str(r["pid"]) for r in data["ranks"])
+    out.print(f"ranks ran in processes {pids}; {data['seconds']:.1f}s")
+    for w in data["warnings"]:
+        warn(w)
+    if data["passed"]:
+        out.print("PASS")
+    else:
+        out.print("FAIL: " + "; ".join(data["failures"]))

@@ -1,0 +1,254 @@
+"""One tensor-parallel rank of TensorRT-LLM's LLaMA model, computed with torch from the rank's checkpoint files.
+
+A rank holds its slice of every layer of every pipeline stage (stages are run in order in the same process).
+Per layer, as TensorRT-LLM's ``LLaMADecoderLayer``: RMSNorm → column-parallel qkv → RoPE → attention over the
+KV cache (GQA: each query head reads KV head ``h // (heads/kv_heads)`` of its rank) → row-parallel dense →
+all-reduce → + bias → residual; RMSNorm → fc (SiLU) · gate → row-parallel proj → all-reduce → residual.
+The embedding is a masked lookup + all-reduce when split by vocab rows (all-gather when split by hidden), the
+lm_head a column-parallel GEMM whose outputs are all-gathered and cut back to ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from yitrt.errors import UnsupportedModelError
+from yitrt.reference.comm import Comm
+from yitrt.reference.layout import is_quantized
+from yitrt.reference.linear import (
+    AwqLinear,
+    DenseLinear,
+    Fp8Linear,
+    Fp8RowwiseLinear,
+    KvQuantizer,
+    SmoothQuantLinear,
+    Step,
+    WeightOnlyLinear,
+)
+from yitrt.reference.rope import Rotary, apply_rotary
+from yitrt.reference.spec import CheckpointSpec
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_rank_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """All tensors of one rank file (safetensors; never pickles)."""
+    from safetensors.torch import load_file
+
+    return {k: v.to(device) for k, v in load_file(str(path)).items()}
+
+
+def make_linear(spec: CheckpointSpec, module: str, t: dict[str, torch.Tensor], compute: torch.dtype, step: Step | None = None):
+    """The emulation of one linear module, chosen by quant_algo and ``exclude_modules``."""
+    model_dtype = _DTYPES[spec.dtype]
+    weight = t[module + ".weight"]
+    if not is_quantized(spec, module):
+        return DenseLinear(weight, compute)
+    algo = spec.quant_algo
+    if algo in ("W8A16", "W4A16"):
+        if weight.dtype == torch.int8:
+            raise UnsupportedModelError(
+                f"{module}: pre-quantized {algo} weights are in the arch-specific kernel layout and cannot be read back exactly",
+                "write full-precision weights with quant_algo set (yitrt convert does) and let trtllm-build quantize",
+            )
+        return WeightOnlyLinear(weight, 8 if algo == "W8A16" else 4, compute)
+    if algo == "FP8":
+        return Fp8Linear(weight, t[module + ".weights_scaling_factor"], t[module + ".activation_scaling_factor"], model_dtype, compute)
+    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
+        return Fp8RowwiseLinear(weight, t[module + ".per_channel_scale"], spec.clamp_val, compute)
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return SmoothQuantLinear(
+            weight, t[module + ".weights_scaling_factor"], t[module + ".activation_scaling_factor"],
+            t[module + ".prequant_scaling_factor"], model_dtype, compute,
+        )
+    w4a8 = algo == "W4A8_AWQ"
+    return AwqLinear(
+        weight, t[module + ".weights_scaling_factor"], t.get(module + ".prequant_scaling_factor") if spec.pre_quant_scale else None,
+        spec.group_size, model_dtype, compute,
+        weight_scale_2=t[module + ".weights_scaling_factor_2"] if w4a8 else None,
+        act_scale=t[module + ".activation_scaling_factor"] if w4a8 else None, step=step,
+    )
+
+
+def _kv_quantizer(spec: CheckpointSpec, prefix: str, t: dict[str, torch.Tensor]) -> KvQuantizer | None:
+    if not spec.kv_cache_quant_algo:
+        return None
+    scale = t.get(prefix + "kv_cache_scaling_factor")
+    if scale is None:  # the build merges separate k/v scales as max(k, v) (§3.2)
+        scale = torch.maximum(t[prefix + "k_cache_scaling_factor"].reshape(()), t[prefix + "v_cache_scaling_factor"].reshape(()))
+    return KvQuantizer(spec.kv_cache_quant_algo, scale, t.get(prefix + "kv_cache_rcp_scaling_factor"), _DTYPES[spec.dtype])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32: x · rsqrt(mean(x²) + eps) · weight."""
+    xf = x.to(torch.float32)
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(torch.float32)
+    return out.to(x.dtype)
+
+
+@dataclass
+class Layer:
+    """One decoder layer's slice on this rank."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: object
+    dense: object
+    fc: object
+    gate: object
+    proj: object
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    kv_quant: KvQuantizer | None = None
+
+
+@dataclass
+class KvCache:
+    """Keys and values per layer, [B, kv_heads_local, S, head_size], as read back from the cache."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+
+    @property
+    def length(self) -> int:
+        """Slots already cached (the same for every sequence: batches are left-padded)."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+
+class RankModel:
+    """The model slice of one TP rank (all pipeline stages, in order)."""
+
+    def __init__(self, spec: CheckpointSpec, tp_rank: int, comm: Comm, device: torch.device, compute: torch.dtype,
+                 weight_cache_bytes: int = 4 << 30) -> None:
+        """Load the rank's files; decoded GEMM weights are kept when they fit ``weight_cache_bytes`` (float32)."""
+        self.spec, self.tp_rank, self.comm, self.device, self.compute = spec, tp_rank, comm, device, compute
+        self.heads = spec.num_heads // spec.tp
+        self.kv_heads = spec.kv_heads_local()
+        self.layers: list[Layer] = []
+        self.step = Step()  # shared with the layers whose kernel depends on the step's token count
+        d = spec.head_size
+        for pp_rank in range(spec.pp):
+            t = load_rank_file(Path(spec.path) / f"rank{pp_rank * spec.tp + tp_rank}.safetensors", device)
+            if pp_rank == 0:
+                self.embedding = t["transformer.vocab_embedding.weight"]
+            for local in range(len(spec.stage_layers(pp_rank))):
+                p = f"transformer.layers.{local}."
+                biases = {k.removeprefix(p): v for k, v in t.items() if k.startswith(p) and k.endswith(".bias")}
+                linear = {m: make_linear(spec, p + m, t, compute, self.step) for m in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")}
+                self.layers.append(Layer(
+                    t[p + "input_layernorm.weight"], t[p + "post_layernorm.weight"],
+                    linear["attention.qkv"], linear["attention.dense"], linear["mlp.fc"], linear["mlp.gate"], linear["mlp.proj"],
+                    biases, _kv_quantizer(spec, p + "attention.", t),
+                ))
+            if pp_rank == spec.pp - 1:
+                self.ln_f = t["transformer.ln_f.weight"]
+                if "lm_head.weight" not in t:  # allowed only where TensorRT-LLM shares the embedding (layout check)
+                    t["lm_head.weight"] = t["transformer.vocab_embedding.weight"]
+                self.lm_head = make_linear(spec, "lm_head", t, compute, self.step)
+            del t
+        linears = [getattr(layer, n) for layer in self.layers for n in ("qkv", "dense", "fc", "gate", "proj")] + [self.lm_head]
+        decoded_bytes = 4 * sum(getattr(lin, "q", getattr(lin, "weight", None)).numel() for lin in linears)  # float32 each
+        if decoded_bytes <= weight_cache_bytes:
+            for lin in linears:
+                lin.keep_decoded()
+        self.rotary = Rotary(spec.rotary_base, d, spec.rotary_scaling, spec.max_position_embeddings)
+        self.q_size, self.kv_size = self.heads * d, self.kv_heads * d
+
+    def new_cache(self) -> KvCache:
+        """An empty KV cache."""
+        n = len(self.layers)
+        return KvCache([None] * n, [None] * n)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H] (the parallel embedding reassembled across ranks)."""
+        spec, table = self.spec, self.embedding
+        if not spec.parallel_embedding or spec.tp == 1:
+            return table[ids].to(self.compute)
+        if spec.embedding_sharding_dim == 1:
+            return self.comm.all_gather(table[ids].to(self.compute), dim=-1)
+        rows = table.shape[0]
+        local = ids - self.tp_rank * rows
+        mine = (local >= 0) & (local < rows)
+        out = table[local.clamp(0, rows - 1)].to(self.compute) * mine[..., None].to(self.compute)
+        return self.comm.all_reduce(out)
+
+    def _attention(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, cache: KvCache, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.spec.head_size
+        qkv = layer.qkv(x)
+        if "attention.qkv.bias" in layer.biases:
+            qkv = qkv + layer.biases["attention.qkv.bias"].to(self.compute)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.reshape(b, t, self.heads, d).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.reshape(b, t, self.kv_heads, d).transpose(1, 2), cos, sin)
+        v = v.reshape(b, t, self.kv_heads, d).transpose(1, 2)
+        # The cache holds what a quantized cache reads back. In the context phase the prompt attends to its own
+        # unquantized K/V (context FMHA reads the QKV buffer; paged context FMHA is off for INT8 KV and for FP8
+        # KV without FP8 weights); in the generation phase the XQA kernel reads every key, the new token's too,
+        # back from the cache (the preprocessing kernel writes it there first).
+        past_k, past_v = cache.keys[index], cache.values[index]
+        stored_k = layer.kv_quant.roundtrip(k) if layer.kv_quant else k
+        stored_v = layer.kv_quant.roundtrip(v) if layer.kv_quant else v
+        cache.keys[index] = stored_k if past_k is None else torch.cat([past_k, stored_k], dim=2)
+        cache.values[index] = stored_v if past_v is None else torch.cat([past_v, stored_v], dim=2)
+        keys, values = (k, v) if past_k is None else (cache.keys[index], cache.values[index])
+        group = self.heads // self.kv_heads
+        keys = keys.repeat_interleave(group, dim=1).to(torch.float32)
+        values = values.repeat_interleave(group, dim=1).to(torch.float32)
+        scores = (q.to(torch.float32) @ keys.transpose(-1, -2)) / math.sqrt(d)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ values
+        out = out.transpose(1, 2).reshape(b, t, self.q_size).to(self.compute)
+        y = self.comm.all_reduce(layer.dense(out))
+        if "attention.dense.bias" in layer.biases:
+            y = y + layer.biases["attention.dense.bias"].to(self.compute)
+        return y
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        fc, gate = layer.fc(x), layer.gate(x)
+        if "mlp.fc.bias" in layer.biases:
+            fc = fc + layer.biases["mlp.fc.bias"].to(self.compute)
+            gate = gate + layer.biases["mlp.gate.bias"].to(self.compute)
+        y = self.comm.all_reduce(layer.proj(torch.nn.functional.silu(fc) * gate))  # fc is the activated branch
+        if "mlp.proj.bias" in layer.biases:
+            y = y + layer.biases["mlp.proj.bias"].to(self.compute)
+        return y
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KvCache, last_only: bool = False) -> torch.Tensor:
+        """Run new tokens through the model.
+
+        Args:
+            ids: [B, T] token ids (left-padded batches; padding ids are arbitrary).
+            positions: [B, T] RoPE positions of the new tokens.
+            key_valid: [B, S] which cache slots (old and new, S = cached + T) are real tokens.
+            cache: updated in place.
+            last_only: return logits of the last position only.
+
+        Returns:
+            float32 logits [B, T or 1, vocab_size].
+        """
+        spec = self.spec
+        b, t = ids.shape
+        past = cache.length
+        seq_lens = [int(n) for n in key_valid.sum(dim=1)]
+        self.step.tokens = int(key_valid[:, past:].sum())  # TensorRT-LLM removes padding: m = real tokens
+        cos, sin = self.rotary.cos_sin(positions, seq_lens)
+        slots = torch.arange(past + t, device=ids.device)
+        query_slots = (past + torch.arange(t, device=ids.device))[:, None]
+        causal = slots[None, :] <= query_slots  # [T, S]
+        # every query may see itself, so the left-padding rows stay finite (their outputs are never used)
+        mask = (causal[None] & key_valid[:, None, :]) | (slots[None, :] == query_slots)[None]
+        h = self.embed(ids)
+        for index, layer in enumerate(self.layers):
+            h = h + self._attention(layer, index, rms_norm(h, layer.input_norm, spec.norm_epsilon), cos, sin, cache, mask)
+            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon))
+        if last_only:
+            h = h[:, -1:]
+        h = rms_norm(h, self.ln_f, spec.norm_epsilon)
+        logits = self.comm.all_gather(self.lm_head(h), dim=-1)[..., : spec.vocab_size]
+        logits = logits.to(_DTYPES.get(spec.logits_dtype, torch.float32))  # the engine's declared logits dtype
+        return logits.to(torch.float32)

@@ -1,0 +1,328 @@
+"""The reference runtime: score and generate with a TensorRT-LLM checkpoint, one process per TP rank.
+
+``ReferenceRuntime`` checks the checkpoint against its config, then runs a ``RankEngine`` per tensor-parallel
+rank — in this process when tp = 1, else in tp spawned processes joined by a gloo process group, each loading
+only its own rank files (every pipeline stage of its TP slice, run in order). Batches are left-padded, so all
+sequences share one cache length; padding slots are masked out of attention and positions count real tokens
+only. Rank 0 samples and broadcasts the chosen tokens, so every rank feeds the same ids.
+
+Rank processes are started with ``spawn`` (a forked torch process is not safe), so a script that creates a
+multi-rank runtime must guard its entry point with ``if __name__ == "__main__":`` — the CLI does.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yitrt import errors
+from yitrt.errors import UsageError, YitrtError
+from yitrt.reference import COMPUTE_DTYPES, DEVICES
+from yitrt.reference.comm import Comm, GlooComm, LocalComm
+from yitrt.reference.layout import check_checkpoint
+from yitrt.reference.model import RankModel
+from yitrt.reference.spec import CheckpointSpec, emulation_notes, load_spec
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
+_SCORE_TOKEN_BUDGET = 2048  # tokens per forward while scoring: bounds the [B, T, vocab] logits block
+_READY_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen.
+
+    Attributes:
+        greedy: argmax (the other fields are ignored).
+        temperature, top_k, top_p: sampling filters (top_k 0 and top_p 1.0 disable them).
+        seed: seed of the sampling generator (runs are reproducible).
+    """
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU.
+
+    Raises:
+        UsageError: an unknown device, or CUDA asked for where there is none.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}", "use one of: " + ", ".join(DEVICES))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch sees no CUDA device", "use --device cpu (or auto)")
+    return torch.device(device)
+
+
+def left_pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [B, T], positions [B, T], valid [B, T]) of left-padded sequences."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        valid[b, width - len(s):] = True
+    positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), positions.to(device), valid.to(device)
+
+
+def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row of float32 logits [B, V]."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.to(torch.float32).cpu() / max(sampling.temperature, 1e-6)
+    if sampling.top_k > 0:
+        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > sampling.top_p  # keep the smallest prefix reaching top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class RankEngine:
+    """Scoring and generation on one TP rank (collectives keep the ranks in step)."""
+
+    def __init__(self, spec: CheckpointSpec, tp_rank: int, comm: Comm, device: torch.device, compute: torch.dtype) -> None:
+        self.comm, self.device = comm, device
+        self.model = RankModel(spec, tp_rank, comm, device, compute)
+        self.tp_rank = tp_rank
+
+    def info(self) -> dict[str, Any]:
+        """Which process and device this rank runs in."""
+        return {"tp_rank": self.tp_rank, "pid": os.getpid(), "device": str(self.device), "layers": len(self.model.layers)}
+
+    def score(self, sequences: list[list[int]], decode_tail: int = 0) -> tuple[torch.Tensor, list[int]]:
+        """Logits of every position of every sequence.
+
+        The first ``len - decode_tail`` tokens of a sequence go through one context pass; the last
+        ``decode_tail`` are fed one step at a time through the KV cache (teacher forcing), as generation would
+        read them — the path where a quantized KV cache acts.
+
+        Returns:
+            (float32 logits [sum of lengths, vocab] on CPU, the lengths).
+        """
+        out: dict[int, torch.Tensor] = {}
+        by_length: dict[int, list[int]] = {}
+        for i, seq in enumerate(sequences):
+            by_length.setdefault(len(seq), []).append(i)
+        for length, members in by_length.items():
+            tail = min(decode_tail, length - 1)
+            per_batch = max(1, _SCORE_TOKEN_BUDGET // length)
+            for start in range(0, len(members), per_batch):
+                batch = members[start : start + per_batch]
+                for i, logits in zip(batch, self._score_equal([sequences[i] for i in batch], length - tail), strict=True):
+                    out[i] = logits
+        return torch.cat([out[i] for i in range(len(sequences))]), [len(s) for s in sequences]
+
+    def _score_equal(self, seqs: list[list[int]], context: int) -> list[torch.Tensor]:
+        model, dev = self.model, self.device
+        ids = torch.tensor(seqs, dtype=torch.long, device=dev)
+        b, n = ids.shape
+        cache = model.new_cache()
+        positions = torch.arange(n, device=dev).expand(b, n)
+        valid = torch.ones(b, n, dtype=torch.bool, device=dev)
+        parts = [model.forward(ids[:, :context], positions[:, :context], valid[:, :context], cache).cpu()]
+        for t in range(context, n):
+            parts.append(model.forward(ids[:, t : t + 1], positions[:, t : t + 1], valid[:, : t + 1], cache).cpu())
+        logits = torch.cat(parts, dim=1)
+        return list(logits.unbind(0))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, end_ids: tuple[int, ...] = ()) -> list[list[int]]:
+        """Incremental decoding with the KV cache: one context pass, then one token per step for the batch.
+
+        Returns:
+            The new tokens of each prompt (up to and including an end id, at most ``max_new_tokens``).
+        """
+        model = self.model
+        ids, positions, valid = left_pad(prompts, self.device)
+        cache = model.new_cache()
+        logits = model.forward(ids, positions, valid, cache, last_only=True)[:, -1]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        generator = torch.Generator().manual_seed(sampling.seed)
+        new: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            chosen = self.comm.broadcast(pick_tokens(logits, sampling, generator))
+            for b, token in enumerate(chosen.tolist()):
+                if not done[b]:
+                    new[b].append(token)
+                    done[b] = token in end_ids
+            if all(done) or step == max_new_tokens - 1:
+                break
+            valid = torch.cat([valid, torch.ones(len(prompts), 1, dtype=torch.bool, device=self.device)], dim=1)
+            logits = model.forward(chosen[:, None], lengths[:, None], valid, cache, last_only=True)[:, -1]
+            lengths = lengths + 1
+        return new
+
+
+def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str, commands, results) -> None:
+    """A TP rank's process: load its slice, then serve commands until told to stop."""
+    comm = None
+    try:
+        spec = load_spec(Path(folder))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.tp))
+        comm = GlooComm(tp_rank, spec.tp, init_file)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", tp_rank % torch.cuda.device_count())
+        engine = RankEngine(spec, tp_rank, comm, dev, TORCH_DTYPES[compute])
+        results.put(("ready", tp_rank, engine.info()))
+        while (command := commands.get()) is not None:
+            name, args = command
+            value = getattr(engine, name)(*args)
+            if tp_rank == 0:
+                results.put(("ok", 0, value))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        hint = exc.hint if isinstance(exc, YitrtError) else ""
+        results.put(("error", tp_rank, (type(exc).__name__, str(exc) if not isinstance(exc, YitrtError) else exc.message, hint, traceback.format_exc())))
+    finally:
+        if comm is not None:
+            try:
+                comm.close()
+            except Exception:  # noqa: BLE001 - the group may already be broken
+                pass
+
+
+class RemoteTraceback(Exception):
+    """A rank process's traceback, attached as the cause of the error the parent raises."""
+
+
+class ReferenceRuntime:
+    """A TensorRT-LLM checkpoint, runnable on CPU (or CUDA) for verification.
+
+    Args:
+        checkpoint: folder with config.json + rank{r}.safetensors.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        compute_dtype: dtype activations and GEMM accumulations are carried in; float32 (default) computes the
+            checkpoint's exact values without adding rounding of its own; the model dtype comes closer to an
+            engine's fp16/bf16 activations.
+
+    Raises:
+        CheckpointError / UnsupportedModelError: the checkpoint is malformed or uses a format that cannot be
+            emulated faithfully (named in the message).
+    """
+
+    def __init__(self, checkpoint: Path, device: str = "auto", compute_dtype: str = "float32") -> None:
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"unknown compute dtype {compute_dtype!r}", "use one of: " + ", ".join(COMPUTE_DTYPES))
+        self.spec = load_spec(Path(checkpoint))
+        self.warnings = check_checkpoint(self.spec) + emulation_notes(self.spec)
+        self.device = resolve_device(device)
+        self._procs: list = []
+        self._local: RankEngine | None = None
+        self.ranks: list[dict[str, Any]] = []
+        if self.spec.tp == 1:
+            self._local = RankEngine(self.spec, 0, LocalComm(), self.device, TORCH_DTYPES[compute_dtype])
+            self.ranks = [self._local.info()]
+        else:
+            self._spawn(compute_dtype)
+
+    def _spawn(self, compute_dtype: str) -> None:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory(prefix="yitrt-tp-")
+        init_file = os.path.join(self._tmp.name, "rendezvous")
+        self._results = ctx.Queue()
+        self._commands = [ctx.Queue() for _ in range(self.spec.tp)]
+        for rank in range(self.spec.tp):
+            proc = ctx.Process(
+                target=_worker, daemon=True,
+                args=(str(self.spec.path), rank, self.device.type, compute_dtype, init_file, self._commands[rank], self._results),
+            )
+            proc.start()
+            self._procs.append(proc)
+        ready: dict[int, dict[str, Any]] = {}
+        while len(ready) < self.spec.tp:
+            kind, rank, value = self._receive(_READY_TIMEOUT_S)
+            if kind == "ready":
+                ready[rank] = value
+        self.ranks = [ready[r] for r in range(self.spec.tp)]
+
+    def _receive(self, timeout: float) -> tuple[str, int, Any]:
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, rank, value = self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [i for i, p in enumerate(self._procs) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    what = f"rank {dead[0]} exited (code {self._procs[dead[0]].exitcode})" if dead else "ranks stopped responding"
+                    self.close()
+                    raise YitrtError(f"reference runtime: {what}", "rerun with YITRT_DEBUG=1; check memory (each rank loads its shards)") from None
+                continue
+            if kind == "error":
+                self.close()
+                name, message, hint, trace = value
+                cause = RemoteTraceback(f"rank {rank}:\n{trace}")  # shown by YITRT_DEBUG=1 as the cause
+                cls = getattr(errors, name, None)
+                if isinstance(cls, type) and issubclass(cls, YitrtError) and cls is not errors.ValidationError:
+                    raise cls(message, hint) from cause
+                raise YitrtError(f"reference runtime rank {rank}: {name}: {message}", "rerun with YITRT_DEBUG=1 for the traceback") from cause
+            return kind, rank, value
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self._local is not None:
+            return getattr(self._local, name)(*args)
+        if not self._procs:
+            raise YitrtError("reference runtime is closed", "create a new ReferenceRuntime")
+        for q in self._commands:
+            q.put((name, args))
+        return self._receive(float("inf"))[2]
+
+    def score(self, sequences: list[list[int]], decode_tail: int = 0) -> list[torch.Tensor]:
+        """float32 logits [len, vocab] of every position of each sequence (non-empty sequences); the last
+        ``decode_tail`` tokens of each are fed one by one through the KV cache (see ``RankEngine.score``)."""
+        if not sequences or any(not s for s in sequences):
+            raise UsageError("nothing to score (an empty token sequence)", "pass non-empty sequences")
+        logits, lengths = self._call("score", sequences, decode_tail)
+        return list(logits.split(lengths))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, end_ids: tuple[int, ...] = ()) -> list[list[int]]:
+        """New tokens for each prompt (batched, KV-cached decoding)."""
+        if not prompts or any(not p for p in prompts):
+            raise UsageError("empty prompt", "give every prompt at least one token")
+        if max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive number")
+        return self._call("generate", prompts, max_new_tokens, sampling or Sampling(), tuple(end_ids))
+
+    def close(self) -> None:
+        """Stop the rank processes (idempotent)."""
+        procs, self._procs = self._procs, []
+        for q in getattr(self, "_commands", []) if procs else []:
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001
+                pass
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        if procs and hasattr(self, "_tmp"):
+            self._tmp.cleanup()
+
+    def __enter__(self) -> ReferenceRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

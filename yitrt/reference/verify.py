@@ -1,0 +1,361 @@
+"""``yitrt verify``: does a TensorRT-LLM checkpoint compute what the Hugging Face original computes?
+
+The original runs with transformers, the checkpoint with the reference runtime (its own tensors and config,
+one process per TP rank), on the same token sequences: an evaluation text cut into windows (perplexity of
+both; the checkpoint reads the first half of each window in one context pass and the second half one token at
+a time through its KV cache, so both engine phases and a quantized KV cache are measured) and a set of prompts
+(logits at every position, then greedy continuations). Metrics are compared with
+per-format thresholds (thresholds.yaml; overridable). The original runs first and is freed before the
+checkpoint is loaded, so peak memory is one model, not two.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yitrt.errors import CheckpointError, UsageError
+from yitrt.models.config import ModelConfig, load_config
+from yitrt.reference import COMPUTE_DTYPES
+from yitrt.reference.layout import check_checkpoint
+from yitrt.reference.spec import CheckpointSpec, emulation_notes, load_spec
+
+ProgressFn = Callable[[str], None]  # a stage description
+THRESHOLD_KEYS = ("min_top1", "max_ppl_delta_pct", "max_logit_diff_rel", "min_greedy")
+
+
+def default_text(name: str) -> str:
+    """A text shipped in ``yitrt/data`` (sources in SOURCES.txt)."""
+    return resources.files("yitrt").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """Prompts: one per line (``\\n`` = newline; blank lines skipped), or JSONL with a ``prompt``/``text`` field.
+
+    Raises:
+        UsageError: unreadable file, or no prompt in it.
+    """
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8") if path else default_text("prompts.txt")
+    except OSError as exc:
+        raise UsageError(f"cannot read prompts {path}: {exc.strerror}", "pass a text file with one prompt per line") from None
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if path and path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+                prompts.append(str(obj.get("prompt", obj.get("text"))) if isinstance(obj, dict) and ("prompt" in obj or "text" in obj) else None)
+            except ValueError:
+                prompts.append(None)
+            if prompts[-1] is None:
+                raise UsageError(f"{path}:{n}: not a JSON object with a 'prompt' or 'text' field", "fix the line or use a plain text file")
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise UsageError(f"no prompts in {path}", "write one prompt per line")
+    return prompts
+
+
+def load_thresholds() -> dict[str, Any]:
+    """The shipped threshold table."""
+    return yaml.safe_load(resources.files("yitrt.reference").joinpath("thresholds.yaml").read_text())
+
+
+def thresholds_for(spec: CheckpointSpec, overrides: dict[str, float | None] | None = None) -> dict[str, float | None]:
+    """Thresholds for a checkpoint's formats: the scheme's row, widened for a quantized KV cache, then
+    the user's overrides."""
+    table = load_thresholds()
+    row = dict(table["schemes"].get(spec.quant_algo or "none") or table["schemes"]["none"])
+    if spec.kv_cache_quant_algo:
+        extra = table["kv_cache"][spec.kv_cache_quant_algo]
+        row["min_top1"] = row["min_top1"] - extra["top1"] if row["min_top1"] is not None else None
+        row["max_ppl_delta_pct"] = row["max_ppl_delta_pct"] + extra["ppl_pct"] if row["max_ppl_delta_pct"] is not None else None
+        row["max_logit_diff_rel"] = None  # quantized K/V is not bit-faithful to the original's
+        row["min_greedy"] = None
+    for key, value in (overrides or {}).items():
+        if key not in THRESHOLD_KEYS:
+            raise UsageError(f"unknown threshold {key!r}", "use one of: " + ", ".join(THRESHOLD_KEYS))
+        if value is not None:
+            row[key] = value
+    return row
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """What to verify and how.
+
+    Attributes:
+        checkpoint: TensorRT-LLM checkpoint folder.
+        model: the HF original (local folder).
+        prompts: prompts for logits and greedy checks (None: the shipped bilingual set).
+        eval_text: evaluation text (None: the shipped bilingual text).
+        max_new_tokens: greedy continuation length per prompt.
+        eval_tokens: at most this many tokens of the evaluation text are scored.
+        window: tokens per evaluation window.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        compute_dtype: the reference runtime's (and the original's) arithmetic dtype.
+        thresholds: overrides of the threshold table.
+        allow_pickle: let transformers load ``.bin`` weights of the original.
+        tokenizer: tokenizer folder (default: the model folder).
+    """
+
+    checkpoint: Path
+    model: Path
+    prompts: tuple[str, ...] | None = None
+    eval_text: str | None = None
+    max_new_tokens: int = 16
+    eval_tokens: int = 1024
+    window: int = 512
+    device: str = "auto"
+    compute_dtype: str = "float32"
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+    allow_pickle: bool = False
+    tokenizer: Path | None = None
+
+
+def load_tokenizer(folder: Path):
+    """transformers' tokenizer of a folder, without remote code.
+
+    Raises:
+        UsageError: the folder has no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"no tokenizer could be loaded from {folder} ({first})", "pass a folder with the tokenizer files via --tokenizer") from None
+
+
+@dataclass
+class LogitComparison:
+    """Running comparison of two models' logits over many positions."""
+
+    positions: int = 0
+    top1_equal: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    scale: float = 0.0  # max |reference logit|
+
+    def add(self, ref, got) -> None:
+        """Accumulate one sequence's float32 logits [len, vocab]."""
+        diff = (ref - got).abs()
+        self.positions += ref.shape[0]
+        self.top1_equal += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sum_abs += float(diff.mean(dim=-1).sum())
+        self.scale = max(self.scale, float(ref.abs().max()))
+
+
+def perplexity(logits_list, sequences: list[list[int]]) -> float:
+    """exp of the mean next-token negative log-likelihood over all windows."""
+    import torch
+
+    nll, count = 0.0, 0
+    for logits, seq in zip(logits_list, sequences, strict=True):
+        targets = torch.tensor(seq[1:])
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum"))
+        count += len(seq) - 1
+    return math.exp(nll / max(count, 1))
+
+
+def matched_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):  # lengths may differ
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class VerifyReport:
+    """The verdict and the figures behind it."""
+
+    checkpoint: Path
+    model: Path
+    spec: CheckpointSpec
+    comparison: LogitComparison
+    ppl_reference: float
+    ppl_checkpoint: float
+    greedy: list[dict[str, Any]]
+    thresholds: dict[str, float | None]
+    failures: list[str]
+    ranks: list[dict[str, Any]]
+    eval_tokens: int
+    seconds: float
+    warnings: list[str]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every threshold held."""
+        return not self.failures
+
+    @property
+    def ppl_delta_pct(self) -> float:
+        """Relative perplexity change, percent."""
+        return 100.0 * (self.ppl_checkpoint - self.ppl_reference) / self.ppl_reference
+
+    @property
+    def greedy_match_frac(self) -> float:
+        """Matched greedy tokens / generated tokens."""
+        total = sum(g["generated"] for g in self.greedy)
+        return sum(g["matched"] for g in self.greedy) / total if total else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON for ``--json``."""
+        c = self.comparison
+        return {
+            "checkpoint": str(self.checkpoint),
+            "model": str(self.model),
+            "quant_algo": self.spec.quant_algo,
+            "kv_cache_quant_algo": self.spec.kv_cache_quant_algo,
+            "tp_size": self.spec.tp,
+            "pp_size": self.spec.pp,
+            "ranks": self.ranks,
+            "positions_compared": c.positions,
+            "top1_agreement": c.top1_equal / c.positions if c.positions else 0.0,
+            "max_abs_logit_diff": c.max_abs,
+            "mean_abs_logit_diff": c.sum_abs / c.positions if c.positions else 0.0,
+            "logit_scale": c.scale,
+            "max_rel_logit_diff": c.max_abs / c.scale if c.scale else 0.0,
+            "eval_tokens": self.eval_tokens,
+            "ppl_reference": self.ppl_reference,
+            "ppl_checkpoint": self.ppl_checkpoint,
+            "ppl_delta_pct": self.ppl_delta_pct,
+            "greedy_match": self.greedy,
+            "greedy_match_frac": self.greedy_match_frac,
+            "thresholds": self.thresholds,
+            "failures": self.failures,
+            "passed": self.passed,
+            "seconds": round(self.seconds, 2),
+            "warnings": self.warnings,
+        }
+
+
+def _judge(report: VerifyReport) -> list[str]:
+    t, c, failures = report.thresholds, report.comparison, []
+    top1 = c.top1_equal / c.positions if c.positions else 0.0
+    if t.get("min_top1") is not None and top1 < t["min_top1"]:
+        failures.append(f"top-1 agreement {top1:.4f} < {t['min_top1']}")
+    if t.get("max_ppl_delta_pct") is not None and abs(report.ppl_delta_pct) > t["max_ppl_delta_pct"]:
+        failures.append(f"perplexity delta {report.ppl_delta_pct:+.3f}% exceeds ±{t['max_ppl_delta_pct']}%")
+    rel = c.max_abs / c.scale if c.scale else 0.0
+    if t.get("max_logit_diff_rel") is not None and rel > t["max_logit_diff_rel"]:
+        failures.append(f"max |Δlogit| {c.max_abs:.4g} is {rel:.4g} of the logit scale {c.scale:.4g} (> {t['max_logit_diff_rel']})")
+    if t.get("min_greedy") is not None and report.greedy_match_frac < t["min_greedy"]:
+        failures.append(f"greedy continuations match {report.greedy_match_frac:.3f} of tokens (< {t['min_greedy']})")
+    return failures
+
+
+def check_same_model(spec: CheckpointSpec, cfg: ModelConfig, model: Path) -> None:
+    """Refuse to compare a checkpoint with a model it was not made from (by shape).
+
+    Raises:
+        CheckpointError: the dims differ (each difference listed).
+    """
+    pairs = {
+        "vocab_size": (spec.vocab_size, cfg.vocab_size), "hidden_size": (spec.hidden_size, cfg.hidden_size),
+        "layers": (spec.num_layers, cfg.num_layers), "heads": (spec.num_heads, cfg.num_heads),
+        "kv_heads": (spec.num_kv_heads, cfg.num_kv_heads), "intermediate_size": (spec.intermediate_size, cfg.intermediate_size),
+    }
+    diffs = [f"{k} {a} vs {b}" for k, (a, b) in pairs.items() if a != b]
+    if diffs:
+        raise CheckpointError(f"{spec.path} was not made from {model}: " + ", ".join(diffs), "pass the model the checkpoint was converted from with --against")
+
+
+def _token_inputs(tokenizer, req: VerifyRequest) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    text = req.eval_text if req.eval_text is not None else default_text("eval_text.txt")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: req.eval_tokens]
+    if len(ids) < 2:
+        raise UsageError("the evaluation text is shorter than two tokens", "pass a longer --eval-text")
+    windows = [ids[i : i + req.window] for i in range(0, len(ids), req.window)]
+    windows = [w for w in windows if len(w) >= 2]
+    prompts_text = list(req.prompts) if req.prompts else read_prompts(None)
+    prompts = [tokenizer(p)["input_ids"] for p in prompts_text]
+    if any(not p for p in prompts):
+        raise UsageError("a prompt tokenizes to nothing", "remove empty prompts")
+    return windows, prompts, prompts_text
+
+
+def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyReport:
+    """Compare a checkpoint with its original.
+
+    Args:
+        req: the request.
+        progress: called with a short description as each phase starts.
+
+    Returns:
+        The report (``passed`` says whether every threshold held).
+
+    Raises:
+        CheckpointError / UnsupportedModelError: the checkpoint is malformed, was made from another model, or
+            uses a format the reference runtime refuses.
+        UsageError: bad options or inputs.
+    """
+    from yitrt.reference.original import greedy_original, load_original, score_original
+    from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime, Sampling, resolve_device
+
+    started = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    if req.max_new_tokens < 1 or req.eval_tokens < 2 or req.window < 2:
+        raise UsageError("max_new_tokens must be >= 1, eval_tokens and window >= 2", "pass positive sizes")
+    if req.compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown compute dtype {req.compute_dtype!r}", "use one of: " + ", ".join(COMPUTE_DTYPES))
+    spec = load_spec(req.checkpoint)
+    warnings = check_checkpoint(spec) + emulation_notes(spec)  # fail in seconds, before any model is loaded
+    cfg = load_config(req.model)
+    check_same_model(spec, cfg, req.model)
+    thresholds = thresholds_for(spec, req.thresholds)
+    device = resolve_device(req.device)
+
+    tokenizer = load_tokenizer(req.tokenizer or req.model)
+    windows, prompts, prompts_text = _token_inputs(tokenizer, req)
+
+    say("running the original with transformers")
+    original = load_original(req.model, device, TORCH_DTYPES[req.compute_dtype], req.allow_pickle)
+    ref_windows = score_original(original, windows)
+    ref_prompts = score_original(original, prompts)
+    ref_greedy = [greedy_original(original, p, req.max_new_tokens) for p in prompts]
+    del original
+    gc.collect()
+
+    say(f"running the checkpoint with the reference runtime (tp {spec.tp}, pp {spec.pp})")
+    with ReferenceRuntime(req.checkpoint, req.device, req.compute_dtype) as runtime:
+        ranks = runtime.ranks
+        # the second half of each window goes through the KV cache one token at a time, so a quantized KV cache
+        # (and the generation path) shows in the figures; the prompts take the context path
+        got = runtime.score(windows, decode_tail=req.window // 2) + runtime.score(prompts)
+        got_greedy = runtime.generate(prompts, req.max_new_tokens, Sampling(greedy=True))
+    got_windows, got_prompts = got[: len(windows)], got[len(windows):]
+
+    say("comparing")
+    comparison = LogitComparison()
+    for ref, out in zip(ref_windows + ref_prompts, got_windows + got_prompts, strict=True):
+        comparison.add(ref, out)
+    greedy = [
+        {"prompt": text[:60], "matched": matched_prefix(a, b), "generated": len(a)}
+        for text, a, b in zip(prompts_text, ref_greedy, got_greedy, strict=True)
+    ]
+    report = VerifyReport(
+        req.checkpoint, req.model, spec, comparison,
+        perplexity(ref_windows, windows), perplexity(got_windows, windows), greedy, thresholds, [], ranks,
+        sum(len(w) for w in windows), 0.0, warnings,
+    )
+    report.failures = _judge(report)
+    report.seconds = time.perf_counter() - started
+    return report
