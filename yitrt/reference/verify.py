@@ -278,7 +278,7 @@ def check_same_model(spec: CheckpointSpec, cfg: ModelConfig, model: Path) -> Non
         raise CheckpointError(f"{spec.path} was not made from {model}: " + ", ".join(diffs), "pass the model the checkpoint was converted from with --against")
 
 
-def _token_inputs(tokenizer, req: VerifyRequest) -> tuple[list[list[int]], list[list[int]], list[str]]:
+def _token_inputs(tokenizer, req: VerifyRequest, vocab_size: int) -> tuple[list[list[int]], list[list[int]], list[str]]:
     text = req.eval_text if req.eval_text is not None else default_text("eval_text.txt")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: req.eval_tokens]
     if len(ids) < 2:
@@ -289,6 +289,9 @@ def _token_inputs(tokenizer, req: VerifyRequest) -> tuple[list[list[int]], list[
     prompts = [tokenizer(p)["input_ids"] for p in prompts_text]
     if any(not p for p in prompts):
         raise UsageError("a prompt tokenizes to nothing", "remove empty prompts")
+    top = max(max(s) for s in windows + prompts)
+    if top >= vocab_size:
+        raise UsageError(f"the tokenizer produced id {top}, beyond the model's vocab of {vocab_size}", "pass the model's own tokenizer with --tokenizer")
     return windows, prompts, prompts_text
 
 
@@ -324,7 +327,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
     device = resolve_device(req.device)
 
     tokenizer = load_tokenizer(req.tokenizer or req.model)
-    windows, prompts, prompts_text = _token_inputs(tokenizer, req)
+    windows, prompts, prompts_text = _token_inputs(tokenizer, req, spec.vocab_size)
 
     say("running the original with transformers")
     original = load_original(req.model, device, TORCH_DTYPES[req.compute_dtype], req.allow_pickle)
