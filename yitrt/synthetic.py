@@ -157,13 +157,6 @@ def write_synthetic_model(folder: Path, spec: SyntheticSpec) -> Path:
     return folder
 
 
-#: ChatML, as Yi-Chat and the demo model use it.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer of exactly ``vocab_size`` ids, trained on the shipped evaluation text, with
     ``<s>``/``</s>`` (ids 1, 2) and ChatML turn markers; saved as tokenizer.json + tokenizer_config.json."""
@@ -171,6 +164,8 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from yitrt.demo import CHATML_TEMPLATE  # the ChatML template yitrt writes for the demo model (one copy; its default system line is harmless here)
 
     text = resources.files("yitrt").joinpath("data", "eval_text.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE())

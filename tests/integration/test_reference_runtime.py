@@ -66,7 +66,7 @@ def test_bf16_checkpoint_reproduces_transformers(tiny, tp):
         assert os.getpid() not in pids  # … none of them this one
 
 
-def test_duplicated_kv_heads_are_used_at_tp4(tiny):
+def test_tp4_rank_files_hold_one_repeated_kv_head(tiny):
     # 2 KV heads at tp 4: every rank holds one KV head, repeated; the rank files say so
     from safetensors import safe_open
 

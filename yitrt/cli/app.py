@@ -208,7 +208,7 @@ def schemes(json_: JsonOpt = False) -> None:
 VERIFY_FAILED_EXIT = 10  # verification ran and a threshold failed (not a usage error)
 
 
-def _tokenizer_or_model(checkpoint: Path, against: str | None, revision: str | None, allow_pickle: bool) -> Path:
+def _original_model(checkpoint: Path, against: str | None, revision: str | None, allow_pickle: bool) -> Path:
     from yitrt.reference.textgen import recorded_source
 
     if against is None:
@@ -240,20 +240,12 @@ def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Prove a checkpoint computes what its HF original computes (reference runtime vs transformers)."""
-    from yitrt.reference.verify import VerifyRequest, read_prompts, verify
+    from yitrt.reference.verify import VerifyRequest, read_eval_text, read_prompts, verify
 
-    def read_text(path: Path | None) -> str | None:
-        if path is None:
-            return None
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}", "pass a UTF-8 text file") from None
-
-    model = _tokenizer_or_model(checkpoint, against, revision, allow_pickle)
+    model = _original_model(checkpoint, against, revision, allow_pickle)
     request = VerifyRequest(
         checkpoint=checkpoint, model=model, prompts=tuple(read_prompts(prompts)) if prompts else None,
-        eval_text=read_text(eval_text), max_new_tokens=max_new_tokens, eval_tokens=eval_tokens, window=window,
+        eval_text=read_eval_text(eval_text), max_new_tokens=max_new_tokens, eval_tokens=eval_tokens, window=window,
         device=device.value, compute_dtype=compute_dtype.value, allow_pickle=allow_pickle, tokenizer=tokenizer,
         thresholds={"min_top1": min_top1, "max_ppl_delta_pct": max_ppl_delta, "max_logit_diff_rel": max_logit_diff, "min_greedy": min_greedy},
     )

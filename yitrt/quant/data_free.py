@@ -15,7 +15,7 @@ from yitrt.quant.schemes import Encoding, Scheme
 
 FP8_MAX = 448.0
 FP8_ROWWISE_CLAMP = (-1200.0, 1200.0)  # TensorRT-LLM convert_checkpoint.py --use_fp8_rowwise sets this clamp_val
-_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # TensorRT-LLM's floor for FP8 rowwise scales (weights and tokens)
 
 
 def plan_linear(scheme: Scheme, target: str, shape: tuple[int, ...], dtype_code: str) -> list[PlannedTensor]:
@@ -42,7 +42,7 @@ def fp8_rowwise_quantize(weight):
     import torch
 
     w = weight.to(torch.float32).clamp(*FP8_ROWWISE_CLAMP)
-    scales = (w.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scales = (w.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
     q = (w / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scales.reshape(-1)
 

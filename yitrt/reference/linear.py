@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_MAX = 448.0
+from yitrt.quant.data_free import FP8_MAX, FP8_MIN_SCALE
+
 _INT_RANGE = {8: (-128.0, 127.0), 4: (-8.0, 7.0)}
 
 
@@ -63,6 +64,11 @@ class DecodedWeight:
     def keep_decoded(self) -> None:
         """Decode once and keep the result."""
         self.keep = True
+
+    def decoded_numel(self) -> int:
+        """Elements of the decoded weight (what keeping it costs)."""
+        stored = getattr(self, "q", None)  # unpacked integers, where the stored form is packed or pre-quantization
+        return (stored if stored is not None else self.weight).numel()
 
 
 class DenseLinear(DecodedWeight):
@@ -141,7 +147,6 @@ class Fp8RowwiseLinear(DecodedWeight):
     dequant scale ``max(amax/448, 1/(448·512))``, FP8 value ``e4m3_sat(x · min(448/amax, 448·512))``; weights
     FP8 with one ``per_channel_scale`` per output row; output = GEMM · token scale · channel scale."""
 
-    _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
     _AMAX_FLOOR = 1e-6
 
     def __init__(self, weight: torch.Tensor, channel_scale: torch.Tensor, clamp: tuple[float, float] | None, compute: torch.dtype) -> None:
@@ -156,8 +161,8 @@ class Fp8RowwiseLinear(DecodedWeight):
         if self.clamp:
             xf = xf.clamp(*self.clamp)
         amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=self._AMAX_FLOOR)
-        token_scale = (amax / FP8_MAX).clamp(min=self._MIN_SCALE)
-        xq = to_fp8(xf * (FP8_MAX / amax).clamp(max=1.0 / self._MIN_SCALE))
+        token_scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+        xq = to_fp8(xf * (FP8_MAX / amax).clamp(max=1.0 / FP8_MIN_SCALE))
         y = xq @ self.weight_for_gemm().T
         return (y * token_scale * self.channel_scale).to(self.compute)
 

@@ -150,7 +150,7 @@ class RankModel:
                 self.lm_head = make_linear(spec, "lm_head", t, compute, self.step)
             del t
         linears = [getattr(layer, n) for layer in self.layers for n in ("qkv", "dense", "fc", "gate", "proj")] + [self.lm_head]
-        decoded_bytes = 4 * sum(getattr(lin, "q", getattr(lin, "weight", None)).numel() for lin in linears)  # float32 each
+        decoded_bytes = 4 * sum(lin.decoded_numel() for lin in linears)  # float32 each
         if decoded_bytes <= weight_cache_bytes:
             for lin in linears:
                 lin.keep_decoded()

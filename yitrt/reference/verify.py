@@ -68,6 +68,20 @@ def read_prompts(path: Path | None) -> list[str]:
     return prompts
 
 
+def read_eval_text(path: Path | None) -> str | None:
+    """The evaluation text of a file (None: use the shipped one).
+
+    Raises:
+        UsageError: unreadable or not UTF-8.
+    """
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}", "pass a UTF-8 text file") from None
+
+
 def load_thresholds() -> dict[str, Any]:
     """The shipped threshold table."""
     return yaml.safe_load(resources.files("yitrt.reference").joinpath("thresholds.yaml").read_text())
