@@ -165,7 +165,8 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from yitrt.demo import CHATML_TEMPLATE  # the ChatML template yitrt writes for the demo model (one copy; its default system line is harmless here)
+    # one copy of ChatML: the demo model's template (its default system line is harmless here)
+    from yitrt.demo import CHATML_TEMPLATE
 
     text = resources.files("yitrt").joinpath("data", "eval_text.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE())
