@@ -46,6 +46,9 @@ class SyntheticSpec:
         seed: RNG seed.
         overrides: extra config.json keys (e.g. rope settings).
         tokenizer: also write a byte-level BPE tokenizer of the model's vocab size with a ChatML template.
+        head_std: std of the lm_head (and embedding) weights. The default 0.02 gives near-uniform next-token
+            distributions; a larger one gives clear top-1 tokens, so that top-1 comparisons measure arithmetic
+            rather than near-ties.
     """
 
     shape: str = "tiny"
@@ -57,6 +60,7 @@ class SyntheticSpec:
     seed: int = 0
     overrides: tuple[tuple[str, Any], ...] = ()
     tokenizer: bool = False
+    head_std: float = 0.02
 
 
 def hf_config(spec: SyntheticSpec) -> dict[str, Any]:
@@ -144,7 +148,8 @@ def write_synthetic_model(folder: Path, spec: SyntheticSpec) -> Path:
             if len(shape) == 1:
                 t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
             else:
-                t = 0.02 * torch.randn(shape, generator=gen)
+                head = name.endswith(("lm_head.weight", "embed_tokens.weight"))
+                t = (spec.head_std if head else 0.02) * torch.randn(shape, generator=gen)
             writer.write(name, t.to(dtype))
             weight_map[name] = fname
         writer.close()

@@ -75,11 +75,11 @@ def test_invalid_request_is_one_line_nonzero_and_writes_nothing(make_model, tmp_
 
 
 def test_json_error_object_and_debug_traceback(make_model, tmp_path):
-    src = make_model()
+    src = make_model()  # intermediate 688: not a multiple of the 128-wide AWQ groups
     proc = run_cli("quantize", str(src), "--scheme", "int4-awq", "--out", str(tmp_path / "q"), "--json")
     assert proc.returncode != 0
     err = json.loads(proc.stdout)
-    assert err["ok"] is False and "calibration" in err["error"]["message"] and "w8a16" in err["error"]["hint"]
+    assert err["ok"] is False and "intermediate 688" in err["error"]["message"] and "--awq-block-size 64" in err["error"]["hint"]
     debug = run_cli("quantize", str(src), "--scheme", "int4-awq", "--out", str(tmp_path / "q"), env={"YITRT_DEBUG": "1"})
     assert "Traceback" in debug.stderr and debug.returncode == proc.returncode
 

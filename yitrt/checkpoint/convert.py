@@ -26,8 +26,10 @@ from yitrt.errors import ArtifactError, CheckpointError, UnsupportedModelError, 
 from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, fingerprint_files
 from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.llama import Kind, ResolvedTensor, resolve_tensors
-from yitrt.models.registry import load_registry
+from yitrt.models.registry import load_registry, request_pitfalls
+from yitrt.plan.gpus import get_gpu
 from yitrt.quant.data_free import encode_linear, plan_linear
+from yitrt.quant.rules import gpu_problems, padding_problems
 from yitrt.quant.schemes import (
     KV_CACHE_FORMATS,
     Encoding,
@@ -57,6 +59,7 @@ class ConvertRequest:
         allow_pickle: accept ``.bin`` weights (loaded with ``weights_only=True``).
         force: redo the work even when an identical artifact exists.
         model_ref: the HF repo id the folder came from, if any (registry lookup, manifest).
+        gpu: the target GPU (checked against the scheme and KV format), or None.
     """
 
     model_dir: Path
@@ -70,6 +73,7 @@ class ConvertRequest:
     allow_pickle: bool = False
     force: bool = False
     model_ref: str | None = None
+    gpu: str | None = None
 
 
 @dataclass
@@ -105,27 +109,20 @@ class ConvertResult:
         }
 
 
-def scheme_problems(cfg: ModelConfig, scheme: Scheme, mapping: Mapping) -> list[str]:
-    """Reasons a data-free scheme cannot be written for this model and layout."""
-    if scheme.quant_algo in ("W8A16", "W4A16"):
-        # WeightOnlyQuant{Column,Row}Linear pad every global in/out dim to a multiple of 64·tp; the build
-        # quantizes full-precision weights without padding them, so unpadded dims must already be multiples
-        # (TensorRT-LLM quantization/layers.py; reference §2.5).
-        multiple = 64 * mapping.tp
-        kv_rows = max(cfg.num_kv_heads, mapping.tp) * cfg.head_dim  # global k rows after KV-head repetition
-        linears = {
-            "qkv out": cfg.q_size + 2 * kv_rows,
-            "hidden": cfg.hidden_size,
-            "attention dense in": cfg.q_size,
-            "intermediate": cfg.intermediate_size,
-        }
-        bad = [f"{k} {v}" for k, v in linears.items() if v % multiple]
-        if bad:
-            return [
-                f"{scheme.name} at tp {mapping.tp} needs linear dims divisible by 64·tp = {multiple} "
-                f"(TensorRT-LLM pads them otherwise, in a layout not confirmed for prebuilt checkpoints): {', '.join(bad)}"
-            ]
-    return []
+def check_source(cfg: ModelConfig, model_dir: Path, model_ref: str | None) -> None:
+    """Refuse known-unconvertible repos and pre-quantized weights.
+
+    Raises:
+        UnsupportedModelError: with the reason and the repo to use instead.
+    """
+    registry = load_registry()
+    if model_ref and model_ref.lower() in registry.unsupported:
+        raise UnsupportedModelError(f"{model_ref}: {registry.unsupported[model_ref.lower()]}")
+    if cfg.source_quantization:
+        raise UnsupportedModelError(
+            f"{model_dir}: the weights are pre-quantized ({cfg.source_quantization})",
+            "convert the full-precision checkpoint and pick a --scheme instead",
+        )
 
 
 def validate_request(req: ConvertRequest, cfg: ModelConfig) -> tuple[Scheme, Any, Mapping, list[str]]:
@@ -138,37 +135,26 @@ def validate_request(req: ConvertRequest, cfg: ModelConfig) -> tuple[Scheme, Any
         UnsupportedModelError: the repo is a known unsupported one or pre-quantized.
         ValidationError: every other problem, listed together.
     """
-    registry = load_registry()
-    if req.model_ref and req.model_ref.lower() in registry.unsupported:
-        raise UnsupportedModelError(f"{req.model_ref}: {registry.unsupported[req.model_ref.lower()]}")
-    if cfg.source_quantization:
-        raise UnsupportedModelError(
-            f"{req.model_dir}: the weights are pre-quantized ({cfg.source_quantization})",
-            "convert the full-precision checkpoint and pick a --scheme instead",
-        )
+    check_source(cfg, req.model_dir, req.model_ref)
     scheme = get_scheme(req.scheme)
     kv = get_kv_cache(req.kv_cache)
     mapping = Mapping(req.tp, req.pp)
     problems = tp_problems(cfg, req.tp) + pp_problems(cfg, req.pp)
     hints = ["valid tp/pp sizes are listed by `yitrt inspect MODEL`"] if problems else []
     if scheme.calibrated:
-        problems.append(f"scheme {scheme.name} needs calibration with NVIDIA ModelOpt, which this yitrt version does not run yet")
+        problems.append(f"scheme {scheme.name} needs calibration: run `yitrt quantize MODEL --scheme {scheme.name}`")
     if kv is not None and not kv.data_free:
         problems.append(f"KV cache {kv.name} needs calibrated scales; only {', '.join(k for k, f in KV_CACHE_FORMATS.items() if f.data_free)} is written data-free")
     if scheme.calibrated or (kv is not None and not kv.data_free):
-        hints.append("data-free schemes: " + ", ".join(data_free_schemes()))
-    if not problems and (width := scheme_problems(cfg, scheme, mapping)):
+        hints.append("calibrate with `yitrt quantize`; data-free schemes: " + ", ".join(data_free_schemes()))
+    if sm := gpu_problems(scheme, kv, get_gpu(req.gpu) if req.gpu else None):
+        problems += sm
+    if not problems and (width := padding_problems(cfg, scheme, mapping.tp)):
         problems += width
         hints.append("choose another tp size or scheme")
     if problems:
         raise ValidationError(problems, "; ".join(hints))
-    warnings = []
-    match = registry.match(cfg, req.model_ref)
-    if match.checkpoint is not None:
-        request = {"pp": req.pp, "kv_cache": req.kv_cache, "scheme": req.scheme}
-        for pitfall in match.checkpoint.pitfalls:
-            if pitfall.trigger and all(request.get(k) == v for k, v in pitfall.trigger.items()):
-                warnings.append(f"{match.checkpoint.repo_id}: {pitfall.text} ({pitfall.source})")
+    warnings = request_pitfalls(cfg, req.model_ref, {"pp": req.pp, "kv_cache": req.kv_cache, "scheme": req.scheme})
     return scheme, kv, mapping, warnings
 
 

@@ -27,6 +27,7 @@ from yitrt.cli.options import (
     DtypeChoice,
     DtypeOpt,
     ForceOpt,
+    GpuOpt,
     JsonOpt,
     KvCacheOpt,
     ModelArg,
@@ -114,24 +115,32 @@ def fetch(
     render.out.print(f"{repo_id}@{result.revision}: {state} → {result.path}")
 
 
-def _convert(model, out, dtype, tp, pp, scheme, kv_cache, parallel_embedding, revision, allow_pickle, force, json_) -> None:
-    from yitrt.checkpoint.convert import ConvertRequest, convert
-
-    resolved = _resolve(model, revision, allow_pickle=allow_pickle)
-    request = ConvertRequest(
-        model_dir=resolved.path, out=out, dtype=dtype, tp=tp, pp=pp, scheme=scheme, kv_cache=kv_cache,
-        parallel_embedding=parallel_embedding, allow_pickle=allow_pickle, force=force, model_ref=resolved.repo_id,
-    )
-    with render.byte_progress("convert", not json_) as progress:
-        result = convert(request, progress)
+def _artifact_result(result, out: Path, json_: bool, same: str) -> dict | None:
+    """Warnings, then the JSON object or the "up to date" line; returns the data when a summary is still due."""
     for warning in result.warnings:
         render.warn(warning)
     data = result.to_json()
     if json_:
         render.emit_json(data)
-        return
+        return None
     if result.reused:
-        render.out.print(f"{out}: up to date (identical inputs and parameters; --force redoes it)")
+        render.out.print(f"{out}: up to date ({same}; --force redoes it)")
+        return None
+    return data
+
+
+def _convert(model, out, dtype, tp, pp, scheme, kv_cache, parallel_embedding, revision, allow_pickle, force, json_, gpu=None) -> None:
+    from yitrt.checkpoint.convert import ConvertRequest, convert
+
+    resolved = _resolve(model, revision, allow_pickle=allow_pickle)
+    request = ConvertRequest(
+        model_dir=resolved.path, out=out, dtype=dtype, tp=tp, pp=pp, scheme=scheme, kv_cache=kv_cache,
+        parallel_embedding=parallel_embedding, allow_pickle=allow_pickle, force=force, model_ref=resolved.repo_id, gpu=gpu,
+    )
+    with render.byte_progress("convert", not json_) as progress:
+        result = convert(request, progress)
+    data = _artifact_result(result, out, json_, "identical inputs and parameters")
+    if data is None:
         return
     algo = data["quant_algo"] or "none"
     render.out.print(
@@ -159,25 +168,73 @@ def convert(
     _convert(model, out, dtype.value, tp, pp, "none", kv_cache.value if kv_cache else None, parallel_embedding, revision, allow_pickle, force, json_)
 
 
-@app.command()
+def _calibrated_help() -> str:
+    from yitrt.quant.schemes import SCHEMES
+
+    return "; ".join(f"{s.name}: {s.summary}" for s in SCHEMES.values() if s.quant_algo)
+
+
+@app.command(help="Write a quantized TensorRT-LLM checkpoint. Calibrated schemes run NVIDIA ModelOpt on the model "
+                  "(CPU or GPUs); data-free ones stream through the converter. Schemes: " + _calibrated_help() + ".")
 def quantize(
     model: ModelArg,
-    scheme: SchemeChoice = typer.Option(..., "--scheme", help="Quantization scheme; see `yitrt schemes`."),
+    scheme: SchemeChoice = typer.Option(..., "--scheme", help="Quantization scheme (`yitrt schemes` has the details)."),
     out: OutOpt = ...,
     kv_cache: KvCacheOpt = None,
     tp: TpOpt = 1,
     pp: PpOpt = 1,
     dtype: DtypeOpt = DtypeChoice.auto,
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data: JSONL ('text' or chat 'messages') or plain text (default: shipped bilingual set).")] = None,
+    calib_size: Annotated[int | None, typer.Option("--calib-size", min=1, help="Calibration sequences [default: 512].", show_default=False)] = None,
+    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=8, help="Tokens per calibration sequence [default: 512].", show_default=False)] = None,
+    calib_batch_size: Annotated[int | None, typer.Option("--calib-batch-size", min=1, help="Sequences per forward pass [default: what fits the device].", show_default=False)] = None,
+    awq_block_size: Annotated[int | None, typer.Option("--awq-block-size", help="AWQ group size (64 or 128) [default: the scheme's].", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Order in which calibration documents are drawn [default: 0].", show_default=False)] = None,
+    device: Annotated[DeviceChoice, typer.Option("--device", help="Where calibration runs; auto = the visible GPUs (several: spread with device_map), else CPU.")] = DeviceChoice.auto,
+    gpu: GpuOpt = None,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Tokens of the verification text the calibrated model is evaluated on (pass the same to `yitrt verify`).")] = 1024,
+    eval_window: Annotated[int, typer.Option("--eval-window", min=2, help="Tokens per evaluation window (`yitrt verify --window`).")] = 512,
     parallel_embedding: ParallelEmbeddingOpt = True,
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Write a quantized TensorRT-LLM checkpoint (data-free: w8a16, w4a16, fp8-rowwise; KV fp8)."""
-    _convert(
-        model, out, dtype.value, tp, pp, scheme.value, kv_cache.value if kv_cache else None,
-        parallel_embedding, revision, allow_pickle, force, json_,
+    from yitrt.quant.schemes import SCHEMES
+
+    kv = kv_cache.value if kv_cache else None
+    if not SCHEMES[scheme.value].calibrated:
+        calib_options = {"--calib": calib, "--calib-size": calib_size, "--calib-seq-len": calib_seq_len,
+                         "--calib-batch-size": calib_batch_size, "--awq-block-size": awq_block_size, "--seed": seed}
+        given = [name for name, value in calib_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to calibrated schemes; {scheme.value} is data-free", "drop them, or pick a calibrated --scheme")
+        _convert(model, out, dtype.value, tp, pp, scheme.value, kv, parallel_embedding, revision, allow_pickle, force, json_, gpu=gpu)
+        return
+    if not parallel_embedding:
+        raise UsageError("--no-parallel-embedding applies to data-free schemes (ModelOpt's exporter splits the embedding)", "drop it")
+    from yitrt.quant.calibrate import QuantizeRequest
+    from yitrt.quant.calibrate import quantize as run_quantize
+
+    resolved = _resolve(model, revision, allow_pickle=allow_pickle)
+    request = QuantizeRequest(
+        model_dir=resolved.path, out=out, scheme=scheme.value, kv_cache=kv, tp=tp, pp=pp, dtype=dtype.value, calib=calib,
+        calib_size=calib_size or 512, calib_seq_len=calib_seq_len or 512, calib_batch_size=calib_batch_size or 0,
+        awq_block_size=awq_block_size, seed=seed or 0, device=device.value, gpu=gpu, allow_pickle=allow_pickle, force=force,
+        model_ref=resolved.repo_id, eval_tokens=eval_tokens, eval_window=eval_window,
+    )
+    with render.stage_progress(not json_) as progress:
+        result = run_quantize(request, progress)
+    data = _artifact_result(result, out, json_, "identical model, calibration data and parameters")
+    if data is None:
+        return
+    peak_gpu = f", peak GPU memory {render.human_bytes(max(data['peak_device_bytes']))}" if data["peak_device_bytes"] else ""
+    cal = data["calibration"]
+    render.out.print(
+        f"{out}: TensorRT-LLM checkpoint, {data['world_size']} rank(s) (tp {data['tp_size']} × pp {data['pp_size']}), {data['dtype']}, "
+        f"quant {data['quant_algo']}, KV {data['kv_cache_quant_algo'] or data['dtype']}; calibrated on {cal['sequences']} × {cal['seq_len']} tokens "
+        f"({cal['device']}) in {data['calibration_seconds']:.1f}s; {data['seconds']:.1f}s in all, peak RSS "
+        f"{render.human_bytes(data['peak_rss_bytes'])}{peak_gpu}; calibrated-model perplexity {data['fake_quant_ppl']:.3f} (yitrt verify compares the checkpoint with it)"
     )
 
 
@@ -188,7 +245,9 @@ def schemes(json_: JsonOpt = False) -> None:
 
     rows = [
         {"name": s.name, "quant_algo": s.quant_algo, "calibrated": s.calibrated, "weight_bits": s.weight_bits,
-         "min_sm": s.min_sm, "max_sm": s.max_sm, "group_size": s.group_size, "summary": s.summary, "unquantized": s.unquantized}
+         "min_sm": s.min_sm, "max_sm": s.max_sm, "group_size": s.group_size, "group_sizes": list(s.group_sizes),
+         "dtypes": list(s.dtypes) if s.dtypes else None, "modelopt_config": s.modelopt_config, "summary": s.summary,
+         "unquantized": s.unquantized}
         for s in SCHEMES.values()
     ]
     kv = [{"name": k.name, "kv_cache_quant_algo": k.kv_cache_quant_algo, "data_free": k.data_free, "min_sm": k.min_sm,

@@ -28,7 +28,8 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output artifact folde
 TpOpt = Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel size (GPUs per pipeline stage).")]
 PpOpt = Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel size (stages).")]
 DtypeOpt = Annotated[DtypeChoice, typer.Option("--dtype", help="Model dtype; auto = the source's (float32 becomes float16).")]
-KvCacheOpt = Annotated[KvCacheChoice | None, typer.Option("--kv-cache", help="Quantize the KV cache (fp8 is written data-free with scale 1.0).")]
+KvCacheOpt = Annotated[KvCacheChoice | None, typer.Option("--kv-cache", help="Quantize the KV cache (convert: fp8 with scale 1.0; quantize: calibrated fp8 or int8).")]
+GpuOpt = Annotated[str | None, typer.Option("--gpu", help="Target GPU of the engine (e.g. H100, L40S, A100, sm89): refuse formats it cannot run.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the work even if an identical artifact exists.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")]
 ParallelEmbeddingOpt = Annotated[

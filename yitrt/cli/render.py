@@ -87,6 +87,27 @@ def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, in
         yield update
 
 
+@contextlib.contextmanager
+def stage_progress(enabled: bool) -> Iterator[Callable[[str, int | None, int | None], None] | None]:
+    """A rich bar fed by ``callback(phase, done, total)``: a count of steps (calibration batches), or a spinner
+    when ``total`` is None (loading, export); None when disabled or not a TTY."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(phase: str, done: int | None, total: int | None) -> None:
+            bar.update(task, description=phase, completed=done or 0, total=total)
+
+        yield update
+
+
 def inspect_report(data: dict) -> None:
     """Print `yitrt inspect`'s tables from its JSON object."""
     yi = data["yi"]
@@ -131,6 +152,12 @@ def phase_status(enabled: bool) -> Iterator[Callable[[str], None] | None]:
         yield status.update
 
 
+def _calibrated_algos() -> set[str]:
+    from yitrt.quant.schemes import SCHEMES
+
+    return {s.quant_algo for s in SCHEMES.values() if s.calibrated}
+
+
 def verify_report(data: dict[str, Any]) -> None:
     """Print `yitrt verify`'s result from its JSON object."""
     t = data["thresholds"]
@@ -148,11 +175,25 @@ def verify_report(data: dict[str, Any]) -> None:
         ["greedy tokens matched", f"{data['greedy_match_frac']:.3f} (" + ", ".join(f"{g['matched']}/{g['generated']}" for g in data["greedy_match"]) + ")",
          limit("min_greedy", ">= {}")],
     ]
+    pipe = data.get("pipeline") or {}
+    if pipe.get("ran"):
+        pt = pipe["thresholds"]
+        rows += [
+            ["pipeline: top-1 vs calibrated model (weights only)", f"{pipe['top1_agreement']:.4f} over {pipe['positions']} positions", f">= {pt['min_top1']}"],
+            ["pipeline: perplexity calibrated / checkpoint", f"{pipe['ppl_recorded']:.4f} / {pipe['ppl_checkpoint']:.4f} ({pipe['ppl_delta_pct']:+.3f}%)",
+             f"within ±{pt['max_ppl_delta_pct']}%"],
+            ["pipeline: activation/KV scales as calibrated", f"{pipe['scales_checked']} checked", "equal"],
+        ]
     algo = data["quant_algo"] or "none"
     title = f"verify {data['checkpoint']} against {data['model']} (quant {algo}, KV {data['kv_cache_quant_algo'] or 'model dtype'}, tp {data['tp_size']} × pp {data['pp_size']})"
     out.print(table(title, ["metric", "value", "threshold"], rows))
     pids = ", ".join(str(r["pid"]) for r in data["ranks"])
     out.print(f"ranks ran in processes {pids}; {data['seconds']:.1f}s")
+    if pipe.get("ran"):
+        out.print("pipeline rows: the checkpoint vs the calibrated model it was exported from (they fail verify); "
+                  "the rows above them: the quantization loss vs the original (warnings)")
+    elif pipe.get("reason") and data["quant_algo"] in _calibrated_algos():  # a calibrated format made elsewhere
+        out.print(f"pipeline check not run: {pipe['reason']}")
     for w in data["warnings"]:
         warn(w)
     if data["passed"]:

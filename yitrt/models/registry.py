@@ -102,6 +102,35 @@ class Registry:
         return RegistryMatch(chosen, narrowed or candidates, "shape")
 
 
+def request_pitfalls(cfg: ModelConfig, repo_id: str | None, request: dict[str, object]) -> list[str]:
+    """Warnings for known-bad combinations: the pitfalls with a trigger that the request matches.
+
+    A model matched by repo id (or by a unique shape + context + rope base) uses its own pitfalls; a local
+    folder that fits several registry entries gets the pitfalls every candidate shares (e.g. INT8 KV on any
+    Yi-6B-shaped model).
+
+    Args:
+        cfg: the model's config.
+        repo_id: the HF repo id, when known.
+        request: the request's values by trigger key (``pp``, ``kv_cache``, ``scheme``).
+    """
+    registry = load_registry()
+    match = registry.match(cfg, repo_id)
+    if match.checkpoint is not None:
+        pitfalls, name = match.checkpoint.pitfalls, match.checkpoint.repo_id
+    elif match.candidates:
+        shared = set.intersection(*({p.id for p in c.pitfalls} for c in match.candidates))
+        pitfalls = [p for p in match.candidates[0].pitfalls if p.id in shared]
+        name = f"{match.shape}-shaped model"
+    else:
+        return []
+    return [
+        f"{name}: {p.text} ({p.source})"
+        for p in pitfalls
+        if p.trigger and all(request.get(k) == v for k, v in p.trigger.items())
+    ]
+
+
 @lru_cache(maxsize=1)
 def load_registry() -> Registry:
     """Load and cross-check ``yi_checkpoints.yaml`` (cached).

@@ -37,8 +37,13 @@ class Scheme:
         min_sm / max_sm: GPU compute capability range (e.g. 89 = Ada) that can run it.
         group_size: per-group scale width, for groupwise schemes.
         modelopt_format: ModelOpt's name for the format, for calibrated schemes.
+        modelopt_config: the ``modelopt.torch.quantization`` preset that calibrates it.
         summary: one line for help text.
         unquantized: which tensors stay in the model dtype.
+        pad_base: TensorRT-LLM's quantized linear layers pad every global in/out dim up to a multiple of
+            ``max(pad_base, group_size) * tp`` (quantization/layers.py; reference §2.5); None = no padding.
+        group_sizes: the AWQ block sizes TensorRT-LLM's groupwise kernels accept (``--awq-block-size``).
+        dtypes: model dtypes the build accepts for the scheme (None: any).
     """
 
     name: str
@@ -51,6 +56,10 @@ class Scheme:
     unquantized: str
     group_size: int | None = None
     modelopt_format: str | None = None
+    modelopt_config: str | None = None
+    pad_base: int | None = None
+    group_sizes: tuple[int, ...] = ()
+    dtypes: tuple[str, ...] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -71,21 +80,26 @@ SCHEMES: dict[str, Scheme] = {
     for s in (
         Scheme("none", None, Encoding.FULL_PRECISION, 16, 70, None, "no quantization (model dtype)", "everything"),
         Scheme("w8a16", "W8A16", Encoding.FULL_PRECISION, 8, 70, 99,
-               "INT8 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP),
+               "INT8 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP, pad_base=64),
         Scheme("w4a16", "W4A16", Encoding.FULL_PRECISION, 4, 70, 99,
-               "INT4 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP),
+               "INT4 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP, pad_base=64),
         Scheme("fp8-rowwise", "FP8_PER_CHANNEL_PER_TOKEN", Encoding.FP8_ROWWISE, 8, 89, 99,
                "FP8 weights with per-channel scales, FP8 activations with per-token scales (data-free)", _KEEP),
         Scheme("fp8", "FP8", Encoding.CALIBRATED, 8, 89, None,
-               "FP8 weights and activations, per-tensor scales (calibrated)", "lm_head, embedding and norms", modelopt_format="fp8"),
+               "FP8 weights and activations, per-tensor scales (calibrated)", "lm_head, embedding and norms",
+               modelopt_format="fp8", modelopt_config="FP8_DEFAULT_CFG"),
+        # SmoothQuant (all modes) is refused by the build on SM100-119 (reference §4.3)
         Scheme("int8-sq", "W8A8_SQ_PER_CHANNEL", Encoding.CALIBRATED, 8, 70, 99,
-               "INT8 SmoothQuant, per-channel weights (calibrated)", "lm_head, embedding and norms", modelopt_format="int8_sq"),
+               "INT8 SmoothQuant, per-channel weights, per-tensor activations (calibrated)", "lm_head, embedding and norms",
+               modelopt_format="int8_sq", modelopt_config="INT8_SMOOTHQUANT_CFG"),
         Scheme("int4-awq", "W4A16_AWQ", Encoding.CALIBRATED, 4, 75, None,
-               "INT4 AWQ, group size 128, FP16 activations (calibrated)", "lm_head, embedding and norms",
-               group_size=128, modelopt_format="int4_awq"),
+               "INT4 AWQ weights in groups (default 128), FP16/BF16 activations (calibrated)", "lm_head, embedding and norms",
+               group_size=128, modelopt_format="int4_awq", modelopt_config="INT4_AWQ_CFG", pad_base=64, group_sizes=(64, 128)),
+        # the W4A8 groupwise kernel takes FP16 activations only: a bfloat16 build fails (observed, issue #3)
         Scheme("w4a8-awq", "W4A8_AWQ", Encoding.CALIBRATED, 4, 89, None,
-               "INT4 AWQ weights with FP8 activations (calibrated)", "lm_head, embedding and norms",
-               group_size=128, modelopt_format="w4a8_awq"),
+               "INT4 AWQ weights in groups of 128 with FP8 activations (calibrated; float16 models)", "lm_head, embedding and norms",
+               group_size=128, modelopt_format="w4a8_awq", modelopt_config="W4A8_AWQ_BETA_CFG", pad_base=128,
+               group_sizes=(128,), dtypes=("float16",)),
     )
 }
 
@@ -101,18 +115,28 @@ class KvCacheFormat:
     min_sm: int
     max_sm: int | None
     summary: str
+    modelopt_config: str | None = None  # the modelopt.torch.quantization preset (None: yitrt builds it, see below)
+    num_bits: int | tuple[int, int] = 8  # the K/V quantizers' format in ModelOpt's terms ((4, 3) = FP8 E4M3)
 
 
 KV_CACHE_FORMATS: dict[str, KvCacheFormat] = {
     k.name: k
     for k in (
-        KvCacheFormat("fp8", "FP8", 1, True, 89, None, "FP8 KV cache (scale 1.0 data-free; calibrated with ModelOpt)"),
-        KvCacheFormat("int8", "INT8", 1, False, 70, 99, "INT8 KV cache (needs calibrated scales)"),
+        KvCacheFormat("fp8", "FP8", 1, True, 89, None, "FP8 KV cache (scale 1.0 data-free; calibrated with ModelOpt)",
+                      modelopt_config="FP8_KV_CFG", num_bits=(4, 3)),
+        # ModelOpt 0.47 has no INT8 KV preset; yitrt enables its K/V quantizers with 8 bits per tensor.
+        # The build refuses INT8 KV on SM100-119 (reference §4.3).
+        KvCacheFormat("int8", "INT8", 1, False, 70, 99, "INT8 KV cache (calibrated with ModelOpt)", num_bits=8),
     )
 }
 
 #: Element sizes of the unquantized KV cache (model dtype).
 KV_BYTES_FP16 = 2
+
+
+def calibrated_schemes() -> list[str]:
+    """Names of schemes that need calibration with ModelOpt."""
+    return [s.name for s in SCHEMES.values() if s.calibrated]
 
 
 def data_free_schemes() -> list[str]:

@@ -65,6 +65,13 @@ class DecodedWeight:
         """Decode once and keep the result."""
         self.keep = True
 
+    def weights_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer with its stored weights and scales but unquantized activations: ``(x · prequant) · W``
+        with ``W`` the dequantized weight. Activation rounding is what makes two computations of a quantized
+        model drift apart (one flipped rounding changes the next layer's input, which flips others), so this
+        is the form in which a checkpoint can be compared tightly with the model it was exported from."""
+        return self(x)
+
     def decoded_numel(self) -> int:
         """Elements of the decoded weight (what keeping it costs)."""
         stored = getattr(self, "q", None)  # unpacked integers, where the stored form is packed or pre-quantization
@@ -140,6 +147,10 @@ class Fp8Linear(DecodedWeight):
         y = xq @ self.weight_for_gemm().T
         return (y * (self.act_scale * self.weight_scale)).to(self.compute)
 
+    def weights_only(self, x: torch.Tensor) -> torch.Tensor:
+        """See ``DecodedWeight.weights_only``."""
+        return (x.to(torch.float32) @ (self.weight_for_gemm() * self.weight_scale).T).to(self.compute)
+
 
 class Fp8RowwiseLinear(DecodedWeight):
     """FP8_PER_CHANNEL_PER_TOKEN, every decoder GEMM input (qkv, dense, fc/gate, proj) quantized per token by
@@ -166,6 +177,10 @@ class Fp8RowwiseLinear(DecodedWeight):
         y = xq @ self.weight_for_gemm().T
         return (y * token_scale * self.channel_scale).to(self.compute)
 
+    def weights_only(self, x: torch.Tensor) -> torch.Tensor:
+        """See ``DecodedWeight.weights_only``."""
+        return (x.to(torch.float32) @ (self.weight_for_gemm() * self.channel_scale[:, None]).T).to(self.compute)
+
 
 class SmoothQuantLinear(DecodedWeight):
     """W8A8_SQ_PER_CHANNEL (Int8SmoothQuantLinear, Q/DQ in TensorRT): x·prequant, quantized to int8 with the
@@ -187,6 +202,11 @@ class SmoothQuantLinear(DecodedWeight):
         xq = torch.round(xs / self.act_scale).clamp(-128, 127)
         y = xq @ self.weight_for_gemm().T
         return (y * self.act_scale * self.weight_scale).to(self.compute)
+
+    def weights_only(self, x: torch.Tensor) -> torch.Tensor:
+        """See ``DecodedWeight.weights_only``."""
+        xs = x.to(torch.float32) * self.prequant.to(torch.float32)
+        return (xs @ (self.weight_for_gemm() * self.weight_scale[:, None]).T).to(self.compute)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -252,6 +272,13 @@ class AwqLinear(DecodedWeight):
             return (xf @ (self.weight_for_gemm() * alpha).T).to(self.compute)
         y = to_fp8(xf) @ to_fp8(self.weight_for_gemm()).T
         return (y * alpha).to(self.compute)
+
+    def weights_only(self, x: torch.Tensor) -> torch.Tensor:
+        """See ``DecodedWeight.weights_only``: W4A8 keeps the FP8 weight of its MMA path."""
+        if not self.w4a8:
+            return self(x)
+        xf = x.to(torch.float32) * self.prequant.to(torch.float32)
+        return (xf @ to_fp8(self.weight_for_gemm()).T * (self.act_scale * self.scale_2)).to(self.compute)
 
 
 class KvQuantizer:

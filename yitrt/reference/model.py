@@ -155,6 +155,8 @@ class RankModel:
             for lin in linears:
                 lin.keep_decoded()
         self.rotary = Rotary(spec.rotary_base, d, spec.rotary_scaling, spec.max_position_embeddings)
+        # True: stored weights and scales, unquantized activations and K/V (see DecodedWeight.weights_only)
+        self.weights_only = False
         self.q_size, self.kv_size = self.heads * d, self.kv_heads * d
 
     def new_cache(self) -> KvCache:
@@ -178,7 +180,7 @@ class RankModel:
     def _attention(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, cache: KvCache, mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.spec.head_size
-        qkv = layer.qkv(x)
+        qkv = self._linear(layer.qkv, x)
         if "attention.qkv.bias" in layer.biases:
             qkv = qkv + layer.biases["attention.qkv.bias"].to(self.compute)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -190,8 +192,9 @@ class RankModel:
         # KV without FP8 weights); in the generation phase the XQA kernel reads every key, the new token's too,
         # back from the cache (the preprocessing kernel writes it there first).
         past_k, past_v = cache.keys[index], cache.values[index]
-        stored_k = layer.kv_quant.roundtrip(k) if layer.kv_quant else k
-        stored_v = layer.kv_quant.roundtrip(v) if layer.kv_quant else v
+        kv_quant = layer.kv_quant if not self.weights_only else None
+        stored_k = kv_quant.roundtrip(k) if kv_quant else k
+        stored_v = kv_quant.roundtrip(v) if kv_quant else v
         cache.keys[index] = stored_k if past_k is None else torch.cat([past_k, stored_k], dim=2)
         cache.values[index] = stored_v if past_v is None else torch.cat([past_v, stored_v], dim=2)
         keys, values = (k, v) if past_k is None else (cache.keys[index], cache.values[index])
@@ -202,17 +205,20 @@ class RankModel:
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = torch.softmax(scores, dim=-1) @ values
         out = out.transpose(1, 2).reshape(b, t, self.q_size).to(self.compute)
-        y = self.comm.all_reduce(layer.dense(out))
+        y = self.comm.all_reduce(self._linear(layer.dense, out))
         if "attention.dense.bias" in layer.biases:
             y = y + layer.biases["attention.dense.bias"].to(self.compute)
         return y
 
+    def _linear(self, linear, x: torch.Tensor) -> torch.Tensor:
+        return linear.weights_only(x) if self.weights_only else linear(x)
+
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        fc, gate = layer.fc(x), layer.gate(x)
+        fc, gate = self._linear(layer.fc, x), self._linear(layer.gate, x)
         if "mlp.fc.bias" in layer.biases:
             fc = fc + layer.biases["mlp.fc.bias"].to(self.compute)
             gate = gate + layer.biases["mlp.gate.bias"].to(self.compute)
-        y = self.comm.all_reduce(layer.proj(torch.nn.functional.silu(fc) * gate))  # fc is the activated branch
+        y = self.comm.all_reduce(self._linear(layer.proj, torch.nn.functional.silu(fc) * gate))  # fc is the activated branch
         if "mlp.proj.bias" in layer.biases:
             y = y + layer.biases["mlp.proj.bias"].to(self.compute)
         return y
@@ -249,6 +255,6 @@ class RankModel:
         if last_only:
             h = h[:, -1:]
         h = rms_norm(h, self.ln_f, spec.norm_epsilon)
-        logits = self.comm.all_gather(self.lm_head(h), dim=-1)[..., : spec.vocab_size]
+        logits = self.comm.all_gather(self._linear(self.lm_head, h), dim=-1)[..., : spec.vocab_size]
         logits = logits.to(_DTYPES.get(spec.logits_dtype, torch.float32))  # the engine's declared logits dtype
         return logits.to(torch.float32)

@@ -18,8 +18,9 @@ from yitrt.models.config import ModelConfig, load_config
 _LEGACY_RENAMES = (("ln1.weight", "input_layernorm.weight"), ("ln2.weight", "post_attention_layernorm.weight"))
 
 
-def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
-    """The HF model in eval mode on ``device`` with weights cast to ``dtype``.
+def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, device_map: str | None = None):
+    """The HF model in eval mode on ``device`` with weights cast to ``dtype``; with ``device_map`` (e.g.
+    ``"auto"``) transformers spreads the layers over the visible GPUs instead.
 
     Raises:
         MissingDependencyError: transformers is not installed.
@@ -39,10 +40,11 @@ def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, all
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=has_safetensors or None,
+            **({"device_map": device_map} if device_map else {}),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"transformers could not load {model_dir}: {str(exc).splitlines()[0]}", "check the model folder (yitrt inspect)") from None
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 def _load_legacy_yi(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):

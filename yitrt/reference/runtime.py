@@ -107,16 +107,24 @@ class RankEngine:
         """Which process and device this rank runs in."""
         return {"tp_rank": self.tp_rank, "pid": os.getpid(), "device": str(self.device), "layers": len(self.model.layers)}
 
-    def score(self, sequences: list[list[int]], decode_tail: int = 0) -> tuple[torch.Tensor, list[int]]:
+    def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False) -> tuple[torch.Tensor, list[int]]:
         """Logits of every position of every sequence.
 
         The first ``len - decode_tail`` tokens of a sequence go through one context pass; the last
         ``decode_tail`` are fed one step at a time through the KV cache (teacher forcing), as generation would
-        read them — the path where a quantized KV cache acts.
+        read them — the path where a quantized KV cache acts. ``weights_only`` runs the stored weights with
+        unquantized activations and K/V (``DecodedWeight.weights_only``).
 
         Returns:
             (float32 logits [sum of lengths, vocab] on CPU, the lengths).
         """
+        self.model.weights_only = weights_only
+        try:
+            return self._score(sequences, decode_tail)
+        finally:
+            self.model.weights_only = False
+
+    def _score(self, sequences: list[list[int]], decode_tail: int) -> tuple[torch.Tensor, list[int]]:
         out: dict[int, torch.Tensor] = {}
         by_length: dict[int, list[int]] = {}
         for i, seq in enumerate(sequences):
@@ -289,12 +297,12 @@ class ReferenceRuntime:
             q.put((name, args))
         return self._receive(float("inf"))[2]
 
-    def score(self, sequences: list[list[int]], decode_tail: int = 0) -> list[torch.Tensor]:
+    def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False) -> list[torch.Tensor]:
         """float32 logits [len, vocab] of every position of each sequence (non-empty sequences); the last
         ``decode_tail`` tokens of each are fed one by one through the KV cache (see ``RankEngine.score``)."""
         if not sequences or any(not s for s in sequences):
             raise UsageError("nothing to score (an empty token sequence)", "pass non-empty sequences")
-        logits, lengths = self._call("score", sequences, decode_tail)
+        logits, lengths = self._call("score", sequences, decode_tail, weights_only)
         return list(logits.split(lengths))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, end_ids: tuple[int, ...] = ()) -> list[list[int]]:

@@ -1,0 +1,1 @@
+"""Planning: the GPU table, and (later) memory budgets and build limits."""

@@ -1,0 +1,610 @@
+"""Calibrated quantization with NVIDIA ModelOpt: HF model → calibrated fake-quant model → TensorRT-LLM checkpoint.
+
+The request is validated from the config alone first (tp/pp and the GQA rule, AWQ groups per split, what the
+target GPU can run, the calibration file), so a request that cannot work fails in seconds with nothing loaded
+or written. Then: load with transformers (CPU in float32, or the GPUs in the model dtype, spread with
+``device_map`` over several), ``mtq.quantize`` with the scheme's preset (KV-cache quantizers merged in), export
+with ModelOpt's TensorRT-LLM exporter into the artifact's staging folder, complete the exported config, evaluate
+the fake-quantized model on the verification text (the record ``yitrt verify`` compares the checkpoint
+against, which separates pipeline error from quantization loss), check every rank file against the config,
+and publish atomically with the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yitrt import __version__
+from yitrt.checkpoint.convert import check_source
+from yitrt.checkpoint.sharding import Mapping, pp_problems, tp_problems
+from yitrt.checkpoint.source import INDEX_NAME, SourceCheckpoint
+from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM, build_config, resolve_dtype
+from yitrt.errors import ArtifactError, CheckpointError, QuantizationError, UsageError, ValidationError
+from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, fingerprint_files
+from yitrt.models.config import ModelConfig, load_config
+from yitrt.models.registry import request_pitfalls
+from yitrt.plan.gpus import Gpu, get_gpu
+from yitrt.quant.calib_data import CalibrationSet, batch_size_for, load_calibration, read_documents
+from yitrt.quant.rules import dtype_problems, gpu_problems, group_size_problems, padding_problems
+from yitrt.quant.schemes import KvCacheFormat, Scheme, calibrated_schemes, get_kv_cache, get_scheme
+
+STAGE = "quantize"
+ProgressFn = Callable[[str, int | None, int | None], None]  # (phase, done, total); None = indeterminate
+
+#: What ``yitrt verify`` compares a calibrated checkpoint against (its defaults; recorded in the manifest).
+EVAL_TOKENS = 1024
+EVAL_WINDOW = 512
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """What to calibrate and how.
+
+    Attributes:
+        model_dir: local HF model folder.
+        out: output artifact folder.
+        scheme: a calibrated scheme name (``yitrt schemes``).
+        kv_cache: KV-cache format (``fp8``, ``int8``) or None.
+        tp, pp: tensor- and pipeline-parallel sizes of the checkpoint.
+        dtype: ``auto``, ``bfloat16`` or ``float16`` (the checkpoint's model dtype).
+        calib: calibration file (None: the shipped bilingual set).
+        calib_size: calibration sequences.
+        calib_seq_len: tokens per calibration sequence.
+        calib_batch_size: sequences per forward pass (0: as many as fit the device).
+        awq_block_size: AWQ group size (None: the scheme's default).
+        seed: order in which calibration documents are drawn.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        gpu: the target GPU the engine will be built for (checked against the scheme), or None.
+        allow_pickle: let transformers load ``.bin`` weights.
+        force: redo the work even when an identical artifact exists.
+        model_ref: the HF repo id the folder came from, if any.
+        eval_tokens, eval_window: the evaluation recorded for ``yitrt verify`` (its ``--eval-tokens`` and
+            ``--window``; the defaults are verify's, so a plain ``yitrt verify`` runs the pipeline check).
+    """
+
+    model_dir: Path
+    out: Path
+    scheme: str
+    kv_cache: str | None = None
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "auto"
+    calib: Path | None = None
+    calib_size: int = 512
+    calib_seq_len: int = 512
+    calib_batch_size: int = 0
+    awq_block_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    gpu: str | None = None
+    allow_pickle: bool = False
+    force: bool = False
+    model_ref: str | None = None
+    eval_tokens: int = EVAL_TOKENS
+    eval_window: int = EVAL_WINDOW
+
+
+@dataclass
+class Plan:
+    """A validated request: the registry entries and layout it resolved to."""
+
+    scheme: Scheme
+    kv: KvCacheFormat | None
+    mapping: Mapping
+    group_size: int | None
+    gpu: Gpu | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantizeResult:
+    """What a calibrated quantization produced, and what it cost."""
+
+    out: Path
+    reused: bool
+    seconds: float
+    config: dict[str, Any]
+    files: list[str]
+    warnings: list[str]
+    peak_rss_bytes: int
+    calibration: dict[str, Any] = field(default_factory=dict)
+    fake_quant: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_device_bytes: list[int] = field(default_factory=list)
+    bytes_written: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON summary for ``--json``."""
+        q = self.config["quantization"]
+        return {
+            "out": str(self.out),
+            "reused": self.reused,
+            "seconds": round(self.seconds, 3),
+            "world_size": self.config["mapping"]["world_size"],
+            "tp_size": self.config["mapping"]["tp_size"],
+            "pp_size": self.config["mapping"]["pp_size"],
+            "dtype": self.config["dtype"],
+            "quant_algo": q.get("quant_algo"),
+            "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+            "group_size": q.get("group_size"),
+            "calibration": self.calibration,
+            "calibration_seconds": round(self.timings.get("calibrate", 0.0), 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "fake_quant_ppl": self.fake_quant.get("ppl"),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes or None,
+            "bytes_written": self.bytes_written,
+            "files": self.files,
+            "warnings": self.warnings,
+        }
+
+
+def validate_quantize(req: QuantizeRequest, cfg: ModelConfig) -> Plan:
+    """Check everything about a request that needs only the config, the tables and the calibration file.
+
+    Raises:
+        UnsupportedModelError: a known unconvertible repo or pre-quantized weights.
+        UsageError: unknown scheme/KV format/GPU.
+        ValidationError: every other problem, listed together.
+    """
+    check_source(cfg, req.model_dir, req.model_ref)
+    scheme = get_scheme(req.scheme)
+    kv = get_kv_cache(req.kv_cache)
+    gpu = get_gpu(req.gpu) if req.gpu else None
+    if not scheme.calibrated:
+        raise UsageError(f"scheme {scheme.name} is data-free", f"write it with `yitrt convert`/`yitrt quantize` (routed to the converter); calibrated: {', '.join(calibrated_schemes())}")
+    problems = tp_problems(cfg, req.tp) + pp_problems(cfg, req.pp)
+    hints = ["valid tp/pp sizes are listed by `yitrt inspect MODEL`"] if problems else []
+    group_problems = group_size_problems(scheme, req.awq_block_size)
+    problems += group_problems + dtype_problems(scheme, req.dtype)
+    group_size = req.awq_block_size or scheme.group_size
+    if not problems and (padded := padding_problems(cfg, scheme, req.tp, group_size)):
+        problems += padded
+        hints.append("choose another tp size" + (f" or --awq-block-size {min(scheme.group_sizes)}" if scheme.group_sizes and group_size != min(scheme.group_sizes) else ""))
+    if sized := gpu_problems(scheme, kv, gpu):
+        problems += sized
+        hints.append("`yitrt schemes` lists what each GPU generation runs")
+    if req.calib_size < 1 or req.calib_seq_len < 8 or req.calib_batch_size < 0:
+        problems.append("--calib-size must be >= 1, --calib-seq-len >= 8 and --calib-batch-size >= 0")
+    if req.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"unknown device {req.device!r} (auto, cpu or cuda)")
+    if problems:
+        raise ValidationError(problems, "; ".join(hints) or "fix the options above")
+    read_documents(req.calib)  # a bad calibration file fails now, not after the model is loaded
+    pitfalls = request_pitfalls(cfg, req.model_ref, {"pp": req.pp, "kv_cache": req.kv_cache, "scheme": req.scheme})
+    return Plan(scheme, kv, Mapping(req.tp, req.pp), group_size, gpu, pitfalls)
+
+
+def quant_config(scheme: Scheme, kv: KvCacheFormat | None, group_size: int | None) -> dict[str, Any]:
+    """The ``mtq.quantize`` config: the scheme's ModelOpt preset with the AWQ block size applied and the
+    KV-cache quantizers appended (ModelOpt's own recipe merges its KV preset the same way)."""
+    import modelopt.torch.quantization as mtq
+
+    config = copy.deepcopy(getattr(mtq, scheme.modelopt_config))
+    entries = config["quant_cfg"]
+    if group_size and group_size != scheme.group_size:
+        for cfg in _weight_cfgs(entries):
+            if "block_sizes" in cfg:
+                cfg["block_sizes"] = {**cfg["block_sizes"], -1: group_size}
+    if kv is not None:
+        kv_entries = copy.deepcopy(getattr(mtq, kv.modelopt_config)["quant_cfg"]) if kv.modelopt_config else [
+            {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": kv.num_bits, "axis": None}}
+        ]
+        if isinstance(entries, dict):  # older ModelOpt: a dict of pattern → cfg
+            entries.update(kv_entries if isinstance(kv_entries, dict) else {e["quantizer_name"]: e["cfg"] for e in kv_entries})
+        else:
+            entries.extend(kv_entries if isinstance(kv_entries, list) else [{"quantizer_name": k, "cfg": v} for k, v in kv_entries.items()])
+    return config
+
+
+def _weight_cfgs(entries) -> list[dict]:
+    """The weight-quantizer cfg dicts of a preset (a list of entries, or an older pattern → cfg dict)."""
+    if isinstance(entries, dict):
+        found = [v for k, v in entries.items() if k == "*weight_quantizer"]
+    else:
+        found = [e.get("cfg") for e in entries if e.get("quantizer_name") == "*weight_quantizer"]
+    flat = []
+    for cfg in found:
+        flat += cfg if isinstance(cfg, list) else [cfg]
+    return [c for c in flat if isinstance(c, dict)]
+
+
+def merge_kv_scales(model, kv: KvCacheFormat) -> int:
+    """Give each attention's K and V quantizers the scale the engine will use; return how many were set.
+
+    trtllm-build merges the exported K and V scales into one, max(k, v) (reference §3.2), and ModelOpt's
+    exporter raises FP8 KV scales to at least 1.0 (``get_kv_cache_scaling_factor``). Setting both amaxes to
+    that value before evaluation and export makes the fake-quantized model compute what the engine computes.
+    """
+    import torch
+
+    merged = 0
+    for module in model.modules():
+        k, v = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
+        if k is None or v is None or not k.is_enabled or k.amax is None or v.amax is None:
+            continue
+        amax = torch.maximum(k.amax.max(), v.amax.max()).reshape(k.amax.shape)
+        if kv.kv_cache_quant_algo == "FP8":
+            amax = torch.clamp(amax, min=FP8_E4M3_MAX)
+        k.amax, v.amax = amax.clone(), amax.clone()
+        merged += 1
+    return merged
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _first_float_dtype(source: SourceCheckpoint) -> str | None:
+    from yitrt.checkpoint.safetensors_io import DTYPES
+
+    for info in source.tensors.values():
+        if info.dtype in ("BF16", "F16", "F32"):
+            return DTYPES[info.dtype][0]
+    return None
+
+
+def quantize(req: QuantizeRequest, progress: ProgressFn | None = None) -> QuantizeResult:
+    """Calibrate an HF model with ModelOpt and write a TensorRT-LLM checkpoint artifact.
+
+    Args:
+        req: the request.
+        progress: optional callback (phase, done, total) for loading, calibration batches and export.
+
+    Returns:
+        The result; ``reused`` is True when an identical artifact already existed.
+
+    Raises:
+        ValidationError, UsageError, UnsupportedModelError: before anything is loaded or written.
+        MissingDependencyError: nvidia-modelopt or transformers is not installed.
+        CheckpointError: the export does not match its own config (nothing is published).
+    """
+    from yitrt.errors import require
+
+    started = time.perf_counter()
+    say = progress or (lambda _phase, _done, _total: None)
+    cfg = load_config(req.model_dir)
+    plan = validate_quantize(req, cfg)
+    check_output_folder(req.out, STAGE)
+    if Path(req.out).resolve() == Path(req.model_dir).resolve():
+        raise ArtifactError(f"{req.out} is the model folder itself", "write the checkpoint to another --out")
+    require("modelopt", "quant")
+    require("transformers", "quant")
+    with SourceCheckpoint(req.model_dir, allow_pickle=req.allow_pickle) as source:
+        stored = _first_float_dtype(source)
+        names = ["config.json", *source.files] + ([INDEX_NAME] if (req.model_dir / INDEX_NAME).is_file() else [])
+        model_fingerprint = fingerprint_files(req.model_dir, names, source.header_bytes)
+    dtype = plan.scheme.dtypes[0] if plan.scheme.dtypes and req.dtype == "auto" else resolve_dtype(req.dtype, cfg, stored)
+    if dtype == "float32":
+        raise ValidationError([f"{plan.scheme.name} checkpoints are float16 or bfloat16, not float32"], "pass --dtype bfloat16 or float16")
+    _, calib_source, calib_digest = read_documents(req.calib)
+    params = {
+        "eval_tokens": req.eval_tokens, "eval_window": req.eval_window,
+        "scheme": plan.scheme.name, "kv_cache": plan.kv.name if plan.kv else None, "tp": req.tp, "pp": req.pp,
+        "dtype": dtype, "group_size": plan.group_size if plan.scheme.group_size else None,
+        "calib_size": req.calib_size, "calib_seq_len": req.calib_seq_len, "seed": req.seed,
+        "target_trtllm": TARGET_TRTLLM, "model_ref": req.model_ref,
+    }
+    inputs = {"model": model_fingerprint, "calibration": calib_digest}
+    key = artifact_key(STAGE, params, inputs)
+    if not req.force and (manifest := find_reusable(req.out, STAGE, key)) is not None:
+        config = json.loads((Path(req.out) / "config.json").read_text())
+        extra = manifest.extra or {}
+        return QuantizeResult(
+            req.out, True, time.perf_counter() - started, config, [f["path"] for f in manifest.files], plan.warnings,
+            _peak_rss(), extra.get("calibration", {}), extra.get("fake_quant", {}),
+        )
+    return _run(req, cfg, plan, dtype, params, inputs, calib_source, say, started)
+
+
+def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, say: ProgressFn, started: float) -> QuantizeResult:
+    import torch
+
+    from yitrt.reference.original import load_original
+    from yitrt.reference.runtime import resolve_device
+    from yitrt.reference.verify import evaluation_windows, load_tokenizer, windows_digest
+
+    timings: dict[str, float] = {}
+    device = resolve_device(req.device)
+    tokenizer = load_tokenizer(req.model_dir)
+    calib = load_calibration(req.calib, tokenizer, req.calib_size, req.calib_seq_len, req.seed)
+    windows = evaluation_windows(tokenizer, None, req.eval_tokens, req.eval_window)
+    notes = list(plan.warnings)
+    if len(calib.sequences) < req.calib_size:
+        notes.append(f"{calib_source} gives {len(calib.sequences)} sequences of {req.calib_seq_len} tokens, fewer than the {req.calib_size} asked for")
+
+    say("loading the model with transformers", None, None)
+    t0 = time.perf_counter()
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    load_dtype = getattr(torch, dtype) if device.type == "cuda" else torch.float32  # CPU: exact float32 arithmetic
+    model = load_original(req.model_dir, device, load_dtype, req.allow_pickle, device_map="auto" if gpus > 1 else None)
+    timings["load"] = time.perf_counter() - t0
+
+    batch = req.calib_batch_size or _auto_batch(cfg, req.calib_seq_len, device)
+    t0 = time.perf_counter()
+    _calibrate(model, plan, calib, batch, say)
+    timings["calibrate"] = time.perf_counter() - t0
+
+    tools = {"yitrt": __version__, "modelopt": _version("nvidia-modelopt"), "transformers": _version("transformers"),
+             "torch": torch.__version__, "target_trtllm": TARGET_TRTLLM}
+    with ArtifactWriter(req.out, STAGE, params, inputs, tools) as art:
+        say("exporting with ModelOpt", None, None)
+        t0 = time.perf_counter()
+        _export(model, art.path, dtype, req.tp, req.pp)
+        config = _complete_config(art.path, cfg, plan, dtype)
+        timings["export"] = time.perf_counter() - t0
+        # evaluated after the export: the exporter fuses q/k/v (and FP8 gate/up) quantizers in place
+        # (ModelOpt preprocess_linear_fusion), so only now does the in-memory model compute what the files hold
+        say("evaluating the fake-quantized model", None, None)
+        t0 = time.perf_counter()
+        fake_quant = _evaluate(model, windows, windows_digest(windows), req.eval_tokens, req.eval_window, dtype)
+        timings["evaluate"] = time.perf_counter() - t0
+        say("checking the export against its config", None, None)
+        notes += _check_export(art.path, plan, dtype)
+        calibration = {
+            "source": calib_source, "documents": calib.documents, "documents_used": calib.documents_used,
+            "sequences": len(calib.sequences), "seq_len": req.calib_seq_len, "tokens": sum(map(len, calib.sequences)),
+            "batch_size": batch, "seed": req.seed, "device": str(device) if gpus <= 1 else f"cuda × {gpus}",
+            "modelopt_config": plan.scheme.modelopt_config, "seconds": round(timings["calibrate"], 3),
+        }
+        art.extra = {
+            "model_ref": req.model_ref, "source": str(Path(req.model_dir).absolute()), "warnings": notes,
+            "calibration": calibration, "fake_quant": fake_quant,
+        }
+    del model
+    files = [f["path"] for f in art.manifest.files]
+    written = sum(f["size"] for f in art.manifest.files)
+    peak_device = [torch.cuda.max_memory_allocated(i) for i in range(gpus)] if gpus else []
+    return QuantizeResult(
+        req.out, False, time.perf_counter() - started, config, files, notes, _peak_rss(), calibration, fake_quant,
+        timings, peak_device, written,
+    )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _auto_batch(cfg: ModelConfig, seq_len: int, device) -> int:
+    """Calibration batch size that fits: free GPU memory, or a CPU budget (batches beyond a few sequences do
+    not speed up CPU matmuls, so CPU batches stay small)."""
+    import torch
+
+    if device.type == "cuda":
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        return batch_size_for(seq_len, cfg.hidden_size, cfg.intermediate_size, free)
+    return batch_size_for(seq_len, cfg.hidden_size, cfg.intermediate_size, 2 << 30, limit=8)
+
+
+def _calibrate(model, plan: Plan, calib: CalibrationSet, batch: int, say: ProgressFn) -> None:
+    """``mtq.quantize`` with the forward loop over the calibration batches (ModelOpt may run it more than
+    once: AWQ searches its scales in a second pass)."""
+    import torch
+
+    with _modelopt_quiet():
+        import modelopt.torch.quantization as mtq
+    decoder = model.get_decoder()  # lm_head is never quantized: the logits need not be computed
+    first = model.get_input_embeddings().weight.device
+    batches = [calib.sequences[i : i + batch] for i in range(0, len(calib.sequences), batch)]
+    passes = 0
+
+    @torch.no_grad()
+    def forward_loop(_model) -> None:
+        nonlocal passes
+        passes += 1
+        label = "calibrating" + (f" (pass {passes})" if passes > 1 else "")
+        for n, rows in enumerate(batches, 1):
+            decoder(input_ids=torch.tensor(rows, device=first), use_cache=False)
+            say(label, n, len(batches))
+
+    with _modelopt_quiet():
+        mtq.quantize(model, quant_config(plan.scheme, plan.kv, plan.group_size), forward_loop)
+    if plan.kv is not None and merge_kv_scales(model, plan.kv) == 0:
+        raise QuantizationError("ModelOpt inserted no K/V quantizers into this model's attention", "quantize without --kv-cache")
+
+
+@contextlib.contextmanager
+def _modelopt_quiet():
+    """ModelOpt prints progress to stdout and warns (e.g. "No module named 'tensorrt_llm'" on every export).
+    stdout is reserved for ``--json`` and the terminal for yitrt's own progress, so its output is kept aside
+    and shown (on stderr) only when the step fails or with ``YITRT_DEBUG=1``."""
+    if os.environ.get("YITRT_DEBUG") == "1":
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except BaseException:
+            sys.stderr.write(buffer.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught))
+            raise
+
+
+def _export(model, folder: Path, dtype: str, tp: int, pp: int) -> None:
+    import torch
+
+    with _modelopt_quiet():
+        from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+        export_tensorrt_llm_checkpoint(
+            model, "llama", getattr(torch, dtype), export_dir=folder, inference_tensor_parallel=tp, inference_pipeline_parallel=pp,
+        )
+
+
+#: Keys of the exported config.json that yitrt sets from the HF config (ModelOpt 0.47 omits ``rotary_base``,
+#: so TensorRT-LLM would default to 10000 — wrong for every Yi; it copies the HF architecture name, which is
+#: ``YiForCausalLM`` for legacy folders; it writes float16 logits for bfloat16 models).
+_OWN_KEYS = ("architecture", "rotary_base", "rotary_scaling", "position_embedding_type", "max_position_embeddings",
+             "norm_epsilon", "logits_dtype")
+
+
+def _complete_config(folder: Path, cfg: ModelConfig, plan: Plan, dtype: str) -> dict[str, Any]:
+    from yitrt.quant.schemes import SCHEMES
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"ModelOpt's export wrote no readable config.json ({exc})", "re-run with YITRT_DEBUG=1 and report it") from None
+    ours = build_config(cfg, plan.mapping, dtype, SCHEMES["none"], None, config.get("use_parallel_embedding", True))
+    for key in _OWN_KEYS:
+        config[key] = ours[key]
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def _check_export(folder: Path, plan: Plan, dtype: str) -> list[str]:
+    """Every expected tensor per rank present with the right shape and dtype, and the config saying what
+    was asked for; returns the layout check's warnings.
+
+    Raises:
+        CheckpointError: the export differs from its config or from the request.
+    """
+    from yitrt.reference.layout import check_checkpoint
+    from yitrt.reference.spec import load_spec
+
+    spec = load_spec(folder)
+    wanted = {"quant_algo": plan.scheme.quant_algo, "kv_cache_quant_algo": plan.kv.kv_cache_quant_algo if plan.kv else None,
+              "dtype": dtype, "tp": plan.mapping.tp, "pp": plan.mapping.pp}
+    if plan.scheme.group_size:
+        wanted["group_size"] = plan.group_size
+    got = {k: getattr(spec, k) for k in wanted}
+    if got != wanted:
+        diffs = ", ".join(f"{k} {got[k]} (asked {wanted[k]})" for k in wanted if got[k] != wanted[k])
+        raise CheckpointError(f"ModelOpt's export does not match the request: {diffs}", "report it with the ModelOpt version (yitrt --version)")
+    return check_checkpoint(spec)
+
+
+def _evaluate(model, windows: list[list[int]], digest: str, eval_tokens: int, window: int, dtype: str) -> dict[str, Any]:
+    """What ``yitrt verify`` compares the checkpoint with: the calibrated model's perplexity with its full
+    quantized arithmetic; its perplexity and top-1 predictions with weights quantized but activations and K/V
+    not (the form two computations can agree on tightly, see ``DecodedWeight.weights_only``); and every
+    activation and KV-cache scale its quantizers hold."""
+    import torch
+
+    from yitrt.reference.original import score_original
+    from yitrt.reference.verify import perplexity
+
+    with torch.no_grad():
+        full = perplexity(score_original(model, windows), windows)
+        with _as_stored(model, dtype):
+            logits = score_original(model, windows)
+    weights_only = perplexity(logits, windows)
+    if not (math.isfinite(full) and math.isfinite(weights_only)):
+        raise QuantizationError("the calibrated model's perplexity is not finite (calibration diverged)", "try another --calib or scheme")
+    return {
+        "ppl": full, "windows_digest": digest, "eval_tokens": eval_tokens, "window": window,
+        "positions": sum(len(w) for w in windows),
+        "weights_only": {"ppl": weights_only, "top1": [row.argmax(-1).tolist() for row in logits]},
+        "scales": recorded_scales(model),
+    }
+
+
+@contextlib.contextmanager
+def _as_stored(model, dtype: str):
+    """For the duration: activation and K/V quantizers off, and the weights and pre-quant scales as the
+    checkpoint stores them and the build loads them. Then restore.
+
+    - Pre-quant scales (AWQ, SmoothQuant) are multiplied in even by a disabled quantizer (ModelOpt applies them
+      before its disabled check); the checkpoint stores them, and the build uses them, in the model dtype.
+    - FP8 per tensor and INT8 per channel: ModelOpt's fake quantization multiplies by maxbound/amax while its
+      exporter (and TensorRT-LLM) divides by amax/maxbound; where the quotient lands exactly on a rounding tie
+      — often, for bfloat16 weights and FP8 — the two disagree by one step. The exporter's arithmetic is used.
+    - INT4 groups: the integers are the exporter's (float32 group scales), the build casts the group scales to
+      the model dtype.
+    W4A8's two-level weights are left to ModelOpt (float16 models only; their scales survive the cast).
+    """
+    import torch
+
+    model_dtype = getattr(torch, dtype)
+    quantizers = [q for name, q in model.named_modules()
+                  if name.endswith(("input_quantizer", "bmm_quantizer")) and getattr(q, "is_enabled", False)]
+    weights, prequants = [], []
+    for module in model.modules():
+        stored = _stored_weight(getattr(module, "weight_quantizer", None), getattr(module, "weight", None), model_dtype)
+        if stored is not None:
+            weights.append((module, module.weight.data))
+            module.weight.data = stored.to(module.weight.dtype)
+            quantizers.append(module.weight_quantizer)
+        iq = getattr(module, "input_quantizer", None)
+        if iq is not None and getattr(iq, "pre_quant_scale", None) is not None:
+            prequants.append((iq, iq.pre_quant_scale))
+            iq.pre_quant_scale = iq.pre_quant_scale.to(model_dtype).to(iq.pre_quant_scale.dtype)
+    for q in quantizers:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.enable()
+        for module, original in weights:
+            module.weight.data = original
+        for iq, original in prequants:
+            iq.pre_quant_scale = original
+
+
+def _stored_weight(quantizer, weight, model_dtype):
+    """The dequantized weight as the exporter writes it and the build loads it, for the formats where that
+    differs from ModelOpt's fake quantization (see ``_as_stored``); None for the others."""
+    import torch
+
+    if quantizer is None or weight is None or not getattr(quantizer, "is_enabled", False) or getattr(quantizer, "amax", None) is None:
+        return None
+    from modelopt.torch.quantization.nn import SequentialQuantizer
+
+    if isinstance(quantizer, SequentialQuantizer):  # W4A8's two-level weights
+        return None
+    w, amax, bits, blocks = weight.data.float(), quantizer.amax.float(), quantizer.num_bits, quantizer.block_sizes
+    if bits == (4, 3) and not blocks and amax.numel() == 1:
+        scale = amax.reshape(()) / FP8_E4M3_MAX
+        return (w / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    if bits == 8 and not blocks and amax.numel() == w.shape[0]:
+        scale = amax.reshape(-1, 1) / 127.0
+        return (w / scale).round().clamp(-128, 127) * scale
+    group = (blocks or {}).get(-1)
+    if bits == 4 and group and w.shape[1] % group == 0 and amax.numel() == w.numel() // group:
+        scale = amax.reshape(w.shape[0], w.shape[1] // group, 1) / 7.0
+        q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
+        return (q * scale.to(model_dtype).float()).view_as(w)
+    return None
+
+
+#: HF module → TensorRT-LLM linear whose input it quantizes (q/k/v share one scale after the exporter's fusion)
+_LINEARS = {"self_attn.q_proj": "attention.qkv", "self_attn.o_proj": "attention.dense", "mlp.gate_proj": "mlp.fc",
+            "mlp.up_proj": "mlp.gate", "mlp.down_proj": "mlp.proj"}
+
+
+def recorded_scales(model) -> dict[str, float]:
+    """Every activation and KV-cache dequantization scale (amax / the format's largest value), keyed
+    ``"{global layer}.{TensorRT-LLM module}.{tensor}"``, as the checkpoint must hold them."""
+    scales: dict[str, float] = {}
+    for i, layer in enumerate(model.get_decoder().layers):
+        for hf_name, trt_name in _LINEARS.items():
+            q = getattr(layer.get_submodule(hf_name), "input_quantizer", None)
+            if q is not None and q.is_enabled and q.amax is not None:
+                scales[f"{i}.{trt_name}.activation_scaling_factor"] = float(q.amax.float().max() / q.maxbound)
+        k = getattr(layer.self_attn, "k_bmm_quantizer", None)
+        if k is not None and k.is_enabled and k.amax is not None:  # K and V share one scale (merge_kv_scales)
+            scales[f"{i}.attention.kv_cache_scaling_factor"] = float(k.amax.float().max() / k.maxbound)
+    return scales
