@@ -191,3 +191,22 @@ def test_export_that_breaks_its_config_is_not_published(tiny, monkeypatch):
         _quantize(tiny, "fp8", None, 1, name="fp8-dropped")
     assert "mlp.proj.weight" in info.value.message
     assert not (root / "fp8-dropped").exists() and not list(root.glob("fp8-dropped.*"))
+
+
+def test_awq_vocab_padding_is_undone(tmp_path):
+    # ModelOpt pads the vocab of AWQ exports to a multiple of 64 and raises vocab_size; the padded rows would be
+    # real tokens to the engine, so yitrt cuts them back (vocab 500 at tp 2: 250 rows per rank, no padding)
+    spec = SyntheticSpec(overrides=(("intermediate_size", 512), ("num_key_value_heads", 4), ("vocab_size", 500)),
+                         dtype="float16", seed=4, tokenizer=True, head_std=0.25)
+    hf = write_synthetic_model(tmp_path / "hf", spec)
+    out = tmp_path / "awq"
+    quantize(QuantizeRequest(hf, out, "int4-awq", tp=2, device="cpu", eval_tokens=EVAL["eval_tokens"], eval_window=EVAL["window"], **CALIB))
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 500
+    from safetensors import safe_open
+
+    for rank in (0, 1):
+        with safe_open(str(out / f"rank{rank}.safetensors"), framework="pt") as f:
+            assert f.get_slice("lm_head.weight").get_shape()[0] == 250
+            assert f.get_slice("transformer.vocab_embedding.weight").get_shape()[0] == 250
+    report = _verify(out, hf)
+    assert report.passed and report.pipeline.ran and report.pipeline.top1_agreement >= 0.99, report.failures

@@ -185,8 +185,8 @@ def quantize(
     pp: PpOpt = 1,
     dtype: DtypeOpt = DtypeChoice.auto,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data: JSONL ('text' or chat 'messages') or plain text (default: shipped bilingual set).")] = None,
-    calib_size: Annotated[int | None, typer.Option("--calib-size", min=1, help="Calibration sequences [default: 512].", show_default=False)] = None,
-    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=8, help="Tokens per calibration sequence [default: 512].", show_default=False)] = None,
+    calib_size: Annotated[int | None, typer.Option("--calib-size", min=1, help="Calibration sequences [default: 512 on GPUs, 32 on CPU].", show_default=False)] = None,
+    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=8, help="Tokens per calibration sequence [default: 512 on GPUs, 256 on CPU].", show_default=False)] = None,
     calib_batch_size: Annotated[int | None, typer.Option("--calib-batch-size", min=1, help="Sequences per forward pass [default: what fits the device].", show_default=False)] = None,
     awq_block_size: Annotated[int | None, typer.Option("--awq-block-size", help="AWQ group size (64 or 128) [default: the scheme's].", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Order in which calibration documents are drawn [default: 0].", show_default=False)] = None,
@@ -219,7 +219,7 @@ def quantize(
     resolved = _resolve(model, revision, allow_pickle=allow_pickle)
     request = QuantizeRequest(
         model_dir=resolved.path, out=out, scheme=scheme.value, kv_cache=kv, tp=tp, pp=pp, dtype=dtype.value, calib=calib,
-        calib_size=calib_size or 512, calib_seq_len=calib_seq_len or 512, calib_batch_size=calib_batch_size or 0,
+        calib_size=calib_size, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size or 0,
         awq_block_size=awq_block_size, seed=seed or 0, device=device.value, gpu=gpu, allow_pickle=allow_pickle, force=force,
         model_ref=resolved.repo_id, eval_tokens=eval_tokens, eval_window=eval_window,
     )

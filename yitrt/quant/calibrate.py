@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ ProgressFn = Callable[[str, int | None, int | None], None]  # (phase, done, tota
 EVAL_TOKENS = 1024
 EVAL_WINDOW = 512
 FP8_E4M3_MAX = 448.0
+#: default calibration (sequences, tokens each) by device: ModelOpt's and TensorRT-LLM's 512 × 512 on GPUs; on a
+#: CPU a smaller set, since AWQ's scale search there costs about a minute per 2k tokens for a 135M model
+CALIB_DEFAULTS = {"cuda": (512, 512), "cpu": (32, 256)}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class QuantizeRequest:
         tp, pp: tensor- and pipeline-parallel sizes of the checkpoint.
         dtype: ``auto``, ``bfloat16`` or ``float16`` (the checkpoint's model dtype).
         calib: calibration file (None: the shipped bilingual set).
-        calib_size: calibration sequences.
-        calib_seq_len: tokens per calibration sequence.
+        calib_size: calibration sequences (None: ``CALIB_DEFAULTS`` for the device).
+        calib_seq_len: tokens per calibration sequence (None: ``CALIB_DEFAULTS`` for the device).
         calib_batch_size: sequences per forward pass (0: as many as fit the device).
         awq_block_size: AWQ group size (None: the scheme's default).
         seed: order in which calibration documents are drawn.
@@ -84,8 +87,8 @@ class QuantizeRequest:
     pp: int = 1
     dtype: str = "auto"
     calib: Path | None = None
-    calib_size: int = 512
-    calib_seq_len: int = 512
+    calib_size: int | None = None
+    calib_seq_len: int | None = None
     calib_batch_size: int = 0
     awq_block_size: int | None = None
     seed: int = 0
@@ -178,7 +181,7 @@ def validate_quantize(req: QuantizeRequest, cfg: ModelConfig) -> Plan:
     if sized := gpu_problems(scheme, kv, gpu):
         problems += sized
         hints.append("`yitrt schemes` lists what each GPU generation runs")
-    if req.calib_size < 1 or req.calib_seq_len < 8 or req.calib_batch_size < 0:
+    if (req.calib_size or 1) < 1 or (req.calib_seq_len or 8) < 8 or req.calib_batch_size < 0:
         problems.append("--calib-size must be >= 1, --calib-seq-len >= 8 and --calib-batch-size >= 0")
     if req.device not in ("auto", "cpu", "cuda"):
         problems.append(f"unknown device {req.device!r} (auto, cpu or cuda)")
@@ -274,6 +277,7 @@ def quantize(req: QuantizeRequest, progress: ProgressFn | None = None) -> Quanti
         CheckpointError: the export does not match its own config (nothing is published).
     """
     from yitrt.errors import require
+    from yitrt.reference.runtime import resolve_device
 
     started = time.perf_counter()
     say = progress or (lambda _phase, _done, _total: None)
@@ -292,6 +296,9 @@ def quantize(req: QuantizeRequest, progress: ProgressFn | None = None) -> Quanti
     if dtype == "float32":
         raise ValidationError([f"{plan.scheme.name} checkpoints are float16 or bfloat16, not float32"], "pass --dtype bfloat16 or float16")
     _, calib_source, calib_digest = read_documents(req.calib)
+    device = resolve_device(req.device)
+    default_size, default_len = CALIB_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    req = replace(req, calib_size=req.calib_size or default_size, calib_seq_len=req.calib_seq_len or default_len)
     params = {
         "eval_tokens": req.eval_tokens, "eval_window": req.eval_window,
         "scheme": plan.scheme.name, "kv_cache": plan.kv.name if plan.kv else None, "tp": req.tp, "pp": req.pp,
@@ -308,18 +315,16 @@ def quantize(req: QuantizeRequest, progress: ProgressFn | None = None) -> Quanti
             req.out, True, time.perf_counter() - started, config, [f["path"] for f in manifest.files], plan.warnings,
             _peak_rss(), extra.get("calibration", {}), extra.get("fake_quant", {}),
         )
-    return _run(req, cfg, plan, dtype, params, inputs, calib_source, say, started)
+    return _run(req, cfg, plan, dtype, params, inputs, calib_source, say, started, device)
 
 
-def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, say: ProgressFn, started: float) -> QuantizeResult:
+def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, say: ProgressFn, started: float, device) -> QuantizeResult:
     import torch
 
     from yitrt.reference.original import load_original
-    from yitrt.reference.runtime import resolve_device
     from yitrt.reference.verify import evaluation_windows, load_tokenizer, windows_digest
 
     timings: dict[str, float] = {}
-    device = resolve_device(req.device)
     tokenizer = load_tokenizer(req.model_dir)
     calib = load_calibration(req.calib, tokenizer, req.calib_size, req.calib_seq_len, req.seed)
     windows = evaluation_windows(tokenizer, None, req.eval_tokens, req.eval_window)
@@ -346,6 +351,7 @@ def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, sa
         t0 = time.perf_counter()
         _export(model, art.path, dtype, req.tp, req.pp)
         config = _complete_config(art.path, cfg, plan, dtype)
+        _restore_vocab(art.path, config, cfg.vocab_size)
         timings["export"] = time.perf_counter() - t0
         # evaluated after the export: the exporter fuses q/k/v (and FP8 gate/up) quantizers in place
         # (ModelOpt preprocess_linear_fusion), so only now does the in-memory model compute what the files hold
@@ -474,6 +480,46 @@ def _complete_config(folder: Path, cfg: ModelConfig, plan: Plan, dtype: str) -> 
     return config
 
 
+_VOCAB_TENSORS = ("transformer.vocab_embedding.weight", "lm_head.weight")
+
+
+def _restore_vocab(folder: Path, config: dict[str, Any], vocab_size: int) -> None:
+    """Undo the vocab padding ModelOpt's exporter adds for AWQ/W4A8 (to a multiple of 64, with ``vocab_size``
+    raised to match): the padded rows would be real tokens to the engine — an lm_head row of zeros scores 0,
+    which can beat every real token — and the checkpoint would no longer match its tokenizer. The table is cut
+    back to the model's vocab and re-split as TensorRT-LLM splits it (zero rows only up to a multiple of tp)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if config["vocab_size"] == vocab_size:
+        return
+    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
+    by_rows = config.get("use_parallel_embedding", True) and config.get("embedding_sharding_dim", 0) == 0
+    for name, stage in zip(_VOCAB_TENSORS, (0, pp - 1), strict=True):
+        ranks = [stage * tp + r for r in range(tp)]
+        split = tp > 1 and (name == "lm_head.weight" or by_rows)
+        pieces = []
+        for rank in ranks if split else ranks[:1]:
+            with safe_open(str(folder / f"rank{rank}.safetensors"), framework="pt") as f:
+                if name not in f.keys():
+                    break
+                pieces.append(f.get_tensor(name))
+        if not pieces:
+            continue
+        table = torch.cat(pieces)[:vocab_size]
+        if split:
+            rows = -(-vocab_size // tp)
+            table = torch.cat([table, table.new_zeros(rows * tp - vocab_size, table.shape[1])])
+        for i, rank in enumerate(ranks):
+            path = folder / f"rank{rank}.safetensors"
+            tensors = load_file(str(path))
+            tensors[name] = (table.chunk(tp)[i] if split else table).contiguous()
+            save_file(tensors, str(path), metadata={"format": "pt"})
+    config["vocab_size"] = vocab_size
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _check_export(folder: Path, plan: Plan, dtype: str) -> list[str]:
     """Every expected tensor per rank present with the right shape and dtype, and the config saying what
     was asked for; returns the layout check's warnings.
@@ -533,7 +579,7 @@ def _as_stored(model, dtype: str):
       — often, for bfloat16 weights and FP8 — the two disagree by one step. The exporter's arithmetic is used.
     - INT4 groups: the integers are the exporter's (float32 group scales), the build casts the group scales to
       the model dtype.
-    W4A8's two-level weights are left to ModelOpt (float16 models only; their scales survive the cast).
+    - W4A8: the two levels as the build combines them (``_stored_w4a8_weight``).
     """
     import torch
 
@@ -569,12 +615,15 @@ def _stored_weight(quantizer, weight, model_dtype):
     differs from ModelOpt's fake quantization (see ``_as_stored``); None for the others."""
     import torch
 
-    if quantizer is None or weight is None or not getattr(quantizer, "is_enabled", False) or getattr(quantizer, "amax", None) is None:
+    if quantizer is None or weight is None or not getattr(quantizer, "is_enabled", False):
         return None
     from modelopt.torch.quantization.nn import SequentialQuantizer
 
-    if isinstance(quantizer, SequentialQuantizer):  # W4A8's two-level weights
+    if not isinstance(quantizer, SequentialQuantizer) and getattr(quantizer, "amax", None) is None:
         return None
+
+    if isinstance(quantizer, SequentialQuantizer):
+        return _stored_w4a8_weight(quantizer, weight.data.float(), model_dtype)
     w, amax, bits, blocks = weight.data.float(), quantizer.amax.float(), quantizer.num_bits, quantizer.block_sizes
     if bits == (4, 3) and not blocks and amax.numel() == 1:
         scale = amax.reshape(()) / FP8_E4M3_MAX
@@ -588,6 +637,25 @@ def _stored_weight(quantizer, weight, model_dtype):
         q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
         return (q * scale.to(model_dtype).float()).view_as(w)
     return None
+
+
+def _stored_w4a8_weight(quantizer, w, model_dtype):
+    """W4A8's two-level weight as the build computes it: int4 groups from the exporter (float32 group scales
+    amax/7), group scales stored in the model dtype and divided by ``weights_scaling_factor_2`` (amax/448) into
+    float16, the product cast to FP8 for the MMA and multiplied back by scale 2 (reference §3.2)."""
+    import torch
+
+    if len(quantizer) != 2 or quantizer[0].amax is None or quantizer[1].amax is None:
+        return None
+    group = (quantizer[0].block_sizes or {}).get(-1)
+    if not group or w.shape[1] % group or quantizer[0].amax.numel() != w.numel() // group:
+        return None
+    scale = quantizer[0].amax.float().reshape(w.shape[0], w.shape[1] // group, 1) / 7.0
+    q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
+    scale_2 = quantizer[1].amax.float().reshape(()) / FP8_E4M3_MAX
+    per_fp8 = (scale.to(model_dtype).float() / scale_2).to(torch.float16).float()
+    fp8 = (q * per_fp8).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return (fp8 * scale_2).view_as(w)
 
 
 #: HF module → TensorRT-LLM linear whose input it quantizes (q/k/v share one scale after the exporter's fusion)

@@ -185,6 +185,8 @@ def check_rank_file(spec: CheckpointSpec, rank: int, tensors: dict[str, TensorIn
             problems.append(f"{name} is missing")
             continue
         used.add(name)
+        stem, _, suffix = name.rpartition(".")
+        used.update(a for a in (f"{stem}.{alt}" for alt in _ALTERNATIVES.get(suffix, ())) if a in tensors)  # merged by the build
         if (p := exp.problem(name, info)) is not None:
             problems.append(p)
     extras = sorted(n for n in tensors if n not in used and not n.endswith(_OPTIONAL_SUFFIXES))
