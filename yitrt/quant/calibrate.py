@@ -431,8 +431,8 @@ def _calibrate(model, plan: Plan, calib: CalibrationSet, batch: int, say: Progre
 @contextlib.contextmanager
 def _modelopt_quiet():
     """ModelOpt prints progress to stdout and warns (e.g. "No module named 'tensorrt_llm'" on every export).
-    stdout is reserved for ``--json`` and the terminal for yitrt's own progress, so its output is kept aside
-    and shown (on stderr) only when the step fails or with ``YITRT_DEBUG=1``."""
+    stdout is reserved for ``--json`` and the terminal for yitrt's own progress, so its output is kept aside:
+    attached to the exception when the step fails, shown on stderr as it comes with ``YITRT_DEBUG=1``."""
     if os.environ.get("YITRT_DEBUG") == "1":
         with contextlib.redirect_stdout(sys.stderr):
             yield
@@ -442,8 +442,10 @@ def _modelopt_quiet():
         warnings.simplefilter("always")
         try:
             yield
-        except BaseException:
-            sys.stderr.write(buffer.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught))
+        except Exception as exc:  # keep what ModelOpt said with the error (YITRT_DEBUG=1 shows it)
+            said = buffer.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+            if said.strip():
+                exc.add_note("ModelOpt output:\n" + said[-4000:])
             raise
 
 
@@ -658,9 +660,17 @@ def _stored_w4a8_weight(quantizer, w, model_dtype):
     return (fp8 * scale_2).view_as(w)
 
 
-#: HF module → TensorRT-LLM linear whose input it quantizes (q/k/v share one scale after the exporter's fusion)
-_LINEARS = {"self_attn.q_proj": "attention.qkv", "self_attn.o_proj": "attention.dense", "mlp.gate_proj": "mlp.fc",
-            "mlp.up_proj": "mlp.gate", "mlp.down_proj": "mlp.proj"}
+def _layer_linears() -> dict[str, str]:
+    """HF module → the TensorRT-LLM linear whose input it quantizes, from the tensor table (q/k/v feed one
+    ``attention.qkv`` and share one scale after the exporter's fusion, so q_proj speaks for them)."""
+    from yitrt.models.llama import LLAMA_TENSORS, Kind, Scope
+
+    linears = {}
+    for rule in LLAMA_TENSORS:
+        if rule.kind is Kind.LINEAR and rule.scope is Scope.LAYER:
+            hf = rule.sources[0].name.removeprefix("model.layers.{i}.").removesuffix(".weight")
+            linears[hf] = rule.target.removeprefix("transformer.layers.{i}.").removesuffix(".weight")
+    return linears
 
 
 def recorded_scales(model) -> dict[str, float]:
@@ -668,7 +678,7 @@ def recorded_scales(model) -> dict[str, float]:
     ``"{global layer}.{TensorRT-LLM module}.{tensor}"``, as the checkpoint must hold them."""
     scales: dict[str, float] = {}
     for i, layer in enumerate(model.get_decoder().layers):
-        for hf_name, trt_name in _LINEARS.items():
+        for hf_name, trt_name in _layer_linears().items():
             q = getattr(layer.get_submodule(hf_name), "input_quantizer", None)
             if q is not None and q.is_enabled and q.amax is not None:
                 scales[f"{i}.{trt_name}.activation_scaling_factor"] = float(q.amax.float().max() / q.maxbound)
