@@ -40,6 +40,8 @@ from yitrt.cli.options import (
     TpOpt,
 )
 from yitrt.errors import UsageError, YitrtError
+from yitrt.quant.calib_data import CALIB_DEFAULTS
+from yitrt.reference import EVAL_TOKENS, EVAL_WINDOW
 
 INTERNAL_ERROR_EXIT = 70
 
@@ -185,15 +187,15 @@ def quantize(
     pp: PpOpt = 1,
     dtype: DtypeOpt = DtypeChoice.auto,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data: JSONL ('text' or chat 'messages') or plain text (default: shipped bilingual set).")] = None,
-    calib_size: Annotated[int | None, typer.Option("--calib-size", min=1, help="Calibration sequences [default: 512 on GPUs, 32 on CPU].", show_default=False)] = None,
-    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=8, help="Tokens per calibration sequence [default: 512 on GPUs, 256 on CPU].", show_default=False)] = None,
+    calib_size: Annotated[int | None, typer.Option("--calib-size", min=1, help=f"Calibration sequences [default: {CALIB_DEFAULTS['cuda'][0]} on GPUs, {CALIB_DEFAULTS['cpu'][0]} on CPU].", show_default=False)] = None,
+    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=8, help=f"Tokens per calibration sequence [default: {CALIB_DEFAULTS['cuda'][1]} on GPUs, {CALIB_DEFAULTS['cpu'][1]} on CPU].", show_default=False)] = None,
     calib_batch_size: Annotated[int | None, typer.Option("--calib-batch-size", min=1, help="Sequences per forward pass [default: what fits the device].", show_default=False)] = None,
     awq_block_size: Annotated[int | None, typer.Option("--awq-block-size", help="AWQ group size (64 or 128) [default: the scheme's].", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Order in which calibration documents are drawn [default: 0].", show_default=False)] = None,
     device: Annotated[DeviceChoice, typer.Option("--device", help="Where calibration runs; auto = the visible GPUs (several: spread with device_map), else CPU.")] = DeviceChoice.auto,
     gpu: GpuOpt = None,
-    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Tokens of the verification text the calibrated model is evaluated on (pass the same to `yitrt verify`).")] = 1024,
-    eval_window: Annotated[int, typer.Option("--eval-window", min=2, help="Tokens per evaluation window (`yitrt verify --window`).")] = 512,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Tokens of the verification text the calibrated model is evaluated on (pass the same to `yitrt verify`).")] = EVAL_TOKENS,
+    eval_window: Annotated[int, typer.Option("--eval-window", min=2, help="Tokens per evaluation window (`yitrt verify --window`).")] = EVAL_WINDOW,
     parallel_embedding: ParallelEmbeddingOpt = True,
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -285,8 +287,8 @@ def verify(
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompts file: one per line (\\n = newline) or JSONL with 'prompt'.")] = None,
     eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Evaluation text for perplexity (default: shipped bilingual text).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy continuation length per prompt.")] = 16,
-    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Score at most this many tokens of the evaluation text.")] = 1024,
-    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per perplexity window.")] = 512,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Score at most this many tokens of the evaluation text.")] = EVAL_TOKENS,
+    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per perplexity window.")] = EVAL_WINDOW,
     min_top1: Annotated[float | None, typer.Option("--min-top1", help="Override: minimum top-1 agreement (0-1).")] = None,
     max_ppl_delta: Annotated[float | None, typer.Option("--max-ppl-delta", help="Override: maximum |perplexity delta| in percent.")] = None,
     max_logit_diff: Annotated[float | None, typer.Option("--max-logit-diff", help="Override: maximum |Δlogit| as a fraction of max |logit|.")] = None,

@@ -19,6 +19,9 @@ from pathlib import Path
 from yitrt.errors import UsageError
 
 DEFAULT_CALIB = "calib_text.jsonl"  # in yitrt/data; provenance in SOURCES.txt
+#: default calibration (sequences, tokens each) by device: ModelOpt's and TensorRT-LLM's 512 × 512 on GPUs; on a
+#: CPU a smaller set, since AWQ's scale search there costs about a minute per 2k tokens for a 135M model
+CALIB_DEFAULTS = {"cuda": (512, 512), "cpu": (32, 256)}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import io
 import json
-import math
 import os
 import resource
 import sys
@@ -37,20 +36,22 @@ from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, fi
 from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.registry import request_pitfalls
 from yitrt.plan.gpus import Gpu, get_gpu
-from yitrt.quant.calib_data import CalibrationSet, batch_size_for, load_calibration, read_documents
+from yitrt.quant.calib_data import (
+    CALIB_DEFAULTS,
+    CalibrationSet,
+    batch_size_for,
+    load_calibration,
+    read_documents,
+)
+from yitrt.quant.data_free import FP8_MAX
+from yitrt.quant.record import evaluate_calibrated
 from yitrt.quant.rules import dtype_problems, gpu_problems, group_size_problems, padding_problems
 from yitrt.quant.schemes import KvCacheFormat, Scheme, calibrated_schemes, get_kv_cache, get_scheme
+from yitrt.reference import DEVICES, EVAL_TOKENS, EVAL_WINDOW
 
 STAGE = "quantize"
 ProgressFn = Callable[[str, int | None, int | None], None]  # (phase, done, total); None = indeterminate
 
-#: What ``yitrt verify`` compares a calibrated checkpoint against (its defaults; recorded in the manifest).
-EVAL_TOKENS = 1024
-EVAL_WINDOW = 512
-FP8_E4M3_MAX = 448.0
-#: default calibration (sequences, tokens each) by device: ModelOpt's and TensorRT-LLM's 512 × 512 on GPUs; on a
-#: CPU a smaller set, since AWQ's scale search there costs about a minute per 2k tokens for a 135M model
-CALIB_DEFAULTS = {"cuda": (512, 512), "cpu": (32, 256)}
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def validate_quantize(req: QuantizeRequest, cfg: ModelConfig) -> Plan:
     kv = get_kv_cache(req.kv_cache)
     gpu = get_gpu(req.gpu) if req.gpu else None
     if not scheme.calibrated:
-        raise UsageError(f"scheme {scheme.name} is data-free", f"write it with `yitrt convert`/`yitrt quantize` (routed to the converter); calibrated: {', '.join(calibrated_schemes())}")
+        raise UsageError(f"scheme {scheme.name} is data-free", f"`yitrt quantize --scheme {scheme.name}` writes it with the converter; calibrated: {', '.join(calibrated_schemes())}")
     problems = tp_problems(cfg, req.tp) + pp_problems(cfg, req.pp)
     hints = ["valid tp/pp sizes are listed by `yitrt inspect MODEL`"] if problems else []
     group_problems = group_size_problems(scheme, req.awq_block_size)
@@ -183,8 +184,8 @@ def validate_quantize(req: QuantizeRequest, cfg: ModelConfig) -> Plan:
         hints.append("`yitrt schemes` lists what each GPU generation runs")
     if (req.calib_size or 1) < 1 or (req.calib_seq_len or 8) < 8 or req.calib_batch_size < 0:
         problems.append("--calib-size must be >= 1, --calib-seq-len >= 8 and --calib-batch-size >= 0")
-    if req.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown device {req.device!r} (auto, cpu or cuda)")
+    if req.device not in DEVICES:
+        problems.append(f"unknown device {req.device!r} ({', '.join(DEVICES)})")
     if problems:
         raise ValidationError(problems, "; ".join(hints) or "fix the options above")
     read_documents(req.calib)  # a bad calibration file fails now, not after the model is loaded
@@ -242,7 +243,7 @@ def merge_kv_scales(model, kv: KvCacheFormat) -> int:
             continue
         amax = torch.maximum(k.amax.max(), v.amax.max()).reshape(k.amax.shape)
         if kv.kv_cache_quant_algo == "FP8":
-            amax = torch.clamp(amax, min=FP8_E4M3_MAX)
+            amax = torch.clamp(amax, min=FP8_MAX)
         k.amax, v.amax = amax.clone(), amax.clone()
         merged += 1
     return merged
@@ -357,7 +358,7 @@ def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, sa
         # (ModelOpt preprocess_linear_fusion), so only now does the in-memory model compute what the files hold
         say("evaluating the fake-quantized model", None, None)
         t0 = time.perf_counter()
-        fake_quant = _evaluate(model, windows, windows_digest(windows), req.eval_tokens, req.eval_window, dtype)
+        fake_quant = evaluate_calibrated(model, windows, windows_digest(windows), req.eval_tokens, req.eval_window, dtype)
         timings["evaluate"] = time.perf_counter() - t0
         say("checking the export against its config", None, None)
         notes += _check_export(art.path, plan, dtype)
@@ -542,147 +543,3 @@ def _check_export(folder: Path, plan: Plan, dtype: str) -> list[str]:
         diffs = ", ".join(f"{k} {got[k]} (asked {wanted[k]})" for k in wanted if got[k] != wanted[k])
         raise CheckpointError(f"ModelOpt's export does not match the request: {diffs}", "report it with the ModelOpt version (yitrt --version)")
     return check_checkpoint(spec)
-
-
-def _evaluate(model, windows: list[list[int]], digest: str, eval_tokens: int, window: int, dtype: str) -> dict[str, Any]:
-    """What ``yitrt verify`` compares the checkpoint with: the calibrated model's perplexity with its full
-    quantized arithmetic; its perplexity and top-1 predictions with weights quantized but activations and K/V
-    not (the form two computations can agree on tightly, see ``DecodedWeight.weights_only``); and every
-    activation and KV-cache scale its quantizers hold."""
-    import torch
-
-    from yitrt.reference.original import score_original
-    from yitrt.reference.verify import perplexity
-
-    with torch.no_grad():
-        full = perplexity(score_original(model, windows), windows)
-        with _as_stored(model, dtype):
-            logits = score_original(model, windows)
-    weights_only = perplexity(logits, windows)
-    if not (math.isfinite(full) and math.isfinite(weights_only)):
-        raise QuantizationError("the calibrated model's perplexity is not finite (calibration diverged)", "try another --calib or scheme")
-    return {
-        "ppl": full, "windows_digest": digest, "eval_tokens": eval_tokens, "window": window,
-        "positions": sum(len(w) for w in windows),
-        "weights_only": {"ppl": weights_only, "top1": [row.argmax(-1).tolist() for row in logits]},
-        "scales": recorded_scales(model),
-    }
-
-
-@contextlib.contextmanager
-def _as_stored(model, dtype: str):
-    """For the duration: activation and K/V quantizers off, and the weights and pre-quant scales as the
-    checkpoint stores them and the build loads them. Then restore.
-
-    - Pre-quant scales (AWQ, SmoothQuant) are multiplied in even by a disabled quantizer (ModelOpt applies them
-      before its disabled check); the checkpoint stores them, and the build uses them, in the model dtype.
-    - FP8 per tensor and INT8 per channel: ModelOpt's fake quantization multiplies by maxbound/amax while its
-      exporter (and TensorRT-LLM) divides by amax/maxbound; where the quotient lands exactly on a rounding tie
-      — often, for bfloat16 weights and FP8 — the two disagree by one step. The exporter's arithmetic is used.
-    - INT4 groups: the integers are the exporter's (float32 group scales), the build casts the group scales to
-      the model dtype.
-    - W4A8: the two levels as the build combines them (``_stored_w4a8_weight``).
-    """
-    import torch
-
-    model_dtype = getattr(torch, dtype)
-    quantizers = [q for name, q in model.named_modules()
-                  if name.endswith(("input_quantizer", "bmm_quantizer")) and getattr(q, "is_enabled", False)]
-    weights, prequants = [], []
-    for module in model.modules():
-        stored = _stored_weight(getattr(module, "weight_quantizer", None), getattr(module, "weight", None), model_dtype)
-        if stored is not None:
-            weights.append((module, module.weight.data))
-            module.weight.data = stored.to(module.weight.dtype)
-            quantizers.append(module.weight_quantizer)
-        iq = getattr(module, "input_quantizer", None)
-        if iq is not None and getattr(iq, "pre_quant_scale", None) is not None:
-            prequants.append((iq, iq.pre_quant_scale))
-            iq.pre_quant_scale = iq.pre_quant_scale.to(model_dtype).to(iq.pre_quant_scale.dtype)
-    for q in quantizers:
-        q.disable()
-    try:
-        yield
-    finally:
-        for q in quantizers:
-            q.enable()
-        for module, original in weights:
-            module.weight.data = original
-        for iq, original in prequants:
-            iq.pre_quant_scale = original
-
-
-def _stored_weight(quantizer, weight, model_dtype):
-    """The dequantized weight as the exporter writes it and the build loads it, for the formats where that
-    differs from ModelOpt's fake quantization (see ``_as_stored``); None for the others."""
-    import torch
-
-    if quantizer is None or weight is None or not getattr(quantizer, "is_enabled", False):
-        return None
-    from modelopt.torch.quantization.nn import SequentialQuantizer
-
-    if not isinstance(quantizer, SequentialQuantizer) and getattr(quantizer, "amax", None) is None:
-        return None
-
-    if isinstance(quantizer, SequentialQuantizer):
-        return _stored_w4a8_weight(quantizer, weight.data.float(), model_dtype)
-    w, amax, bits, blocks = weight.data.float(), quantizer.amax.float(), quantizer.num_bits, quantizer.block_sizes
-    if bits == (4, 3) and not blocks and amax.numel() == 1:
-        scale = amax.reshape(()) / FP8_E4M3_MAX
-        return (w / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
-    if bits == 8 and not blocks and amax.numel() == w.shape[0]:
-        scale = amax.reshape(-1, 1) / 127.0
-        return (w / scale).round().clamp(-128, 127) * scale
-    group = (blocks or {}).get(-1)
-    if bits == 4 and group and w.shape[1] % group == 0 and amax.numel() == w.numel() // group:
-        scale = amax.reshape(w.shape[0], w.shape[1] // group, 1) / 7.0
-        q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
-        return (q * scale.to(model_dtype).float()).view_as(w)
-    return None
-
-
-def _stored_w4a8_weight(quantizer, w, model_dtype):
-    """W4A8's two-level weight as the build computes it: int4 groups from the exporter (float32 group scales
-    amax/7), group scales stored in the model dtype and divided by ``weights_scaling_factor_2`` (amax/448) into
-    float16, the product cast to FP8 for the MMA and multiplied back by scale 2 (reference §3.2)."""
-    import torch
-
-    if len(quantizer) != 2 or quantizer[0].amax is None or quantizer[1].amax is None:
-        return None
-    group = (quantizer[0].block_sizes or {}).get(-1)
-    if not group or w.shape[1] % group or quantizer[0].amax.numel() != w.numel() // group:
-        return None
-    scale = quantizer[0].amax.float().reshape(w.shape[0], w.shape[1] // group, 1) / 7.0
-    q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
-    scale_2 = quantizer[1].amax.float().reshape(()) / FP8_E4M3_MAX
-    per_fp8 = (scale.to(model_dtype).float() / scale_2).to(torch.float16).float()
-    fp8 = (q * per_fp8).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-    return (fp8 * scale_2).view_as(w)
-
-
-def _layer_linears() -> dict[str, str]:
-    """HF module → the TensorRT-LLM linear whose input it quantizes, from the tensor table (q/k/v feed one
-    ``attention.qkv`` and share one scale after the exporter's fusion, so q_proj speaks for them)."""
-    from yitrt.models.llama import LLAMA_TENSORS, Kind, Scope
-
-    linears = {}
-    for rule in LLAMA_TENSORS:
-        if rule.kind is Kind.LINEAR and rule.scope is Scope.LAYER:
-            hf = rule.sources[0].name.removeprefix("model.layers.{i}.").removesuffix(".weight")
-            linears[hf] = rule.target.removeprefix("transformer.layers.{i}.").removesuffix(".weight")
-    return linears
-
-
-def recorded_scales(model) -> dict[str, float]:
-    """Every activation and KV-cache dequantization scale (amax / the format's largest value), keyed
-    ``"{global layer}.{TensorRT-LLM module}.{tensor}"``, as the checkpoint must hold them."""
-    scales: dict[str, float] = {}
-    for i, layer in enumerate(model.get_decoder().layers):
-        for hf_name, trt_name in _layer_linears().items():
-            q = getattr(layer.get_submodule(hf_name), "input_quantizer", None)
-            if q is not None and q.is_enabled and q.amax is not None:
-                scales[f"{i}.{trt_name}.activation_scaling_factor"] = float(q.amax.float().max() / q.maxbound)
-        k = getattr(layer.self_attn, "k_bmm_quantizer", None)
-        if k is not None and k.is_enabled and k.amax is not None:  # K and V share one scale (merge_kv_scales)
-            scales[f"{i}.attention.kv_cache_scaling_factor"] = float(k.amax.float().max() / k.maxbound)
-    return scales

@@ -24,7 +24,7 @@ import yaml
 
 from yitrt.errors import CheckpointError, UsageError
 from yitrt.models.config import ModelConfig, load_config
-from yitrt.reference import COMPUTE_DTYPES
+from yitrt.reference import COMPUTE_DTYPES, EVAL_TOKENS, EVAL_WINDOW
 from yitrt.reference.layout import check_checkpoint
 from yitrt.reference.spec import CheckpointSpec, emulation_notes, load_spec
 
@@ -136,8 +136,8 @@ class VerifyRequest:
     prompts: tuple[str, ...] | None = None
     eval_text: str | None = None
     max_new_tokens: int = 16
-    eval_tokens: int = 1024
-    window: int = 512
+    eval_tokens: int = EVAL_TOKENS
+    window: int = EVAL_WINDOW
     device: str = "auto"
     compute_dtype: str = "float32"
     thresholds: dict[str, float | None] = field(default_factory=dict)

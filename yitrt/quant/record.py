@@ -1,0 +1,164 @@
+"""The record ``yitrt quantize`` keeps of the calibrated model, for ``yitrt verify``'s pipeline check.
+
+ModelOpt's fake-quantized model is evaluated on the verification text three ways: with its full quantized
+arithmetic (perplexity, for the report); with its weights as the checkpoint stores them and the build loads them
+but activations and K/V unquantized (perplexity and top-1 predictions: the form in which a checkpoint can be
+compared tightly, see ``yitrt.reference.linear.DecodedWeight.weights_only``); and every activation and KV-cache
+scale its quantizers hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+from yitrt.errors import QuantizationError
+from yitrt.quant.data_free import FP8_MAX
+
+
+def evaluate_calibrated(model, windows: list[list[int]], digest: str, eval_tokens: int, window: int, dtype: str) -> dict[str, Any]:
+    """What ``yitrt verify`` compares the checkpoint with: the calibrated model's perplexity with its full
+    quantized arithmetic; its perplexity and top-1 predictions with weights quantized but activations and K/V
+    not (the form two computations can agree on tightly, see ``DecodedWeight.weights_only``); and every
+    activation and KV-cache scale its quantizers hold."""
+    import torch
+
+    from yitrt.reference.original import score_original
+    from yitrt.reference.verify import perplexity
+
+    with torch.no_grad():
+        full = perplexity(score_original(model, windows), windows)
+        with _as_stored(model, dtype):
+            logits = score_original(model, windows)
+    weights_only = perplexity(logits, windows)
+    if not (math.isfinite(full) and math.isfinite(weights_only)):
+        raise QuantizationError("the calibrated model's perplexity is not finite (calibration diverged)", "try another --calib or scheme")
+    return {
+        "ppl": full, "windows_digest": digest, "eval_tokens": eval_tokens, "window": window,
+        "positions": sum(len(w) for w in windows),
+        "weights_only": {"ppl": weights_only, "top1": [row.argmax(-1).tolist() for row in logits]},
+        "scales": recorded_scales(model),
+    }
+
+
+@contextlib.contextmanager
+def _as_stored(model, dtype: str):
+    """For the duration: activation and K/V quantizers off, and the weights and pre-quant scales as the
+    checkpoint stores them and the build loads them. Then restore.
+
+    - Pre-quant scales (AWQ, SmoothQuant) are multiplied in even by a disabled quantizer (ModelOpt applies them
+      before its disabled check); the checkpoint stores them, and the build uses them, in the model dtype.
+    - FP8 per tensor and INT8 per channel: ModelOpt's fake quantization multiplies by maxbound/amax while its
+      exporter (and TensorRT-LLM) divides by amax/maxbound; where the quotient lands exactly on a rounding tie
+      — often, for bfloat16 weights and FP8 — the two disagree by one step. The exporter's arithmetic is used.
+    - INT4 groups: the integers are the exporter's (float32 group scales), the build casts the group scales to
+      the model dtype.
+    - W4A8: the two levels as the build combines them (``_stored_w4a8_weight``).
+    """
+    import torch
+
+    model_dtype = getattr(torch, dtype)
+    quantizers = [q for name, q in model.named_modules()
+                  if name.endswith(("input_quantizer", "bmm_quantizer")) and getattr(q, "is_enabled", False)]
+    weights, prequants = [], []
+    for module in model.modules():
+        stored = _stored_weight(getattr(module, "weight_quantizer", None), getattr(module, "weight", None), model_dtype)
+        if stored is not None:
+            weights.append((module, module.weight.data))
+            module.weight.data = stored.to(module.weight.dtype)
+            quantizers.append(module.weight_quantizer)
+        iq = getattr(module, "input_quantizer", None)
+        if iq is not None and getattr(iq, "pre_quant_scale", None) is not None:
+            prequants.append((iq, iq.pre_quant_scale))
+            iq.pre_quant_scale = iq.pre_quant_scale.to(model_dtype).to(iq.pre_quant_scale.dtype)
+    for q in quantizers:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.enable()
+        for module, original in weights:
+            module.weight.data = original
+        for iq, original in prequants:
+            iq.pre_quant_scale = original
+
+
+def _stored_weight(quantizer, weight, model_dtype):
+    """The dequantized weight as the exporter writes it and the build loads it, for the formats where that
+    differs from ModelOpt's fake quantization (see ``_as_stored``); None for the others."""
+
+    if quantizer is None or weight is None or not getattr(quantizer, "is_enabled", False):
+        return None
+    from modelopt.torch.quantization.nn import SequentialQuantizer
+
+    from yitrt.reference.linear import to_fp8
+
+    if not isinstance(quantizer, SequentialQuantizer) and getattr(quantizer, "amax", None) is None:
+        return None
+
+    if isinstance(quantizer, SequentialQuantizer):
+        return _stored_w4a8_weight(quantizer, weight.data.float(), model_dtype)
+    w, amax, bits, blocks = weight.data.float(), quantizer.amax.float(), quantizer.num_bits, quantizer.block_sizes
+    if bits == (4, 3) and not blocks and amax.numel() == 1:
+        scale = amax.reshape(()) / FP8_MAX
+        return to_fp8(w / scale) * scale
+    if bits == 8 and not blocks and amax.numel() == w.shape[0]:
+        scale = amax.reshape(-1, 1) / 127.0
+        return (w / scale).round().clamp(-128, 127) * scale
+    group = (blocks or {}).get(-1)
+    if bits == 4 and group and w.shape[1] % group == 0 and amax.numel() == w.numel() // group:
+        scale = amax.reshape(w.shape[0], w.shape[1] // group, 1) / 7.0
+        q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
+        return (q * scale.to(model_dtype).float()).view_as(w)
+    return None
+
+
+def _stored_w4a8_weight(quantizer, w, model_dtype):
+    """W4A8's two-level weight as the build computes it: int4 groups from the exporter (float32 group scales
+    amax/7), group scales stored in the model dtype and divided by ``weights_scaling_factor_2`` (amax/448) into
+    float16, the product cast to FP8 for the MMA and multiplied back by scale 2 (reference §3.2)."""
+    import torch
+
+    from yitrt.reference.linear import to_fp8
+
+    if len(quantizer) != 2 or quantizer[0].amax is None or quantizer[1].amax is None:
+        return None
+    group = (quantizer[0].block_sizes or {}).get(-1)
+    if not group or w.shape[1] % group or quantizer[0].amax.numel() != w.numel() // group:
+        return None
+    scale = quantizer[0].amax.float().reshape(w.shape[0], w.shape[1] // group, 1) / 7.0
+    q = (w.view(w.shape[0], -1, group) / scale).round().clamp(-8, 7)
+    scale_2 = quantizer[1].amax.float().reshape(()) / FP8_MAX
+    per_fp8 = (scale.to(model_dtype).float() / scale_2).to(torch.float16).float()
+    fp8 = to_fp8(q * per_fp8)
+    return (fp8 * scale_2).view_as(w)
+
+
+def _layer_linears() -> dict[str, str]:
+    """HF module → the TensorRT-LLM linear whose input it quantizes, from the tensor table (q/k/v feed one
+    ``attention.qkv`` and share one scale after the exporter's fusion, so q_proj speaks for them)."""
+    from yitrt.models.llama import LLAMA_TENSORS, Kind, Scope
+
+    linears = {}
+    for rule in LLAMA_TENSORS:
+        if rule.kind is Kind.LINEAR and rule.scope is Scope.LAYER:
+            hf = rule.sources[0].name.removeprefix("model.layers.{i}.").removesuffix(".weight")
+            linears[hf] = rule.target.removeprefix("transformer.layers.{i}.").removesuffix(".weight")
+    return linears
+
+
+def recorded_scales(model) -> dict[str, float]:
+    """Every activation and KV-cache dequantization scale (amax / the format's largest value), keyed
+    ``"{global layer}.{TensorRT-LLM module}.{tensor}"``, as the checkpoint must hold them."""
+    scales: dict[str, float] = {}
+    for i, layer in enumerate(model.get_decoder().layers):
+        for hf_name, trt_name in _layer_linears().items():
+            q = getattr(layer.get_submodule(hf_name), "input_quantizer", None)
+            if q is not None and q.is_enabled and q.amax is not None:
+                scales[f"{i}.{trt_name}.activation_scaling_factor"] = float(q.amax.float().max() / q.maxbound)
+        k = getattr(layer.self_attn, "k_bmm_quantizer", None)
+        if k is not None and k.is_enabled and k.amax is not None:  # K and V share one scale (merge_kv_scales)
+            scales[f"{i}.attention.kv_cache_scaling_factor"] = float(k.amax.float().max() / k.maxbound)
+    return scales
