@@ -51,3 +51,29 @@ def demo_build(tmp_path_factory):
     reports: list[tuple[int, int]] = []
     result = materialize_demo_model(out, progress=lambda done, total: reports.append((done, total)))
     return result, reports
+
+
+def _write_tool(folder: Path, name: str, module: str) -> None:
+    script = folder / name
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n"
+                      f"from tests.doubles.{module} import main\nmain()\n")
+    script.chmod(0o755)
+
+
+@pytest.fixture
+def tool_doubles(tmp_path, monkeypatch):
+    """Put TEST DOUBLES of ``trtllm-build`` (TensorRT-LLM 1.2's flags) and/or ``nvidia-smi`` (a real H100's answer)
+    first on PATH: ``tool_doubles(trtllm=True, gpu=True, only=False)`` → the bin folder."""
+
+    def install(trtllm: bool = True, gpu: bool = True, only: bool = False) -> Path:
+        folder = tmp_path / "double-bin"
+        folder.mkdir(exist_ok=True)
+        if trtllm:
+            _write_tool(folder, "trtllm-build", "trtllm_build_1_2")
+        if gpu:
+            _write_tool(folder, "nvidia-smi", "nvidia_smi")
+        # only=True: nothing else on PATH, so a real trtllm-build or nvidia-smi elsewhere cannot answer
+        monkeypatch.setenv("PATH", str(folder) if only else f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+        return folder
+
+    return install

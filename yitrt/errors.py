@@ -107,3 +107,20 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(module.split(".")[0], extra) from exc
+
+
+class BuildError(YitrtError):
+    """``trtllm-build`` ran and failed; the message names the likely cause, the hint the fix and the log."""
+
+    exit_code = 11
+
+    def __init__(self, message: str, hint: str = "", log: str | None = None, cause_id: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.log = log
+        self.cause_id = cause_id
+
+
+class MissingToolError(YitrtError):
+    """An external program (trtllm-build, nvidia-smi, tritonserver, mpirun) or a GPU that a stage needs is absent."""
+
+    exit_code = 12

@@ -141,8 +141,8 @@ def _config_only(tmp_path, **dims):
     ({"scheme": "int4-awq", "awq_block_size": 32}, "not 32"),
     ({"scheme": "fp8", "awq_block_size": 64}, "AWQ schemes only"),
     ({"scheme": "fp8", "gpu": "A100"}, "SM >= 89"),
-    ({"scheme": "int8-sq", "gpu": "B200"}, "SM 70-99"),
-    ({"scheme": "fp8", "kv_cache": "int8", "gpu": "B200"}, "KV cache int8"),
+    ({"scheme": "int8-sq", "gpu": "B200"}, "above SM 99"),
+    ({"scheme": "fp8", "kv_cache": "int8", "gpu": "B200"}, "int8 KV cache"),
     ({"scheme": "w4a8-awq", "dtype": "bfloat16", "awq_block_size": 128}, "float16"),
 ])
 def test_invalid_requests_fail_before_loading(tmp_path, kwargs, needle):

@@ -9,7 +9,8 @@ from yitrt.errors import UsageError
 from yitrt.models.config import parse_config
 from yitrt.models.registry import load_registry, request_pitfalls
 from yitrt.plan.gpus import get_gpu, known_gpus
-from yitrt.quant.rules import dtype_problems, gpu_problems, group_size_problems, linear_dims, padding_problems
+from yitrt.plan.rules import format_problems
+from yitrt.quant.rules import group_size_problems, linear_dims, padding_problems
 from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
 
 YI_6B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -49,27 +50,31 @@ def test_padding_and_group_splits(raw, scheme, tp, group, bad):
 
 def test_target_gpu_rules_come_from_the_registry():
     fp8, sq, awq, w8 = SCHEMES["fp8"], SCHEMES["int8-sq"], SCHEMES["int4-awq"], SCHEMES["w8a16"]
-    assert gpu_problems(fp8, None, get_gpu("H100")) == []
-    assert "SM >= 89" in gpu_problems(fp8, None, get_gpu("A100"))[0]
-    assert "A100 is SM 80" in gpu_problems(fp8, None, get_gpu("a100-80gb"))[0]  # aliases, any case
-    assert "SM 70-99" in gpu_problems(sq, None, get_gpu("B200"))[0]  # SmoothQuant is refused on SM100
-    assert gpu_problems(w8, None, get_gpu("B200")) and gpu_problems(awq, None, get_gpu("B200")) == []
-    assert "KV cache int8" in gpu_problems(fp8, KV_CACHE_FORMATS["int8"], get_gpu("B200"))[0]
-    assert "KV cache fp8" in gpu_problems(awq, KV_CACHE_FORMATS["fp8"], get_gpu("A10G"))[0]
-    assert gpu_problems(fp8, None, get_gpu("sm89")) == [] and get_gpu("sm89").sm == 89
-    assert gpu_problems(fp8, None, None) == []
+
+    def problems(scheme, kv, gpu, dtype="bfloat16"):
+        return format_problems(get_gpu(gpu) if gpu else None, scheme, KV_CACHE_FORMATS[kv] if kv else None, dtype, 1, 1)
+
+    assert problems(fp8, None, "H100") == []
+    assert "SM >= 89" in problems(fp8, None, "A100")[0]
+    assert "A100-80GB is SM 80" in problems(fp8, None, "a100-80gb")[0]  # aliases, any case
+    assert "above SM 99" in problems(sq, None, "B200")[0]  # SmoothQuant is refused on SM100
+    assert problems(w8, None, "B200") and problems(awq, None, "B200") == []
+    assert "int8 KV cache" in problems(fp8, "int8", "B200")[0]
+    assert "fp8 KV cache" in problems(awq, "fp8", "A10G")[0]
+    assert problems(fp8, None, "sm89") == [] and get_gpu("sm89").sm == 89
+    assert problems(fp8, None, None) == []
+    assert "float16" in problems(SCHEMES["w4a8-awq"], None, None, "bfloat16")[0]
+    assert problems(SCHEMES["w4a8-awq"], None, None, "auto") == [] and problems(awq, None, None, "bfloat16") == []
     with pytest.raises(UsageError) as info:
         get_gpu("H900")
     assert "H100" in info.value.hint and len(known_gpus()) > 10
 
 
-def test_block_size_and_dtype_rules():
+def test_block_size_rules():
     assert group_size_problems(SCHEMES["int4-awq"], 64) == []
     assert "64, 128" in group_size_problems(SCHEMES["int4-awq"], 32)[0]
     assert "AWQ schemes only" in group_size_problems(SCHEMES["fp8"], 64)[0]
     assert group_size_problems(SCHEMES["fp8"], None) == []
-    assert "float16" in dtype_problems(SCHEMES["w4a8-awq"], "bfloat16")[0]
-    assert dtype_problems(SCHEMES["w4a8-awq"], "auto") == [] and dtype_problems(SCHEMES["int4-awq"], "bfloat16") == []
 
 
 def test_calibrated_schemes_name_their_modelopt_preset():

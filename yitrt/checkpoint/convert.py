@@ -28,8 +28,9 @@ from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.llama import Kind, ResolvedTensor, resolve_tensors
 from yitrt.models.registry import load_registry, request_pitfalls
 from yitrt.plan.gpus import get_gpu
+from yitrt.plan.rules import format_problems
 from yitrt.quant.data_free import encode_linear, plan_linear
-from yitrt.quant.rules import gpu_problems, padding_problems
+from yitrt.quant.rules import padding_problems
 from yitrt.quant.schemes import (
     KV_CACHE_FORMATS,
     Encoding,
@@ -147,7 +148,7 @@ def validate_request(req: ConvertRequest, cfg: ModelConfig) -> tuple[Scheme, Any
         problems.append(f"KV cache {kv.name} needs calibrated scales; only {', '.join(k for k, f in KV_CACHE_FORMATS.items() if f.data_free)} is written data-free")
     if scheme.calibrated or (kv is not None and not kv.data_free):
         hints.append("calibrate with `yitrt quantize`; data-free schemes: " + ", ".join(data_free_schemes()))
-    if sm := gpu_problems(scheme, kv, get_gpu(req.gpu) if req.gpu else None):
+    if sm := format_problems(get_gpu(req.gpu) if req.gpu else None, scheme, kv, req.dtype, req.tp, req.pp):
         problems += sm
     if not problems and (width := padding_problems(cfg, scheme, mapping.tp)):
         problems += width

@@ -370,6 +370,15 @@ def demo_model(
     render.out.print(f"demo model {state}: {result.path}")
 
 
+def _register_commands() -> None:
+    from yitrt.cli import plan_build
+
+    plan_build.register(app)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]

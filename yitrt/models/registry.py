@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from yitrt.models.config import ModelConfig
+from yitrt.models.config import ModelConfig, parse_config
 
 _SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
 
@@ -68,6 +68,23 @@ class Registry:
     def by_repo_id(self, repo_id: str) -> YiCheckpoint | None:
         """Exact (case-insensitive) repo id lookup."""
         return self.checkpoints.get(repo_id.lower())
+
+    def config_of(self, repo_id: str) -> ModelConfig | None:
+        """The ModelConfig of a known repo built from the registry's facts (dims, context, rope base; Yi weights
+        are bfloat16 and untied, reference/yi-models.md §1.2), or None for an unknown id. Lets ``yitrt plan``
+        size a known Yi model without downloading anything."""
+        ckpt = self.by_repo_id(repo_id)
+        if ckpt is None:
+            return None
+        dims = self.shapes[ckpt.shape]
+        raw = {
+            "architectures": ["LlamaForCausalLM"], "hidden_size": dims["hidden_size"],
+            "num_hidden_layers": dims["num_layers"], "num_attention_heads": dims["num_heads"],
+            "num_key_value_heads": dims["num_kv_heads"], "intermediate_size": dims["intermediate_size"],
+            "vocab_size": dims["vocab_size"], "max_position_embeddings": ckpt.context, "rope_theta": ckpt.rope_theta,
+            "torch_dtype": "bfloat16", "tie_word_embeddings": False, "hidden_act": "silu",
+        }
+        return parse_config(raw, f"registry entry {ckpt.repo_id}")
 
     def shape_of(self, cfg: ModelConfig) -> str | None:
         """Name of the shape family whose dims equal ``cfg``'s, or None."""

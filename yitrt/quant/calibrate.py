@@ -36,6 +36,7 @@ from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, fi
 from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.registry import request_pitfalls
 from yitrt.plan.gpus import Gpu, get_gpu
+from yitrt.plan.rules import format_problems
 from yitrt.quant.calib_data import (
     CALIB_DEFAULTS,
     CalibrationSet,
@@ -45,7 +46,7 @@ from yitrt.quant.calib_data import (
 )
 from yitrt.quant.data_free import FP8_MAX
 from yitrt.quant.record import evaluate_calibrated
-from yitrt.quant.rules import dtype_problems, gpu_problems, group_size_problems, padding_problems
+from yitrt.quant.rules import group_size_problems, padding_problems
 from yitrt.quant.schemes import KvCacheFormat, Scheme, calibrated_schemes, get_kv_cache, get_scheme
 from yitrt.reference import DEVICES, EVAL_TOKENS, EVAL_WINDOW
 
@@ -174,12 +175,12 @@ def validate_quantize(req: QuantizeRequest, cfg: ModelConfig) -> Plan:
     problems = tp_problems(cfg, req.tp) + pp_problems(cfg, req.pp)
     hints = ["valid tp/pp sizes are listed by `yitrt inspect MODEL`"] if problems else []
     group_problems = group_size_problems(scheme, req.awq_block_size)
-    problems += group_problems + dtype_problems(scheme, req.dtype)
+    problems += group_problems
     group_size = req.awq_block_size or scheme.group_size
     if not problems and (padded := padding_problems(cfg, scheme, req.tp, group_size)):
         problems += padded
         hints.append("choose another tp size" + (f" or --awq-block-size {min(scheme.group_sizes)}" if scheme.group_sizes and group_size != min(scheme.group_sizes) else ""))
-    if sized := gpu_problems(scheme, kv, gpu):
+    if sized := format_problems(gpu, scheme, kv, req.dtype, req.tp, req.pp):
         problems += sized
         hints.append("`yitrt schemes` lists what each GPU generation runs")
     if (req.calib_size or 1) < 1 or (req.calib_seq_len or 8) < 8 or req.calib_batch_size < 0:

@@ -1,4 +1,5 @@
-"""Checks of a quantization request that need only the model's config, the scheme registry and the GPU table.
+"""Checks of a quantization request that need only the model's config and the scheme registry (GPU, dtype and
+version compatibility are rules in ``yitrt/plan/rules.yaml``).
 
 They run before any weight is read, so a request that cannot work fails in seconds with every reason listed.
 """
@@ -6,8 +7,7 @@ They run before any weight is read, so a request that cannot work fails in secon
 from __future__ import annotations
 
 from yitrt.models.config import ModelConfig
-from yitrt.plan.gpus import Gpu
-from yitrt.quant.schemes import KvCacheFormat, Scheme
+from yitrt.quant.schemes import Scheme
 
 
 def linear_dims(cfg: ModelConfig, tp: int) -> dict[str, int]:
@@ -54,26 +54,3 @@ def group_size_problems(scheme: Scheme, group_size: int | None) -> list[str]:
     if group_size not in scheme.group_sizes:
         return [f"{scheme.name} supports block sizes {', '.join(map(str, scheme.group_sizes))} (TensorRT-LLM groupwise kernels), not {group_size}"]
     return []
-
-
-def dtype_problems(scheme: Scheme, dtype: str) -> list[str]:
-    """Reasons the scheme cannot be built in this model dtype."""
-    if scheme.dtypes is not None and dtype != "auto" and dtype not in scheme.dtypes:
-        return [f"{scheme.name} builds only in {' or '.join(scheme.dtypes)} (TensorRT-LLM's kernel for it), not {dtype}"]
-    return []
-
-
-def _sm_range(min_sm: int, max_sm: int | None) -> str:
-    return f"SM {min_sm}-{max_sm}" if max_sm else f"SM >= {min_sm}"
-
-
-def gpu_problems(scheme: Scheme, kv: KvCacheFormat | None, gpu: Gpu | None) -> list[str]:
-    """Reasons the declared target GPU cannot run the scheme or the KV-cache format."""
-    if gpu is None:
-        return []
-    problems = []
-    for what, min_sm, max_sm in ((f"scheme {scheme.name}", scheme.min_sm, scheme.max_sm),
-                                 *(((f"KV cache {kv.name}", kv.min_sm, kv.max_sm),) if kv else ())):
-        if gpu.sm < min_sm or (max_sm is not None and gpu.sm > max_sm):
-            problems.append(f"{what} needs {_sm_range(min_sm, max_sm)}; {gpu.name} is SM {gpu.sm}")
-    return problems

@@ -44,6 +44,9 @@ class Scheme:
             ``max(pad_base, group_size) * tp`` (quantization/layers.py; reference §2.5); None = no padding.
         group_sizes: the AWQ block sizes TensorRT-LLM's groupwise kernels accept (``--awq-block-size``).
         dtypes: model dtypes the build accepts for the scheme (None: any).
+        scales: the scale tensors each quantized linear carries in the engine, as (elements, dtype) pairs;
+            elements is "out", "in", "1" or "groups" (out × in / group size), dtype "float32" or "model"
+            (reference §3.2-3.3). The planner sizes weights with it.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Scheme:
     pad_base: int | None = None
     group_sizes: tuple[int, ...] = ()
     dtypes: tuple[str, ...] | None = None
+    scales: tuple[tuple[str, str], ...] = ()
 
     @property
     def calibrated(self) -> bool:
@@ -80,26 +84,32 @@ SCHEMES: dict[str, Scheme] = {
     for s in (
         Scheme("none", None, Encoding.FULL_PRECISION, 16, 70, None, "no quantization (model dtype)", "everything"),
         Scheme("w8a16", "W8A16", Encoding.FULL_PRECISION, 8, 70, 99,
-               "INT8 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP, pad_base=64),
+               "INT8 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP, pad_base=64,
+               scales=(("out", "model"),)),
         Scheme("w4a16", "W4A16", Encoding.FULL_PRECISION, 4, 70, 99,
-               "INT4 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP, pad_base=64),
+               "INT4 weight-only, per channel; trtllm-build quantizes the full-precision weights", _KEEP, pad_base=64,
+               scales=(("out", "model"),)),
         Scheme("fp8-rowwise", "FP8_PER_CHANNEL_PER_TOKEN", Encoding.FP8_ROWWISE, 8, 89, 99,
-               "FP8 weights with per-channel scales, FP8 activations with per-token scales (data-free)", _KEEP),
+               "FP8 weights with per-channel scales, FP8 activations with per-token scales (data-free)", _KEEP,
+               scales=(("out", "float32"),)),
         Scheme("fp8", "FP8", Encoding.CALIBRATED, 8, 89, None,
                "FP8 weights and activations, per-tensor scales (calibrated)", "lm_head, embedding and norms",
-               modelopt_format="fp8", modelopt_config="FP8_DEFAULT_CFG"),
+               modelopt_format="fp8", modelopt_config="FP8_DEFAULT_CFG", scales=(("1", "float32"), ("1", "float32"))),
         # SmoothQuant (all modes) is refused by the build on SM100-119 (reference §4.3)
         Scheme("int8-sq", "W8A8_SQ_PER_CHANNEL", Encoding.CALIBRATED, 8, 70, 99,
                "INT8 SmoothQuant, per-channel weights, per-tensor activations (calibrated)", "lm_head, embedding and norms",
-               modelopt_format="int8_sq", modelopt_config="INT8_SMOOTHQUANT_CFG"),
+               modelopt_format="int8_sq", modelopt_config="INT8_SMOOTHQUANT_CFG",
+               scales=(("out", "float32"), ("1", "float32"), ("in", "model"))),
         Scheme("int4-awq", "W4A16_AWQ", Encoding.CALIBRATED, 4, 75, None,
                "INT4 AWQ weights in groups (default 128), FP16/BF16 activations (calibrated)", "lm_head, embedding and norms",
-               group_size=128, modelopt_format="int4_awq", modelopt_config="INT4_AWQ_CFG", pad_base=64, group_sizes=(64, 128)),
+               group_size=128, modelopt_format="int4_awq", modelopt_config="INT4_AWQ_CFG", pad_base=64, group_sizes=(64, 128),
+               scales=(("groups", "model"), ("in", "model"))),
         # the W4A8 groupwise kernel takes FP16 activations only: a bfloat16 build fails (observed, issue #3)
         Scheme("w4a8-awq", "W4A8_AWQ", Encoding.CALIBRATED, 4, 89, None,
                "INT4 AWQ weights in groups of 128 with FP8 activations (calibrated; float16 models)", "lm_head, embedding and norms",
                group_size=128, modelopt_format="w4a8_awq", modelopt_config="W4A8_AWQ_BETA_CFG", pad_base=128,
-               group_sizes=(128,), dtypes=("float16",)),
+               group_sizes=(128,), dtypes=("float16",),
+               scales=(("groups", "model"), ("in", "model"), ("1", "float32"), ("1", "float32"), ("1", "float32"))),
     )
 }
 

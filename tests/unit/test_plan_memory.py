@@ -1,0 +1,140 @@
+"""The memory planner against figures computed by hand (reference §6, yi-models.md §1.3) and its arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from yitrt.models.registry import load_registry
+from yitrt.plan.gpus import all_gpus, get_gpu, match_gpu
+from yitrt.plan.memory import PlanRequest, Workload, kv_bytes_per_token, plan_memory, rank_weight_bytes
+from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
+
+YI_6B = load_registry().config_of("01-ai/Yi-6B")
+YI_9B = load_registry().config_of("01-ai/Yi-1.5-9B-Chat")
+YI_34B = load_registry().config_of("01-ai/Yi-34B")
+
+
+def request(cfg, gpu="H100", scheme="none", kv=None, tp=1, pp=1, **workload) -> PlanRequest:
+    return PlanRequest(cfg=cfg, dtype="bfloat16", scheme=SCHEMES[scheme], kv=KV_CACHE_FORMATS[kv] if kv else None, tp=tp, pp=pp,
+                       gpu=get_gpu(gpu), workload=Workload(**workload))
+
+
+def test_gpu_table_has_the_issue_gpus_with_every_fact():
+    names = {g.name for g in all_gpus()}
+    for name in ("A10G", "L4", "L40S", "A100-40GB", "A100-80GB", "H100-PCIe", "H100-SXM", "H200", "GH200", "B200"):
+        assert name in names
+    h100 = get_gpu("h100 sxm")  # case, spaces and aliases
+    assert (h100.sm, h100.memory_mib, h100.bandwidth_gbs, h100.fp8, h100.fp4, h100.nvlink_gbs) == (90, 81559, 3350, True, False, 900)
+    assert get_gpu("H100_PCIE").name == "H100-PCIe" and get_gpu("a100").name == "A100-80GB"
+    assert get_gpu("b200").fp4 and not get_gpu("A10G").fp8 and get_gpu("L4").nvlink_gbs == 0
+
+
+def test_nvidia_smi_names_map_to_table_rows():
+    # the first string is what a real H100 SXM's nvidia-smi printed (device check, this issue)
+    assert match_gpu("NVIDIA H100 80GB HBM3", 90).name == "H100-SXM"
+    assert match_gpu("NVIDIA H100 PCIe").name == "H100-PCIe"
+    assert match_gpu("NVIDIA H100 NVL").name == "H100-NVL"
+    assert match_gpu("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
+    assert match_gpu("NVIDIA L40S").name == "L40S" and match_gpu("NVIDIA L4").name == "L4"
+    assert match_gpu("NVIDIA H100 80GB HBM3", 89) is None  # the SM must agree
+    assert match_gpu("Some Other Card") is None
+
+
+def test_hand_checked_kv_bytes_per_token():
+    assert kv_bytes_per_token(YI_34B, 1, 60, 2) == 245_760  # 2·60·8·128·2
+    assert kv_bytes_per_token(YI_34B, 2, 60, 2) == 122_880
+    assert kv_bytes_per_token(YI_34B, 1, 60, 1) == 122_880  # FP8 KV halves it
+    assert kv_bytes_per_token(YI_6B, 1, 32, 2) == 65_536
+    assert kv_bytes_per_token(YI_6B, 8, 32, 2) == 16_384  # 4 KV heads at tp 8: one duplicated head per rank
+    assert kv_bytes_per_token(YI_6B, 4, 32, 2) == 16_384  # ... the same as tp 4: duplication buys nothing
+    # a 16K-token Yi-34B request needs 4.03 GB of fp16 KV
+    assert round(16 * 1024 * kv_bytes_per_token(YI_34B, 1, 60, 2) / 1e9, 2) == 4.03
+
+
+def test_hand_checked_weight_bytes():
+    weights = sum(rank_weight_bytes(request(YI_34B), 0).values())
+    assert round(weights / 1e9, 2) == 68.78 and weights == 2 * 34_388_917_248
+    assert sum(rank_weight_bytes(request(YI_6B), 0).values()) == 2 * 6_061_035_520
+    assert sum(rank_weight_bytes(request(YI_9B), 0).values()) == 2 * 8_829_407_232
+    # tp 2: each rank holds half of every linear, half the vocab rows of embedding and lm_head, all norms
+    half = rank_weight_bytes(request(YI_34B, tp=2), 0)
+    h, v, i, L = 7168, 64000, 20480, 60
+    linear = L * (h * (7168 + 2 * 1024) + 7168 * h + 3 * h * i) // 2 * 2
+    assert half["linear"] == linear and half["embedding"] == half["lm_head"] == v // 2 * h * 2
+    assert half["norms"] == (2 * L + 1) * h * 2
+
+
+def test_quantized_weights_count_their_scales():
+    # int4-awq (group 128): 4-bit linears + one model-dtype scale per group + the prequant vector per linear,
+    # embedding and lm_head untouched
+    awq = rank_weight_bytes(request(YI_34B, scheme="int4-awq"), 0)
+    h, i, L = 7168, 20480, 60
+    shapes = [(7168 + 2048, h), (h, 7168), (i, h), (i, h), (h, i)]
+    elements = sum(o * n for o, n in shapes)
+    assert awq["linear"] == L * elements // 2
+    assert awq["scales"] == L * sum(o * (n // 128) * 2 + n * 2 for o, n in shapes)
+    assert awq["embedding"] == awq["lm_head"] == 64000 * h * 2
+    fp8 = rank_weight_bytes(request(YI_34B, scheme="fp8"), 0)
+    assert fp8["linear"] == L * elements and fp8["scales"] == L * 5 * 8  # two fp32 scalars per linear
+    sq = rank_weight_bytes(request(YI_34B, scheme="int8-sq"), 0)
+    assert sq["scales"] == L * sum(o * 4 + 4 + n * 2 for o, n in shapes)
+
+
+def test_pipeline_stages_split_layers_embedding_and_head():
+    plan = plan_memory(request(YI_34B, pp=2, tp=2))
+    first, last = plan.ranks[0], plan.ranks[-1]
+    assert [r.layers for r in plan.ranks] == [30, 30, 30, 30]
+    assert first.weights["embedding"] > 0 and first.weights["lm_head"] == 0
+    assert last.weights["embedding"] == 0 and last.weights["lm_head"] > 0
+    assert first.kv_bytes_per_token == 2 * 30 * 4 * 128 * 2
+    assert plan.kv_blocks == min(r.kv_blocks for r in plan.ranks)  # every rank takes the smallest pool
+
+
+def test_capacity_and_concurrency_arithmetic():
+    plan = plan_memory(request(YI_34B, isl=1024, osl=512))
+    r = plan.ranks[0]
+    gpu = get_gpu("H100")
+    assert r.kv_pool == int((gpu.memory_bytes - r.weight_bytes - r.activations - r.overhead) * 0.9)
+    assert r.kv_tokens == r.kv_pool // 245_760 and r.kv_blocks == r.kv_tokens // 32
+    assert plan.blocks_per_sequence == math.ceil(1536 / 32) == 48
+    assert plan.max_concurrent == plan.kv_blocks // 48 and plan.fits
+    assert plan.limits.max_batch_size == plan.max_concurrent  # yitrt sizes the batch to what the pool holds
+    assert plan.limits.max_seq_len == 4096 and plan.limits.max_input_len == 4095
+    fp8kv = plan_memory(request(YI_34B, kv="fp8", isl=1024, osl=512))
+    assert fp8kv.max_concurrent >= 2 * plan.max_concurrent - 1  # half the bytes per token
+
+
+def test_plan_that_does_not_fit_says_why():
+    plan = plan_memory(request(YI_34B, gpu="L40S"))
+    assert not plan.fits and "68.78 GB" in plan.problems[0] and "L40S" in plan.problems[0]
+    # fits the weights but not one long sequence: Yi-34B on one H100 cannot hold a 200K-token request
+    long = plan_memory(request(load_registry().config_of("01-ai/Yi-34B-200K"), isl=150_000, osl=60_000))
+    assert not long.fits and "less than one 210000-token sequence" in long.problems[0]
+
+
+def test_default_max_seq_len_shrinks_to_the_pool_and_explicit_one_is_kept():
+    cfg = load_registry().config_of("01-ai/Yi-34B-200K")
+    auto = plan_memory(request(cfg))
+    assert auto.fits and auto.limits.max_seq_len < 200_000 and auto.limits.max_seq_len % 32 == 0
+    assert auto.limits.max_seq_len <= auto.kv_tokens and any("shortened" in n for n in auto.notes)
+    explicit = plan_memory(request(cfg, max_seq_len=200_000))
+    assert explicit.limits.max_seq_len == 200_000 and any("attention window" in n for n in explicit.notes)
+
+
+def test_requested_limits_are_honoured_and_checked():
+    plan = plan_memory(request(YI_6B, max_batch_size=64, max_num_tokens=4096))
+    assert plan.limits.max_batch_size == 64 and plan.limits.max_num_tokens == 4096
+    tiny = plan_memory(request(YI_6B, isl=8000, osl=500, max_seq_len=4096))
+    assert not tiny.fits and "exceeds max_seq_len 4096" in tiny.problems[-1]
+    big_prompt = plan_memory(request(YI_6B, gpu="H200", isl=12000, osl=100, max_seq_len=16384))
+    assert any("chunked context" in n for n in big_prompt.notes)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_kv_fraction_scales_the_pool(fraction):
+    plan = plan_memory(request(YI_9B, kv_fraction=fraction))
+    r = plan.ranks[0]
+    assert r.kv_pool == int((get_gpu("H100").memory_bytes - r.weight_bytes - r.activations - r.overhead) * fraction)
+    assert plan.max_tokens_in_paged_kv_cache <= plan.kv_tokens

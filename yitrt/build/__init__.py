@@ -1,0 +1,1 @@
+"""trtllm-build: argv per TensorRT-LLM version, plugin profiles, the runner, engine manifests, doctor."""

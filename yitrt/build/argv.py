@@ -1,0 +1,157 @@
+"""Assemble a build: the checkpoint's facts, the plan's limits and a plugin profile → a checked ``trtllm-build`` argv.
+
+Order of precedence for each value: the command line (``--max-batch-size`` …) over the profile's limit hints
+over the plan; plugin flags: the profile over the release line's defaults. Everything is checked before any
+process starts: the flags against the release line's table, the profile's requirements, the compatibility
+rules, the memory plan and the worker count. All problems are reported at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yitrt.build.flags import FlagSpec, flag_table, known_line, release_line
+from yitrt.build.profiles import Profile, load_profile, pick_profile, resolve_flags
+from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM
+from yitrt.errors import UsageError, ValidationError
+from yitrt.plan.gpus import Gpu
+from yitrt.plan.memory import MemoryPlan, PlanRequest, Workload, plan_memory
+from yitrt.plan.planner import PlanSource, load_source
+from yitrt.plan.rules import Finding, check, rule_context, unmet
+from yitrt.quant.schemes import get_kv_cache, get_scheme
+
+#: The timing cache's name inside the engine folder (reused by the next build of the same folder).
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass
+class BuildSpec:
+    """A resolved, checked build."""
+
+    checkpoint: Path
+    source: PlanSource
+    gpu: Gpu
+    trtllm_version: str
+    line: str
+    profiles: list[str]
+    plugins: dict[str, Any]
+    limits: dict[str, int]
+    workers: int
+    plan: MemoryPlan
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks (engine files) of the build."""
+        return (self.source.tp or 1) * (self.source.pp or 1)
+
+    def argv(self, output_dir: Path, input_timing_cache: Path | None = None, program: str = "trtllm-build") -> list[str]:
+        """The command line, valid for the spec's release line."""
+        table = flag_table().flags(self.line)
+        args: list[str] = [program, "--checkpoint_dir", str(self.checkpoint), "--output_dir", str(output_dir)]
+        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
+            args += [f"--{name}", str(self.limits[name])]
+        args += ["--max_beam_width", "1", "--workers", str(self.workers), "--log_level", "info",
+                 "--output_timing_cache", str(Path(output_dir) / TIMING_CACHE)]
+        if input_timing_cache is not None:
+            args += ["--input_timing_cache", str(input_timing_cache)]
+        for name, value in self.plugins.items():
+            spec = table[name]
+            if spec.kind == "flag":
+                args += [f"--{name}"] if value else []
+            else:
+                args += [f"--{name}", str(value)]
+        return args
+
+    def build_config(self) -> dict[str, Any]:
+        """The resolved build configuration: limits, plugin flags (defaults included) and where they came from."""
+        defaults = flag_table().plugin_defaults(self.line)
+        plugins = {k: v for k, v in defaults.items() if v is not None and v != "suppressed"}
+        plugins.update(self.plugins)
+        return {
+            "trtllm_version": self.trtllm_version, "release_line": self.line, "gpu": self.gpu.to_json(),
+            "profiles": self.profiles, "tp": self.source.tp, "pp": self.source.pp, "world_size": self.world_size,
+            "dtype": self.source.dtype, "scheme": self.source.scheme, "kv_cache": self.source.kv,
+            "limits": dict(self.limits), "max_beam_width": 1, "workers": self.workers, "plugin_config": plugins,
+            "plan": {"kv_tokens": self.plan.kv_tokens, "max_concurrent_sequences": self.plan.max_concurrent,
+                     "isl": self.plan.request.workload.isl, "osl": self.plan.request.workload.osl,
+                     "kv_cache_free_gpu_mem_fraction": self.plan.request.workload.kv_fraction,
+                     "max_tokens_in_paged_kv_cache": self.plan.max_tokens_in_paged_kv_cache},
+            "warnings": [str(f) for f in self.findings if f.severity == "warning"],
+        }
+
+
+def _flag_problems(plugins: dict[str, Any], table: dict[str, FlagSpec], line: str) -> list[str]:
+    problems = []
+    for name, value in plugins.items():
+        spec = table.get(name)
+        if spec is None:
+            lines = [ln for ln in flag_table().lines if name in flag_table().flags(ln)]
+            where = f" (it exists in {lines[0]}-{lines[-1]})" if lines else " (no release line has it)"
+            problems.append(f"the profile sets --{name}, which TensorRT-LLM {line} does not have{where}")
+        elif (why := spec.problem(value)) is not None:
+            problems.append(why)
+    return problems
+
+
+def _requirement_problems(profile: Profile, context: dict[str, Any]) -> list[str]:
+    return [f"plugin profile {profile.name} requires {path} {profile.requires[path]!r}" for path in unmet(context, profile.requires)]
+
+
+def assemble(
+    checkpoint: Path,
+    gpu: Gpu,
+    *,
+    plugins: str | None = None,
+    trtllm_version: str | None = None,
+    max_batch_size: int | None = None,
+    max_seq_len: int | None = None,
+    max_num_tokens: int | None = None,
+    workers: int | None = None,
+    isl: int = 1024,
+    osl: int = 512,
+    kv_fraction: float = 0.9,
+) -> BuildSpec:
+    """Resolve and check a build of ``checkpoint`` for ``gpu``.
+
+    Raises:
+        UsageError: the input is not a TensorRT-LLM checkpoint; unknown profile or version.
+        ValidationError: every problem with the combination, at once.
+    """
+    source = load_source(str(checkpoint))
+    if source.origin != "checkpoint":
+        raise UsageError(f"{checkpoint} is not a TensorRT-LLM checkpoint", "build from `yitrt convert` or `yitrt quantize` output")
+    version = trtllm_version or TARGET_TRTLLM
+    line = release_line(version)
+    scheme, kv = get_scheme(source.scheme or "none"), get_kv_cache(source.kv)
+    profile = load_profile(plugins) if plugins else pick_profile(gpu, scheme)
+    tp, pp = source.tp or 1, source.pp or 1
+    flags, hints, chain = resolve_flags(profile, gpu, scheme, tp)
+    problems: list[str] = []
+    if known_line(line):
+        table = flag_table().flags(line)
+        problems += _flag_problems(flags, table, line)
+        tokens_per_block = int(flags.get("tokens_per_block") or table["tokens_per_block"].default)
+    else:
+        tokens_per_block = 32
+    workload = Workload(isl=isl, osl=osl, max_seq_len=max_seq_len, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                        kv_fraction=kv_fraction, tokens_per_block=tokens_per_block).with_hints(hints)
+    request = PlanRequest(cfg=source.cfg, dtype=source.dtype, scheme=scheme, kv=kv, tp=tp, pp=pp, gpu=gpu, workload=workload,
+                          parallel_embedding=source.parallel_embedding, group_size=source.group_size)
+    plan = plan_memory(request)
+    limits = plan.limits.to_json()
+    problems += [f"does not fit {gpu.name}: {p}" for p in plan.problems]
+    workers = workers or 1
+    if workers > tp * pp:
+        problems.append(f"--workers {workers} exceeds the {tp * pp} ranks to build")
+    context = rule_context(gpu=gpu, scheme=scheme, kv=kv, dtype=source.dtype, tp=tp, pp=pp, trtllm=version,
+                           plugins=flags,
+                           build={**limits, "max_beam_width": 1}, context_length=request.context_length)
+    findings = check(context)
+    problems += _requirement_problems(profile, context)
+    errors = problems + [str(f) for f in findings if f.severity == "error"]
+    if errors:
+        raise ValidationError(errors, "fix every problem listed (`yitrt plan` and `yitrt plugins show` explain the choices)")
+    return BuildSpec(Path(checkpoint).absolute(), source, gpu, version, line, chain, flags, limits, workers, plan, findings)

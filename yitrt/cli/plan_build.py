@@ -1,0 +1,162 @@
+"""Commands `plan`, `build`, `plugins list|show` and `doctor` (registered on the main app by ``register``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from yitrt.cli import render, render_plan
+from yitrt.cli.options import CheckpointArg, ForceOpt, JsonOpt, KvCacheOpt, OutOpt, RevisionOpt
+from yitrt.plan.memory import DEFAULT_KV_FRACTION, DEFAULT_TOKENS_PER_BLOCK
+
+PLAN_DOES_NOT_FIT_EXIT = 13  # the plan ran and the configuration does not fit (not a usage error)
+
+GpuRequired = Annotated[str, typer.Option("--gpu", help="Target GPU (e.g. H100, H200, L40S, A100-80GB, L4; `yitrt gpus` lists them).", show_default=False)]
+MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch-size", min=1, help="Build limit [default: the sequences the KV pool holds].", show_default=False)]
+MaxSeqOpt = Annotated[int | None, typer.Option("--max-seq-len", min=2, help="Longest sequence, prompt + output [default: the model's context, shortened to fit].", show_default=False)]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-num-tokens", min=1, help="Tokens per engine step [default: 8192].", show_default=False)]
+VersionOpt = Annotated[str | None, typer.Option("--trtllm-version", help="TensorRT-LLM version the argv is for [default: the installed one, else 1.2].", show_default=False)]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the plan/build commands to ``app``."""
+
+    @app.command()
+    def plan(
+        model: Annotated[str, typer.Argument(help="A TensorRT-LLM checkpoint folder, a HF model folder, or a Hub repo id (known Yi ids need no download).", show_default=False)],
+        gpu: GpuRequired,
+        tp: Annotated[list[int] | None, typer.Option("--tp", min=1, help="Tensor-parallel size (repeat with --compare).", show_default=False)] = None,
+        pp: Annotated[int | None, typer.Option("--pp", min=1, help="Pipeline-parallel size [default: 1].", show_default=False)] = None,
+        scheme: Annotated[list[str] | None, typer.Option("--scheme", help="Quantization scheme (repeat with --compare) [default: none].", show_default=False)] = None,
+        kv_cache: KvCacheOpt = None,
+        isl: Annotated[int, typer.Option("--isl", min=1, help="Typical input tokens per request.")] = 1024,
+        osl: Annotated[int, typer.Option("--osl", min=1, help="Typical output tokens per request.")] = 512,
+        max_seq_len: MaxSeqOpt = None,
+        max_batch_size: MaxBatchOpt = None,
+        max_num_tokens: MaxTokensOpt = None,
+        kv_fraction: Annotated[float, typer.Option("--kv-fraction", min=0.05, max=0.99, help="kv_cache_free_gpu_mem_fraction.")] = DEFAULT_KV_FRACTION,
+        tokens_per_block: Annotated[int, typer.Option("--tokens-per-block", min=1, help="KV page size.")] = DEFAULT_TOKENS_PER_BLOCK,
+        trtllm_version: Annotated[str, typer.Option("--trtllm-version", help="TensorRT-LLM version the rules check.")] = "1.2",
+        compare: Annotated[bool, typer.Option("--compare", help="Plan every tp × scheme candidate side by side.")] = False,
+        slo_ttft: Annotated[float | None, typer.Option("--slo-ttft", min=0.1, help="Time-to-first-token bound, ms (needs yitrt[plan]).", show_default=False)] = None,
+        slo_tpot: Annotated[float | None, typer.Option("--slo-tpot", min=0.01, help="Time-per-output-token bound, ms (needs yitrt[plan]).", show_default=False)] = None,
+        revision: RevisionOpt = None,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Plan GPU memory: weights, KV bytes/token, KV capacity, concurrent sequences, build limits, Triton KV settings."""
+        from yitrt.errors import UsageError
+        from yitrt.plan.memory import Workload
+        from yitrt.plan.planner import PlanOptions
+        from yitrt.plan.planner import plan as run_plan
+
+        if (slo_ttft is None) != (slo_tpot is None):
+            raise UsageError("--slo-ttft and --slo-tpot go together", "give both bounds")
+        workload = Workload(isl=isl, osl=osl, max_seq_len=max_seq_len, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                            kv_fraction=kv_fraction, tokens_per_block=tokens_per_block)
+        opts = PlanOptions(gpu=gpu, tp=tuple(tp or ()), pp=pp, schemes=tuple(scheme or ()), kv_cache=kv_cache.value if kv_cache else None,
+                           workload=workload, trtllm_version=trtllm_version,
+                           compare=compare or slo_ttft is not None)
+        report = run_plan(model, opts, revision)
+        if slo_ttft is not None:
+            from yitrt.plan.perf import choose_under_slo
+
+            report.slo = choose_under_slo(report, slo_ttft, slo_tpot)
+        data = report.to_json()
+        if json_:
+            render.emit_json(data)
+        elif opts.compare:
+            render_plan.compare_report(data)
+            if report.slo:
+                render_plan.slo_report(report.slo)
+        else:
+            render_plan.plan_report(data)
+        if not opts.compare and not report.primary.ok:
+            sys.exit(PLAN_DOES_NOT_FIT_EXIT)
+
+    @app.command()
+    def build(
+        checkpoint: CheckpointArg,
+        out: OutOpt,
+        gpu: Annotated[str | None, typer.Option("--gpu", help="Target GPU [default: this machine's].", show_default=False)] = None,
+        plugins: Annotated[str | None, typer.Option("--plugins", help="Plugin profile name or YAML file [default: picked from GPU and scheme].", show_default=False)] = None,
+        max_batch_size: MaxBatchOpt = None,
+        max_seq_len: MaxSeqOpt = None,
+        max_num_tokens: MaxTokensOpt = None,
+        workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ranks built in parallel (one GPU each) [default: 1].", show_default=False)] = None,
+        trtllm_version: VersionOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the argv and resolved build config; run nothing (any machine).")] = False,
+        force: ForceOpt = False,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Build TensorRT-LLM engines with trtllm-build: argv from the checkpoint, the plan and a plugin profile."""
+        from yitrt.build.runner import BuildRequest, build_engine
+
+        req = BuildRequest(checkpoint=checkpoint, out=out, gpu=gpu, plugins=plugins, max_batch_size=max_batch_size,
+                           max_seq_len=max_seq_len, max_num_tokens=max_num_tokens, workers=workers,
+                           trtllm_version=trtllm_version, dry_run=dry_run, force=force)
+        with render.stage_progress(not json_ and not dry_run) as progress:
+            result = build_engine(req, progress)
+        data = result.to_json()
+        if json_:
+            render.emit_json(data)
+        else:
+            render_plan.build_report(data)
+
+    plugins_app = typer.Typer(help="TensorRT-LLM plugin profiles (plugins/*.yaml).", no_args_is_help=True, add_completion=False)
+    app.add_typer(plugins_app, name="plugins")
+
+    @plugins_app.command("list")
+    def plugins_list(json_: JsonOpt = False) -> None:
+        """List the plugin profiles and what each is picked for."""
+        from yitrt.build.profiles import builtin_profiles
+
+        rows = [p.to_json() for p in builtin_profiles().values()]
+        if json_:
+            render.emit_json({"profiles": rows})
+            return
+        render_plan.plugins_table(rows)
+
+    @plugins_app.command("show")
+    def plugins_show(
+        name: Annotated[str, typer.Argument(help="Profile name or YAML file.", show_default=False)],
+        json_: JsonOpt = False,
+    ) -> None:
+        """Show a profile's flags, requirements and why."""
+        from yitrt.build.profiles import load_profile
+
+        data = load_profile(name).to_json()
+        if json_:
+            render.emit_json(data)
+            return
+        render_plan.plugin_profile(data)
+
+    @app.command()
+    def gpus(json_: JsonOpt = False) -> None:
+        """List the GPUs yitrt plans for (memory, bandwidth, SM, FP8/FP4, NVLink)."""
+        from yitrt.plan.gpus import all_gpus
+
+        rows = [g.to_json() for g in all_gpus()]
+        if json_:
+            render.emit_json({"gpus": rows})
+            return
+        render.out.print(render.table("GPUs", ["name", "SM", "memory", "bandwidth", "FP8", "FP4", "NVLink"], [
+            [g["name"], g["sm"], f"{g['memory_gb']:.1f} GB", f"{g['bandwidth_gbs']:.0f} GB/s", "yes" if g["fp8"] else "no",
+             "yes" if g["fp4"] else "no", f"{g['nvlink_gbs']:.0f} GB/s × {g['nvlink_gpus']}" if g["nvlink_gbs"] else "no"] for g in rows]))
+
+    @app.command()
+    def doctor(
+        engine: Annotated[Path | None, typer.Option("--engine", help="An engine folder to check against this machine.", show_default=False)] = None,
+        disk: Annotated[Path, typer.Option("--disk", help="Folder whose free space is reported.")] = Path("."),
+        json_: JsonOpt = False,
+    ) -> None:
+        """What this machine has (GPUs, driver, CUDA, TensorRT-LLM, MPI, tritonserver, disk, memory) and which stages it can run."""
+        from yitrt.build.doctor import run_doctor
+
+        data = run_doctor(disk, engine).to_json()
+        if json_:
+            render.emit_json(data)
+            return
+        render_plan.doctor_report(data)
