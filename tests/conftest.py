@@ -35,6 +35,26 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI's ``main`` in this process (no interpreter start-up): ``cli(*args)`` → CompletedProcess-like
+    (returncode, stdout, stderr). For commands whose subject is not process behaviour (see ``run_cli``)."""
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        from yitrt.cli.app import main
+
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["yitrt", *args], code, captured.out, captured.err)
+
+    return call
+
+
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory):
     """The demo model materialised once per test session into a fresh folder: (result, progress reports).

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli
 from yitrt.checkpoint.convert import ConvertRequest, convert
 from yitrt.errors import MissingDependencyError
 from yitrt.plan.memory import Workload
@@ -16,67 +15,71 @@ from yitrt.plan.perf import choose_under_slo
 from yitrt.plan.planner import PlanOptions, plan
 
 
-def _plan(*args):
-    proc = run_cli("plan", *args, "--json")
-    return proc, (json.loads(proc.stdout) if proc.stdout.strip() else None)
+@pytest.fixture
+def plan_json(cli):
+    def call(*args):
+        proc = cli("plan", *args, "--json")
+        return proc, (json.loads(proc.stdout) if proc.stdout.strip() else None)
+
+    return call
 
 
-def test_hand_checked_figures_through_the_cli():
-    proc, data = _plan("01-ai/Yi-34B", "--gpu", "h100")
+def test_hand_checked_figures_through_the_cli(plan_json):
+    proc, data = plan_json("01-ai/Yi-34B", "--gpu", "h100")
     assert proc.returncode == 0, proc.stderr
     rank = data["candidates"][0]["plan"]["ranks"][0]
     assert rank["kv_bytes_per_token"] == 245_760 and rank["weight_bytes"] == 68_777_834_496
     assert data["source"]["origin"] == "registry" and data["gpu"]["name"] == "H100-SXM"
-    proc, data = _plan("01-ai/Yi-6B", "--gpu", "A100-80GB", "--tp", "8")
+    proc, data = plan_json("01-ai/Yi-6B", "--gpu", "A100-80GB", "--tp", "8")
     assert data["candidates"][0]["plan"]["ranks"][0]["kv_bytes_per_token"] == 16_384
     plan_ = data["candidates"][0]["plan"]
     assert plan_["triton"]["kv_cache_free_gpu_mem_fraction"] == 0.9 and plan_["build_limits"]["max_seq_len"] == 4096
 
 
-def test_a_plan_that_does_not_fit_exits_13_and_says_what_would():
-    proc, data = _plan("01-ai/Yi-34B-Chat", "--gpu", "L40S")
+def test_a_plan_that_does_not_fit_exits_13_and_says_what_would(plan_json, cli):
+    proc, data = plan_json("01-ai/Yi-34B-Chat", "--gpu", "L40S")
     assert proc.returncode == 13
     cand = data["candidates"][0]
     assert not cand["fits"] and "L40S" in cand["plan"]["problems"][0]
     assert any(s.startswith("--tp 2: fits") for s in data["suggestions"])
     assert any(s.startswith("--scheme fp8: fits") for s in data["suggestions"])
     assert any("pp2" in w or "Yi-34B-Chat" in w for w in data["warnings"]) is False  # pp 1: the pp=2 pitfall stays silent
-    text = run_cli("plan", "01-ai/Yi-34B-Chat", "--gpu", "L40S")
+    text = cli("plan", "01-ai/Yi-34B-Chat", "--gpu", "L40S")
     assert text.returncode == 13 and "does not fit" in text.stdout and "would fit: --tp 2" in text.stdout
 
 
-def test_invalid_combinations_report_every_reason():
-    proc = run_cli("plan", "01-ai/Yi-34B", "--gpu", "A100", "--tp", "3", "--scheme", "fp8", "--kv-cache", "fp8")
+def test_invalid_combinations_report_every_reason(cli):
+    proc = cli("plan", "01-ai/Yi-34B", "--gpu", "A100", "--tp", "3", "--scheme", "fp8", "--kv-cache", "fp8")
     assert proc.returncode == 3 and proc.stderr.count("\n") == 1
     for part in ("56 attention heads", "8 KV heads", "scheme fp8 needs SM >= 89", "fp8 KV cache needs SM >= 89"):
         assert part in proc.stderr
-    several = run_cli("plan", "01-ai/Yi-6B", "--gpu", "H100", "--tp", "1", "--tp", "2")
+    several = cli("plan", "01-ai/Yi-6B", "--gpu", "H100", "--tp", "1", "--tp", "2")
     assert several.returncode == 2 and "--compare" in several.stderr
 
 
-def test_compare_lists_tp_by_scheme():
-    proc, data = _plan("01-ai/Yi-1.5-34B-Chat", "--gpu", "L40S", "--compare")
+def test_compare_lists_tp_by_scheme(plan_json, cli):
+    proc, data = plan_json("01-ai/Yi-1.5-34B-Chat", "--gpu", "L40S", "--compare")
     assert proc.returncode == 0
     rows = {(c["scheme"], c["tp"]): c for c in data["candidates"]}
     assert len(rows) == 6 * 4
     assert not rows[("none", 1)]["fits"] and rows[("fp8", 1)]["fits"] and rows[("int4-awq", 1)]["fits"]
     assert rows[("fp8", 1)]["plan"]["max_concurrent_sequences"] < rows[("fp8", 2)]["plan"]["max_concurrent_sequences"]
     assert rows[("fp8", 1)]["invalid"] == [] and rows[("none", 2)]["fits"]  # L40S is Ada: FP8 runs
-    text = run_cli("plan", "01-ai/Yi-1.5-9B-Chat", "--gpu", "L4", "--compare", "--scheme", "fp8", "--scheme", "int4-awq", "--tp", "1")
+    text = cli("plan", "01-ai/Yi-1.5-9B-Chat", "--gpu", "L4", "--compare", "--scheme", "fp8", "--scheme", "int4-awq", "--tp", "1")
     assert text.returncode == 0 and "fp8" in text.stdout and "int4-awq" in text.stdout and "none" not in text.stdout.split("status")[1]
 
 
-def test_checkpoints_and_model_folders_are_planned_as_they_are(make_model, tmp_path):
+def test_checkpoints_and_model_folders_are_planned_as_they_are(make_model, tmp_path, plan_json, cli):
     src = make_model()
     ckpt = tmp_path / "ckpt"
     convert(ConvertRequest(src, ckpt, tp=2, kv_cache="fp8"))
-    proc, data = _plan(str(ckpt), "--gpu", "L4")
+    proc, data = plan_json(str(ckpt), "--gpu", "L4")
     assert proc.returncode == 0, proc.stderr
     cand = data["candidates"][0]
     assert data["source"]["origin"] == "checkpoint" and cand["tp"] == 2 and cand["plan"]["kv_cache"] == "fp8"
-    clash = run_cli("plan", str(ckpt), "--gpu", "L4", "--tp", "1")
+    clash = cli("plan", str(ckpt), "--gpu", "L4", "--tp", "1")
     assert clash.returncode == 2 and "checkpoint at --tp 2" in clash.stderr
-    proc, data = _plan(str(src), "--gpu", "L4", "--scheme", "fp8")
+    proc, data = plan_json(str(src), "--gpu", "L4", "--scheme", "fp8")
     assert proc.returncode == 0 and data["source"]["origin"] == "model" and data["candidates"][0]["scheme"] == "fp8"
 
 
@@ -98,15 +101,15 @@ def test_slo_choice_with_aiconfigurator():
     assert "no performance data for L4" in l4["error"]
 
 
-def test_plugins_and_gpus_commands():
-    listed = run_cli("plugins", "list", "--json")
+def test_plugins_and_gpus_commands(cli):
+    listed = cli("plugins", "list", "--json")
     names = {p["name"] for p in json.loads(listed.stdout)["profiles"]}
     assert {"default", "fp8-hopper", "fp8", "int4-awq", "int8-sq", "weight-only", "long-context", "low-latency"} <= names
-    shown = run_cli("plugins", "show", "long-context")
+    shown = cli("plugins", "show", "long-context")
     assert shown.returncode == 0 and "chunked context" in shown.stdout and "tokens_per_block" in shown.stdout
-    missing = run_cli("plugins", "show", "nope")
+    missing = cli("plugins", "show", "nope")
     assert missing.returncode == 2 and "unknown plugin profile" in missing.stderr
-    gpus = json.loads(run_cli("gpus", "--json").stdout)["gpus"]
+    gpus = json.loads(cli("gpus", "--json").stdout)["gpus"]
     assert any(g["name"] == "GH200" and g["sm"] == 90 for g in gpus)
 
 

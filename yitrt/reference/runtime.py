@@ -6,8 +6,10 @@ only its own rank files (every pipeline stage of its TP slice, run in order). Ba
 sequences share one cache length; padding slots are masked out of attention and positions count real tokens
 only. Rank 0 samples and broadcasts the chosen tokens, so every rank feeds the same ids.
 
-Rank processes are started with ``spawn`` (a forked torch process is not safe), so a script that creates a
-multi-rank runtime must guard its entry point with ``if __name__ == "__main__":`` — the CLI does.
+Rank processes are forked from a ``forkserver`` process that has imported torch and this module (``spawn`` where
+forkserver does not exist); the calling process is never forked, since a forked torch process is not safe. A script
+that creates a multi-rank runtime should still guard its entry point with ``if __name__ == "__main__":`` (``spawn``
+re-imports it) — the CLI does.
 """
 
 from __future__ import annotations
@@ -244,7 +246,13 @@ class ReferenceRuntime:
     def _spawn(self, compute_dtype: str) -> None:
         import torch.multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
+        # forkserver: one server process imports torch and this module once, then forks every rank from it (the
+        # caller itself is never forked: a forked torch process is not safe). Later runtimes reuse the server.
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["yitrt.reference.runtime"])
+        else:
+            ctx = mp.get_context("spawn")
         self._tmp = tempfile.TemporaryDirectory(prefix="yitrt-tp-")
         init_file = os.path.join(self._tmp.name, "rendezvous")
         self._results = ctx.Queue()
