@@ -17,7 +17,7 @@ from yitrt.build.profiles import Profile, load_profile, pick_profile, resolve_fl
 from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM
 from yitrt.errors import UsageError, ValidationError
 from yitrt.plan.gpus import Gpu
-from yitrt.plan.memory import MemoryPlan, PlanRequest, Workload, plan_memory
+from yitrt.plan.memory import DEFAULT_KV_FRACTION, MemoryPlan, PlanRequest, Workload, plan_memory
 from yitrt.plan.planner import PlanSource, load_source
 from yitrt.plan.rules import Finding, check, rule_context, unmet
 from yitrt.quant.schemes import get_kv_cache, get_scheme
@@ -112,7 +112,7 @@ def assemble(
     workers: int | None = None,
     isl: int = 1024,
     osl: int = 512,
-    kv_fraction: float = 0.9,
+    kv_fraction: float = DEFAULT_KV_FRACTION,
 ) -> BuildSpec:
     """Resolve and check a build of ``checkpoint`` for ``gpu``.
 
