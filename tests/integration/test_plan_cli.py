@@ -43,7 +43,7 @@ def test_a_plan_that_does_not_fit_exits_13_and_says_what_would(plan_json, cli):
     assert not cand["fits"] and "L40S" in cand["plan"]["problems"][0]
     assert any(s.startswith("--tp 2: fits") for s in data["suggestions"])
     assert any(s.startswith("--scheme fp8: fits") for s in data["suggestions"])
-    assert any("pp2" in w or "Yi-34B-Chat" in w for w in data["warnings"]) is False  # pp 1: the pp=2 pitfall stays silent
+    assert not any("TP1 x PP2" in w for w in data["warnings"])  # pp 1: the pp=2 pitfall stays silent
     text = cli("plan", "01-ai/Yi-34B-Chat", "--gpu", "L40S")
     assert text.returncode == 13 and "does not fit" in text.stdout and "would fit: --tp 2" in text.stdout
 
