@@ -61,8 +61,9 @@ def test_hand_checked_weight_bytes():
     # tp 2: each rank holds half of every linear, half the vocab rows of embedding and lm_head, all norms
     half = rank_weight_bytes(request(YI_34B, tp=2), 0)
     h, v, i, L = 7168, 64000, 20480, 60
-    linear = L * (h * (7168 + 2 * 1024) + 7168 * h + 3 * h * i) // 2 * 2
-    assert half["linear"] == linear and half["embedding"] == half["lm_head"] == v // 2 * h * 2
+    elements = L * (h * (7168 + 2 * 1024) + 7168 * h + 3 * h * i)
+    assert half["linear"] == elements // 2 * 2  # half the elements per rank, 2 bytes each
+    assert half["embedding"] == half["lm_head"] == v // 2 * h * 2
     assert half["norms"] == (2 * L + 1) * h * 2
 
 

@@ -47,10 +47,10 @@ class BuildSpec:
         """Ranks (engine files) of the build."""
         return (self.source.tp or 1) * (self.source.pp or 1)
 
-    def argv(self, output_dir: Path, input_timing_cache: Path | None = None, program: str = "trtllm-build") -> list[str]:
-        """The command line, valid for the spec's release line."""
+    def argv(self, output_dir: Path, input_timing_cache: Path | None = None, program: str | None = None) -> list[str]:
+        """The command line, valid for the spec's release line (``program``: the trtllm-build path to run)."""
         table = flag_table().flags(self.line)
-        args: list[str] = [program, "--checkpoint_dir", str(self.checkpoint), "--output_dir", str(output_dir)]
+        args: list[str] = [program or "trtllm-build", "--checkpoint_dir", str(self.checkpoint), "--output_dir", str(output_dir)]
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
             args += [f"--{name}", str(self.limits[name])]
         args += ["--max_beam_width", "1", "--workers", str(self.workers), "--log_level", "info",
@@ -67,9 +67,7 @@ class BuildSpec:
 
     def build_config(self) -> dict[str, Any]:
         """The resolved build configuration: limits, plugin flags (defaults included) and where they came from."""
-        defaults = flag_table().plugin_defaults(self.line)
-        plugins = {k: v for k, v in defaults.items() if v is not None and v != "suppressed"}
-        plugins.update(self.plugins)
+        plugins = {**flag_table().plugin_defaults(self.line), **self.plugins}
         return {
             "trtllm_version": self.trtllm_version, "release_line": self.line, "gpu": self.gpu.to_json(),
             "profiles": self.profiles, "tp": self.source.tp, "pp": self.source.pp, "world_size": self.world_size,

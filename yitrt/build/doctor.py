@@ -17,11 +17,9 @@ from yitrt.build import environment as env
 from yitrt.manifest import read_manifest
 from yitrt.plan.gpus import match_gpu
 
-#: Python distributions the stages use (metadata names), and which extra installs them.
-PACKAGES = {
-    "torch": "core", "safetensors": "core", "huggingface_hub": "core", "transformers": "quant",
-    "nvidia-modelopt": "quant", "tritonclient": "serve", "nvidia-pytriton": "serve", "aiconfigurator": "plan",
-}
+#: Python distributions (metadata names) whose presence decides what the stages can do here.
+PACKAGES = ("torch", "safetensors", "huggingface_hub", "transformers", "nvidia-modelopt", "tritonclient", "nvidia-pytriton",
+            "aiconfigurator")
 
 
 @dataclass

@@ -77,8 +77,9 @@ class FlagTable:
         return out
 
     def plugin_defaults(self, line: str) -> dict[str, Any]:
-        """Defaults of the plugin/feature flags on a line (None: no default)."""
-        return {name: spec.default for name, spec in self.flags(line).items() if spec.plugin}
+        """The plugin/feature flags that have a default value on a line, with it."""
+        return {name: spec.default for name, spec in self.flags(line).items()
+                if spec.plugin and spec.default not in (None, SUPPRESSED)}
 
 
 def _key(line: str) -> tuple[int, int]:

@@ -135,10 +135,9 @@ def _target_gpu(req: BuildRequest, visible: list[env.GpuInfo]) -> tuple[Gpu, lis
         if found is None:
             raise UsageError(f"this machine's GPU {visible[0].name!r} is not in yitrt's GPU table", "pass --gpu NAME (or smNN)")
         return found, warnings
-    if req.dry_run:
-        warnings.append(f"no GPU visible and no --gpu: planned for {DRY_RUN_GPU}; pass --gpu for your target")
-        return get_gpu(DRY_RUN_GPU), warnings
-    raise MissingToolError("no NVIDIA GPU is visible (nvidia-smi reports none)", "run yitrt build on the GPU machine")  # unreachable: checked first
+    # only a dry run gets here without a GPU (build_engine refuses earlier otherwise)
+    warnings.append(f"no GPU visible and no --gpu: planned for {DRY_RUN_GPU}; pass --gpu for your target")
+    return get_gpu(DRY_RUN_GPU), warnings
 
 
 def _stream(argv: list[str], cwd: Path, log_path: Path, world: int, progress: Progress | None) -> tuple[int, str]:
@@ -236,8 +235,7 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
         if old_cache.is_file():
             seed = art.path / "timing.seed.cache"
             shutil.copyfile(old_cache, seed)
-        argv = spec.argv(art.path, seed)
-        argv[0] = install.trtllm_build or argv[0]
+        argv = spec.argv(art.path, seed, program=install.trtllm_build)
         log_path = art.path / "build.log"
         code, head = _stream(argv, art.path, log_path, spec.world_size, progress)
         if code != 0:
@@ -249,13 +247,12 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
         if seed is not None:
             seed.unlink()
         facts = _engine_facts(art.path, spec)
-        announced = banner_version(head) or facts["version"] or install.trtllm_version
         if facts["version"] and release_line(facts["version"]) != spec.line:
             raise BuildError(f"the engine says TensorRT-LLM {facts['version']}, the argv was made for {spec.line}",
                              "pass --trtllm-version matching the installed TensorRT-LLM", cause_id="version-mismatch")
-        engine = {"trtllm_version": facts["version"] or announced, "tensorrt_version": install.tensorrt_version,
+        engine = {"trtllm_version": facts["version"] or banner_version(head) or install.trtllm_version, "tensorrt_version": install.tensorrt_version,
                   "gpu_name": visible[0].name if visible else gpu.name, "gpu": gpu.name, "gpu_sm": gpu.sm,
-                  "argv": [install.trtllm_build or "trtllm-build", *spec.argv(out)[1:]], "checkpoint": str(Path(req.checkpoint).absolute()),
+                  "argv": spec.argv(out, program=install.trtllm_build), "checkpoint": str(Path(req.checkpoint).absolute()),
                   "checkpoint_digest": digest, "world_size": spec.world_size, "profiles": spec.profiles,
                   "build_config": spec.build_config()}
         art.extra["engine"] = engine

@@ -32,7 +32,6 @@ from yitrt.models.config import ModelConfig
 from yitrt.plan.gpus import MIB, Gpu
 from yitrt.quant.schemes import KV_BYTES_FP16, KvCacheFormat, Scheme
 
-GIB = 1 << 30
 #: CUDA context (~0.5 GiB with lazy module loading), cuBLAS/TensorRT workspaces and the executor's fixed buffers.
 RUNTIME_BASE_BYTES = 1536 * MIB
 #: NCCL communicators and the custom all-reduce IPC buffers of a tp > 1 engine.
@@ -175,6 +174,7 @@ class MemoryPlan:
     max_tokens_in_paged_kv_cache: int
     problems: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
     notes: list[str] = field(default_factory=list)
+    weights_fit: bool = True  # weights, activations and runtime leave room for a KV pool on every rank
 
     @property
     def fits(self) -> bool:
@@ -359,10 +359,6 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
     limits = BuildLimits(max_batch_size=batch, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                          max_input_len=max(1, max_seq_len - 1))
     max_tokens = min(kv_tokens, batch * blocks_per_seq * tpb)
-    return MemoryPlan(req, ranks, limits, kv_tokens, blocks, blocks_per_seq, concurrent, max_tokens, problems, notes)
-
-
-def gb(value: int | float) -> float:
-    """Bytes → GB (10^9), rounded for display."""
-    return round(value / 1e9, 2)
+    return MemoryPlan(req, ranks, limits, kv_tokens, blocks, blocks_per_seq, concurrent, max_tokens, problems, notes,
+                      weights_fit=need < req.gpu.memory_bytes)
 

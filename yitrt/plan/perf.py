@@ -116,8 +116,7 @@ def choose_under_slo(report: PlanReport, slo_ttft_ms: float, slo_tpot_ms: float)
                 except Exception as exc:  # noqa: BLE001 - AIConfigurator raises many types; the note keeps its text
                     notes.append(f"{cand.scheme} tp {cand.tp} batch {batch}: not estimated ({str(exc).splitlines()[0][:160]})")
                     break
-                version = version or est.pop("backend_version")
-                est.pop("backend_version", None)
+                version = est.pop("backend_version")
                 meets = est["ttft_ms"] <= slo_ttft_ms and est["tpot_ms"] <= slo_tpot_ms
                 rows.append({"scheme": cand.scheme, "kv_cache": cand.kv, "tp": cand.tp, "batch": batch, **est, "meets_slo": meets})
     # measured estimates are preferred: a formula-only figure wins only where no measured candidate meets the SLO

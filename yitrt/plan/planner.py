@@ -250,10 +250,8 @@ def _suggest(source: PlanSource, opts: PlanOptions, gpu: Gpu, base: Candidate) -
             out.append(f"{label}: fits, {cand.plan.max_concurrent} sequences of {opts.workload.isl + opts.workload.osl} tokens "
                        f"({cand.plan.ranks[0].weight_bytes / 1e9:.2f} GB weights per GPU)")
     plan = base.plan
-    if plan is not None and plan.ranks and not any(p.startswith("rank") for p in plan.problems):
-        tokens = plan.kv_tokens
-        if tokens:
-            out.append(f"shorter sequences: the KV pool holds {tokens} tokens per rank (e.g. --isl/--osl summing to at most {tokens})")
+    if plan is not None and plan.weights_fit and (tokens := plan.kv_tokens):
+        out.append(f"shorter sequences: the KV pool holds {tokens} tokens per rank (e.g. --isl/--osl summing to at most {tokens})")
     return out
 
 

@@ -208,7 +208,7 @@ def _plugin_defaults(trtllm: str | None) -> dict[str, Any]:
     table = flag_table()
     line = release_line(trtllm) if trtllm else table.default_line
     defaults = table.plugin_defaults(line if known_line(line) else table.default_line)
-    return {"kv_cache_type": "paged", **{k: v for k, v in defaults.items() if v not in (None, "suppressed")}}
+    return {"kv_cache_type": "paged", **defaults}
 
 
 def rule_context(
