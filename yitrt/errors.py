@@ -124,3 +124,15 @@ class MissingToolError(YitrtError):
     """An external program (trtllm-build, nvidia-smi, tritonserver, mpirun) or a GPU that a stage needs is absent."""
 
     exit_code = 12
+
+
+class ServerError(YitrtError):
+    """Triton did not start or stopped answering."""
+
+    exit_code = 14
+
+
+class RequestFailedError(YitrtError):
+    """The server answered a request with an error."""
+
+    exit_code = 15

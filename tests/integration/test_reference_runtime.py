@@ -14,7 +14,7 @@ import torch
 
 from yitrt.checkpoint.convert import ConvertRequest, convert
 from yitrt.reference.original import greedy_original, load_original, score_original
-from yitrt.reference.runtime import ReferenceRuntime, Sampling
+from yitrt.reference.runtime import ReferenceRuntime, Sampling, StopRule
 from yitrt.synthetic import SyntheticSpec, write_synthetic_model
 
 pytestmark = pytest.mark.integration
@@ -110,6 +110,25 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     assert top1 == tiny["greedy"]
     end = tiny["greedy"][0][2]
     assert stopped[0] == tiny["greedy"][0][: tiny["greedy"][0].index(end) + 1]  # stops after emitting the end id
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generate_stream_steps_each_sequence_under_its_own_stop_rule(tiny, tp):
+    """What the CPU reference engine slot relies on: per-request limits, end ids and stop sequences in one batch,
+    streamed step by step from rank 0 (tp 2: across processes)."""
+    seqs, greedy = tiny["seqs"], tiny["greedy"]
+    rules = [StopRule(6), StopRule(3), StopRule(6, stop_sequences=(tuple(greedy[2][1:3]),))]
+    steps = []
+    with ReferenceRuntime(_convert(tiny, f"tp{tp}", tp=tp), device="cpu") as runtime:
+        for events in runtime.generate_stream(seqs, rules):
+            steps.append(events)
+        again = runtime.generate(seqs[:1], 2)  # the runtime still answers after a stream
+    tokens = [[e[0] for e in (step[b] for step in steps) if e is not None] for b in range(3)]
+    reasons = [[e[1] for e in (step[b] for step in steps) if e is not None][-1] for b in range(3)]
+    assert tokens == [greedy[0][:6], greedy[1][:3], greedy[2][:3]]
+    assert reasons == ["length", "length", "stop_words"]
+    assert len(steps) == 6 and steps[3][1] is None  # a finished sequence yields None while the others go on
+    assert again == [greedy[0][:2]]
 
 
 @pytest.mark.parametrize("scaling", [

@@ -371,9 +371,10 @@ def demo_model(
 
 
 def _register_commands() -> None:
-    from yitrt.cli import plan_build
+    from yitrt.cli import plan_build, triton_cmds
 
     plan_build.register(app)
+    triton_cmds.register(app)
 
 
 _register_commands()

@@ -59,14 +59,16 @@ class PlanSource:
     group_size: int | None = None
 
 
-def _scheme_of_algo(algo: str | None) -> str:
+def scheme_of_algo(algo: str | None) -> str:
+    """The scheme whose quant_algo a checkpoint or engine config names."""
     for scheme in SCHEMES.values():
         if scheme.quant_algo == algo:
             return scheme.name
     raise UsageError(f"quant_algo {algo!r} is not a scheme yitrt plans", "plan checkpoints written by yitrt convert/quantize")
 
 
-def _kv_of_algo(algo: str | None) -> str | None:
+def kv_of_algo(algo: str | None) -> str | None:
+    """The KV-cache format a kv_cache_quant_algo names (None: the model dtype)."""
     if algo is None:
         return None
     for kv in KV_CACHE_FORMATS.values():
@@ -89,8 +91,8 @@ def checkpoint_source(folder: Path, config: dict[str, Any]) -> PlanSource:
         "mlp_bias": spec.mlp_bias, "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
     }
     cfg = parse_config(raw, str(folder / "config.json"))
-    return PlanSource(cfg, "checkpoint", str(folder), None, spec.dtype, _scheme_of_algo(spec.quant_algo),
-                      _kv_of_algo(spec.kv_cache_quant_algo), spec.tp, spec.pp, spec.parallel_embedding,
+    return PlanSource(cfg, "checkpoint", str(folder), None, spec.dtype, scheme_of_algo(spec.quant_algo),
+                      kv_of_algo(spec.kv_cache_quant_algo), spec.tp, spec.pp, spec.parallel_embedding,
                       spec.group_size if spec.quant_algo and "AWQ" in spec.quant_algo else None)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,29 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When one sequence of a batch stops (the checks TensorRT-LLM's executor makes per request).
+
+    Attributes:
+        max_new: at most this many new tokens.
+        end_ids: a token that ends the sequence (the request's end id, extra eos ids).
+        stop_sequences: token sequences that end it once the output ends with one of them.
+    """
+
+    max_new: int
+    end_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+
+    def finish_reason(self, new: list[int]) -> str | None:
+        """``end_id``, ``stop_words`` or ``length`` when ``new`` (the output so far) is finished, else None."""
+        if new and new[-1] in self.end_ids:
+            return "end_id"
+        if any(seq and tuple(new[-len(seq):]) == seq for seq in self.stop_sequences):
+            return "stop_words"
+        return "length" if len(new) >= self.max_new else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -159,6 +183,22 @@ class RankEngine:
         Returns:
             The new tokens of each prompt (up to and including an end id, at most ``max_new_tokens``).
         """
+        rules = [StopRule(max_new_tokens, tuple(end_ids))] * len(prompts)
+        new: list[list[int]] = [[] for _ in prompts]
+        for events in self.generate_steps(prompts, rules, sampling):
+            for b, event in enumerate(events):
+                if event is not None:
+                    new[b].append(event[0])
+        return new
+
+    def generate_steps(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling) -> Iterator[list[tuple[int, str | None] | None]]:
+        """Decode a batch one step at a time, each sequence under its own ``StopRule``.
+
+        Yields:
+            Per step, for each sequence: ``(token, finish_reason)`` (reason None while it goes on), or None once
+            it has finished. A token that ends a sequence (end id, last token of a stop sequence) is yielded
+            with the reason; the consumer decides whether to show it.
+        """
         model = self.model
         ids, positions, valid = left_pad(prompts, self.device)
         cache = model.new_cache()
@@ -167,18 +207,23 @@ class RankEngine:
         generator = torch.Generator().manual_seed(sampling.seed)
         new: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for step in range(max_new_tokens):
+        for _ in range(max(rule.max_new for rule in rules)):
             chosen = self.comm.broadcast(pick_tokens(logits, sampling, generator))
+            events: list[tuple[int, str | None] | None] = []
             for b, token in enumerate(chosen.tolist()):
-                if not done[b]:
-                    new[b].append(token)
-                    done[b] = token in end_ids
-            if all(done) or step == max_new_tokens - 1:
+                if done[b]:
+                    events.append(None)
+                    continue
+                new[b].append(token)
+                reason = rules[b].finish_reason(new[b])
+                done[b] = reason is not None
+                events.append((token, reason))
+            yield events
+            if all(done):
                 break
             valid = torch.cat([valid, torch.ones(len(prompts), 1, dtype=torch.bool, device=self.device)], dim=1)
             logits = model.forward(chosen[:, None], lengths[:, None], valid, cache, last_only=True)[:, -1]
             lengths = lengths + 1
-        return new
 
 
 def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str, commands, results) -> None:
@@ -196,6 +241,11 @@ def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str
         while (command := commands.get()) is not None:
             name, args = command
             value = getattr(engine, name)(*args)
+            if name == "generate_steps":  # a generator: every rank steps it; rank 0 reports each step
+                for events in value:
+                    if tp_rank == 0:
+                        results.put(("step", 0, events))
+                value = None
             if tp_rank == 0:
                 results.put(("ok", 0, value))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -320,6 +370,27 @@ class ReferenceRuntime:
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive number")
         return self._call("generate", prompts, max_new_tokens, sampling or Sampling(), tuple(end_ids))
+
+    def generate_stream(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling | None = None) -> Iterator[list[tuple[int, str | None] | None]]:
+        """``RankEngine.generate_steps`` across the ranks: yields each step's events as rank 0 decides them.
+        Consume it to the end (the ranks finish the batch either way)."""
+        if not prompts or any(not p for p in prompts) or len(rules) != len(prompts):
+            raise UsageError("empty prompt or a stop rule missing", "give every prompt at least one token and a StopRule")
+        if any(rule.max_new < 1 for rule in rules):
+            raise UsageError("max_new must be >= 1", "pass a positive number of new tokens")
+        args = (prompts, rules, sampling or Sampling())
+        if self._local is not None:
+            yield from self._local.generate_steps(*args)
+            return
+        if not self._procs:
+            raise YitrtError("reference runtime is closed", "create a new ReferenceRuntime")
+        for q in self._commands:
+            q.put(("generate_steps", args))
+        while True:
+            kind, _, value = self._receive(float("inf"))
+            if kind != "step":
+                return
+            yield value
 
     def close(self) -> None:
         """Stop the rank processes (idempotent)."""

@@ -1,0 +1,94 @@
+"""`yitrt deploy` on an engine folder written by the TEST DOUBLE of trtllm-build (our side of the boundary: the
+folder layout and config.json a 1.2 build writes — no engine is built or served here), and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yitrt.build.runner import BuildRequest, build_engine
+from yitrt.checkpoint.convert import ConvertRequest, convert
+from yitrt.errors import CheckpointError, UsageError, ValidationError
+from yitrt.manifest import read_manifest
+from yitrt.triton.pbtxt import parse_config
+from yitrt.triton.repository import DeployRequest, deploy
+
+
+@pytest.fixture
+def model(make_model):
+    return make_model(tokenizer=True)
+
+
+@pytest.fixture
+def engine(tool_doubles, model, tmp_path):
+    """A tp 2 engine folder from the trtllm-build double, with yitrt's engine manifest (plan KV settings)."""
+    tool_doubles()
+    ckpt = tmp_path / "ckpt"
+    convert(ConvertRequest(model, ckpt, tp=2))
+    out = tmp_path / "engine"
+    build_engine(BuildRequest(ckpt, out))
+    return out
+
+
+def test_deploy_an_engine_derives_world_size_limits_and_kv_settings(engine, tmp_path):
+    repo = tmp_path / "repo"
+    result = deploy(DeployRequest(engine, repo))  # the tokenizer comes from the checkpoint's recorded source
+    config = json.loads((engine / "config.json").read_text())
+    plan = read_manifest(engine).extra["engine"]["build_config"]["plan"]
+    trt = parse_config((repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    params = {k: v.string_value for k, v in trt.parameters.items()}
+    assert trt.backend == "tensorrtllm" and trt.max_batch_size == config["build_config"]["max_batch_size"]
+    assert params["gpt_model_path"] == str(engine) and params["gpt_model_type"] == "inflight_fused_batching"
+    assert float(params["kv_cache_free_gpu_mem_fraction"]) == plan["kv_cache_free_gpu_mem_fraction"]
+    assert int(params["max_tokens_in_paged_kv_cache"]) == plan["max_tokens_in_paged_kv_cache"]
+    assert not list((repo / "tensorrt_llm" / "1").iterdir())  # the C++ backend needs no model.py
+    launch = (repo / "launch.sh").read_text()
+    assert launch.count("-n 1 ") == 2 and "mpirun --allow-run-as-root" in launch  # exactly tp×pp = 2 ranks
+    assert "prefix0_" in launch and "prefix1_" in launch and launch.count("--load-model=tensorrt_llm") == 1
+    assert (repo / "preprocessing" / "tokenizer" / "tokenizer.json").is_file()
+    pre = {k: v.string_value for k, v in parse_config((repo / "preprocessing" / "config.pbtxt").read_text()).parameters.items()}
+    assert pre["max_input_len"] == str(config["build_config"]["max_input_len"]) and pre["tokenizer_dir"] == "preprocessing/tokenizer"
+    assert result.engine.world_size == 2 and "tensorrt_llm_bls" in (repo / "README.md").read_text()
+    again = deploy(DeployRequest(engine, repo))
+    assert again.reused  # same inputs: nothing rewritten
+
+
+def test_serving_options_the_engine_cannot_honour_are_all_reported(engine, tmp_path):
+    config = json.loads((engine / "config.json").read_text())
+    config["build_config"]["plugin_config"]["use_paged_context_fmha"] = False  # as config.json writes it
+    (engine / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValidationError) as caught:
+        deploy(DeployRequest(engine, tmp_path / "repo", kv_reuse=True, chunked_context=True, max_kv_tokens=100,
+                             max_batch_size=10_000))
+    text = str(caught.value)
+    for expected in ("KV-cache reuse needs paged context FMHA", "chunked context needs paged context FMHA",
+                     "--max-kv-tokens 100 cannot hold", "exceeds the engine's max_batch_size"):
+        assert expected in text
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob("repo.partial-*"))
+
+
+def test_wrong_folders_and_versions_are_refused(engine, model, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(UsageError, match="holds a checkpoint"):
+        deploy(DeployRequest(ckpt, tmp_path / "r1"))
+    with pytest.raises(UsageError, match="not a TensorRT-LLM engine"):
+        deploy(DeployRequest(model, tmp_path / "r2"))  # an HF model folder
+    with pytest.raises(ValidationError, match="built with TensorRT-LLM 1.2"):
+        deploy(DeployRequest(engine, tmp_path / "r3", trtllm_version="1.0"))
+    (engine / "rank1.engine").unlink()
+    with pytest.raises(CheckpointError, match="rank1.engine"):
+        deploy(DeployRequest(engine, tmp_path / "r4"))
+    with pytest.raises(UsageError, match="reference slot only"):
+        deploy(DeployRequest(ckpt, tmp_path / "r5", max_input_len=10))
+
+
+def test_cli_deploy_errors_are_one_line_and_keep_the_previous_repository(engine, tmp_path, cli):
+    repo = tmp_path / "repo"
+    assert cli("deploy", str(engine), "--out", str(repo)).returncode == 0
+    before = (repo / "yitrt-manifest.json").read_text()
+    done = cli("deploy", str(engine), "--out", str(repo), "--kv-reuse", "--max-kv-tokens", "1", "--force")
+    assert done.returncode == 3 and "Traceback" not in done.stderr and "--max-kv-tokens 1 cannot hold" in done.stderr
+    assert (repo / "yitrt-manifest.json").read_text() == before  # the good repository is untouched
+    data = json.loads(cli("deploy", str(engine), "--out", str(tmp_path / "r2"), "--no-streaming", "--json").stdout)
+    assert data["streaming"] is False and data["world_size"] == 2 and data["entry_model"] == "tensorrt_llm_bls"

@@ -1,0 +1,166 @@
+"""The Triton repository writer: every config.pbtxt parses into Triton's ModelConfig, the ensemble's wiring is
+complete, the TensorRT-LLM contract per line (facts from reference/triton-repository.md and the templates), and
+golden files per line. No server here (tests/integration/test_triton_server.py serves a repository for real)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from yitrt.triton.contract import contract, known_lines, resolve_line
+from yitrt.triton.pbtxt import parse_config
+from yitrt.triton.repository import MODEL_NAMES, DeployRequest, EngineFacts, render_repository
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "triton"
+TYPES = {"TYPE_STRING", "TYPE_INT32", "TYPE_FP32", "TYPE_BOOL", "TYPE_UINT64", "TYPE_INT64", "TYPE_FP16", "TYPE_BF16", "TYPE_UINT8"}
+
+
+def _facts(kind: str = "trtllm", tp: int = 2, pp: int = 1, batch: int = 64) -> EngineFacts:
+    return EngineFacts(kind, Path("/ENGINE"), "1.2.1", "bfloat16", "float32", tp, pp, batch, 4095, 4096,
+                       {"paged_kv_cache": True, "remove_input_padding": True},
+                       plan={"kv_cache_free_gpu_mem_fraction": 0.85, "max_tokens_in_paged_kv_cache": 200000})
+
+
+def _render(line: str, streaming: bool = True, kind: str = "trtllm", **req) -> dict:
+    texts = render_repository(DeployRequest(Path("/ENGINE"), Path("/REPO"), engine=kind, streaming=streaming, **req),
+                              _facts(kind), line, 7, [2])
+    return {name: parse_config(text) for name, text in texts.items()}
+
+
+@pytest.mark.parametrize("line", known_lines())
+@pytest.mark.parametrize("streaming", [True, False])
+def test_every_config_parses_into_model_config(line, streaming):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    configs = _render(line, streaming)
+    assert set(configs) == set(MODEL_NAMES)
+    for name, cfg in configs.items():
+        assert cfg.name == name
+        assert cfg.max_batch_size == 64
+        for tensor in [*cfg.input, *cfg.output]:
+            assert pb.DataType.Name(tensor.data_type) in TYPES, (name, tensor.name)  # no ${...} type left unfilled
+    assert configs["tensorrt_llm"].model_transaction_policy.decoupled is streaming
+    assert configs["tensorrt_llm_bls"].model_transaction_policy.decoupled is streaming
+
+
+@pytest.mark.parametrize("line", known_lines())
+def test_ensemble_wiring_connects_every_consumed_tensor_to_a_producer(line):
+    configs = _render(line)
+    ensemble = configs["ensemble"]
+    available = {t.name: t.data_type for t in ensemble.input}
+    produced: set[str] = set()
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        inputs, outputs = {t.name: t for t in model.input}, {t.name: t.data_type for t in model.output}
+        for model_input, tensor in step.input_map.items():
+            assert model_input in inputs, f"{step.model_name} has no input {model_input}"
+            assert tensor in available, f"{step.model_name}.{model_input} reads {tensor}, which nothing produced before"
+            # Triton refuses an ensemble whose tensor types disagree between producer and consumer
+            assert available[tensor] == inputs[model_input].data_type, f"{tensor}: type differs for {step.model_name}.{model_input}"
+        required = {n for n, t in inputs.items() if not t.optional}
+        assert required <= set(step.input_map), f"{step.model_name}: required inputs {required - set(step.input_map)} unmapped"
+        for model_output, tensor in step.output_map.items():
+            assert model_output in outputs, f"{step.model_name} has no output {model_output}"
+            assert tensor not in produced, f"{tensor} produced twice"
+            produced.add(tensor)
+        available |= {tensor: outputs[name] for name, tensor in step.output_map.items()}
+    assert {t.name for t in ensemble.output} <= produced  # every ensemble output has a producer
+    assert all(available[t.name] == t.data_type for t in ensemble.output)
+    # internal tensors are consumed somewhere (no dangling producer except the ensemble's own outputs)
+    consumed = {v for s in ensemble.ensemble_scheduling.step for v in s.input_map.values()}
+    assert {t for t in produced if t.startswith("_")} <= consumed
+
+
+def _params(cfg) -> dict[str, str]:
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+def test_tensorrt_llm_1_2_contract_facts():
+    """Facts of TensorRT-LLM 1.2's tensorrt_llm / ensemble templates (reference §1.4, §1.5, §3, §6.3)."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    cfg = _render("1.2")
+    trt = {t.name: t for t in cfg["tensorrt_llm"].input}
+    assert not trt["input_lengths"].optional and not trt["request_output_len"].optional
+    assert trt["input_ids"].optional and trt["input_ids"].allow_ragged_batch
+    assert trt["seed"].HasField("reshape") and "random_seed" not in trt and "min_length" not in trt and "min_tokens" in trt
+    assert {"return_num_input_tokens", "return_num_output_tokens", "stop", "streaming"} <= set(trt)
+    params = _params(cfg["tensorrt_llm"])
+    assert params["gpt_model_type"] == "inflight_fused_batching" and params["gpt_model_path"] == "/ENGINE"
+    assert params["exclude_input_in_output"] == "true"
+    assert params["kv_cache_free_gpu_mem_fraction"] == "0.85" and params["max_tokens_in_paged_kv_cache"] == "200000"
+    assert params["executor_worker_path"] == "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
+    assert params["enable_kv_cache_reuse"] == "false" and params["decoding_mode"] == "${decoding_mode}"  # unfilled stays literal
+    assert cfg["tensorrt_llm"].backend == "tensorrtllm"
+    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg["tensorrt_llm"].instance_group] == [(1, "KIND_CPU")]  # GPUs via gpu_device_ids
+    assert cfg["tensorrt_llm"].dynamic_batching.preferred_batch_size == [64]
+    ens_inputs = {t.name: t for t in cfg["ensemble"].input}
+    assert not ens_inputs["text_input"].optional and list(ens_inputs["text_input"].dims) == [1]
+    assert ens_inputs["messages"].optional  # yitrt's addition stays optional
+    logits = {t.name: t for t in cfg["ensemble"].output}["generation_logits"]
+    assert list(logits.dims) == [-1, -1, -1]
+    steps = {s.model_name: s for s in cfg["ensemble"].ensemble_scheduling.step}
+    assert steps["tensorrt_llm"].input_map["streaming"] == "stream" and steps["tensorrt_llm"].input_map["runtime_top_k"] == "top_k"
+    assert steps["tensorrt_llm"].output_map["output_ids"] == "_TOKENS_BATCH"
+    prompt_table = {t.name: t for t in cfg["tensorrt_llm"].input}["prompt_embedding_table"]
+    assert pb.DataType.Name(prompt_table.data_type) == "TYPE_FP16"  # = the ensemble's, which Triton requires
+
+
+def test_version_differences_come_from_the_one_table():
+    old, new = contract("0.19"), contract("1.2")
+    assert old["ensemble"].input("min_length") and old["ensemble"].input("random_seed") and not old["ensemble"].input("min_tokens")
+    assert not old["tensorrt_llm"].input("return_num_input_tokens") and new["tensorrt_llm"].input("return_num_input_tokens")
+    step = {s.model: s for s in old["ensemble"].steps}["tensorrt_llm"]
+    assert step.input_map["min_length"] == "min_length" and "min_tokens" not in step.input_map
+    assert old["tensorrt_llm"].input("prompt_embedding_table").data_type == "FP16"
+    assert contract("1.0")["preprocessing"].input("IMAGE_SIZES") is None and new["preprocessing"].input("IMAGE_SIZES")
+    assert set(old["tensorrt_llm"].parameters) == set(new["tensorrt_llm"].parameters)  # 45 keys since 0.19
+    assert len(new["tensorrt_llm"].parameters) == 45
+
+
+def test_unknown_or_engineless_versions_are_refused():
+    from yitrt.errors import UsageError
+
+    assert resolve_line("1.2.1") == "1.2" and resolve_line(None) == "1.2"
+    with pytest.raises(UsageError, match="not 1.3.0") as newer:
+        resolve_line("1.3.0")
+    assert "llmapi" in newer.value.hint
+    with pytest.raises(UsageError, match="0.19"):
+        resolve_line("0.16.0")
+
+
+def test_reference_slot_has_the_same_tensors_and_says_what_it_is():
+    engine = _render("1.2", kind="trtllm")["tensorrt_llm"]
+    slot = _render("1.2", kind="reference")["tensorrt_llm"]
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in slot.input] == [(t.name, t.data_type, list(t.dims), t.optional) for t in engine.input]
+    assert [t.name for t in slot.output] == [t.name for t in engine.output]
+    assert slot.backend == "python" and "reference" in _params(slot)["yitrt_engine_slot"]
+
+
+def test_options_reach_the_configs():
+    cfg = _render("1.2", streaming=False, max_batch_size=16, instances=3, kv_reuse=True, kv_fraction=0.5, model_name="yi")
+    assert set(cfg) == {"ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "yi"}
+    assert cfg["yi"].instance_group[0].count == 3 and cfg["preprocessing"].instance_group[0].count == 3
+    assert all(c.max_batch_size == 16 for c in cfg.values())
+    params = _params(cfg["tensorrt_llm"])
+    assert params["enable_kv_cache_reuse"] == "true" and params["kv_cache_free_gpu_mem_fraction"] == "0.5"
+    assert _params(cfg["preprocessing"])["end_id"] == "7" and _params(cfg["preprocessing"])["stop_token_ids"] == "2"
+
+
+@pytest.mark.parametrize("line", known_lines())
+def test_golden_repository(line):
+    texts = render_repository(DeployRequest(Path("/ENGINE"), Path("/REPO")), _facts(), line, 7, [2])
+    folder = GOLDEN / line
+    if os.environ.get("YITRT_UPDATE_GOLDEN") == "1":  # regenerate after a deliberate change, then review the diff
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (folder / f"{name}.pbtxt").write_text(_stable(text))
+    for name, text in texts.items():
+        assert _stable(text) == (folder / f"{name}.pbtxt").read_text(), f"{line}/{name}.pbtxt differs from the golden file"
+
+
+def _stable(text: str) -> str:
+    """Drop the version line of the header comment (it names the yitrt version)."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith("# Written by yitrt")) + "\n"

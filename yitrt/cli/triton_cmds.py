@@ -1,0 +1,127 @@
+"""Commands `deploy`, `serve` and `chat` (registered on the main app by ``register``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from yitrt.cli import render
+from yitrt.cli.options import ForceOpt, JsonOpt
+
+
+def register(app: typer.Typer) -> None:
+    """Add the Triton commands to ``app``."""
+
+    @app.command()
+    def deploy(
+        engine_dir: Annotated[Path, typer.Argument(help="Engine folder (yitrt build), or a checkpoint with --engine reference.", show_default=False)],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Repository folder to write.", show_default=False)],
+        tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF model folder with the tokenizer [default: the one the checkpoint records].", show_default=False)] = None,
+        engine: Annotated[str, typer.Option("--engine", help="trtllm (a TensorRT-LLM engine) or reference (CPU reference slot over a checkpoint: tests and the demo only).")] = "trtllm",
+        trtllm_version: Annotated[str | None, typer.Option("--trtllm-version", help="Contract line [default: the engine's, else 1.2].", show_default=False)] = None,
+        streaming: Annotated[bool, typer.Option("--streaming/--no-streaming", help="Decoupled models (token streaming).")] = True,
+        max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", min=1, help="Triton batch size [default: the engine's].", show_default=False)] = None,
+        kv_fraction: Annotated[float | None, typer.Option("--kv-fraction", min=0.01, max=1.0, help="kv_cache_free_gpu_mem_fraction [default: the plan's].", show_default=False)] = None,
+        max_kv_tokens: Annotated[int | None, typer.Option("--max-kv-tokens", min=1, help="max_tokens_in_paged_kv_cache [default: the plan's].", show_default=False)] = None,
+        kv_reuse: Annotated[bool, typer.Option("--kv-reuse", help="Enable KV-cache reuse (needs paged context FMHA).")] = False,
+        chunked_context: Annotated[bool, typer.Option("--chunked-context", help="Enable chunked context (needs paged context FMHA).")] = False,
+        instances: Annotated[int, typer.Option("--instances", min=1, help="Instances of the Python models.")] = 1,
+        model_name: Annotated[str, typer.Option("--model-name", help="Name of the BLS entry model.")] = "tensorrt_llm_bls",
+        max_input_len: Annotated[int | None, typer.Option("--max-input-len", min=1, help="Reference slot only: longest prompt [default: context - 1].", show_default=False)] = None,
+        max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", min=2, help="Reference slot only: longest sequence [default: the model's context].", show_default=False)] = None,
+        force: ForceOpt = False,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Write a Triton model repository (in-flight batching) for an engine, checked against the engine."""
+        from yitrt.triton.repository import DeployRequest
+        from yitrt.triton.repository import deploy as run_deploy
+
+        result = run_deploy(DeployRequest(engine_dir, out, tokenizer, engine, trtllm_version, streaming, max_batch_size, kv_fraction,
+                                          max_kv_tokens, kv_reuse, chunked_context, instances, model_name, max_input_len, max_seq_len, force))
+        data = result.to_json()
+        if json_:
+            render.emit_json(data)
+            return
+        for warning in result.warnings:
+            render.warn(warning)
+        verb = "unchanged (same inputs)" if result.reused else "written"
+        render.out.print(f"repository {result.out}: {verb}")
+        render.out.print(f"  TensorRT-LLM {result.line} contract; engine {data['engine']} {data['source']}; world size {data['world_size']}")
+        render.out.print(f"  entry model {data['entry_model']} (and ensemble); max batch {data['max_batch_size']}; streaming {data['streaming']}; "
+                         f"end id {data['end_id']}, stop ids {data['stop_ids'] or 'none'}")
+        render.out.print(f"  start: yitrt serve {result.out}   (or {result.out}/launch.sh)")
+
+    @app.command()
+    def serve(
+        repo: Annotated[Path, typer.Argument(help="Repository written by yitrt deploy.", show_default=False)],
+        http_port: Annotated[int, typer.Option("--http-port")] = 8000,
+        grpc_port: Annotated[int, typer.Option("--grpc-port")] = 8001,
+        metrics_port: Annotated[int, typer.Option("--metrics-port")] = 8002,
+        tritonserver: Annotated[str | None, typer.Option("--tritonserver", help="tritonserver binary [default: TRITONSERVER, PATH, /opt/tritonserver/bin, nvidia-pytriton].", show_default=False)] = None,
+        log_file: Annotated[Path | None, typer.Option("--log-file", help="Server log [default: REPO.server.log beside the repository].", show_default=False)] = None,
+        exit_timeout: Annotated[int, typer.Option("--exit-timeout", min=0, help="Seconds in-flight requests get when stopping.")] = 30,
+        quiet: Annotated[bool, typer.Option("--quiet", help="Do not forward the server's log to stderr.")] = False,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Run tritonserver for a repository (mpirun with tp×pp ranks when needed) until Ctrl-C or SIGTERM."""
+        from yitrt.triton.server import Ports, ServeRequest, server_summary, start_server
+
+        forward = None if quiet or json_ else (lambda line: print(line, file=sys.stderr, flush=True))
+        req = ServeRequest(repo, Ports(http_port, grpc_port, metrics_port), tritonserver, os.environ.get("TRITONSERVER"), log_file,
+                           exit_timeout=exit_timeout)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        server = None
+        try:
+            server = start_server(req, forward)
+            data = server_summary(server)
+            if json_:
+                render.emit_json({"ready": True, **data})
+            else:
+                render.out.print(f"ready: HTTP {data['endpoints']['http']}  gRPC {data['endpoints']['grpc']}  metrics {data['endpoints']['metrics']}")
+                render.out.print(f"  models {', '.join(data['models'])}; world size {data['world_size']}; log {data['log']}; Ctrl-C stops")
+            sys.stdout.flush()
+            code = server.process.wait()
+            render.err.print(f"tritonserver exited with code {code}")
+            raise typer.Exit(code or 0)
+        except KeyboardInterrupt:
+            render.err.print("stopping tritonserver ...")
+        finally:
+            if server is not None:
+                server.stop()
+
+    @app.command()
+    def chat(
+        url: Annotated[str, typer.Argument(help="gRPC endpoint, host:port (yitrt serve prints it).", show_default=False)],
+        message: Annotated[str, typer.Argument(help="The user's message.", show_default=False)],
+        model: Annotated[str, typer.Option("--model", help="Model to ask (the deployment's BLS model, or ensemble).")] = "tensorrt_llm_bls",
+        system: Annotated[str | None, typer.Option("--system", help="System message.", show_default=False)] = None,
+        max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")] = 256,
+        stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop word (repeatable).", show_default=False)] = None,
+        no_stream: Annotated[bool, typer.Option("--no-stream", help="Ask for the whole answer at once.")] = False,
+        temperature: Annotated[float | None, typer.Option("--temperature", min=0.0, help="Sampling temperature [default: greedy].", show_default=False)] = None,
+        top_k: Annotated[int | None, typer.Option("--top-k", min=0, show_default=False)] = None,
+        top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, show_default=False)] = None,
+        seed: Annotated[int | None, typer.Option("--seed", min=0, show_default=False)] = None,
+        timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the answer.")] = 300.0,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Ask a deployed model one chat turn over gRPC; the answer streams as it is generated."""
+        from yitrt.triton.client import ChatRequest
+        from yitrt.triton.client import chat as run_chat
+
+        req = ChatRequest(url, message, model, system, max_tokens, tuple(stop or ()), False if no_stream else None,
+                          temperature, top_k, top_p, seed, timeout)
+        printer = None if json_ else (lambda piece: (render.out.file.write(piece), render.out.file.flush()))
+        result = run_chat(req, printer)
+        if json_:
+            render.emit_json(result.to_json())
+            return
+        render.out.print("")
+        data = result.to_json()
+        render.err.print(f"[{data['output_tokens'] or '?'} tokens, first {data['ttft_ms']} ms, total {data['total_ms']} ms, "
+                         f"{'streamed' if result.streamed else 'not streamed'}]")

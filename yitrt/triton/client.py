@@ -1,0 +1,207 @@
+"""`yitrt chat`: one chat turn against a deployed repository over gRPC (tritonclient), streamed when the model is
+decoupled, with token counts and timings."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from yitrt.errors import RequestFailedError, UsageError, YitrtError, require
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat turn.
+
+    Attributes:
+        url: gRPC endpoint (``host:port``).
+        model: model to ask (the deployment's BLS model, or ``ensemble``).
+        message: the user's message.
+        system: optional system message.
+        max_tokens: generation limit.
+        stop_words: strings that end the answer.
+        stream: stream when the model is decoupled (None: whenever it is).
+        temperature / top_k / top_p / seed: sampling (default greedy).
+        timeout: seconds to wait for the whole answer.
+    """
+
+    url: str
+    message: str
+    model: str = "tensorrt_llm_bls"
+    system: str | None = None
+    max_tokens: int = 256
+    stop_words: tuple[str, ...] = ()
+    stream: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    timeout: float = 300.0
+
+
+@dataclass
+class ChatResult:
+    """The answer and how it arrived."""
+
+    text: str
+    model: str
+    streamed: bool
+    chunks: list[str] = field(default_factory=list)
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    ttft_s: float | None = None
+    total_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON summary (the chunks counted, not repeated)."""
+        tps = self.output_tokens / self.total_s if self.output_tokens and self.total_s else None
+        return {"text": self.text, "model": self.model, "streamed": self.streamed, "chunks": len(self.chunks),
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1), "total_ms": round(self.total_s * 1000, 1),
+                "output_tokens_per_s": None if tps is None else round(tps, 1)}
+
+
+def _model_info(client, model: str) -> tuple[set[str], bool]:
+    """(input names, decoupled) of a model; an ensemble is decoupled when one of its steps is."""
+    try:
+        config = client.get_model_config(model, as_json=True)["config"]
+    except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
+        raise UsageError(f"the server has no ready model {model!r} ({_reason(exc)})", "pass --model (yitrt deploy prints the entry model)") from None
+    decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
+    for step in config.get("ensemble_scheduling", {}).get("step", []):
+        decoupled = decoupled or _model_info(client, step["model_name"])[1]
+    return {i["name"] for i in config.get("input", [])}, decoupled
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "message", lambda: str(exc))() if callable(getattr(exc, "message", None)) else str(exc)
+
+
+def build_inputs(grpc, names: set[str], req: ChatRequest, stream: bool) -> list:
+    """The request tensors: chat turns in ``messages`` when the model takes them, else the raw text."""
+    values: dict[str, tuple[Any, str]] = {"max_tokens": (np.int32(req.max_tokens), "INT32")}
+    turns = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.message}]
+    if "messages" in names:
+        values["text_input"] = ("", "BYTES")
+        values["messages"] = (json.dumps(turns), "BYTES")
+    else:
+        if req.system:
+            raise UsageError(f"model {req.model} takes no chat messages, so --system cannot be sent", "ask the yitrt BLS model, or drop --system")
+        values["text_input"] = (req.message, "BYTES")
+    optional = {"stream": (stream, "BOOL"), "return_num_input_tokens": (True, "BOOL"), "return_num_output_tokens": (True, "BOOL"),
+                "temperature": (req.temperature, "FP32"), "top_k": (req.top_k, "INT32"), "top_p": (req.top_p, "FP32"), "seed": (req.seed, "UINT64")}
+    for name, (value, dtype) in optional.items():
+        if name in names and value is not None:
+            values[name] = (value, dtype)
+    tensors = []
+    for name, (value, dtype) in values.items():
+        array = np.array([[value.encode() if isinstance(value, str) else value]], dtype=object if dtype == "BYTES" else np.dtype(_NP[dtype]))
+        tensor = grpc.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    if req.stop_words:
+        if "stop_words" not in names:
+            raise UsageError(f"model {req.model} takes no stop_words", "drop --stop")
+        array = np.array([[w.encode() for w in req.stop_words]], dtype=object)
+        tensor = grpc.InferInput("stop_words", list(array.shape), "BYTES")
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+_NP = {"INT32": "int32", "FP32": "float32", "BOOL": "bool", "UINT64": "uint64"}
+
+
+def _text(result) -> str:
+    value = result.as_numpy("text_output")
+    if value is None or value.size == 0:
+        return ""
+    return "".join(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1))
+
+
+def _count(result, name: str) -> int | None:
+    value = result.as_numpy(name)
+    return None if value is None or value.size == 0 else int(value.reshape(-1)[0])
+
+
+def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> ChatResult:
+    """Send one chat turn; stream the answer into ``on_text`` as it arrives.
+
+    Raises:
+        UsageError: no such model, or options the model cannot take.
+        YitrtError: the server is unreachable. RequestFailedError: it answered with an error.
+    """
+    grpc = require("tritonclient.grpc", "serve")
+    if req.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, got {req.max_tokens}", "pass a positive number")
+    client = grpc.InferenceServerClient(req.url)
+    try:
+        if not client.is_server_ready():
+            raise YitrtError(f"the server at {req.url} is not ready", "wait for `yitrt serve` to print its endpoints")
+    except YitrtError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise YitrtError(f"cannot reach a Triton server at {req.url} ({_reason(exc)})", "start it with yitrt serve REPO; pass the gRPC port") from None
+    names, decoupled = _model_info(client, req.model)
+    stream = decoupled if req.stream is None else req.stream and decoupled
+    outputs = [grpc.InferRequestedOutput(n) for n in ("text_output", "num_input_tokens", "num_output_tokens") if n == "text_output" or f"return_{n}" in names]
+    inputs = build_inputs(grpc, names, req, stream)
+    result = ChatResult("", req.model, stream)
+    start = time.perf_counter()
+    if not decoupled:
+        try:
+            answer = client.infer(req.model, inputs, outputs=outputs, client_timeout=req.timeout)
+        except Exception as exc:  # noqa: BLE001
+            raise _failed(exc) from None
+        _take(result, answer, start, on_text)
+    else:
+        _stream(client, req, inputs, outputs, result, start, on_text)
+    result.total_s = time.perf_counter() - start
+    result.text = "".join(result.chunks)
+    return result
+
+
+def _take(result: ChatResult, answer, start: float, on_text) -> None:
+    piece = _text(answer)
+    if piece:
+        if result.ttft_s is None:
+            result.ttft_s = time.perf_counter() - start
+        result.chunks.append(piece)
+        if on_text is not None:
+            on_text(piece)
+    for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens")):
+        value = _count(answer, name)
+        if value is not None:
+            setattr(result, attr, value)
+
+
+def _stream(client, req: ChatRequest, inputs, outputs, result: ChatResult, start: float, on_text) -> None:
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    try:
+        client.async_stream_infer(req.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        deadline = time.monotonic() + req.timeout
+        while True:
+            try:
+                answer, error = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise YitrtError(f"no complete answer within {req.timeout:.0f} s", "raise --timeout or lower --max-tokens") from None
+            if error is not None:
+                raise _failed(error)
+            _take(result, answer, start, on_text)
+            final = answer.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                return
+    finally:
+        client.stop_stream()
+
+
+def _failed(exc: Exception) -> RequestFailedError:
+    return RequestFailedError(f"the server refused the request: {_reason(exc)}", "fix the request as the message says")

@@ -1,0 +1,219 @@
+"""The CPU reference engine slot: a ``tensorrt_llm`` model served by yitrt's reference runtime, not TensorRT-LLM.
+
+FOR TESTS AND THE DEMO ON MACHINES WITHOUT A GPU. `yitrt deploy --engine reference CKPT` writes this file into
+``tensorrt_llm/1/model.py`` with the same config.pbtxt tensors as the real ``tensorrtllm`` backend model, so the
+rest of the repository (ensemble, preprocessing, postprocessing, BLS) runs unchanged. It keeps the backend's
+request semantics that the other models rely on:
+- decoupled mode: streaming sends one response per new token, then an empty final response; without streaming
+  one response with every token, then the final flag;
+- ``exclude_input_in_output`` (parameter, per-request input wins), ``end_id`` (the end token is not returned),
+  ``stop_words_list`` (the stop word's tokens are returned, the sequence ends), ``request_output_len`` capped to
+  ``max_seq_len`` minus the prompt, prompts over ``max_input_len`` refused;
+- greedy unless ``runtime_top_k`` > 1 or ``runtime_top_p`` > 0 (with ``temperature`` and ``seed``/``random_seed``).
+Generation runs in a worker process (``python -m yitrt.triton.reference_worker``) started with the interpreter
+named by the ``python_executable`` parameter (or ``YITRT_REFERENCE_PYTHON``): Triton's Python stub embeds a Python
+without torch. The worker batches waiting requests together (static batching, not in-flight batching).
+"""
+
+import json
+import os
+import subprocess
+import threading
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+import yitrt_text as text
+
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
+                "draft_input_ids", "guided_decoding_guide_type", "context_phase_params")
+
+
+def _value(request, name, kind=int):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = np.asarray(tensor.as_numpy()).reshape(-1)
+    return None if array.size == 0 else kind(array[0])
+
+
+class _Pending:
+    """One request in flight: where its tokens go, and how its answer is shaped."""
+
+    def __init__(self, sender, prompt, streaming, exclude_input, counts):
+        self.sender, self.prompt, self.streaming, self.exclude_input = sender, prompt, streaming, exclude_input
+        self.counts = counts  # which of num_input_tokens / num_output_tokens the request asked for
+        self.tokens = []
+        self.error = None
+        self.done = threading.Event()
+        self.response = None
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.checkpoint = text.param(config, "gpt_model_path")
+        self.max_input_len = int(text.param(config, "max_input_len", "0")) or None
+        self.max_seq_len = int(text.param(config, "max_seq_len", "0")) or None
+        self.exclude_input = text.flag(config, "exclude_input_in_output", False)
+        python = os.environ.get("YITRT_REFERENCE_PYTHON") or text.param(config, "python_executable")
+        if not self.checkpoint or not os.path.isdir(self.checkpoint):
+            raise pb_utils.TritonModelException(f"reference engine slot: checkpoint folder {self.checkpoint!r} does not exist (parameter gpt_model_path)")
+        if not python or not os.path.isfile(python):
+            raise pb_utils.TritonModelException(f"reference engine slot: interpreter {python!r} not found; set YITRT_REFERENCE_PYTHON to a Python with yitrt installed")
+        argv = [python, "-m", "yitrt.triton.reference_worker", self.checkpoint,
+                "--max-batch-size", text.param(config, "max_batch_size", str(config.get("max_batch_size") or 8))]
+        self.worker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        first = self.worker.stdout.readline()
+        hello = json.loads(first) if first.strip() else {"ready": False, "error": f"worker exited with code {self.worker.poll()}"}
+        if not hello.get("ready"):
+            raise pb_utils.TritonModelException(f"reference engine slot: the worker did not start: {hello.get('error')}")
+        self.pending = {}
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def _submit(self, request, sender):
+        for name in _UNSUPPORTED:
+            if pb_utils.get_input_tensor_by_name(request, name) is not None:
+                raise ValueError(f"the CPU reference engine slot does not support input '{name}'")
+        ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if ids_tensor is None:
+            raise ValueError("input_ids is required")
+        prompt = [int(i) for i in np.asarray(ids_tensor.as_numpy()).reshape(-1)]
+        length = _value(request, "input_lengths")
+        if length is not None:
+            prompt = prompt[:length]
+        if not prompt:
+            raise ValueError("empty prompt (input_lengths 0)")
+        if self.max_input_len and len(prompt) > self.max_input_len:
+            raise ValueError(f"Prompt length ({len(prompt)}) exceeds maximum input length ({self.max_input_len}).")
+        max_new = _value(request, "request_output_len")
+        if max_new is None or max_new < 1:
+            raise ValueError(f"request_output_len must be >= 1, got {max_new}")
+        if self.max_seq_len:
+            max_new = min(max_new, self.max_seq_len - len(prompt))
+            if max_new < 1:
+                raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room under max_seq_len ({self.max_seq_len})")
+        if (_value(request, "beam_width") or 1) != 1 or (_value(request, "num_return_sequences") or 1) != 1:
+            raise ValueError("the CPU reference engine slot generates one sequence per request (beam_width 1)")
+        end_id = _value(request, "end_id")
+        stops = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
+        words = None if stops is None else np.asarray(stops.as_numpy())
+        sequences = [] if words is None else text.from_words_list(words.reshape(2, words.shape[-1]))  # [1, 2, N] → [2, N]
+        top_k = _value(request, "runtime_top_k") or 0
+        top_p = _value(request, "runtime_top_p", float) or 0.0
+        temperature = _value(request, "temperature", float)
+        seed = _value(request, "seed")
+        seed = _value(request, "random_seed") if seed is None else seed
+        # the executor's SamplingConfig checks (TensorRT-LLM refuses these values the same way)
+        if top_k < 0 or not 0.0 <= top_p <= 1.0 or (temperature is not None and temperature <= 0.0):
+            raise ValueError(f"invalid sampling: runtime_top_k {top_k} must be >= 0, runtime_top_p {top_p} in [0, 1], "
+                             f"temperature {temperature} > 0")
+        greedy = top_k <= 1 and top_p <= 0.0
+        sampling = {"greedy": greedy, "temperature": 1.0 if temperature is None else temperature,
+                    "top_k": int(top_k), "top_p": float(top_p) if top_p > 0 else 1.0, "seed": int(seed or 0)}
+        streaming = bool(_value(request, "streaming", bool) or False)
+        if streaming and not self.decoupled:
+            raise ValueError("Streaming is only supported if model is deployed using decoupled mode.")
+        exclude = _value(request, "exclude_input_in_output", bool)
+        counts = {name for name in ("num_input_tokens", "num_output_tokens") if _value(request, f"return_{name}", bool)}
+        item = _Pending(sender, prompt, streaming, self.exclude_input if exclude is None else exclude, counts)
+        key = uuid.uuid4().hex
+        with self.lock:
+            self.pending[key] = item
+        message = {"id": key, "input_ids": prompt, "max_new": int(max_new), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
+                   "stop_sequences": sequences, "sampling": sampling}
+        with self.send_lock:
+            self.worker.stdin.write(json.dumps(message) + "\n")
+            self.worker.stdin.flush()
+        return item
+
+    def _tensors(self, item, tokens):
+        ids = tokens if item.exclude_input or item.streaming else item.prompt + tokens
+        tensors = [pb_utils.Tensor("output_ids", np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids))),
+                   pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32))]
+        counts = {"num_input_tokens": len(item.prompt), "num_output_tokens": len(item.tokens)}  # generated so far
+        return tensors + [pb_utils.Tensor(name, np.array([[counts[name]]], dtype=np.int32)) for name in sorted(item.counts)]
+
+    def _read(self):
+        for line in self.worker.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                item = self.pending.get(message.get("id"))
+            if item is None:
+                continue
+            if "error" in message:
+                item.error = message["error"]
+                self._finish(message["id"], item)
+                continue
+            token, finish = message["token"], message["finish"]
+            new = [] if finish == "end_id" else [token]
+            item.tokens.extend(new)
+            if item.streaming and new:
+                item.sender.send(pb_utils.InferenceResponse(output_tensors=self._tensors(item, new)))
+            if finish is not None:
+                self._finish(message["id"], item)
+        with self.lock:  # the worker died: fail whatever is still waiting
+            stranded = list(self.pending.items())
+        for key, item in stranded:
+            item.error = "the reference worker process exited"
+            self._finish(key, item)
+
+    def _finish(self, key, item):
+        with self.lock:
+            self.pending.pop(key, None)
+        if item.error is not None:
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(item.error))
+        elif item.streaming:
+            response = None
+        else:
+            response = pb_utils.InferenceResponse(output_tensors=self._tensors(item, item.tokens))
+        if item.sender is not None:
+            if response is None:
+                item.sender.send(flags=_FINAL)
+            else:
+                item.sender.send(response, flags=_FINAL)
+        item.response = response
+        item.done.set()
+
+    def execute(self, requests):
+        if self.decoupled:
+            for request in requests:
+                sender = request.get_response_sender()
+                try:
+                    self._submit(request, sender)
+                except Exception as exc:  # noqa: BLE001 - this request's error; the model keeps serving
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=_FINAL)
+            return None
+        items = []
+        for request in requests:
+            try:
+                items.append(self._submit(request, None))
+            except Exception as exc:  # noqa: BLE001
+                items.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        responses = []
+        for item in items:
+            if isinstance(item, _Pending):
+                item.done.wait()
+                responses.append(item.response)
+            else:
+                responses.append(item)
+        return responses
+
+    def finalize(self):
+        worker = getattr(self, "worker", None)
+        if worker is not None and worker.poll() is None:
+            worker.stdin.close()
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+

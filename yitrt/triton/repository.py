@@ -1,0 +1,468 @@
+"""`yitrt deploy`: a Triton model repository for an engine (or, for tests and the demo, a checkpoint served by the
+CPU reference engine slot), written from the contract table as ``ModelConfig`` messages.
+
+The repository holds ``ensemble``, ``preprocessing``, ``tensorrt_llm``, ``postprocessing`` and the BLS model (stock
+name ``tensorrt_llm_bls``), yitrt's own Python models, the tokenizer (``preprocessing/tokenizer``; a folder at the
+repository root would be taken for a model), ``launch.sh`` and ``README.md``. Everything the configs need is
+derived, not typed: batch size, world size, dtypes and limits from the engine's config.json, KV settings from the
+plan recorded in the engine manifest (or the options), end and stop ids from the model's generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from yitrt import __version__
+from yitrt.errors import CheckpointError, UsageError, ValidationError
+from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
+from yitrt.triton import contract as contracts
+from yitrt.triton.pbtxt import Header, build_config, to_text
+
+STAGE = "deploy"
+ENGINE_KINDS = ("trtllm", "reference")
+MODEL_NAMES = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
+TOKENIZER_FOLDER = "preprocessing/tokenizer"
+#: Files taken from the model folder into the repository's tokenizer folder (those that exist).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "config.json")
+_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+#: Python model sources (yitrt/triton/model_src) installed per model; yitrt_text.py goes beside each.
+_SOURCES = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py", "tensorrt_llm_bls": "bls.py"}
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What to deploy.
+
+    Attributes:
+        source: engine folder (``trtllm``) or TensorRT-LLM checkpoint (``reference``).
+        out: repository folder to write.
+        tokenizer: HF model folder with the tokenizer (default: the one the checkpoint's manifest records).
+        engine: ``trtllm`` (TensorRT-LLM engine, C++ backend) or ``reference`` (CPU reference slot, tests/demo).
+        trtllm_version: contract line to write (default: the engine's, else 1.2).
+        streaming: decoupled models (streaming) or not.
+        max_batch_size: Triton batch size (default and upper bound: the engine's).
+        kv_fraction / max_kv_tokens: KV-cache settings (default: the plan in the engine manifest).
+        kv_reuse / chunked_context: serving features (checked against the engine's plugins).
+        instances: instance count of the Python models.
+        model_name: name of the BLS entry model.
+        max_input_len / max_seq_len: limits of the reference slot (an engine's are its own).
+    """
+
+    source: Path
+    out: Path
+    tokenizer: Path | None = None
+    engine: str = "trtllm"
+    trtllm_version: str | None = None
+    streaming: bool = True
+    max_batch_size: int | None = None
+    kv_fraction: float | None = None
+    max_kv_tokens: int | None = None
+    kv_reuse: bool = False
+    chunked_context: bool = False
+    instances: int = 1
+    model_name: str = "tensorrt_llm_bls"
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    force: bool = False
+
+
+@dataclass
+class EngineFacts:
+    """What the repository needs to know about the engine (or the checkpoint behind the reference slot)."""
+
+    kind: str
+    path: Path
+    version: str | None
+    dtype: str
+    logits_dtype: str
+    tp: int
+    pp: int
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    plugin_config: dict[str, Any] = field(default_factory=dict)
+    quant_algo: str | None = None
+    kv_cache_quant_algo: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    kv_cache_type: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        """MPI ranks tritonserver needs (1 for the reference slot: its worker runs the TP ranks itself)."""
+        return 1 if self.kind == "reference" else self.tp * self.pp
+
+
+@dataclass
+class DeployResult:
+    """A written (or reused) repository."""
+
+    out: Path
+    reused: bool
+    line: str
+    engine: EngineFacts
+    parameters: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON summary."""
+        return {"repository": str(self.out), "reused": self.reused, "trtllm_line": self.line, "engine": self.engine.kind,
+                "source": str(self.engine.path), "world_size": self.engine.world_size, **self.parameters, "warnings": self.warnings}
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent} has no {path.name}: it is not {what}", f"pass {what} folder") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})", f"rebuild {what}") from None
+
+
+def engine_facts(req: DeployRequest) -> EngineFacts:
+    """Read the engine's (or checkpoint's) config.json and check its rank files.
+
+    Raises:
+        UsageError: not an engine/checkpoint folder, or limits given where the engine fixes them.
+        CheckpointError: rank files missing.
+    """
+    path = Path(req.source).absolute()
+    if req.engine == "reference":
+        config = _read_json(path / "config.json", "a TensorRT-LLM checkpoint")
+        mapping = config.get("mapping") or {}
+        tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+        missing = [f"rank{r}.safetensors" for r in range(tp * pp) if not (path / f"rank{r}.safetensors").is_file()]
+        if "build_config" in config or missing:
+            raise CheckpointError(f"{path} is not a complete TensorRT-LLM checkpoint ({', '.join(missing) or 'it is an engine'})",
+                                  "the reference slot serves a checkpoint (yitrt convert/quantize output); engines use --engine trtllm")
+        context = int(config.get("max_position_embeddings") or 2048)
+        seq = req.max_seq_len or context
+        quant = config.get("quantization") or {}
+        return EngineFacts("reference", path, None, config.get("dtype", "float16"), config.get("logits_dtype", "float32"), tp, pp,
+                           req.max_batch_size or 8, req.max_input_len or seq - 1, seq, {}, quant.get("quant_algo"),
+                           quant.get("kv_cache_quant_algo"), {}, path)
+    if req.max_input_len or req.max_seq_len:
+        raise UsageError("--max-input-len/--max-seq-len apply to the reference slot only", "an engine's limits are the ones it was built with")
+    config = _read_json(path / "config.json", "a TensorRT-LLM engine")
+    if "build_config" not in config:
+        if "architecture" in config and "mapping" in config:
+            raise UsageError(f"{path} holds a checkpoint, not an engine", "build it first (yitrt build), or pass --engine reference for a CPU test deployment")
+        raise UsageError(f"{path} is not a TensorRT-LLM engine (its config.json has no build_config)", "pass the folder yitrt build wrote")
+    pretrained, build = config.get("pretrained_config") or {}, config.get("build_config") or {}
+    mapping = pretrained.get("mapping") or {}
+    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+    world = int(mapping.get("world_size", tp * pp))
+    missing = [f"rank{r}.engine" for r in range(world) if not (path / f"rank{r}.engine").is_file()]
+    if missing:
+        raise CheckpointError(f"engine folder {path} lacks {', '.join(missing)}", "rebuild the engine (yitrt build)")
+    manifest = read_manifest(path)
+    engine_extra = (manifest.extra or {}).get("engine", {}) if manifest else {}
+    quant = pretrained.get("quantization") or {}
+    seq = int(build.get("max_seq_len") or pretrained.get("max_position_embeddings") or 2048)
+    return EngineFacts("trtllm", path, config.get("version"), pretrained.get("dtype", "float16"), pretrained.get("logits_dtype", "float32"),
+                       tp, pp, int(build.get("max_batch_size") or 256), int(build.get("max_input_len") or seq - 1), seq,
+                       dict(build.get("plugin_config") or {}), quant.get("quant_algo"), quant.get("kv_cache_quant_algo"),
+                       dict((engine_extra.get("build_config") or {}).get("plan") or {}),
+                       Path(engine_extra["checkpoint"]) if engine_extra.get("checkpoint") else None, build.get("kv_cache_type"))
+
+
+def _line(req: DeployRequest, facts: EngineFacts) -> str:
+    from yitrt.build.flags import release_line
+
+    if facts.version and req.trtllm_version and release_line(facts.version) != release_line(req.trtllm_version):
+        raise ValidationError([f"the engine was built with TensorRT-LLM {facts.version}, the repository is asked for {req.trtllm_version}"],
+                              "deploy for the engine's version (drop --trtllm-version): the backend must match the engine")
+    return contracts.resolve_line(req.trtllm_version or facts.version)
+
+
+def _check_serving(req: DeployRequest, facts: EngineFacts, line: str) -> list[str]:
+    """Every problem of the serving settings against the engine, at once (returns the warnings)."""
+    from yitrt.plan.planner import kv_of_algo, scheme_of_algo
+    from yitrt.plan.rules import check, raise_errors, rule_context
+    from yitrt.quant.schemes import get_kv_cache, get_scheme
+
+    problems = []
+    if req.max_batch_size and facts.kind == "trtllm" and req.max_batch_size > facts.max_batch_size:
+        problems.append(f"--max-batch-size {req.max_batch_size} exceeds the engine's max_batch_size {facts.max_batch_size}")
+    if req.max_kv_tokens is not None and req.max_kv_tokens < facts.max_seq_len:
+        problems.append(f"--max-kv-tokens {req.max_kv_tokens} cannot hold one {facts.max_seq_len}-token sequence (max_seq_len); "
+                        "TensorRT-LLM refuses to start (maxTokensInPagedKvCache must be large enough to process at least 1 sequence)")
+    if facts.max_input_len >= facts.max_seq_len or facts.max_input_len < 1:
+        problems.append(f"max_input_len {facts.max_input_len} must be in 1..max_seq_len-1 ({facts.max_seq_len - 1})")
+    if req.instances < 1:
+        problems.append("--instances must be >= 1")
+    if facts.kind == "trtllm":
+        # config.json writes plugin switches as booleans; the rules speak trtllm-build's enable/disable
+        plugins = {k: ("enable" if v is True else "disable" if v is False else v) for k, v in facts.plugin_config.items()}
+        paged = facts.kv_cache_type.upper() == "PAGED" if facts.kv_cache_type else plugins.get("paged_kv_cache", "enable") == "enable"
+        if not paged:
+            problems.append(f"in-flight batching needs a paged KV cache; this engine has {facts.kv_cache_type or 'paged_kv_cache disabled'}")
+        if plugins.get("remove_input_padding", "enable") != "enable":
+            problems.append("in-flight batching needs an engine built with remove_input_padding enable")
+        scheme, kv = get_scheme(scheme_of_algo(facts.quant_algo)), get_kv_cache(kv_of_algo(facts.kv_cache_quant_algo))
+        context = rule_context(scheme=scheme, kv=kv, trtllm=line, tp=facts.tp, pp=facts.pp, plugins=plugins,
+                               serve={"kv_reuse": req.kv_reuse, "chunked_context": req.chunked_context})
+        return raise_errors(check(context), problems, "change the serving options, or rebuild the engine")
+    if problems:
+        raise ValidationError(problems, "fix every problem listed")
+    return []
+
+
+def _tokenizer_dir(req: DeployRequest, facts: EngineFacts) -> Path:
+    from yitrt.reference.textgen import resolve_tokenizer_dir
+
+    if req.tokenizer is not None:
+        return resolve_tokenizer_dir(Path(req.source), req.tokenizer)
+    if facts.checkpoint is not None and facts.checkpoint.is_dir():
+        return resolve_tokenizer_dir(facts.checkpoint, None)
+    raise UsageError(f"{req.source} records no model folder to take the tokenizer from", "pass --tokenizer MODEL_DIR")
+
+
+def stop_ids(tokenizer_dir: Path) -> tuple[int | None, list[int], bool]:
+    """(end id, extra stop ids, has a chat template) of a model folder.
+
+    The end id is the chat end token for chat models (Yi-Chat: ``<|im_end|>`` = 7, see `yitrt inspect`), else the
+    first eos of generation_config.json, else the tokenizer's eos. Every other eos id (generation_config.json's list,
+    the tokenizer's) becomes a stop id, so generation stops on any of them.
+    """
+    from yitrt.models.summary import describe_model
+    from yitrt.reference.verify import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    gen_path = tokenizer_dir / "generation_config.json"
+    eos: list[int] = []
+    if gen_path.is_file():
+        value = json.loads(gen_path.read_text()).get("eos_token_id")
+        eos = [int(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if tokenizer.eos_token_id is not None:
+        eos.append(int(tokenizer.eos_token_id))
+    chat = bool(tokenizer.chat_template)
+    chat_end = describe_model(tokenizer_dir).chat_end_id if chat and (tokenizer_dir / "config.json").is_file() else None
+    end = chat_end if chat_end is not None else (eos[0] if eos else None)
+    return end, [i for i in dict.fromkeys(eos) if i != end], chat
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> list[str]:
+    dest.mkdir(parents=True)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(copied):
+        raise UsageError(f"{src} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)", "pass the HF model folder with --tokenizer")
+    for name in copied:
+        shutil.copyfile(src / name, dest / name)
+    return copied
+
+
+def _parameters(model: str, contract: contracts.ModelContract, fill: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The contract's parameter keys with the template variables we know filled, plus yitrt's own keys."""
+    out = {}
+    for key, template in contract.parameters.items():
+        var = template[2:-1] if template.startswith("${") else None
+        out[key] = fill.get(var, template) if var else template
+    for key, value in extra.items():
+        if key in out and not out[key].startswith("${"):
+            raise AssertionError(f"{model}: yitrt parameter {key} would overwrite a filled key")
+        out[key] = value
+    return out
+
+
+def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int]) -> dict[str, str]:
+    """Every model's config.pbtxt text, by model name (the BLS under ``req.model_name``)."""
+    models = contracts.contract(line)
+    reference = facts.kind == "reference"
+    batch = req.max_batch_size or facts.max_batch_size
+    kv_fraction = req.kv_fraction if req.kv_fraction is not None else facts.plan.get("kv_cache_free_gpu_mem_fraction")
+    kv_tokens = req.max_kv_tokens if req.max_kv_tokens is not None else facts.plan.get("max_tokens_in_paged_kv_cache")
+    fill = {
+        "triton_max_batch_size": str(batch), "decoupled_mode": str(req.streaming).lower(),
+        "triton_backend": "python" if reference else "tensorrtllm", "batching_strategy": "inflight_fused_batching",
+        "engine_dir": str(facts.path), "tokenizer_dir": TOKENIZER_FOLDER, "max_beam_width": "1",
+        "exclude_input_in_output": "true", "enable_kv_cache_reuse": str(req.kv_reuse).lower(),
+        "enable_chunked_context": str(req.chunked_context).lower(), "add_special_tokens": "true", "skip_special_tokens": "true",
+        "accumulate_tokens": "false", "tensorrt_llm_model_name": "tensorrt_llm", "max_queue_delay_microseconds": "0", "max_queue_size": "0",
+        "preprocessing_instance_count": str(req.instances), "postprocessing_instance_count": str(req.instances),
+        "bls_instance_count": str(req.instances),
+    }
+    if kv_fraction is not None:
+        fill["kv_cache_free_gpu_mem_fraction"] = f"{float(kv_fraction):g}"
+    if kv_tokens is not None:
+        fill["max_tokens_in_paged_kv_cache"] = str(int(kv_tokens))
+    # prompt_embedding_table: the ensemble declares TYPE_FP16 and Triton refuses an ensemble whose steps disagree
+    # on a tensor's type (seen: "inconsistent data type"), so tensorrt_llm/BLS get FP16 too, as NVIDIA's docs fill it.
+    types = {"logits_datatype": _DTYPES.get(facts.logits_dtype, "TYPE_FP32"), "encoder_input_features_data_type": "TYPE_FP16",
+             "prompt_embedding_table_data_type": "TYPE_FP16"}
+    limits = {"max_input_len": str(facts.max_input_len)}
+    extra = {
+        "preprocessing": {**limits, **({"end_id": str(end_id)} if end_id is not None else {}),
+                          **({"stop_token_ids": ",".join(map(str, stops))} if stops else {})},
+        "tensorrt_llm": ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable,
+                          "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
+                         if reference else {}),
+        "tensorrt_llm_bls": {"tokenizer_dir": TOKENIZER_FOLDER, "skip_special_tokens": "true", "preprocessing_model_name": "preprocessing"},
+    }
+    headers = {
+        "ensemble": Header(platform="ensemble", max_batch_size=batch, instance_count=None),
+        "preprocessing": Header(backend="python", max_batch_size=batch, dynamic_batching="queue", instance_count=req.instances),
+        "tensorrt_llm": Header(backend=fill["triton_backend"], max_batch_size=batch, decoupled=req.streaming, dynamic_batching="queue"),
+        "postprocessing": Header(backend="python", max_batch_size=batch, dynamic_batching="plain", instance_count=req.instances),
+        "tensorrt_llm_bls": Header(backend="python", max_batch_size=batch, decoupled=req.streaming, instance_count=req.instances),
+    }
+    what = (f"TensorRT-LLM {line} engine {facts.path}" if not reference else
+            f"CPU REFERENCE ENGINE SLOT (tests and the demo only, not TensorRT-LLM): checkpoint {facts.path}")
+    out = {}
+    for model in MODEL_NAMES:
+        name = req.model_name if model == "tensorrt_llm_bls" else model
+        comment = (f"Written by yitrt {__version__} (yitrt deploy) for the TensorRT-LLM {line} inflight_batcher_llm contract.\n"
+                   f"Serves: {what}.")
+        cfg = build_config(name, models[model], headers[model], types=types,
+                           parameters=_parameters(model, models[model], fill, extra.get(model, {})))
+        out[name] = to_text(cfg, comment)
+    return out
+
+
+def _install_sources(model_dir: Path, source: str | None, with_text: bool) -> None:
+    """``1/model.py`` from yitrt's model sources (and ``yitrt_text.py`` beside it); an empty ``1/`` for the C++ backend."""
+    version = model_dir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    src = resources.files("yitrt.triton").joinpath("model_src")
+    if source is not None:
+        (version / "model.py").write_text(src.joinpath(source).read_text())
+    if with_text:
+        (version / "yitrt_text.py").write_text(src.joinpath("yitrt_text.py").read_text())
+
+
+def _launch_script(facts: EngineFacts) -> str:
+    from yitrt.triton.server import Ports, launch_argv, shell_line
+
+    argv = launch_argv("$REPO", facts.world_size, "$TRITONSERVER", Ports("$HTTP_PORT", "$GRPC_PORT", "$METRICS_PORT"))
+    if facts.world_size > 1:  # one line per rank
+        contexts, current = [], []
+        for arg in argv[2:]:
+            if arg == ":":
+                contexts.append(current)
+                current = []
+            else:
+                current.append(arg)
+        body = shell_line(argv[:2]) + " \\\n    " + " : \\\n    ".join(shell_line(c) for c in [*contexts, current])
+    else:
+        body = shell_line(argv)
+    ranks = (f"{facts.world_size} ranks through mpirun, exactly tp×pp = {facts.tp}×{facts.pp}: one tritonserver per GPU"
+             if facts.world_size > 1 else "one tritonserver process (world size 1)")
+    return f"""#!/usr/bin/env bash
+# Start Triton for this repository: {ranks}.
+# Written by yitrt {__version__}. `yitrt serve REPO` does the same and also waits for readiness and stops cleanly.
+# Override: TRITONSERVER (binary), HTTP_PORT, GRPC_PORT, METRICS_PORT.
+set -euo pipefail
+REPO="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+TRITONSERVER="${{TRITONSERVER:-tritonserver}}"
+HTTP_PORT="${{HTTP_PORT:-8000}}"
+GRPC_PORT="${{GRPC_PORT:-8001}}"
+METRICS_PORT="${{METRICS_PORT:-8002}}"
+exec {body}
+"""
+
+
+def _readme(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int]) -> str:
+    bls = req.model_name
+    stream = "true" if req.streaming else "false"
+    reference = ("\n**This repository serves a CPU reference engine slot** (yitrt's reference runtime over the checkpoint "
+                 f"`{facts.path}`): for tests and the demo only, not TensorRT-LLM.\n" if facts.kind == "reference" else "")
+    return f"""# Triton repository (yitrt {__version__}, TensorRT-LLM {line} `inflight_batcher_llm` contract)
+{reference}
+- engine: `{facts.path}` (tp {facts.tp} × pp {facts.pp}; world size {facts.world_size}), max batch {req.max_batch_size or facts.max_batch_size},
+  max input {facts.max_input_len} tokens, max sequence {facts.max_seq_len} tokens
+- models: `ensemble` (stock wiring) and `{bls}` (recommended: chat template, incremental streaming, stop words);
+  `preprocessing`, `tensorrt_llm`, `postprocessing` behind them; decoupled (streaming): {stream}
+- end id {end_id}, extra stop ids {stops or 'none'} (from the model's generation_config.json); the prompt is never echoed
+
+## Start
+
+    ./launch.sh                       # or: yitrt serve {req.out.name}
+
+## Ask
+
+    yitrt chat localhost:8001 --model {bls} "What is the capital of France?"
+
+gRPC streaming with tritonclient (Python):
+
+    import json, numpy as np, tritonclient.grpc as grpc
+    client = grpc.InferenceServerClient("localhost:8001")
+    def tensor(name, value, dtype):
+        t = grpc.InferInput(name, [1, 1], dtype); t.set_data_from_numpy(np.array([[value]], dtype=object if dtype == "BYTES" else None)); return t
+    inputs = [tensor("text_input", "", "BYTES"), tensor("max_tokens", np.int32(64), "INT32"),
+              tensor("messages", json.dumps([{{"role": "user", "content": "What is the capital of France?"}}]), "BYTES"),
+              tensor("stream", True, "BOOL")]
+    client.start_stream(callback=lambda result, error: print(error or result.as_numpy("text_output")[0][0].decode(), end=""))
+    client.async_stream_infer("{bls}", inputs, enable_empty_final_response=True)
+
+HTTP (non-decoupled deployments: `/generate`; decoupled: `/generate_stream`):
+
+    curl -s localhost:8000/v2/models/{bls}/generate_stream -d '{{"text_input": "What is the capital of France?", "max_tokens": 64, "stream": true}}'
+
+Inputs beyond the stock contract (optional): `messages` — a JSON list of `{{"role", "content"}}` chat turns, rendered with the
+model's chat template (`text_input`, if not empty, is appended as the last user turn).
+"""
+
+
+def deploy(req: DeployRequest) -> DeployResult:
+    """Write the repository (atomically; a repository with the same inputs is reused unless ``force``).
+
+    Raises:
+        UsageError: bad options or folders. ValidationError: serving settings the engine cannot honour (all listed).
+        CheckpointError: an incomplete engine or checkpoint.
+    """
+    if req.engine not in ENGINE_KINDS:
+        raise UsageError(f"unknown engine kind {req.engine!r}", f"use one of: {', '.join(ENGINE_KINDS)}")
+    if req.model_name in set(MODEL_NAMES) - {"tensorrt_llm_bls"}:
+        raise UsageError(f"--model-name {req.model_name} clashes with a model of the repository", "choose another name for the BLS model")
+    facts = engine_facts(req)
+    line = _line(req, facts)
+    warnings = _check_serving(req, facts, line)
+    tok_dir = _tokenizer_dir(req, facts)
+    end_id, stops, chat = stop_ids(tok_dir)
+    if not chat:
+        warnings.append(f"the tokenizer in {tok_dir} has no chat template: requests with chat messages will be refused")
+    params = {"line": line, "engine": req.engine, "streaming": req.streaming, "max_batch_size": req.max_batch_size,
+              "kv_fraction": req.kv_fraction, "max_kv_tokens": req.max_kv_tokens, "kv_reuse": req.kv_reuse,
+              "chunked_context": req.chunked_context, "instances": req.instances, "model_name": req.model_name,
+              "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "python": sys.executable if req.engine == "reference" else None}
+    source_files = [p.name for p in facts.path.iterdir() if p.name == "config.json" or p.suffix in (".engine", ".safetensors") or p.name == "yitrt-manifest.json"]
+    inputs = {"source": fingerprint_files(facts.path, source_files) + ":" + str(facts.path),
+              "tokenizer": fingerprint_files(tok_dir, [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()])}
+    out = Path(req.out).absolute()
+    summary = {"max_batch_size": req.max_batch_size or facts.max_batch_size, "streaming": req.streaming, "end_id": end_id,
+               "stop_ids": stops, "models": [m if m != "tensorrt_llm_bls" else req.model_name for m in MODEL_NAMES],
+               "entry_model": req.model_name, "tp": facts.tp, "pp": facts.pp, "world_size": facts.world_size}
+    if not req.force:
+        reused = find_reusable(out, STAGE, _key(params, inputs))
+        if reused is not None:
+            return DeployResult(out, True, line, facts, summary, warnings)
+    configs = render_repository(req, facts, line, end_id, stops)
+    with ArtifactWriter(out, STAGE, params, inputs, {"yitrt": __version__}) as art:
+        for model in MODEL_NAMES:
+            name = req.model_name if model == "tensorrt_llm_bls" else model
+            folder = art.path / name
+            source = _SOURCES.get(model) or ("reference_engine.py" if model == "tensorrt_llm" and facts.kind == "reference" else None)
+            _install_sources(folder, source, with_text=source is not None)
+            (folder / "config.pbtxt").write_text(configs[name])
+        _copy_tokenizer(tok_dir, art.path / TOKENIZER_FOLDER)
+        launch = art.path / "launch.sh"
+        launch.write_text(_launch_script(facts))
+        launch.chmod(0o755)
+        (art.path / "README.md").write_text(_readme(req, facts, line, end_id, stops))
+        art.extra["deploy"] = {**summary, "line": line, "engine": facts.kind, "source": str(facts.path), "tokenizer": str(tok_dir),
+                               "max_input_len": facts.max_input_len, "max_seq_len": facts.max_seq_len}
+    return DeployResult(out, False, line, facts, summary, warnings)
+
+
+def _key(params: dict[str, Any], inputs: dict[str, str]) -> str:
+    from yitrt.manifest import artifact_key
+
+    return artifact_key(STAGE, params, inputs)
