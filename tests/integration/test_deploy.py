@@ -54,6 +54,19 @@ def test_deploy_an_engine_derives_world_size_limits_and_kv_settings(engine, tmp_
     assert again.reused  # same inputs: nothing rewritten
 
 
+def test_end_id_is_the_chat_turn_end_and_every_eos_stops(model, tmp_path):
+    """The Yi-Chat trap (reference §8 #1): tokenizer eos </s> (2) while the template ends turns with <|im_end|>."""
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    im_end = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|im_end|>")
+    ckpt = tmp_path / "ckpt"
+    convert(ConvertRequest(model, ckpt))
+    result = deploy(DeployRequest(ckpt, tmp_path / "repo", engine="reference"))
+    assert result.parameters["end_id"] == im_end and set(result.parameters["stop_ids"]) == {1, 2}
+    pre = {k: v.string_value for k, v in parse_config((tmp_path / "repo" / "preprocessing" / "config.pbtxt").read_text()).parameters.items()}
+    assert pre["end_id"] == str(im_end) and set(pre["stop_token_ids"].split(",")) == {"1", "2"}
+
+
 def test_serving_options_the_engine_cannot_honour_are_all_reported(engine, tmp_path):
     config = json.loads((engine / "config.json").read_text())
     config["build_config"]["plugin_config"]["use_paged_context_fmha"] = False  # as config.json writes it
@@ -92,3 +105,33 @@ def test_cli_deploy_errors_are_one_line_and_keep_the_previous_repository(engine,
     assert (repo / "yitrt-manifest.json").read_text() == before  # the good repository is untouched
     data = json.loads(cli("deploy", str(engine), "--out", str(tmp_path / "r2"), "--no-streaming", "--json").stdout)
     assert data["streaming"] is False and data["world_size"] == 2 and data["entry_model"] == "tensorrt_llm_bls"
+
+
+def test_serve_launches_exactly_world_size_ranks_through_mpirun(engine, tmp_path, monkeypatch):
+    """Our side of the mpirun boundary: a TEST DOUBLE of mpirun records the command `yitrt serve` runs for a tp 2
+    repository (no GPU here to run real ranks) and exits, which serve reports as a failed start."""
+    import os
+    import stat
+
+    from yitrt.errors import ServerError
+    from yitrt.triton.server import Ports, ServeRequest, start_server
+
+    repo = tmp_path / "repo"
+    deploy(DeployRequest(engine, repo))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "mpirun.argv"
+    double = bin_dir / "mpirun"
+    double.write_text(f"#!/bin/sh\n# TEST DOUBLE of mpirun\nprintf '%s\\n' \"$@\" > {record}\necho 'mpirun double: no ranks started'\nexit 3\n")
+    double.chmod(double.stat().st_mode | stat.S_IEXEC)
+    fake_server = bin_dir / "tritonserver"
+    fake_server.write_text("#!/bin/sh\nexit 0\n")
+    fake_server.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ServerError, match="exited with code 3") as caught:
+        start_server(ServeRequest(repo, Ports(18931, 18932, 18933), tritonserver=str(fake_server), ready_timeout=30))
+    assert "mpirun double: no ranks started" in str(caught.value)
+    argv = record.read_text().split("\n")
+    assert argv[0] == "--allow-run-as-root" and argv.count(str(fake_server)) == 2 and argv.count(":") == 1
+    assert argv.count("-n") == 2 and "--backend-config=python,shm-region-prefix-name=prefix1_" in argv
+    assert argv.count("--load-model=tensorrt_llm") == 1 and argv.index("--load-model=tensorrt_llm") > argv.index(":")

@@ -154,6 +154,8 @@ def test_missing_input_bad_sampling_and_unknown_model_are_refused(served):
     sampled = chat(ChatRequest(url, QUESTION, max_tokens=8, top_k=5, temperature=0.7, seed=3))
     again = chat(ChatRequest(url, QUESTION, max_tokens=8, top_k=5, temperature=0.7, seed=3))
     assert sampled.text == again.text  # sampling with a seed is reproducible
+    _, error = _infer(url, "ensemble", {"text_input": PLAIN, "max_tokens": 4, "bad_words": "Paris"})
+    assert error is not None and "does not support bad_words_list" in error  # refused, never silently ignored
     with pytest.raises(UsageError, match="no ready model"):
         chat(ChatRequest(url, QUESTION, model="no_such_model"))
 

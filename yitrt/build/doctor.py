@@ -82,9 +82,21 @@ def _stages(r: DoctorReport) -> list[StageStatus]:
                                                    "; SLO estimates need pip install 'yitrt[plan]'")),
         StageStatus("build", build_ready, build_why),
         StageStatus("deploy", has["tritonclient"], "tritonclient's model_config schema" if has["tritonclient"] else "needs pip install 'yitrt[serve]'"),
-        StageStatus("serve", r.tritonserver is not None, r.tritonserver or "needs tritonserver (Triton container, or nvidia-pytriton's bundled server for CPU tests)"),
+        _serve_status(r.tritonserver),
         StageStatus("bench", has["tritonclient"], "tritonclient gRPC" if has["tritonclient"] else "needs pip install 'yitrt[serve]'"),
     ]
+
+
+def _serve_status(tritonserver: str | None) -> StageStatus:
+    from yitrt.triton import cpu_stub
+
+    if tritonserver is None:
+        return StageStatus("serve", False, "needs tritonserver (Triton container, or nvidia-pytriton's bundled server for CPU tests)")
+    if not cpu_stub.is_wheel_server(tritonserver):
+        return StageStatus("serve", True, tritonserver)
+    if not (cpu_stub.stub_env_dir() / "pyvenv.cfg").is_file():
+        return StageStatus("serve", False, f"{tritonserver} (nvidia-pytriton) needs its Python stub's NumPy-1.x environment: {cpu_stub.setup_hint()}")
+    return StageStatus("serve", True, f"{tritonserver} (nvidia-pytriton, CPU: repositories with the reference engine slot)")
 
 
 def engine_match(engine_dir: Path, report: DoctorReport) -> dict[str, Any]:

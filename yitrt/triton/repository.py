@@ -230,8 +230,10 @@ def stop_ids(tokenizer_dir: Path) -> tuple[int | None, list[int], bool]:
     """(end id, extra stop ids, has a chat template) of a model folder.
 
     The end id is the chat end token for chat models (Yi-Chat: ``<|im_end|>`` = 7, see `yitrt inspect`), else the
-    first eos of generation_config.json, else the tokenizer's eos. Every other eos id (generation_config.json's list,
-    the tokenizer's) becomes a stop id, so generation stops on any of them.
+    first eos of generation_config.json, else the tokenizer's eos. When the chat template closes an assistant turn
+    with a special token that none of those names, that token ends generation instead (else a chat answer would run
+    on to max_tokens, reference §8 #1). Every other eos id (generation_config.json's list, the tokenizer's) becomes a
+    stop id, so generation stops on any of them.
     """
     from yitrt.models.summary import describe_model
     from yitrt.reference.verify import load_tokenizer
@@ -247,7 +249,24 @@ def stop_ids(tokenizer_dir: Path) -> tuple[int | None, list[int], bool]:
     chat = bool(tokenizer.chat_template)
     chat_end = describe_model(tokenizer_dir).chat_end_id if chat and (tokenizer_dir / "config.json").is_file() else None
     end = chat_end if chat_end is not None else (eos[0] if eos else None)
+    turn_end = _template_turn_end(tokenizer) if chat else None
+    if turn_end is not None and turn_end != end and turn_end not in eos:
+        if end is not None:
+            eos.append(end)
+        end = turn_end
     return end, [i for i in dict.fromkeys(eos) if i != end], chat
+
+
+def _template_turn_end(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (ChatML: ``<|im_end|>``)."""
+    marker = "yitrt-turn-marker"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this pair says nothing about its turn end
+        return None
+    after = rendered.split(marker, 1)[1] if marker in rendered else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) else None
 
 
 def _copy_tokenizer(src: Path, dest: Path) -> list[str]:

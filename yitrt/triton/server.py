@@ -155,6 +155,18 @@ class Server:
         return self.process.returncode
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT leftovers do not count
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -196,6 +208,10 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
         mpirun = env.find_mpirun()[0] or ""
         if not mpirun:
             raise MissingToolError(f"this repository needs {world} ranks (tp×pp) and there is no mpirun", "install Open MPI (the Triton TRT-LLM container has it)")
+    busy = [f"{name} port {port}" for name, port in (("HTTP", req.ports.http), ("gRPC", req.ports.grpc), ("metrics", req.ports.metrics))
+            if not _port_free(int(port))]
+    if busy:
+        raise UsageError(f"{', '.join(busy)} already in use (another tritonserver?)", "pass free ports: --http-port/--grpc-port/--metrics-port")
     stub = cpu_stub.prepare(binary) if cpu_stub.is_wheel_server(binary) else None
     argv = launch_argv(repo, world, binary, req.ports, mpirun=mpirun, backend_dir=stub.backend_dir if stub else None,
                        extra=(f"--exit-timeout-secs={req.exit_timeout}",))
@@ -204,8 +220,14 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
         environ.update(stub.env)
     log_file = Path(req.log_file) if req.log_file else repo.parent / f"{repo.name}.server.log"
     log = open(log_file, "w")  # noqa: SIM115 - closed by the forwarding thread
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                               env=environ, start_new_session=True)
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                   env=environ, start_new_session=True)
+    except OSError as exc:
+        log.close()
+        if stub is not None:
+            stub.cleanup()
+        raise ServerError(f"cannot start {argv[0]}: {exc}", "check the binary (--tritonserver) and its permissions") from None
     server = Server(process, argv, req.ports, log_file, world, list(facts.get("models", [])), req.exit_timeout,
                     cleanup=stub.cleanup if stub else None)
 

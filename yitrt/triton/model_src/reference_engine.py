@@ -26,6 +26,9 @@ import triton_python_backend_utils as pb_utils
 import yitrt_text as text
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+#: Sampling inputs the slot does not emulate, with the value that means "off".
+_NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0,
+            "min_tokens": 1.0, "min_length": 1.0}
 _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
                 "draft_input_ids", "guided_decoding_guide_type", "context_phase_params")
 
@@ -101,6 +104,15 @@ class TritonPythonModel:
                 raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room under max_seq_len ({self.max_seq_len})")
         if (_value(request, "beam_width") or 1) != 1 or (_value(request, "num_return_sequences") or 1) != 1:
             raise ValueError("the CPU reference engine slot generates one sequence per request (beam_width 1)")
+        # features the slot does not emulate are refused, never silently ignored (empty tensors mean "none")
+        for name, neutral in _NEUTRAL.items():
+            value = _value(request, name, float)
+            if value is not None and (value > 1.0 if name in ("min_tokens", "min_length") else value != neutral):
+                raise ValueError(f"the CPU reference engine slot does not support {name} (got {value:g}); leave it unset")
+        for name in ("bad_words_list", "embedding_bias"):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None and np.asarray(tensor.as_numpy()).size:
+                raise ValueError(f"the CPU reference engine slot does not support {name}; leave it unset")
         end_id = _value(request, "end_id")
         stops = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
         words = None if stops is None else np.asarray(stops.as_numpy())
