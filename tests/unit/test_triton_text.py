@@ -56,7 +56,24 @@ def sp_tokenizer(tmp_path_factory):
     return text.load_tokenizer(str(folder))
 
 
-@pytest.mark.parametrize("which", ["demo_tokenizer", "sp_tokenizer"])
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory):
+    """A real SentencePiece model file alone (``tokenizer.model``, LlamaTokenizer), as Yi's repositories ship it:
+    loading it needs sentencepiece and protobuf to agree (they did not with sentencepiece 0.2.1+ and protobuf 6)."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(["Paris is the capital of France. Cafe, naive -- ok!", "the capital of France is Paris"] * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=300, byte_fallback=True,
+                                   character_coverage=1.0, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>", "add_bos_token": True}))
+    (folder / "corpus.txt").unlink()
+    (folder / "tokenizer.vocab").unlink()
+    return text.load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("which", ["demo_tokenizer", "sp_tokenizer", "spm_tokenizer"])
 def test_incremental_detokenization_concatenates_to_the_whole_decode(which, request):
     tok = request.getfixturevalue(which)
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
@@ -67,7 +84,7 @@ def test_incremental_detokenization_concatenates_to_the_whole_decode(which, requ
         assert "".join(pieces) == whole
         assert all("\ufffd" not in p for p in pieces)  # no broken UTF-8 character is ever sent
     naive = "".join(tok.decode([i], skip_special_tokens=True) for i in ids)
-    if which == "sp_tokenizer":
+    if which != "demo_tokenizer":
         assert any(p.startswith("<0x") for p in tok.convert_ids_to_tokens(ids))  # byte fallback is exercised
         assert naive != whole  # the stock per-token decode loses spaces / splits characters: what this fixes
 

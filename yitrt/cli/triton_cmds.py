@@ -51,7 +51,9 @@ def register(app: typer.Typer) -> None:
             render.warn(warning)
         verb = "unchanged (same inputs)" if result.reused else "written"
         render.out.print(f"repository {result.out}: {verb}")
-        render.out.print(f"  TensorRT-LLM {result.line} contract; engine {data['engine']} {data['source']}; world size {data['world_size']}")
+        ranks = (f"world size {data['world_size']} (tp {data['tp']} × pp {data['pp']})" if data["engine"] == "trtllm" else
+                 f"one tritonserver; the reference worker runs tp {data['tp']} × pp {data['pp']} in its own processes")
+        render.out.print(f"  TensorRT-LLM {result.line} contract; engine {data['engine']} {data['source']}; {ranks}")
         render.out.print(f"  entry model {data['entry_model']} (and ensemble); max batch {data['max_batch_size']}; streaming {data['streaming']}; "
                          f"end id {data['end_id']}, stop ids {data['stop_ids'] or 'none'}")
         render.out.print(f"  start: yitrt serve {result.out}   (or {result.out}/launch.sh)")

@@ -12,6 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 import yitrt_text as text
 
+_NOT_HANDLED = ("IMAGE_BYTES", "IMAGE_URL", "IMAGE_SIZES", "VIDEO_BYTES", "EMBEDDING_BIAS_WORDS", "EMBEDDING_BIAS_WEIGHTS")
+
 
 def _optional(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -46,22 +48,28 @@ class TritonPythonModel:
         output_len = _first_int(request, "REQUEST_OUTPUT_LEN")
         if output_len is None or output_len < 1:
             raise text.RequestError(f"max_tokens must be >= 1, got {output_len}")
+        if _first_string(request, "DECODER_QUERY"):
+            raise text.RequestError("decoder_text_input is for encoder-decoder models; this one is decoder-only: send text_input")
+        for name in _NOT_HANDLED:  # refused, never silently dropped
+            if _optional(request, name) is not None and _optional(request, name).size:
+                raise text.RequestError(f"{name} is not supported by this deployment (text-only model, no embedding bias)")
         ids = self.encoder.encode(query, messages)
         stop_words = text.strings(_optional(request, "STOP_WORDS_DICT")) if _optional(request, "STOP_WORDS_DICT") is not None else []
         bad_words = text.strings(_optional(request, "BAD_WORDS_DICT")) if _optional(request, "BAD_WORDS_DICT") is not None else []
         end_id = _first_int(request, "END_ID")
-        pad_id = _first_int(request, "PAD_ID")
+        pad_id = self.encoder.pad_id if _first_int(request, "PAD_ID") is None else _first_int(request, "PAD_ID")
+        # decoder inputs of a decoder-only model: one pad token, length 1, as the stock preprocessing sends them
         values = {
             "INPUT_ID": np.array([ids], dtype=np.int32),
             "REQUEST_INPUT_LEN": np.array([[len(ids)]], dtype=np.int32),
-            "DECODER_INPUT_ID": np.zeros((1, 0), dtype=np.int32),
-            "REQUEST_DECODER_INPUT_LEN": np.zeros((1, 1), dtype=np.int32),
+            "DECODER_INPUT_ID": np.array([[pad_id]], dtype=np.int32),
+            "REQUEST_DECODER_INPUT_LEN": np.array([[1]], dtype=np.int32),
             "REQUEST_OUTPUT_LEN": np.array([[output_len]], dtype=np.int32),
             "STOP_WORDS_IDS": text.to_words_list(self.encoder.stop_sequences(stop_words))[None],
             "BAD_WORDS_IDS": text.to_words_list(self.encoder.word_sequences(bad_words))[None],
             "EMBEDDING_BIAS": np.zeros((1, 0), dtype=np.float32),
             "OUT_END_ID": np.array([[self.encoder.end_id if end_id is None else end_id]], dtype=np.int32),
-            "OUT_PAD_ID": np.array([[self.encoder.pad_id if pad_id is None else pad_id]], dtype=np.int32),
+            "OUT_PAD_ID": np.array([[pad_id]], dtype=np.int32),
             "OUT_PROMPT_TABLE_EXTRA_IDS": np.zeros((1, 0), dtype=np.uint64),
         }
         return pb_utils.InferenceResponse(output_tensors=[
