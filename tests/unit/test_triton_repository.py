@@ -93,6 +93,7 @@ def test_tensorrt_llm_1_2_contract_facts():
     assert params["kv_cache_free_gpu_mem_fraction"] == "0.85" and params["max_tokens_in_paged_kv_cache"] == "200000"
     assert params["executor_worker_path"] == "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
     assert params["enable_kv_cache_reuse"] == "false" and params["decoding_mode"] == "${decoding_mode}"  # unfilled stays literal
+    assert params["tokenizer_dir"] == "${tokenizer_dir}"  # the C++ backend's own key (guided decoding only): not ours to fill
     assert cfg["tensorrt_llm"].backend == "tensorrtllm"
     assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg["tensorrt_llm"].instance_group] == [(1, "KIND_CPU")]  # GPUs via gpu_device_ids
     assert cfg["tensorrt_llm"].dynamic_batching.preferred_batch_size == [64]

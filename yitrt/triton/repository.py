@@ -32,6 +32,9 @@ TOKENIZER_FOLDER = "preprocessing/tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
                    "config.json")
+#: Template variables left as ``${var}`` in one model although filled elsewhere: the C++ tensorrt_llm backend reads
+#: tokenizer_dir only for guided decoding (reference §1.5), and our relative folder means nothing to it.
+_LEFT_UNFILLED = {"tensorrt_llm": ("tokenizer_dir",)}
 _DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: Python model sources (yitrt/triton/model_src) installed per model; yitrt_text.py goes beside each.
 _SOURCES = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py", "tensorrt_llm_bls": "bls.py"}
@@ -284,7 +287,7 @@ def _parameters(model: str, contract: contracts.ModelContract, fill: dict[str, s
     out = {}
     for key, template in contract.parameters.items():
         var = template[2:-1] if template.startswith("${") else None
-        out[key] = fill.get(var, template) if var else template
+        out[key] = fill.get(var, template) if var and var not in _LEFT_UNFILLED.get(model, ()) else template
     for key, value in extra.items():
         if key in out and not out[key].startswith("${"):
             raise AssertionError(f"{model}: yitrt parameter {key} would overwrite a filled key")
