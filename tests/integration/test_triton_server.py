@@ -88,7 +88,8 @@ def _infer(url: str, model: str, values: dict, stream: bool = False) -> tuple[li
 
 def test_chat_answers_paris_through_bls_and_ensemble(served):
     _, url, _ = served
-    answer = chat(ChatRequest(url, QUESTION, max_tokens=24))
+    answer = chat(ChatRequest(url, QUESTION, max_tokens=24))  # no model named: the BLS entry model is found
+    assert answer.model == "tensorrt_llm_bls"
     assert "Paris" in answer.text and answer.streamed and len(answer.chunks) > 1
     assert answer.output_tokens is not None and 0 < answer.output_tokens <= 24 and answer.input_tokens > 10
     assert answer.ttft_s is not None and answer.ttft_s <= answer.total_s
@@ -161,7 +162,7 @@ def test_missing_input_bad_sampling_and_unknown_model_are_refused(served):
 
 
 def test_cli_serve_stops_on_sigterm_and_leaves_no_process_behind(demo_build, tmp_path):
-    """`yitrt serve` of a non-streaming deployment: ready, answers, then SIGTERM stops every process of the server's
+    """`yitrt serve` of a non-streaming deployment whose BLS model is renamed: ready, answers, then SIGTERM stops every process of the server's
     group (tritonserver, Python stubs, the reference worker)."""
     import signal
     import subprocess
@@ -173,7 +174,7 @@ def test_cli_serve_stops_on_sigterm_and_leaves_no_process_behind(demo_build, tmp
     ckpt = tmp_path / "ckpt"
     convert(ConvertRequest(demo_build[0].path, ckpt))
     repo = tmp_path / "repo"
-    deploy(DeployRequest(ckpt, repo, engine="reference", streaming=False, max_batch_size=4))
+    deploy(DeployRequest(ckpt, repo, engine="reference", streaming=False, max_batch_size=4, model_name="yi"))
     http, grpc_port, metrics = _free_ports(3)
     proc = subprocess.Popen([sys.executable, "-m", "yitrt", "serve", str(repo), "--json", "--exit-timeout", "5", "--http-port", str(http),
                              "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -191,6 +192,7 @@ def test_cli_serve_stops_on_sigterm_and_leaves_no_process_behind(demo_build, tmp
     assert data is not None and data["ready"], proc.stderr.read() if proc.poll() is not None else "not ready"
     answer = chat(ChatRequest(f"localhost:{grpc_port}", QUESTION, max_tokens=16))
     assert "Paris" in answer.text and not answer.streamed  # --no-streaming: one response
+    assert answer.model == "yi"  # the renamed BLS entry model is found without --model
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0 and time.monotonic() - start < 30

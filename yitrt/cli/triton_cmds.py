@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
     def chat(
         url: Annotated[str, typer.Argument(help="gRPC endpoint, host:port (yitrt serve prints it).", show_default=False)],
         message: Annotated[str, typer.Argument(help="The user's message.", show_default=False)],
-        model: Annotated[str, typer.Option("--model", help="Model to ask (the deployment's BLS model, or ensemble).")] = "tensorrt_llm_bls",
+        model: Annotated[str | None, typer.Option("--model", help="Model to ask [default: the deployment's BLS entry model]; or ensemble.", show_default=False)] = None,
         system: Annotated[str | None, typer.Option("--system", help="System message.", show_default=False)] = None,
         max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")] = 256,
         stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop word (repeatable).", show_default=False)] = None,

@@ -22,7 +22,7 @@ class ChatRequest:
 
     Attributes:
         url: gRPC endpoint (``host:port``).
-        model: model to ask (the deployment's BLS model, or ``ensemble``).
+        model: model to ask (None: the deployment's BLS entry model, found on the server; or ``ensemble``).
         message: the user's message.
         system: optional system message.
         max_tokens: generation limit.
@@ -34,7 +34,7 @@ class ChatRequest:
 
     url: str
     message: str
-    model: str = "tensorrt_llm_bls"
+    model: str | None = None
     system: str | None = None
     max_tokens: int = 256
     stop_words: tuple[str, ...] = ()
@@ -80,11 +80,24 @@ def _model_info(client, model: str) -> tuple[set[str], bool]:
     return {i["name"] for i in config.get("input", [])}, decoupled
 
 
+def _entry_model(client) -> str:
+    """The ready model that takes chat ``messages`` besides the pipeline's own (a yitrt BLS model, whatever its name)."""
+    ready = [m["name"] for m in client.get_model_repository_index(as_json=True).get("models", []) if m.get("state") == "READY"]
+    if "tensorrt_llm_bls" in ready:
+        return "tensorrt_llm_bls"
+    for name in sorted(set(ready) - {"ensemble", "preprocessing", "postprocessing", "tensorrt_llm"}):
+        if "messages" in _model_info(client, name)[0]:
+            return name
+    if "ensemble" in ready:
+        return "ensemble"
+    raise UsageError(f"no chat model among the server's ready models ({', '.join(ready) or 'none'})", "pass --model NAME")
+
+
 def _reason(exc: Exception) -> str:
     return getattr(exc, "message", lambda: str(exc))() if callable(getattr(exc, "message", None)) else str(exc)
 
 
-def build_inputs(grpc, names: set[str], req: ChatRequest, stream: bool) -> list:
+def build_inputs(grpc, names: set[str], req: ChatRequest, stream: bool, model: str) -> list:
     """The request tensors: chat turns in ``messages`` when the model takes them, else the raw text."""
     values: dict[str, tuple[Any, str]] = {"max_tokens": (np.int32(req.max_tokens), "INT32")}
     turns = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.message}]
@@ -93,7 +106,7 @@ def build_inputs(grpc, names: set[str], req: ChatRequest, stream: bool) -> list:
         values["messages"] = (json.dumps(turns), "BYTES")
     else:
         if req.system:
-            raise UsageError(f"model {req.model} takes no chat messages, so --system cannot be sent", "ask the yitrt BLS model, or drop --system")
+            raise UsageError(f"model {model} takes no chat messages, so --system cannot be sent", "ask the yitrt BLS model, or drop --system")
         values["text_input"] = (req.message, "BYTES")
     optional = {"stream": (stream, "BOOL"), "return_num_input_tokens": (True, "BOOL"), "return_num_output_tokens": (True, "BOOL"),
                 "temperature": (req.temperature, "FP32"), "top_k": (req.top_k, "INT32"), "top_p": (req.top_p, "FP32"), "seed": (req.seed, "UINT64")}
@@ -108,7 +121,7 @@ def build_inputs(grpc, names: set[str], req: ChatRequest, stream: bool) -> list:
         tensors.append(tensor)
     if req.stop_words:
         if "stop_words" not in names:
-            raise UsageError(f"model {req.model} takes no stop_words", "drop --stop")
+            raise UsageError(f"model {model} takes no stop_words", "drop --stop")
         array = np.array([[w.encode() for w in req.stop_words]], dtype=object)
         tensor = grpc.InferInput("stop_words", list(array.shape), "BYTES")
         tensor.set_data_from_numpy(array)
@@ -149,20 +162,21 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
         raise
     except Exception as exc:  # noqa: BLE001
         raise YitrtError(f"cannot reach a Triton server at {req.url} ({_reason(exc)})", "start it with yitrt serve REPO; pass the gRPC port") from None
-    names, decoupled = _model_info(client, req.model)
+    model = req.model or _entry_model(client)
+    names, decoupled = _model_info(client, model)
     stream = decoupled if req.stream is None else req.stream and decoupled
     outputs = [grpc.InferRequestedOutput(n) for n in ("text_output", "num_input_tokens", "num_output_tokens") if n == "text_output" or f"return_{n}" in names]
-    inputs = build_inputs(grpc, names, req, stream)
-    result = ChatResult("", req.model, stream)
+    inputs = build_inputs(grpc, names, req, stream, model)
+    result = ChatResult("", model, stream)
     start = time.perf_counter()
     if not decoupled:
         try:
-            answer = client.infer(req.model, inputs, outputs=outputs, client_timeout=req.timeout)
+            answer = client.infer(model, inputs, outputs=outputs, client_timeout=req.timeout)
         except Exception as exc:  # noqa: BLE001
             raise _failed(exc) from None
         _take(result, answer, start, on_text)
     else:
-        _stream(client, req, inputs, outputs, result, start, on_text)
+        _stream(client, model, req.timeout, inputs, outputs, result, start, on_text)
     result.total_s = time.perf_counter() - start
     result.text = "".join(result.chunks)
     return result
@@ -182,17 +196,17 @@ def _take(result: ChatResult, answer, start: float, on_text) -> None:
             setattr(result, attr, value)
 
 
-def _stream(client, req: ChatRequest, inputs, outputs, result: ChatResult, start: float, on_text) -> None:
+def _stream(client, model: str, timeout: float, inputs, outputs, result: ChatResult, start: float, on_text) -> None:
     events: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: events.put((result, error)))
     try:
-        client.async_stream_infer(req.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
-        deadline = time.monotonic() + req.timeout
+        client.async_stream_infer(model, inputs, outputs=outputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 answer, error = events.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise YitrtError(f"no complete answer within {req.timeout:.0f} s", "raise --timeout or lower --max-tokens") from None
+                raise YitrtError(f"no complete answer within {timeout:.0f} s", "raise --timeout or lower --max-tokens") from None
             if error is not None:
                 raise _failed(error)
             _take(result, answer, start, on_text)
