@@ -62,7 +62,7 @@ def test_end_id_is_the_chat_turn_end_and_every_eos_stops(model, tmp_path):
     ckpt = tmp_path / "ckpt"
     convert(ConvertRequest(model, ckpt))
     result = deploy(DeployRequest(ckpt, tmp_path / "repo", engine="reference"))
-    assert result.parameters["end_id"] == im_end and set(result.parameters["stop_ids"]) == {1, 2}
+    assert result.summary["end_id"] == im_end and set(result.summary["stop_ids"]) == {1, 2}
     pre = {k: v.string_value for k, v in parse_config((tmp_path / "repo" / "preprocessing" / "config.pbtxt").read_text()).parameters.items()}
     assert pre["end_id"] == str(im_end) and set(pre["stop_token_ids"].split(",")) == {"1", "2"}
 

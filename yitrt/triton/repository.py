@@ -112,13 +112,13 @@ class DeployResult:
     reused: bool
     line: str
     engine: EngineFacts
-    parameters: dict[str, Any]
+    summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON summary."""
         return {"repository": str(self.out), "reused": self.reused, "trtllm_line": self.line, "engine": self.engine.kind,
-                "source": str(self.engine.path), "world_size": self.engine.world_size, **self.parameters, "warnings": self.warnings}
+                "source": str(self.engine.path), "world_size": self.engine.world_size, **self.summary, "warnings": self.warnings}
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
