@@ -121,6 +121,25 @@ def test_version_differences_come_from_the_one_table():
     assert len(new["tensorrt_llm"].parameters) == 45
 
 
+@pytest.mark.parametrize("line", known_lines())
+def test_bls_wiring_is_derived_from_the_ensemble_and_names_real_tensors(line):
+    from yitrt.triton.repository import bls_wiring
+
+    models = contract(line)
+    wiring = bls_wiring(models)
+    pre_inputs, bls_inputs = {t.name for t in models["preprocessing"].inputs}, {t.name for t in models["tensorrt_llm_bls"].inputs}
+    pre_outputs, engine_inputs = {t.name for t in models["preprocessing"].outputs}, {t.name for t in models["tensorrt_llm"].inputs}
+    assert set(wiring["yitrt_preprocessing_inputs"]) <= bls_inputs and set(wiring["yitrt_preprocessing_inputs"].values()) <= pre_inputs
+    assert wiring["yitrt_preprocessing_inputs"]["messages"] == "MESSAGES"
+    engine = wiring["yitrt_engine_inputs"]
+    assert set(engine) <= engine_inputs
+    for source, name in engine.values():
+        assert name in (pre_outputs if source == "preprocessing" else bls_inputs)
+    assert engine["input_ids"] == ["preprocessing", "INPUT_ID"] and engine["runtime_top_k"] == ["request", "top_k"]
+    seed = "random_seed" if line == "0.19" else "seed"  # the rename reaches the BLS through the table
+    assert engine[seed] == ["request", seed] and ("seed" in engine) is (line != "0.19")
+
+
 def test_unknown_or_engineless_versions_are_refused():
     from yitrt.errors import UsageError
 

@@ -106,6 +106,11 @@ def known_lines() -> tuple[str, ...]:
     return tuple(_raw()["lines"])
 
 
+def model_names() -> tuple[str, ...]:
+    """The repository's models, in the table's order (the stock names)."""
+    return tuple(_raw()["models"])
+
+
 def default_line() -> str:
     """The line written when none is asked for (the last engine line)."""
     return _raw()["default_line"]

@@ -15,6 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from yitrt.triton.pbtxt import Header, build_config, to_text
 
 STAGE = "deploy"
 ENGINE_KINDS = ("trtllm", "reference")
-MODEL_NAMES = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
+MODEL_NAMES = contracts.model_names()
 TOKENIZER_FOLDER = "preprocessing/tokenizer"
 #: Files taken from the model folder into the repository's tokenizer folder (those that exist).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -295,6 +296,27 @@ def _parameters(model: str, contract: contracts.ModelContract, fill: dict[str, s
     return out
 
 
+def bls_wiring(models: dict[str, contracts.ModelContract]) -> dict[str, dict]:
+    """What the BLS model sends where, derived from the ensemble's wiring on the line (one source of tensor names).
+
+    Returns:
+        ``yitrt_preprocessing_inputs``: BLS input → preprocessing input;
+        ``yitrt_engine_inputs``: tensorrt_llm input → ``[source, name]``, source ``request`` (a BLS input) or
+        ``preprocessing`` (its output).
+    """
+    steps = {step.model: step for step in models["ensemble"].steps}
+    bls_inputs = {t.name for t in models["tensorrt_llm_bls"].inputs}
+    produced = {tensor: output for output, tensor in steps["preprocessing"].output_map.items()}
+    engine: dict[str, list[str]] = {}
+    for engine_input, tensor in steps["tensorrt_llm"].input_map.items():
+        if tensor in produced:
+            engine[engine_input] = ["preprocessing", produced[tensor]]
+        elif tensor in bls_inputs:
+            engine[engine_input] = ["request", tensor]
+    pre = {tensor: model_input for model_input, tensor in steps["preprocessing"].input_map.items() if tensor in bls_inputs}
+    return {"yitrt_preprocessing_inputs": pre, "yitrt_engine_inputs": engine}
+
+
 def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int]) -> dict[str, str]:
     """Every model's config.pbtxt text, by model name (the BLS under ``req.model_name``)."""
     models = contracts.contract(line)
@@ -327,7 +349,8 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
         "tensorrt_llm": ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable,
                           "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
                          if reference else {}),
-        "tensorrt_llm_bls": {"tokenizer_dir": TOKENIZER_FOLDER, "skip_special_tokens": "true", "preprocessing_model_name": "preprocessing"},
+        "tensorrt_llm_bls": {"tokenizer_dir": TOKENIZER_FOLDER, "skip_special_tokens": "true", "preprocessing_model_name": "preprocessing",
+                             **{key: json.dumps(value, sort_keys=True) for key, value in bls_wiring(models).items()}},
     }
     headers = {
         "ensemble": Header(platform="ensemble", max_batch_size=batch, instance_count=None),
@@ -364,15 +387,9 @@ def _launch_script(facts: EngineFacts) -> str:
     from yitrt.triton.server import Ports, launch_argv, shell_line
 
     argv = launch_argv("$REPO", facts.world_size, "$TRITONSERVER", Ports("$HTTP_PORT", "$GRPC_PORT", "$METRICS_PORT"))
-    if facts.world_size > 1:  # one line per rank
-        contexts, current = [], []
-        for arg in argv[2:]:
-            if arg == ":":
-                contexts.append(current)
-                current = []
-            else:
-                current.append(arg)
-        body = shell_line(argv[:2]) + " \\\n    " + " : \\\n    ".join(shell_line(c) for c in [*contexts, current])
+    if facts.world_size > 1:  # mpirun, then one line per rank's app context
+        contexts = [shell_line(list(group)) for sep, group in groupby(argv[2:], key=lambda a: a == ":") if not sep]
+        body = shell_line(argv[:2]) + " \\\n    " + " : \\\n    ".join(contexts)
     else:
         body = shell_line(argv)
     ranks = (f"{facts.world_size} ranks through mpirun, exactly tp×pp = {facts.tp}×{facts.pp}: one tritonserver per GPU"

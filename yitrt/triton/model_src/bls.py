@@ -9,6 +9,9 @@ Compared with the stock BLS:
   whole text each time);
 - stop words end the text where they occur, and text that might begin one is held back until it cannot;
 - the prompt is never echoed (``exclude_input_in_output`` is always sent as true).
+Which request tensor feeds which preprocessing and tensorrt_llm input is not written here: deploy derives it from the
+ensemble's wiring in its contract table for the TensorRT-LLM line (``yitrt_preprocessing_inputs``,
+``yitrt_engine_inputs`` parameters), so renamed tensors (``min_length``/``min_tokens``) follow the line.
 """
 
 import json
@@ -19,28 +22,9 @@ import triton_python_backend_utils as pb_utils
 import yitrt_text as text
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-_PREPROCESS_INPUTS = {"text_input": "QUERY", "messages": "MESSAGES", "max_tokens": "REQUEST_OUTPUT_LEN",
-                      "bad_words": "BAD_WORDS_DICT", "stop_words": "STOP_WORDS_DICT", "end_id": "END_ID", "pad_id": "PAD_ID",
-                      "embedding_bias_words": "EMBEDDING_BIAS_WORDS", "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS"}
-_PREPROCESS_OUTPUTS = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "REQUEST_OUTPUT_LEN": "request_output_len",
-                       "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list", "OUT_END_ID": "end_id",
-                       "OUT_PAD_ID": "pad_id"}
-#: BLS input → tensorrt_llm input, passed through when the client sends it.
-_PASS_THROUGH = {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "temperature": "temperature", "length_penalty": "len_penalty",
-                 "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens", "min_length": "min_length",
-                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
-                 "random_seed": "random_seed", "beam_width": "beam_width", "num_return_sequences": "num_return_sequences",
-                 "lora_task_id": "lora_task_id", "lora_weights": "lora_weights", "lora_config": "lora_config"}
-
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
 
 def _flag(request, name):
-    value = _input(request, name)
-    return bool(value is not None and value.size and np.asarray(value).reshape(-1)[0])
+    return bool(text.scalar(request, name, bool))
 
 
 class TritonPythonModel:
@@ -53,29 +37,31 @@ class TritonPythonModel:
         self.engine = text.param(config, "tensorrt_llm_model_name", "tensorrt_llm")
         self.engine_decoupled = text.flag(config, "tensorrt_llm_decoupled", self.decoupled)
         self.preprocessing = text.param(config, "preprocessing_model_name", "preprocessing")
-        self.inputs = {t["name"] for t in config["input"]}
+        self.pre_map = json.loads(text.param(config, "yitrt_preprocessing_inputs", "{}"))  # request input → preprocessing input
+        self.engine_map = json.loads(text.param(config, "yitrt_engine_inputs", "{}"))  # engine input → [source, name]
+        if not self.pre_map or not self.engine_map:
+            raise pb_utils.TritonModelException("tensorrt_llm_bls: no yitrt_preprocessing_inputs/yitrt_engine_inputs parameters; redeploy with yitrt deploy")
+        self.pre_outputs = sorted({name for source, name in self.engine_map.values() if source == "preprocessing"})
 
     # -- one request ------------------------------------------------------------------------------------------
     def _preprocess(self, request):
-        inputs = [pb_utils.Tensor(target, _input(request, source)) for source, target in _PREPROCESS_INPUTS.items()
-                  if _input(request, source) is not None]
+        inputs = [pb_utils.Tensor(target, text.array(request, source)) for source, target in self.pre_map.items()
+                  if text.array(request, source) is not None]
         response = pb_utils.InferenceRequest(model_name=self.preprocessing, inputs=inputs,
-                                             requested_output_names=list(_PREPROCESS_OUTPUTS)).exec()
+                                             requested_output_names=self.pre_outputs).exec()
         if response.has_error():
             raise text.RequestError(response.error().message())
-        return {target: pb_utils.get_output_tensor_by_name(response, source).as_numpy() for source, target in _PREPROCESS_OUTPUTS.items()}
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.pre_outputs}
 
     def _engine_inputs(self, request, pre, stream):
-        values = dict(pre)
-        for name in ("stop_words_list", "bad_words_list"):
-            if values[name].size == 0:
-                del values[name]
+        values = {}
+        for target, (source, name) in self.engine_map.items():
+            value = pre[name] if source == "preprocessing" else text.array(request, name)
+            if value is not None and value.size:  # an empty words list / bias means "none": not sent
+                # a BLS input reshaped to a scalar arrives as [batch]; the engine takes it as [batch, 1]
+                values[target] = value.reshape(1, -1) if value.ndim == 1 else value
         values["streaming"] = np.array([[stream]], dtype=np.bool_)
         values["exclude_input_in_output"] = np.array([[True]], dtype=np.bool_)
-        for source, target in _PASS_THROUGH.items():
-            value = _input(request, source) if source in self.inputs else None
-            if value is not None:
-                values[target] = value
         return [pb_utils.Tensor(name, value) for name, value in values.items()]
 
     def _tokens(self, response):
@@ -99,7 +85,7 @@ class TritonPythonModel:
         if stream and not self.decoupled:
             raise text.RequestError("stream=true needs the decoupled deployment (yitrt deploy --streaming); send stream=false")
         pre = self._preprocess(request)
-        stop_words = text.strings(_input(request, "stop_words")) if _input(request, "stop_words") is not None else []
+        stop_words = text.strings(text.array(request, "stop_words")) if text.array(request, "stop_words") is not None else []
         answer = text.TextStream(self.tokenizer, stop_words, self.skip)
         engine = pb_utils.InferenceRequest(model_name=self.engine, inputs=self._engine_inputs(request, pre, stream and self.engine_decoupled),
                                            requested_output_names=["output_ids", "sequence_length"])
@@ -116,7 +102,7 @@ class TritonPythonModel:
         pieces.append(answer.finish())
         counts = {}
         if _flag(request, "return_num_input_tokens"):
-            counts["num_input_tokens"] = int(pre["input_lengths"].reshape(-1)[0])
+            counts["num_input_tokens"] = int(pre["REQUEST_INPUT_LEN"].reshape(-1)[0])
         if _flag(request, "return_num_output_tokens"):
             counts["num_output_tokens"] = generated
         send(self._reply("".join(pieces), counts), True)
