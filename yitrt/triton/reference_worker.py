@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _sampling_key(request: dict[str, Any]) -> tuple:
-    s = request.get("sampling") or {}
-    return (bool(s.get("greedy", True)), float(s.get("temperature", 1.0)), int(s.get("top_k", 0)), float(s.get("top_p", 1.0)), int(s.get("seed", 0)))
+def _sampling(request: dict[str, Any]):
+    """The request's ``Sampling`` (frozen, so it is also the key that groups requests into a batch)."""
+    from yitrt.reference.runtime import Sampling
+
+    return Sampling(**(request.get("sampling") or {}))
 
 
 class _Inbox:
@@ -57,10 +59,10 @@ class _Inbox:
                 return []
             first = self._items.popleft()
             batch, keep = [first], collections.deque()
-            key = _sampling_key(first)
+            key = _sampling(first)
             while self._items:
                 item = self._items.popleft()
-                (batch if len(batch) < limit and _sampling_key(item) == key else keep).append(item)
+                (batch if len(batch) < limit and _sampling(item) == key else keep).append(item)
             self._items = keep
             return batch
 
@@ -93,12 +95,12 @@ class _Writer:
 
 
 def _run_batch(runtime, batch: list[dict[str, Any]], out: _Writer) -> None:
-    from yitrt.reference.runtime import Sampling, StopRule
+    from yitrt.reference.runtime import StopRule
 
     prompts = [list(map(int, r["input_ids"])) for r in batch]
     rules = [StopRule(int(r["max_new"]), tuple(map(int, r.get("end_ids") or ())),
                       tuple(tuple(map(int, s)) for s in r.get("stop_sequences") or () if s)) for r in batch]
-    sampling = Sampling(**(batch[0].get("sampling") or {}))
+    sampling = _sampling(batch[0])
     for events in runtime.generate_stream(prompts, rules, sampling):
         for request, event in zip(batch, events, strict=True):
             if event is not None:

@@ -23,8 +23,8 @@ class TritonPythonModel:
         self.skip = text.flag(config, "skip_special_tokens", True)
 
     def _one(self, request):
-        tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-        lengths = np.asarray(pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()).reshape(-1)
+        tokens = text.array(request, "TOKENS_BATCH")
+        lengths = np.asarray(text.array(request, "SEQUENCE_LENGTH")).reshape(-1)
         tokens = tokens[0] if tokens.ndim == 3 else tokens.reshape(1, -1) if tokens.ndim == 1 else tokens  # [beams, tokens]
         texts = [self.tokenizer.decode(beam[: int(length)].tolist(), skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
                  for beam, length in zip(tokens, lengths, strict=True)]

@@ -15,22 +15,6 @@ import yitrt_text as text
 _NOT_HANDLED = ("IMAGE_BYTES", "IMAGE_URL", "IMAGE_SIZES", "VIDEO_BYTES", "EMBEDDING_BIAS_WORDS", "EMBEDDING_BIAS_WEIGHTS")
 
 
-def _optional(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _first_string(request, name):
-    value = _optional(request, name)
-    values = [] if value is None else text.strings(value)
-    return values[0] if values else None
-
-
-def _first_int(request, name):
-    value = _optional(request, name)
-    return None if value is None or value.size == 0 else int(np.asarray(value).reshape(-1)[0])
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -43,21 +27,21 @@ class TritonPythonModel:
         self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
     def _one(self, request):
-        query = _first_string(request, "QUERY") or ""
-        messages = _first_string(request, "MESSAGES")
-        output_len = _first_int(request, "REQUEST_OUTPUT_LEN")
+        query = text.first_string(request, "QUERY") or ""
+        messages = text.first_string(request, "MESSAGES")
+        output_len = text.scalar(request, "REQUEST_OUTPUT_LEN")
         if output_len is None or output_len < 1:
             raise text.RequestError(f"max_tokens must be >= 1, got {output_len}")
-        if _first_string(request, "DECODER_QUERY"):
+        if text.first_string(request, "DECODER_QUERY"):
             raise text.RequestError("decoder_text_input is for encoder-decoder models; this one is decoder-only: send text_input")
         for name in _NOT_HANDLED:  # refused, never silently dropped
-            if _optional(request, name) is not None and _optional(request, name).size:
+            if text.array(request, name) is not None and text.array(request, name).size:
                 raise text.RequestError(f"{name} is not supported by this deployment (text-only model, no embedding bias)")
         ids = self.encoder.encode(query, messages)
-        stop_words = text.strings(_optional(request, "STOP_WORDS_DICT")) if _optional(request, "STOP_WORDS_DICT") is not None else []
-        bad_words = text.strings(_optional(request, "BAD_WORDS_DICT")) if _optional(request, "BAD_WORDS_DICT") is not None else []
-        end_id = _first_int(request, "END_ID")
-        pad_id = self.encoder.pad_id if _first_int(request, "PAD_ID") is None else _first_int(request, "PAD_ID")
+        stop_words = text.strings(text.array(request, "STOP_WORDS_DICT")) if text.array(request, "STOP_WORDS_DICT") is not None else []
+        bad_words = text.strings(text.array(request, "BAD_WORDS_DICT")) if text.array(request, "BAD_WORDS_DICT") is not None else []
+        end_id = text.scalar(request, "END_ID")
+        pad_id = self.encoder.pad_id if text.scalar(request, "PAD_ID") is None else text.scalar(request, "PAD_ID")
         # decoder inputs of a decoder-only model: one pad token, length 1, as the stock preprocessing sends them
         values = {
             "INPUT_ID": np.array([ids], dtype=np.int32),

@@ -33,14 +33,6 @@ _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_
                 "draft_input_ids", "guided_decoding_guide_type", "context_phase_params")
 
 
-def _value(request, name, kind=int):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    array = np.asarray(tensor.as_numpy()).reshape(-1)
-    return None if array.size == 0 else kind(array[0])
-
-
 class _Pending:
     """One request in flight: where its tokens go, and how its answer is shaped."""
 
@@ -82,46 +74,45 @@ class TritonPythonModel:
     # -- requests ---------------------------------------------------------------------------------------------
     def _submit(self, request, sender):
         for name in _UNSUPPORTED:
-            if pb_utils.get_input_tensor_by_name(request, name) is not None:
+            if text.array(request, name) is not None:
                 raise ValueError(f"the CPU reference engine slot does not support input '{name}'")
-        ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
-        if ids_tensor is None:
+        ids = text.array(request, "input_ids")
+        if ids is None:
             raise ValueError("input_ids is required")
-        prompt = [int(i) for i in np.asarray(ids_tensor.as_numpy()).reshape(-1)]
-        length = _value(request, "input_lengths")
+        prompt = [int(i) for i in np.asarray(ids).reshape(-1)]
+        length = text.scalar(request, "input_lengths")
         if length is not None:
             prompt = prompt[:length]
         if not prompt:
             raise ValueError("empty prompt (input_lengths 0)")
         if self.max_input_len and len(prompt) > self.max_input_len:
             raise ValueError(f"Prompt length ({len(prompt)}) exceeds maximum input length ({self.max_input_len}).")
-        max_new = _value(request, "request_output_len")
+        max_new = text.scalar(request, "request_output_len")
         if max_new is None or max_new < 1:
             raise ValueError(f"request_output_len must be >= 1, got {max_new}")
         if self.max_seq_len:
             max_new = min(max_new, self.max_seq_len - len(prompt))
             if max_new < 1:
                 raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room under max_seq_len ({self.max_seq_len})")
-        if (_value(request, "beam_width") or 1) != 1 or (_value(request, "num_return_sequences") or 1) != 1:
+        if (text.scalar(request, "beam_width") or 1) != 1 or (text.scalar(request, "num_return_sequences") or 1) != 1:
             raise ValueError("the CPU reference engine slot generates one sequence per request (beam_width 1)")
         # features the slot does not emulate are refused, never silently ignored (empty tensors mean "none")
         for name, neutral in _NEUTRAL.items():
-            value = _value(request, name, float)
+            value = text.scalar(request, name, float)
             if value is not None and (value > 1.0 if name in ("min_tokens", "min_length") else value != neutral):
                 raise ValueError(f"the CPU reference engine slot does not support {name} (got {value:g}); leave it unset")
         for name in ("bad_words_list", "embedding_bias"):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None and np.asarray(tensor.as_numpy()).size:
+            value = text.array(request, name)
+            if value is not None and value.size:
                 raise ValueError(f"the CPU reference engine slot does not support {name}; leave it unset")
-        end_id = _value(request, "end_id")
-        stops = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
-        words = None if stops is None else np.asarray(stops.as_numpy())
+        end_id = text.scalar(request, "end_id")
+        words = text.array(request, "stop_words_list")
         sequences = [] if words is None else text.from_words_list(words.reshape(2, words.shape[-1]))  # [1, 2, N] → [2, N]
-        top_k = _value(request, "runtime_top_k") or 0
-        top_p = _value(request, "runtime_top_p", float) or 0.0
-        temperature = _value(request, "temperature", float)
-        seed = _value(request, "seed")
-        seed = _value(request, "random_seed") if seed is None else seed
+        top_k = text.scalar(request, "runtime_top_k") or 0
+        top_p = text.scalar(request, "runtime_top_p", float) or 0.0
+        temperature = text.scalar(request, "temperature", float)
+        seed = text.scalar(request, "seed")
+        seed = text.scalar(request, "random_seed") if seed is None else seed
         # the executor's SamplingConfig checks (TensorRT-LLM refuses these values the same way)
         if top_k < 0 or not 0.0 <= top_p <= 1.0 or (temperature is not None and temperature <= 0.0):
             raise ValueError(f"invalid sampling: runtime_top_k {top_k} must be >= 0, runtime_top_p {top_p} in [0, 1], "
@@ -129,11 +120,11 @@ class TritonPythonModel:
         greedy = top_k <= 1 and top_p <= 0.0
         sampling = {"greedy": greedy, "temperature": 1.0 if temperature is None else temperature,
                     "top_k": int(top_k), "top_p": float(top_p) if top_p > 0 else 1.0, "seed": int(seed or 0)}
-        streaming = bool(_value(request, "streaming", bool) or False)
+        streaming = bool(text.scalar(request, "streaming", bool) or False)
         if streaming and not self.decoupled:
             raise ValueError("Streaming is only supported if model is deployed using decoupled mode.")
-        exclude = _value(request, "exclude_input_in_output", bool)
-        counts = {name for name in ("num_input_tokens", "num_output_tokens") if _value(request, f"return_{name}", bool)}
+        exclude = text.scalar(request, "exclude_input_in_output", bool)
+        counts = {name for name in ("num_input_tokens", "num_output_tokens") if text.scalar(request, f"return_{name}", bool)}
         item = _Pending(sender, prompt, streaming, self.exclude_input if exclude is None else exclude, counts)
         key = uuid.uuid4().hex
         with self.lock:

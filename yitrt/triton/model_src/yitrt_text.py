@@ -176,6 +176,27 @@ def from_words_list(array: np.ndarray) -> list[list[int]]:
     return [ids[a:b] for a, b in zip(starts, offsets, strict=True) if b > a]
 
 
+def array(request, name: str):
+    """A request's input as a NumPy array, or None when the request does not carry it (Python backend only)."""
+    import triton_python_backend_utils as pb_utils
+
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def scalar(request, name: str, kind=int):
+    """The first value of a request's input as ``kind``, or None when absent or empty."""
+    value = array(request, name)
+    return None if value is None or value.size == 0 else kind(np.asarray(value).reshape(-1)[0])
+
+
+def first_string(request, name: str) -> str | None:
+    """The first string of a request's STRING input, or None."""
+    value = array(request, name)
+    values = [] if value is None else strings(value)
+    return values[0] if values else None
+
+
 def strings(tensor_value) -> list[str]:
     """A STRING tensor's values as Python strings (bytes decoded as UTF-8)."""
     out = []
