@@ -198,3 +198,24 @@ def test_cli_serve_stops_on_sigterm_and_leaves_no_process_behind(demo_build, tmp
     assert proc.wait(60) == 0 and time.monotonic() - start < 30
     with pytest.raises(ProcessLookupError):
         os.killpg(data["pid"], 0)  # tritonserver ran in its own process group: nothing of it is left
+
+
+def test_cli_chat_streams_reports_json_and_refuses_options_a_model_lacks(served, cli, demo_build):
+    from transformers import AutoTokenizer
+
+    _, url, _ = served
+    tok = AutoTokenizer.from_pretrained(demo_build[0].path)
+    turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}]
+    expected = len(tok(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
+    done = cli("chat", url, QUESTION, "--max-tokens", "24")
+    assert done.returncode == 0 and "Paris" in done.stdout and "tokens, first" in done.stderr
+    plain = json.loads(cli("chat", url, QUESTION, "--max-tokens", "24", "--json").stdout)
+    system = json.loads(cli("chat", url, QUESTION, "--system", "Answer briefly.", "--max-tokens", "24", "--json").stdout)
+    assert "Paris" in plain["text"] and plain["output_tokens"] > 0 and plain["ttft_ms"] <= plain["total_ms"]
+    assert system["input_tokens"] == expected != plain["input_tokens"]  # the system turn went through the chat template
+    via_ensemble = cli("chat", url, QUESTION, "--model", "ensemble", "--system", "Answer briefly.", "--max-tokens", "24", "--json")
+    assert json.loads(via_ensemble.stdout)["text"] == system["text"]  # the ensemble takes messages too
+    refused = cli("chat", url, QUESTION, "--model", "tensorrt_llm")
+    assert refused.returncode == 2 and "not a text entry point" in refused.stderr and "Traceback" not in refused.stderr
+    failed = cli("chat", url, QUESTION, "--top-p", "0.5", "--temperature", "0.001", "--max-tokens", "0")
+    assert failed.returncode == 2  # --max-tokens 0 is refused by the option itself

@@ -14,6 +14,10 @@ from yitrt.cli import render
 from yitrt.cli.options import ForceOpt, JsonOpt
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def register(app: typer.Typer) -> None:
     """Add the Triton commands to ``app``."""
 
@@ -41,8 +45,11 @@ def register(app: typer.Typer) -> None:
         from yitrt.triton.repository import DeployRequest
         from yitrt.triton.repository import deploy as run_deploy
 
-        result = run_deploy(DeployRequest(engine_dir, out, tokenizer, engine, trtllm_version, streaming, max_batch_size, kv_fraction,
-                                          max_kv_tokens, kv_reuse, chunked_context, instances, model_name, max_input_len, max_seq_len, force))
+        result = run_deploy(DeployRequest(
+            engine_dir, out, tokenizer=tokenizer, engine=engine, trtllm_version=trtllm_version, streaming=streaming,
+            max_batch_size=max_batch_size, kv_fraction=kv_fraction, max_kv_tokens=max_kv_tokens, kv_reuse=kv_reuse,
+            chunked_context=chunked_context, instances=instances, model_name=model_name, max_input_len=max_input_len,
+            max_seq_len=max_seq_len, force=force))
         data = result.to_json()
         if json_:
             render.emit_json(data)
@@ -76,7 +83,7 @@ def register(app: typer.Typer) -> None:
         forward = None if quiet or json_ else (lambda line: print(line, file=sys.stderr, flush=True))
         req = ServeRequest(repo, Ports(http_port, grpc_port, metrics_port), tritonserver, os.environ.get("TRITONSERVER"), log_file,
                            exit_timeout=exit_timeout)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server like Ctrl-C
         server = None
         try:
             server = start_server(req, forward)
@@ -116,8 +123,9 @@ def register(app: typer.Typer) -> None:
         from yitrt.triton.client import ChatRequest
         from yitrt.triton.client import chat as run_chat
 
-        req = ChatRequest(url, message, model, system, max_tokens, tuple(stop or ()), False if no_stream else None,
-                          temperature, top_k, top_p, seed, timeout)
+        req = ChatRequest(url, message, model=model, system=system, max_tokens=max_tokens, stop_words=tuple(stop or ()),
+                          stream=False if no_stream else None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          timeout=timeout)
         printer = None if json_ else (lambda piece: (render.out.file.write(piece), render.out.file.flush()))
         result = run_chat(req, printer)
         if json_:

@@ -68,8 +68,9 @@ class ChatResult:
                 "output_tokens_per_s": None if tps is None else round(tps, 1)}
 
 
-def _model_info(client, model: str) -> tuple[set[str], bool]:
-    """(input names, decoupled) of a model; an ensemble is decoupled when one of its steps is."""
+def _model_info(client, model: str) -> tuple[dict[str, str], bool]:
+    """(input name → tritonclient dtype, decoupled) of a model as the server declares it; an ensemble is decoupled
+    when one of its steps is."""
     try:
         config = client.get_model_config(model, as_json=True)["config"]
     except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
@@ -77,7 +78,8 @@ def _model_info(client, model: str) -> tuple[set[str], bool]:
     decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
     for step in config.get("ensemble_scheduling", {}).get("step", []):
         decoupled = decoupled or _model_info(client, step["model_name"])[1]
-    return {i["name"] for i in config.get("input", [])}, decoupled
+    inputs = {i["name"]: i["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES") for i in config.get("input", [])}
+    return inputs, decoupled
 
 
 def _entry_model(client) -> str:
@@ -85,7 +87,9 @@ def _entry_model(client) -> str:
     ready = [m["name"] for m in client.get_model_repository_index(as_json=True).get("models", []) if m.get("state") == "READY"]
     if "tensorrt_llm_bls" in ready:
         return "tensorrt_llm_bls"
-    for name in sorted(set(ready) - {"ensemble", "preprocessing", "postprocessing", "tensorrt_llm"}):
+    from yitrt.triton.contract import model_names
+
+    for name in sorted(set(ready) - set(model_names())):
         if "messages" in _model_info(client, name)[0]:
             return name
     if "ensemble" in ready:
@@ -94,42 +98,48 @@ def _entry_model(client) -> str:
 
 
 def _reason(exc: Exception) -> str:
-    return getattr(exc, "message", lambda: str(exc))() if callable(getattr(exc, "message", None)) else str(exc)
+    message = getattr(exc, "message", None)  # tritonclient's exceptions carry the server's text in message()
+    return message() if callable(message) else str(exc)
 
 
-def build_inputs(grpc, names: set[str], req: ChatRequest, stream: bool, model: str) -> list:
-    """The request tensors: chat turns in ``messages`` when the model takes them, else the raw text."""
-    values: dict[str, tuple[Any, str]] = {"max_tokens": (np.int32(req.max_tokens), "INT32")}
+def build_inputs(grpc, inputs: dict[str, str], req: ChatRequest, stream: bool, model: str) -> list:
+    """The request tensors, typed as the server declares the model's inputs: chat turns in ``messages`` when the
+    model takes them, else the raw text.
+
+    Raises:
+        UsageError: an option whose input the model does not have (never dropped silently).
+    """
+    from tritonclient.utils import triton_to_np_dtype
+
+    if not {"text_input", "max_tokens"} <= set(inputs):
+        raise UsageError(f"model {model} takes no text_input/max_tokens: it is not a text entry point", "ask the BLS model or the ensemble")
     turns = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.message}]
-    if "messages" in names:
-        values["text_input"] = ("", "BYTES")
-        values["messages"] = (json.dumps(turns), "BYTES")
+    values: dict[str, Any] = {"max_tokens": req.max_tokens}
+    if "messages" in inputs:
+        values.update(text_input="", messages=json.dumps(turns))
+    elif req.system:
+        raise UsageError(f"model {model} takes no chat messages, so --system cannot be sent", "ask the yitrt BLS model, or drop --system")
     else:
-        if req.system:
-            raise UsageError(f"model {model} takes no chat messages, so --system cannot be sent", "ask the yitrt BLS model, or drop --system")
-        values["text_input"] = (req.message, "BYTES")
-    optional = {"stream": (stream, "BOOL"), "return_num_input_tokens": (True, "BOOL"), "return_num_output_tokens": (True, "BOOL"),
-                "temperature": (req.temperature, "FP32"), "top_k": (req.top_k, "INT32"), "top_p": (req.top_p, "FP32"), "seed": (req.seed, "UINT64")}
-    for name, (value, dtype) in optional.items():
-        if name in names and value is not None:
-            values[name] = (value, dtype)
+        values["text_input"] = req.message
+    asked = {"temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p, "seed": req.seed,
+             "stop_words": list(req.stop_words) or None}
+    missing = [name for name, value in asked.items() if value is not None and name not in inputs]
+    if missing:
+        raise UsageError(f"model {model} has no input {', '.join(missing)}", "drop those options, or ask a model that takes them")
+    values.update({name: value for name, value in asked.items() if value is not None})
+    for name, value in (("stream", stream), ("return_num_input_tokens", True), ("return_num_output_tokens", True)):
+        if name in inputs:  # optional features: sent where the model has them
+            values[name] = value
     tensors = []
-    for name, (value, dtype) in values.items():
-        array = np.array([[value.encode() if isinstance(value, str) else value]], dtype=object if dtype == "BYTES" else np.dtype(_NP[dtype]))
+    for name, value in values.items():
+        dtype = inputs[name]
+        items = value if isinstance(value, list) else [value]
+        array = np.array([[v.encode() if isinstance(v, str) else v for v in items]],
+                         dtype=object if dtype == "BYTES" else triton_to_np_dtype(dtype))
         tensor = grpc.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
-    if req.stop_words:
-        if "stop_words" not in names:
-            raise UsageError(f"model {model} takes no stop_words", "drop --stop")
-        array = np.array([[w.encode() for w in req.stop_words]], dtype=object)
-        tensor = grpc.InferInput("stop_words", list(array.shape), "BYTES")
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
     return tensors
-
-
-_NP = {"INT32": "int32", "FP32": "float32", "BOOL": "bool", "UINT64": "uint64"}
 
 
 def _text(result) -> str:
