@@ -167,7 +167,6 @@ def test_cli_serve_stops_on_sigterm_and_leaves_no_process_behind(demo_build, tmp
     import signal
     import subprocess
     import sys
-    import threading
 
     if find_tritonserver() is None or not (stub_env_dir() / "pyvenv.cfg").is_file():
         pytest.skip("no tritonserver (nvidia-pytriton) or no NumPy-1.x stub environment: run `make setup`")
@@ -178,6 +177,21 @@ def test_cli_serve_stops_on_sigterm_and_leaves_no_process_behind(demo_build, tmp
     http, grpc_port, metrics = _free_ports(3)
     proc = subprocess.Popen([sys.executable, "-m", "yitrt", "serve", str(repo), "--json", "--exit-timeout", "5", "--http-port", str(http),
                              "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _check_cli_serve(proc, grpc_port)
+    finally:  # a failed assertion must not leave the server running
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _check_cli_serve(proc, grpc_port: int) -> None:
+    import signal
+    import threading
+
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
