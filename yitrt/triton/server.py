@@ -105,6 +105,7 @@ class Server:
     exit_timeout: float = 30.0
     cleanup: Callable[[], None] | None = None
     tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    forwarder: threading.Thread | None = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -130,6 +131,8 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.stop()
+                if self.forwarder is not None:  # the last lines may still be in the pipe: let the thread drain it
+                    self.forwarder.join(timeout=5)
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready:\n  "
                                  + "\n  ".join(list(self.tail)[-12:]), f"full log: {self.log_file}")
             if self.ready():
@@ -240,7 +243,8 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
                 if on_log is not None:
                     on_log(line.rstrip())
 
-    threading.Thread(target=forward, daemon=True).start()
+    server.forwarder = threading.Thread(target=forward, daemon=True)
+    server.forwarder.start()
     server.wait_ready(req.ready_timeout)
     return server
 
