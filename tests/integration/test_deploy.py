@@ -135,3 +135,30 @@ def test_serve_launches_exactly_world_size_ranks_through_mpirun(engine, tmp_path
     assert argv[0] == "--allow-run-as-root" and argv.count(str(fake_server)) == 2 and argv.count(":") == 1
     assert argv.count("-n") == 2 and "--backend-config=python,shm-region-prefix-name=prefix1_" in argv
     assert argv.count("--load-model=tensorrt_llm") == 1 and argv.index("--load-model=tensorrt_llm") > argv.index(":")
+
+
+def test_serve_gives_up_on_a_server_that_never_becomes_ready(engine, tmp_path, monkeypatch):
+    """A TEST DOUBLE of mpirun that logs a line and hangs without ever serving: serve stops waiting after the ready
+    timeout, reports the logged line and leaves no process of the group running."""
+    import os
+    import stat
+
+    from yitrt.errors import ServerError
+    from yitrt.triton.server import Ports, ServeRequest, start_server
+
+    repo = tmp_path / "repo"
+    deploy(DeployRequest(engine, repo))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pid_file = tmp_path / "double.pid"
+    double = bin_dir / "mpirun"
+    double.write_text(f"#!/bin/sh\n# TEST DOUBLE of mpirun: never ready\necho $$ > {pid_file}\n"
+                      "echo 'mpirun double: loading forever'\nexec sleep 600\n")
+    double.chmod(double.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ServerError, match="not ready after 2 s") as caught:
+        start_server(ServeRequest(repo, Ports(18934, 18935, 18936), tritonserver="/bin/true", ready_timeout=2, exit_timeout=1))
+    assert "mpirun double: loading forever" in str(caught.value)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # SIGTERM to the group ended the double's sleep (exec'd under the same pid)

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from yitrt.errors import MissingToolError, ServerError, UsageError
 from yitrt.manifest import read_manifest
@@ -130,16 +130,19 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.stop()
-                if self.forwarder is not None:  # the last lines may still be in the pipe: let the thread drain it
-                    self.forwarder.join(timeout=5)
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready:\n  "
-                                 + "\n  ".join(list(self.tail)[-12:]), f"full log: {self.log_file}")
+                self._fail(f"tritonserver exited with code {self.process.returncode} before it was ready")
             if self.ready():
                 return
             time.sleep(0.5)
+        self._fail(f"tritonserver was not ready after {timeout:.0f} s")
+
+    def _fail(self, what: str) -> NoReturn:
+        """Stop the server and raise ``what`` with its last log lines; the forwarding thread is drained first,
+        because a process that died at once can exit before its last lines were read from the pipe."""
         self.stop()
-        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s:\n  " + "\n  ".join(list(self.tail)[-12:]), f"full log: {self.log_file}")
+        if self.forwarder is not None:
+            self.forwarder.join(timeout=5)
+        raise ServerError(f"{what}:\n  " + "\n  ".join(list(self.tail)[-12:]), f"full log: {self.log_file}")
 
     def stop(self) -> int | None:
         """SIGTERM to the whole process group (every rank, stub and worker), SIGKILL when tritonserver has not
