@@ -138,9 +138,14 @@ def find_trtllm() -> TrtllmInstall:
     return TrtllmInstall(script, python, trtllm, trt)
 
 
+def mpirun_path() -> str | None:
+    """Where mpirun is (PATH), without running it."""
+    return shutil.which("mpirun")
+
+
 def find_mpirun() -> tuple[str | None, str | None]:
     """(path, first line of ``mpirun --version``) or (None, None)."""
-    path = shutil.which("mpirun")
+    path = mpirun_path()
     if path is None:
         return None, None
     out = _run([path, "--version"]) or ""

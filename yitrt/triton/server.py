@@ -211,7 +211,7 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
     world = int(facts.get("world_size", 1))
     mpirun = "mpirun"
     if world > 1:
-        mpirun = env.find_mpirun()[0] or ""
+        mpirun = env.mpirun_path() or ""  # serving needs the path only; doctor reports the version
         if not mpirun:
             raise MissingToolError(f"this repository needs {world} ranks (tp×pp) and there is no mpirun", "install Open MPI (the Triton TRT-LLM container has it)")
     busy = [f"{name} port {port}" for name, port in (("HTTP", req.ports.http), ("gRPC", req.ports.grpc), ("metrics", req.ports.metrics))
