@@ -107,27 +107,33 @@ def test_cli_deploy_errors_are_one_line_and_keep_the_previous_repository(engine,
     assert data["streaming"] is False and data["world_size"] == 2 and data["entry_model"] == "tensorrt_llm_bls"
 
 
-def test_serve_launches_exactly_world_size_ranks_through_mpirun(engine, tmp_path, monkeypatch):
-    """Our side of the mpirun boundary: a TEST DOUBLE of mpirun records the command `yitrt serve` runs for a tp 2
-    repository (no GPU here to run real ranks) and exits, which serve reports as a failed start."""
+def _serve_with_mpirun_double(engine, tmp_path, monkeypatch, script: str):
+    """A deployed tp 2 repository, and a TEST DOUBLE of mpirun (the given shell body) first on PATH."""
     import os
-    import stat
-
-    from yitrt.errors import ServerError
-    from yitrt.triton.server import Ports, ServeRequest, start_server
 
     repo = tmp_path / "repo"
     deploy(DeployRequest(engine, repo))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    record = tmp_path / "mpirun.argv"
     double = bin_dir / "mpirun"
-    double.write_text(f"#!/bin/sh\n# TEST DOUBLE of mpirun\nprintf '%s\\n' \"$@\" > {record}\necho 'mpirun double: no ranks started'\nexit 3\n")
-    double.chmod(double.stat().st_mode | stat.S_IEXEC)
-    fake_server = bin_dir / "tritonserver"
+    double.write_text(f"#!/bin/sh\n# TEST DOUBLE of mpirun\n{script}")
+    double.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return repo
+
+
+def test_serve_launches_exactly_world_size_ranks_through_mpirun(engine, tmp_path, monkeypatch):
+    """Our side of the mpirun boundary: a TEST DOUBLE of mpirun records the command `yitrt serve` runs for a tp 2
+    repository (no GPU here to run real ranks) and exits, which serve reports as a failed start."""
+    from yitrt.errors import ServerError
+    from yitrt.triton.server import Ports, ServeRequest, start_server
+
+    record = tmp_path / "mpirun.argv"
+    repo = _serve_with_mpirun_double(engine, tmp_path, monkeypatch,
+                                     f"printf '%s\\n' \"$@\" > {record}\necho 'mpirun double: no ranks started'\nexit 3\n")
+    fake_server = tmp_path / "bin" / "tritonserver"
     fake_server.write_text("#!/bin/sh\nexit 0\n")
     fake_server.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(ServerError, match="exited with code 3") as caught:
         start_server(ServeRequest(repo, Ports(18931, 18932, 18933), tritonserver=str(fake_server), ready_timeout=30))
     assert "mpirun double: no ranks started" in str(caught.value)
@@ -141,21 +147,13 @@ def test_serve_gives_up_on_a_server_that_never_becomes_ready(engine, tmp_path, m
     """A TEST DOUBLE of mpirun that logs a line and hangs without ever serving: serve stops waiting after the ready
     timeout, reports the logged line and leaves no process of the group running."""
     import os
-    import stat
 
     from yitrt.errors import ServerError
     from yitrt.triton.server import Ports, ServeRequest, start_server
 
-    repo = tmp_path / "repo"
-    deploy(DeployRequest(engine, repo))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     pid_file = tmp_path / "double.pid"
-    double = bin_dir / "mpirun"
-    double.write_text(f"#!/bin/sh\n# TEST DOUBLE of mpirun: never ready\necho $$ > {pid_file}\n"
-                      "echo 'mpirun double: loading forever'\nexec sleep 600\n")
-    double.chmod(double.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    repo = _serve_with_mpirun_double(engine, tmp_path, monkeypatch,
+                                     f"echo $$ > {pid_file}\necho 'mpirun double: loading forever'\nexec sleep 600\n")
     with pytest.raises(ServerError, match="not ready after 2 s") as caught:
         start_server(ServeRequest(repo, Ports(18934, 18935, 18936), tritonserver="/bin/true", ready_timeout=2, exit_timeout=1))
     assert "mpirun double: loading forever" in str(caught.value)
