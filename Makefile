@@ -7,9 +7,8 @@ STAMP  := $(VENV)/.yitrt-installed
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu, or an unpinned torch pulls a multi-GB CUDA build.
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-DEMO_MODEL  := build/demo/SmolLM2-135M-Instruct
-DEMO_CKPT   := build/demo/ckpt-bf16-tp3
-DEMO_REPO   := build/demo/triton-repo
+DEMO_WORK   := build/demo-run
+DEMO_REPO   := $(DEMO_WORK)/triton-repo
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
@@ -31,22 +30,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/yitrt demo-model --out $(DEMO_MODEL)
-	$(BIN)/yitrt inspect $(DEMO_MODEL)
-	$(BIN)/yitrt convert $(DEMO_MODEL) --tp 3 --out $(DEMO_CKPT)
-	@echo "demo: TensorRT-LLM checkpoint (tp 3: 9 heads and 3 KV heads split 3 ways) in $(DEMO_CKPT):"
-	@ls -l $(DEMO_CKPT)
-	# prove it: the checkpoint, run by the reference runtime in 3 processes, against the original in transformers
-	$(BIN)/yitrt verify $(DEMO_CKPT) --against $(DEMO_MODEL)
-	$(BIN)/yitrt generate $(DEMO_CKPT) --chat --prompt "What is the capital of France?" --max-new-tokens 24
-	# deploy: the Triton repository, its tensorrt_llm slot served by the reference runtime (no GPU needed)
-	$(BIN)/yitrt deploy $(DEMO_CKPT) --engine reference --out $(DEMO_REPO)
-	# serve on a real tritonserver, chat over gRPC (streamed), stop
+	# one recipe, every stage: demo model → convert (tp 3) → verify → plan (L4) → deploy (reference slot) → smoke chat
+	$(BIN)/yitrt run recipes/demo.yaml --work-dir $(DEMO_WORK)
+	# the same recipe again: every stage is cached, nothing is redone
+	$(BIN)/yitrt run recipes/demo.yaml --work-dir $(DEMO_WORK)
+	# serve the repository the run deployed on a real tritonserver, chat over gRPC (streamed), stop
 	@set -e; set -- $(DEMO_PORTS); \
-	$(BIN)/yitrt serve $(DEMO_REPO) --quiet --exit-timeout 5 --http-port $$1 --grpc-port $$2 --metrics-port $$3 > build/demo/serve.out & pid=$$!; \
+	$(BIN)/yitrt serve $(DEMO_REPO) --quiet --exit-timeout 5 --http-port $$1 --grpc-port $$2 --metrics-port $$3 > build/demo-serve.out & pid=$$!; \
 	trap 'echo "demo: stopping the server"; kill -TERM $$pid 2>/dev/null; wait $$pid || true' EXIT; \
-	for i in $$(seq 1 300); do grep -q '^ready' build/demo/serve.out && break; kill -0 $$pid 2>/dev/null || exit 1; sleep 1; done; \
-	cat build/demo/serve.out; \
+	for i in $$(seq 1 300); do grep -q '^ready' build/demo-serve.out && break; kill -0 $$pid 2>/dev/null || exit 1; sleep 1; done; \
+	cat build/demo-serve.out; \
 	echo "demo: yitrt chat localhost:$$2 \"What is the capital of France?\""; \
 	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --max-tokens 32; \
 	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --system "Answer in one short sentence." --max-tokens 32 --json

@@ -116,6 +116,39 @@ def find_demo_gguf() -> Path:
     raise DemoModelUnavailableError(f"the installed '{DEMO_PACKAGE}' package has no {DEMO_GGUF} (a broken install?)")
 
 
+#: GGUF llama.* metadata key → HF config.json key (the dims the plan and the recipe checks need).
+_GGUF_DIMS = {
+    "embedding_length": "hidden_size", "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads", "feed_forward_length": "intermediate_size",
+    "context_length": "max_position_embeddings", "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+}
+
+
+def demo_config():
+    """The demo model's ModelConfig read from the GGUF header (metadata only: no weights are decoded), so a
+    recipe naming the demo model is checked before anything is materialised.
+
+    Raises:
+        DemoModelUnavailableError: the package is missing. MissingDependencyError: ``gguf`` is missing.
+    """
+    from yitrt.models.config import parse_config
+
+    gguf = require("gguf", "demo")
+    reader = gguf.GGUFReader(find_demo_gguf())
+
+    def scalar(key: str):
+        f = reader.fields[key]
+        return f.parts[f.data[0]][0].item()
+
+    raw: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "torch_dtype": DTYPE, "hidden_act": "silu",
+                           "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+                           # no separate output matrix in the file: the head is the embedding (tied)
+                           "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
+    raw.update({hf: scalar(f"llama.{key}") for key, hf in _GGUF_DIMS.items()})
+    return parse_config(raw, f"{DEMO_GGUF} header")
+
+
 def _package_version() -> str:
     try:
         return importlib.metadata.version(DEMO_PACKAGE)

@@ -136,3 +136,15 @@ class RequestFailedError(YitrtError):
     """The server answered a request with an error."""
 
     exit_code = 15
+
+
+class VerifyFailedError(YitrtError):
+    """`yitrt verify` ran (in `yitrt run`) and a threshold failed (the same exit status as `yitrt verify`)."""
+
+    exit_code = 10
+
+
+class SmokeFailedError(YitrtError):
+    """The served deployment answered the smoke chat, but not with the text the recipe expects."""
+
+    exit_code = 16

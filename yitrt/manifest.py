@@ -11,13 +11,15 @@ stage can be skipped.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import mmap
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ from yitrt import __version__
 from yitrt.errors import ArtifactError
 
 MANIFEST_NAME = "yitrt-manifest.json"
+#: The resolved recipe that made an artifact (written by `yitrt run`; not part of the cache key).
+RECIPE_NAME = "yitrt-recipe.yaml"
+_RECIPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("yitrt_recipe", default=None)
 MANIFEST_FORMAT = 1
 _HASH_WINDOW = 256 << 20  # a multiple of the page size
 
@@ -128,6 +133,24 @@ def read_manifest(folder: Path) -> Manifest | None:
         return Manifest.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError):
         return None
+
+
+def artifact_digest(folder: Path) -> str | None:
+    """Identity of an artifact's content: a digest of its manifest's file hashes (None without a manifest)."""
+    manifest = read_manifest(folder)
+    if manifest is None or not manifest.files:
+        return None
+    return digest_json(sorted((f["path"], f["blake3"]) for f in manifest.files if f["path"] != RECIPE_NAME))
+
+
+@contextlib.contextmanager
+def recipe_context(resolved: dict[str, Any]) -> Iterator[None]:
+    """Within the block, every artifact written also gets ``yitrt-recipe.yaml``: the recipe that made it."""
+    token = _RECIPE.set(resolved)
+    try:
+        yield
+    finally:
+        _RECIPE.reset(token)
 
 
 def find_reusable(out: Path, stage: str, key: str) -> Manifest | None:
@@ -246,6 +269,11 @@ class ArtifactWriter:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         try:
+            recipe = _RECIPE.get()
+            if recipe is not None:
+                import yaml
+
+                (self.path / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
             self.manifest = Manifest(
                 stage=self.stage,
                 key=self.key,

@@ -29,7 +29,7 @@ from yitrt.build import environment as env
 from yitrt.build.argv import TIMING_CACHE, BuildSpec, assemble
 from yitrt.build.flags import banner_version, release_line
 from yitrt.errors import BuildError, MissingToolError, UsageError, ValidationError
-from yitrt.manifest import ArtifactWriter, artifact_key, find_reusable, fingerprint_files, read_manifest
+from yitrt.manifest import ArtifactWriter, artifact_digest, artifact_key, find_reusable, fingerprint_files
 from yitrt.plan.gpus import Gpu, get_gpu, match_gpu
 
 #: Target used by ``--dry-run`` when no --gpu is given and no GPU is visible (said in a warning).
@@ -87,6 +87,10 @@ class BuildRequest:
     trtllm_version: str | None = None
     dry_run: bool = False
     force: bool = False
+    #: the workload `auto` limits are planned for (a recipe's `workload` and `serve.kv_fraction`)
+    isl: int = 1024
+    osl: int = 512
+    kv_fraction: float | None = None
 
 
 @dataclass
@@ -112,11 +116,9 @@ class BuildResult:
 
 def checkpoint_digest(checkpoint: Path) -> str:
     """Identity of the checkpoint: its yitrt manifest's file hashes, else names/sizes/mtimes of its files."""
-    manifest = read_manifest(checkpoint)
-    if manifest is not None and manifest.files:
-        from yitrt.manifest import digest_json
-
-        return digest_json(sorted((f["path"], f["blake3"]) for f in manifest.files))
+    digest = artifact_digest(checkpoint)
+    if digest is not None:
+        return digest
     names = [p.name for p in Path(checkpoint).iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")]
     return fingerprint_files(Path(checkpoint), names)
 
@@ -211,7 +213,8 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
         raise ValidationError([f"--trtllm-version {req.trtllm_version} but this machine has TensorRT-LLM {install.trtllm_version}"],
                               "drop --trtllm-version to build for the installed one")
     spec = assemble(req.checkpoint, gpu, plugins=req.plugins, trtllm_version=version, max_batch_size=req.max_batch_size,
-                    max_seq_len=req.max_seq_len, max_num_tokens=req.max_num_tokens, workers=req.workers)
+                    max_seq_len=req.max_seq_len, max_num_tokens=req.max_num_tokens, workers=req.workers,
+                    isl=req.isl, osl=req.osl, **({"kv_fraction": req.kv_fraction} if req.kv_fraction is not None else {}))
     warnings += [str(f) for f in spec.findings if f.severity == "warning"]
     warnings += [f"plan: {n}" for n in spec.plan.notes]
     out = Path(req.out).absolute()

@@ -1,0 +1,589 @@
+"""`yitrt run`: a recipe through fetch → convert/quantize → verify → plan → build → deploy → smoke, cached.
+
+Each stage calls the same library function as its command and writes one artifact folder under the work folder
+(``model/``, ``checkpoint/``, ``verify/``, ``plan/``, ``engine/``, ``triton-repo/``, ``smoke/``). A stage's *key* is a
+digest of the recipe settings it reads and the content digests of the artifacts it consumes; the key, the
+artifact and its digest are recorded in ``.yitrt-run/<stage>.json`` once the stage has finished. A later run
+whose key matches, and whose artifact is still complete with the recorded digest, skips the stage without
+calling anything ("cached"). So a second run with nothing changed does no work, a changed build limit re-runs
+build and what consumes the engine, and a run that was killed resumes at the stage it was in: the stages before
+it are cached, and the killed stage's half-written ``<artifact>.partial-<pid>`` is removed when it runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yitrt.errors import (
+    ArtifactError,
+    MissingToolError,
+    SmokeFailedError,
+    UsageError,
+    ValidationError,
+    VerifyFailedError,
+    YitrtError,
+)
+from yitrt.manifest import (
+    ArtifactWriter,
+    artifact_digest,
+    artifact_key,
+    find_reusable,
+    fingerprint_files,
+    read_manifest,
+    recipe_context,
+)
+from yitrt.recipe import LoadedRecipe, Recipe
+
+STAGES = ("fetch", "convert", "verify", "plan", "build", "deploy", "smoke")
+#: artifact folder of each stage, under the work folder
+FOLDERS = {"fetch": "model", "convert": "checkpoint", "verify": "verify", "plan": "plan", "build": "engine",
+           "deploy": "triton-repo", "smoke": "smoke"}
+STATE_DIR = ".yitrt-run"
+#: progress(stage, kind) → a context manager yielding the stage function's progress callback (or None);
+#: kind is "bytes" (fetch, convert), "steps" (quantize, build) or "phase" (verify).
+ProgressFactory = Callable[[str, str], contextlib.AbstractContextManager]
+#: on_stage(report) is called when a stage starts (status "running") and when it ends.
+StageListener = Callable[["StageReport"], None]
+
+
+@dataclass
+class RunOptions:
+    """How to run a recipe.
+
+    Attributes:
+        work_dir: folder holding every stage's artifact and the run state.
+        from_stage: run from this stage; earlier stages' artifacts must exist in ``work_dir`` (not re-checked).
+        until_stage: stop after this stage.
+        force: redo the stages that run, even when cached.
+        progress: progress callbacks per stage (None: silent).
+        on_stage: called as each stage starts and ends.
+    """
+
+    work_dir: Path
+    from_stage: str | None = None
+    until_stage: str | None = None
+    force: bool = False
+    progress: ProgressFactory | None = None
+    on_stage: StageListener | None = None
+
+
+@dataclass
+class StageReport:
+    """What one stage did.
+
+    ``status``: ``ran`` (did work), ``cached`` (key and artifact unchanged: nothing called), ``reused`` (the
+    stage function found its artifact up to date), ``skipped`` (outside --from/--until, or disabled in the recipe),
+    ``not-applicable`` (build for the reference slot), ``blocked`` (build on a machine without TensorRT-LLM),
+    ``failed``, or ``running`` while it runs.
+    """
+
+    stage: str
+    status: str
+    seconds: float = 0.0
+    artifact: str | None = None
+    digest: str | None = None
+    key: str | None = None
+    detail: str = ""
+    warnings: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON object of the stage in `yitrt run --json`."""
+        return {"stage": self.stage, "status": self.status, "seconds": round(self.seconds, 3), "artifact": self.artifact,
+                "digest": self.digest, "key": self.key, "detail": self.detail, "warnings": self.warnings, "data": self.data}
+
+
+@dataclass
+class RunReport:
+    """The whole run."""
+
+    recipe: str
+    recipe_path: str
+    work_dir: Path
+    stages: list[StageReport]
+    seconds: float = 0.0
+    error: YitrtError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every stage that was due finished."""
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON of `yitrt run --json` (also written to ``<work>/run.json``)."""
+        out = {"ok": self.ok, "recipe": self.recipe, "recipe_path": self.recipe_path, "work_dir": str(self.work_dir),
+               "seconds": round(self.seconds, 3), "stages": [s.to_json() for s in self.stages],
+               "did_work": [s.stage for s in self.stages if s.status == "ran"]}
+        if self.error is not None:
+            out["error"] = {"type": type(self.error).__name__, "message": self.error.message, "hint": self.error.hint,
+                            "exit_code": self.error.exit_code, "problems": getattr(self.error, "problems", [self.error.message])}
+        return out
+
+
+class RunFailed(YitrtError):
+    """A stage failed; carries the run report (``report``) and the stage's own error (``cause``)."""
+
+    def __init__(self, cause: YitrtError, report: RunReport) -> None:
+        super().__init__(cause.message, cause.hint)
+        self.cause = cause
+        self.report = report
+        self.exit_code = cause.exit_code
+        self.problems = getattr(cause, "problems", [cause.message])
+
+
+def stage_index(name: str | None, option: str) -> int | None:
+    """Position of a stage name (None passes through).
+
+    Raises:
+        UsageError: unknown stage.
+    """
+    if name is None:
+        return None
+    if name not in STAGES:
+        raise UsageError(f"{option} {name!r} is not a stage", "stages: " + ", ".join(STAGES))
+    return STAGES.index(name)
+
+
+# -- stage keys ------------------------------------------------------------------------------------------------------
+
+
+def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
+    """The recipe settings a stage reads: only these (and its inputs' digests) enter its key."""
+    r = spec.resolved()
+    target = r["target"]
+    serve = {k: v for k, v in r["serve"].items() if k != "smoke"}
+    return {
+        "fetch": lambda: r["model"],
+        "convert": lambda: {"precision": r["precision"], "parallelism": r["parallelism"]},
+        "verify": lambda: r["verify"],
+        "plan": lambda: {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "workload": r["workload"],
+                         "kv_fraction": r["serve"]["kv_fraction"], "slo": r["slo"]},
+        "build": lambda: {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "build": r["build"],
+                          "workload": r["workload"], "kv_fraction": r["serve"]["kv_fraction"]},
+        # the reference slot takes its limits from the recipe's build section (an engine has its own)
+        "deploy": lambda: {"target": target, "serve": serve, **({"build": r["build"]} if target["engine"] == "reference" else {})},
+        "smoke": lambda: r["serve"]["smoke"],
+    }[stage]()
+
+
+#: the artifacts each stage consumes (by producing stage)
+STAGE_INPUTS = {"fetch": (), "convert": ("fetch",), "verify": ("fetch", "convert"), "plan": ("convert",),
+                "build": ("convert",), "deploy": ("fetch", "convert", "plan", "build"), "smoke": ("deploy",)}
+
+
+def folder_digest(folder: Path) -> str:
+    """Content identity of an artifact: its manifest's file hashes, or (a user's model folder, no manifest) the
+    names, sizes and times of its files."""
+    digest = artifact_digest(folder)
+    if digest is not None:
+        return digest
+    return fingerprint_files(folder, [p.name for p in Path(folder).iterdir() if p.is_file()])
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, loaded: LoadedRecipe, opts: RunOptions) -> None:
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.opts = opts
+        self.work = Path(opts.work_dir).absolute()
+        self.state = self.work / STATE_DIR
+        self.artifacts: dict[str, Path] = {}
+        self.digests: dict[str, str] = {}
+        self.reports: list[StageReport] = []
+
+    # records -------------------------------------------------------------------------------------------------------
+    def _record_path(self, stage: str) -> Path:
+        return self.state / f"{stage}.json"
+
+    def _read_record(self, stage: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._record_path(stage).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_record(self, stage: str, report: StageReport) -> None:
+        tmp = self._record_path(stage).with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"stage": stage, "key": report.key, "artifact": report.artifact, "digest": report.digest,
+                                   "status": report.status, "detail": report.detail, "data": report.data,
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
+        os.replace(tmp, self._record_path(stage))
+
+    def _intact(self, record: dict[str, Any] | None) -> bool:
+        """The recorded artifact is still there, complete, with the recorded content."""
+        if not record or not record.get("artifact"):
+            return bool(record) and record.get("artifact") is None and record.get("status") in ("not-applicable", "skipped")
+        folder = Path(record["artifact"])
+        if not folder.is_dir():
+            return False
+        manifest = read_manifest(folder)
+        if manifest is not None and find_reusable(folder, manifest.stage, manifest.key) is None:
+            return False
+        return folder_digest(folder) == record.get("digest")
+
+    # stages --------------------------------------------------------------------------------------------------------
+    def key(self, stage: str) -> str:
+        inputs = {s: self.digests.get(s) or "" for s in STAGE_INPUTS[stage]}
+        return artifact_key(f"run:{stage}", stage_parameters(self.spec, stage), inputs)
+
+    def progress(self, stage: str, kind: str) -> contextlib.AbstractContextManager:
+        return self.opts.progress(stage, kind) if self.opts.progress else contextlib.nullcontext(None)
+
+    def out(self, stage: str) -> Path:
+        return self.work / FOLDERS[stage]
+
+    def execute(self) -> RunReport:
+        start = time.monotonic()
+        first = stage_index(self.opts.from_stage, "--from") or 0
+        last = stage_index(self.opts.until_stage, "--until")
+        last = len(STAGES) - 1 if last is None else last
+        if first > last:
+            raise UsageError(f"--from {STAGES[first]} comes after --until {STAGES[last]}", "stage order: " + " → ".join(STAGES))
+        report = RunReport(self.spec.name, str(self.loaded.path), self.work, self.reports)
+        try:
+            for index, stage in enumerate(STAGES):
+                if index < first:
+                    self._take_earlier(stage)
+                elif index > last:
+                    self._emit(StageReport(stage, "skipped", detail=f"after --until {STAGES[last]}"))
+                else:
+                    self._run_stage(stage)
+        except YitrtError as exc:
+            report.error = exc
+        report.seconds = time.monotonic() - start
+        _write_json(self.work / "run.json", report.to_json())
+        if report.error is not None:
+            raise RunFailed(report.error, report)
+        return report
+
+    def _emit(self, report: StageReport) -> None:
+        self.reports.append(report)
+        if self.opts.on_stage:
+            self.opts.on_stage(report)
+
+    def _take_earlier(self, stage: str) -> None:
+        """A stage before --from: its artifact from an earlier run is used as it is."""
+        record = self._read_record(stage)
+        if record is None or not self._intact(record):
+            raise UsageError(f"--from {self.opts.from_stage} needs the {stage} stage's artifact from an earlier run in {self.work}, "
+                             "and there is none (or it changed)", "run without --from first (or with an earlier --from)")
+        warnings = []
+        if record.get("key") != self.key(stage):
+            warnings.append(f"{stage}: the recorded artifact was made with other settings than this recipe's; used as it is (--from)")
+        self._accept(stage, record.get("artifact"), record.get("digest"))
+        self._emit(StageReport(stage, "skipped", artifact=record.get("artifact"), digest=record.get("digest"), key=record.get("key"),
+                               detail=f"before --from {self.opts.from_stage}: artifact of an earlier run", warnings=warnings))
+
+    def _accept(self, stage: str, artifact: str | None, digest: str | None) -> None:
+        if artifact:
+            self.artifacts[stage] = Path(artifact)
+        if digest:
+            self.digests[stage] = digest
+
+    def _run_stage(self, stage: str) -> None:
+        key = self.key(stage)
+        record = self._read_record(stage)
+        if not self.opts.force and record and record.get("key") == key and self._intact(record):
+            self._accept(stage, record.get("artifact"), record.get("digest"))
+            self._emit(StageReport(stage, "cached", artifact=record.get("artifact"), digest=record.get("digest"), key=key,
+                                   detail=record.get("detail", ""), data=record.get("data") or {}))
+            return
+        running = StageReport(stage, "running", key=key)
+        if self.opts.on_stage:
+            self.opts.on_stage(running)
+        started = time.monotonic()
+        try:
+            outcome = getattr(self, f"_stage_{stage}")()
+        except YitrtError as exc:
+            status = "blocked" if isinstance(exc, MissingToolError) and stage == "build" else "failed"
+            self._emit(StageReport(stage, status, time.monotonic() - started, key=key, detail=exc.message))
+            raise
+        artifact = outcome.pop("artifact", None)
+        digest = folder_digest(Path(artifact)) if artifact else None
+        done = StageReport(stage, outcome.pop("status", "ran"), time.monotonic() - started, str(artifact) if artifact else None,
+                           digest, key, outcome.pop("detail", ""), outcome.pop("warnings", []), outcome.pop("data", {}))
+        self._accept(stage, done.artifact, digest)
+        if done.status in ("ran", "reused", "not-applicable", "skipped"):
+            self._write_record(stage, done)
+        self._emit(done)
+
+    # one function per stage: each returns {"artifact", "status", "detail", "warnings", "data"} -----------------------
+    def _stage_fetch(self) -> dict[str, Any]:
+        model = self.spec.model
+        out = self.out("fetch")
+        if model.demo:
+            from yitrt.demo import materialize_demo_model
+
+            with self.progress("fetch", "bytes") as cb:
+                result = materialize_demo_model(out, force=self.opts.force, progress=cb)
+            return {"artifact": out, "status": "reused" if result.reused else "ran",
+                    "detail": f"demo model {'up to date' if result.reused else 'materialised'} from {result.gguf.name}"}
+        if model.path is not None:
+            folder = Path(model.path).expanduser().absolute()
+            if not (folder / "config.json").is_file():
+                raise UsageError(f"model.path {folder} holds no config.json", "point model.path at a Hugging Face model folder")
+            return {"artifact": folder, "detail": f"local folder {folder} (used in place)"}
+        from yitrt.hub import fetch_model
+
+        with self.progress("fetch", "bytes") as cb:
+            result = fetch_model(model.repo, revision=model.revision, out=out, allow_pickle=model.allow_pickle,
+                                 force=self.opts.force, progress=cb)
+        return {"artifact": out, "status": "reused" if result.reused else "ran",
+                "detail": f"{model.repo}@{result.revision[:12]}", "data": {"revision": result.revision, "bytes": result.bytes}}
+
+    def _stage_convert(self) -> dict[str, Any]:
+        from yitrt.quant.schemes import SCHEMES
+
+        prec, par, model = self.spec.precision, self.spec.parallelism, self.spec.model
+        out = self.out("convert")
+        common = {"model_dir": self.artifacts["fetch"], "out": out, "dtype": prec.dtype, "tp": par.tp, "pp": par.pp,
+                  "kv_cache": prec.kv_cache, "allow_pickle": model.allow_pickle, "force": self.opts.force,
+                  "model_ref": model.repo, "gpu": self.spec.target.gpu}
+        if SCHEMES[prec.scheme].calibrated:
+            from yitrt.quant.calibrate import QuantizeRequest, quantize
+
+            cal = prec.calibration
+            request = QuantizeRequest(scheme=prec.scheme, calib=cal.data, calib_size=cal.size, calib_seq_len=cal.seq_len,
+                                      calib_batch_size=cal.batch_size or 0, awq_block_size=cal.awq_block_size, seed=cal.seed,
+                                      device=cal.device, **common)
+            with self.progress("convert", "steps") as cb:
+                result = quantize(request, cb)
+        else:
+            from yitrt.checkpoint.convert import ConvertRequest, convert
+
+            request = ConvertRequest(scheme=prec.scheme, parallel_embedding=par.parallel_embedding, **common)
+            with self.progress("convert", "bytes") as cb:
+                result = convert(request, cb)
+        cfg = result.config
+        quant = cfg.get("quantization") or {}
+        return {"artifact": out, "status": "reused" if result.reused else "ran", "warnings": list(result.warnings),
+                "detail": f"{cfg.get('dtype')}, quant {quant.get('quant_algo') or 'none'}, KV {quant.get('kv_cache_quant_algo') or cfg.get('dtype')}, "
+                          f"tp {par.tp} × pp {par.pp}"}
+
+    def _stage_verify(self) -> dict[str, Any]:
+        v = self.spec.verify
+        if not v.enabled:
+            return {"status": "skipped", "detail": "verify.enabled is false"}
+        from yitrt.reference import EVAL_TOKENS
+        from yitrt.reference.verify import VerifyRequest, verify
+
+        checkpoint, model = self.artifacts["convert"], self.artifacts["fetch"]
+        request = VerifyRequest(checkpoint=checkpoint, model=model, max_new_tokens=v.max_new_tokens,
+                                eval_tokens=v.eval_tokens or EVAL_TOKENS, device=v.device, allow_pickle=self.spec.model.allow_pickle,
+                                thresholds={"min_top1": v.min_top1, "max_ppl_delta_pct": v.max_ppl_delta})
+        with self.progress("verify", "phase") as cb:
+            report = verify(request, cb)
+        data = report.to_json()
+        summary = {k: data[k] for k in ("top1_agreement", "ppl_reference", "ppl_checkpoint", "ppl_delta_pct", "greedy_match_frac", "passed")}
+        if not report.passed:
+            failed = self.work / "verify.failed.json"
+            _write_json(failed, data)
+            raise VerifyFailedError(f"verify failed: {'; '.join(report.failures)} (report: {failed})",
+                                    "see the report; a quantized checkpoint may need another scheme or calibration data")
+        out = self.out("verify")
+        with ArtifactWriter(out, "verify", {"verify": stage_parameters(self.spec, "verify")},
+                            {"checkpoint": self.digests["convert"], "model": self.digests["fetch"]}) as art:
+            _write_json(art.path / "report.json", data)
+        return {"artifact": out, "warnings": list(report.warnings), "data": summary,
+                "detail": f"top-1 {summary['top1_agreement']:.3f}, perplexity {summary['ppl_checkpoint']:.3f} "
+                          f"({summary['ppl_delta_pct']:+.2f}%), greedy {summary['greedy_match_frac']:.2f}"}
+
+    def _stage_plan(self) -> dict[str, Any]:
+        from yitrt.plan.memory import DEFAULT_KV_FRACTION, Workload
+        from yitrt.plan.planner import PlanOptions, plan
+
+        spec = self.spec
+        workload = Workload(isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction or DEFAULT_KV_FRACTION)
+        opts = PlanOptions(gpu=spec.target.gpu, workload=workload, trtllm_version=spec.target.trtllm_version)
+        report = plan(str(self.artifacts["convert"]), opts)
+        warnings = list(report.warnings)
+        data = report.to_json()
+        if spec.slo is not None:
+            data["slo"] = _slo_estimate(self.artifacts["convert"], opts, spec, warnings)
+        cand = report.primary
+        if not cand.ok:
+            raise ValidationError([f"the checkpoint does not fit {report.gpu.name}: " + "; ".join(cand.plan.problems if cand.plan else [])]
+                                  + report.suggestions, "change the recipe's parallelism or precision (`yitrt plan --compare`)")
+        out = self.out("plan")
+        with ArtifactWriter(out, "plan", {"plan": stage_parameters(spec, "plan")}, {"checkpoint": self.digests["convert"]}) as art:
+            _write_json(art.path / "plan.json", data)
+        p = cand.plan
+        return {"artifact": out, "warnings": warnings, "data": {"limits": p.limits.to_json(), "max_concurrent": p.max_concurrent,
+                                                                "kv_tokens": p.kv_tokens},
+                "detail": f"{report.gpu.name}: {p.max_concurrent} sequences of {spec.workload.isl + spec.workload.osl} tokens, "
+                          f"limits {p.limits.to_json()}"}
+
+    def _stage_build(self) -> dict[str, Any]:
+        spec = self.spec
+        if spec.target.engine == "reference":
+            return {"status": "not-applicable", "detail": "target.engine is reference: the checkpoint is served by the reference runtime"}
+        from yitrt.build import environment as env
+        from yitrt.build.runner import BuildRequest, build_engine
+
+        install, gpus = env.find_trtllm(), env.detect_gpus()
+        missing = ([] if install.trtllm_build else ["trtllm-build (TensorRT-LLM)"]) + ([] if gpus else ["an NVIDIA GPU"])
+        if missing:
+            done = ", ".join(s.stage for s in self.reports if s.status in ("ran", "cached", "reused"))
+            raise MissingToolError(f"stopped before build: this machine has no {' and no '.join(missing)}; the stages before it are done "
+                                   f"({done}) in {self.work}",
+                                   "run the same command inside the Triton TRT-LLM container (nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3) "
+                                   "on the target GPU; the done stages are cached (or copy the work folder and use --from build)")
+        b = spec.build
+        request = BuildRequest(checkpoint=self.artifacts["convert"], out=self.out("build"), gpu=spec.target.gpu, plugins=b.plugins,
+                               max_batch_size=b.max_batch_size, max_seq_len=b.max_seq_len, max_num_tokens=b.max_num_tokens,
+                               workers=b.workers, trtllm_version=spec.target.trtllm_version, force=self.opts.force,
+                               isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction)
+        with self.progress("build", "steps") as cb:
+            result = build_engine(request, cb)
+        limits = result.spec.build_config()
+        return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": result.warnings,
+                "detail": f"trtllm-build {result.engine.get('trtllm_version', '')} for {result.engine.get('gpu', spec.target.gpu)}",
+                "data": {"build_config": limits}}
+
+    def _stage_deploy(self) -> dict[str, Any]:
+        from yitrt.triton.repository import DeployRequest, deploy
+
+        spec, s = self.spec, self.spec.serve
+        reference = spec.target.engine == "reference"
+        limits = {}
+        if reference:  # the slot's limits: the recipe's, else the plan's
+            planned = (self._read_record("plan") or {}).get("data", {}).get("limits", {})
+            limits = {"max_seq_len": spec.build.max_seq_len or planned.get("max_seq_len"),
+                      "max_batch_size": s.max_batch_size or spec.build.max_batch_size or planned.get("max_batch_size")}
+        request = DeployRequest(source=self.artifacts["convert" if reference else "build"], out=self.out("deploy"),
+                                tokenizer=self.artifacts["fetch"], engine=spec.target.engine, trtllm_version=spec.target.trtllm_version,
+                                streaming=s.streaming, max_batch_size=limits.get("max_batch_size") or s.max_batch_size,
+                                kv_fraction=s.kv_fraction, max_kv_tokens=s.max_kv_tokens, kv_reuse=s.kv_reuse,
+                                chunked_context=s.chunked_context, instances=s.instances, model_name=s.model_name,
+                                max_seq_len=limits.get("max_seq_len"), force=self.opts.force)
+        result = deploy(request)
+        return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": list(result.warnings),
+                "detail": f"Triton repository ({result.engine.kind} slot, TensorRT-LLM {result.line} contract, entry model {s.model_name})",
+                "data": result.summary}
+
+    def _stage_smoke(self) -> dict[str, Any]:
+        smoke = self.spec.serve.smoke
+        if not smoke.enabled:
+            return {"status": "skipped", "detail": "serve.smoke.enabled is false"}
+        from yitrt.triton.client import ChatRequest, chat
+        from yitrt.triton.server import Ports, ServeRequest, start_server
+
+        repo = self.artifacts["deploy"]
+        ports = Ports(*free_ports(3))
+        server = start_server(ServeRequest(repo=repo, ports=ports, ready_timeout=smoke.ready_timeout,
+                                           log_file=self.work / "smoke.server.log", exit_timeout=10))
+        try:
+            result = chat(ChatRequest(url=f"localhost:{ports.grpc}", message=smoke.message, max_tokens=smoke.max_tokens,
+                                      model=self.spec.serve.model_name))
+        finally:
+            server.stop()
+        answer = result.to_json()
+        if smoke.expect and smoke.expect.lower() not in result.text.lower():
+            raise SmokeFailedError(f"the smoke chat answered {result.text.strip()!r}, which does not contain {smoke.expect!r}",
+                                   f"read {self.work / 'smoke.server.log'}; change serve.smoke.expect if the answer is right")
+        out = self.out("smoke")
+        with ArtifactWriter(out, "smoke", {"smoke": stage_parameters(self.spec, "smoke")}, {"repository": self.digests["deploy"]}) as art:
+            _write_json(art.path / "answer.json", {"message": smoke.message, **answer})
+        return {"artifact": out, "data": answer,
+                "detail": f"{result.output_tokens} tokens in {result.total_s:.2f}s: {result.text.strip()[:80]!r}"}
+
+
+def _slo_estimate(checkpoint: Path, opts, spec: Recipe, warnings: list[str]) -> dict[str, Any] | None:
+    """AIConfigurator's estimate of the recipe's configuration under its SLO (a warning when it cannot say)."""
+    from dataclasses import replace
+
+    from yitrt.errors import MissingDependencyError
+    from yitrt.plan.perf import choose_under_slo
+    from yitrt.plan.planner import plan
+
+    try:
+        result = choose_under_slo(plan(str(checkpoint), replace(opts, compare=True)), spec.slo.ttft_ms, spec.slo.tpot_ms)
+    except MissingDependencyError as exc:
+        warnings.append(f"slo: not estimated ({exc.message})")
+        return None
+    if result.get("error"):
+        warnings.append(f"slo: not estimated ({result['error']})")
+    elif result.get("best") is None:
+        warnings.append(f"slo: no estimated operating point meets TTFT {spec.slo.ttft_ms} ms and TPOT {spec.slo.tpot_ms} ms; "
+                        "measure with `yitrt bench`")
+    return result
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on localhost right now."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _work_lock(work: Path) -> Iterator[None]:
+    """One `yitrt run` per work folder at a time."""
+    state = work / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"another yitrt run is using {work}", "wait for it, or pass another --work-dir") from None
+        yield
+
+
+def check_work_dir(work: Path) -> None:
+    """Refuse a work folder that is a file, or a non-empty folder yitrt did not make.
+
+    Raises:
+        ArtifactError: as above.
+    """
+    if work.exists() and not work.is_dir():
+        raise ArtifactError(f"--work-dir {work} is a file", "give a folder")
+    if work.is_dir() and any(work.iterdir()) and not (work / STATE_DIR).is_dir():
+        raise ArtifactError(f"--work-dir {work} is not empty and was not made by yitrt run", "give an empty or new folder")
+
+
+def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
+    """Run a validated recipe through its stages (see the module docstring).
+
+    Args:
+        loaded: the recipe, validated whole by :func:`yitrt.recipe.load_recipe`.
+        opts: work folder, stage range, force, progress.
+
+    Returns:
+        The per-stage report (also written to ``<work>/run.json``).
+
+    Raises:
+        UsageError: bad stage names or range; --from without the earlier artifacts.
+        ArtifactError: an unusable work folder, or another run holds it.
+        RunFailed: a stage failed; ``.report`` has every stage so far, ``.cause`` the stage's error (its exit code is
+            the cause's; a machine without TensorRT-LLM stops before build with MissingToolError's).
+    """
+    stage_index(opts.from_stage, "--from")
+    stage_index(opts.until_stage, "--until")
+    work = Path(opts.work_dir).absolute()
+    check_work_dir(work)
+    with _work_lock(work):
+        resolved = {**loaded.spec.resolved(), "_source": str(loaded.path), "_overrides": loaded.overrides}
+        (work / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        with recipe_context(resolved):
+            return _Run(loaded, opts).execute()

