@@ -95,7 +95,9 @@ class Target(_Section):
     """Where the engine runs."""
 
     gpu: str = Field(..., description="Target GPU (`yitrt gpus`); the reference slot uses it for the plan.")
-    trtllm_version: str = Field("1.2", description="TensorRT-LLM line the build and the Triton contract are for.")
+    # a YAML 1.2 (unquoted) is a float: taken as the version it spells
+    trtllm_version: Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)] = Field(
+        "1.2", description="TensorRT-LLM line the build and the Triton contract are for.")
     engine: Literal["trtllm", "reference"] = Field(
         "trtllm", description="trtllm: build TensorRT-LLM engines; reference: serve the checkpoint with yitrt's CPU "
         "reference runtime in the tensorrt_llm slot (tests and demo, no GPU).")

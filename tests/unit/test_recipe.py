@@ -140,5 +140,8 @@ def test_recipe_cli_list_show_new_validate(cli, tmp_path):
     result = cli("recipe", "validate", str(bad))
     assert result.returncode == 3
     assert "build.max_batch_size" in result.stdout and "serve.kv_reus: unknown key (did you mean kv_reuse?)" in result.stdout
+    planned = cli("recipe", "plan", "yi-1.5-34b-chat-fp8-tp2-h100", "--json")
+    plan = yaml.safe_load(planned.stdout)["candidates"][0]
+    assert planned.returncode == 0 and (plan["tp"], plan["scheme"], plan["kv_cache"]) == (2, "fp8", "fp8") and plan["fits"]
     missing = cli("recipe", "show", "yi-9b-fp8")
     assert missing.returncode == 2 and "no recipe file" in missing.stderr and "Traceback" not in missing.stderr

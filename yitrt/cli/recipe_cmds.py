@@ -185,6 +185,18 @@ def register(app: typer.Typer) -> None:
         if failed is not None:
             sys.exit(failed.exit_code)
 
+    @recipe_app.command("plan")
+    def recipe_plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+        """The `yitrt plan` report of a recipe's configuration on its target GPU (no weights downloaded)."""
+        from yitrt.cli import render_plan
+        from yitrt.recipe import load_recipe
+
+        loaded = load_recipe(recipe, set_ or [])
+        if json_:
+            render.emit_json(loaded.plan)
+            return
+        render_plan.plan_report(loaded.plan)
+
     @recipe_app.command("new")
     def recipe_new(
         out: Annotated[Path, typer.Argument(help="The recipe file to write.", show_default=False)],
