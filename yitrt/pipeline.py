@@ -423,8 +423,8 @@ class _Run:
         p = cand.plan
         return {"artifact": out, "warnings": warnings, "data": {"limits": p.limits.to_json(), "max_concurrent": p.max_concurrent,
                                                                 "kv_tokens": p.kv_tokens},
-                "detail": f"{report.gpu.name}: {p.max_concurrent} sequences of {spec.workload.isl + spec.workload.osl} tokens, "
-                          f"limits {p.limits.to_json()}"}
+                "detail": f"{report.gpu.name}: KV for {p.max_concurrent} sequences of {spec.workload.isl + spec.workload.osl} tokens; "
+                          f"auto limits {p.limits.to_json()} (the recipe's build limits override them)"}
 
     def _stage_build(self) -> dict[str, Any]:
         spec = self.spec

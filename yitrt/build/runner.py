@@ -31,6 +31,7 @@ from yitrt.build.flags import banner_version, release_line
 from yitrt.errors import BuildError, MissingToolError, UsageError, ValidationError
 from yitrt.manifest import ArtifactWriter, artifact_digest, artifact_key, find_reusable, fingerprint_files
 from yitrt.plan.gpus import Gpu, get_gpu, match_gpu
+from yitrt.plan.memory import DEFAULT_KV_FRACTION
 
 #: Target used by ``--dry-run`` when no --gpu is given and no GPU is visible (said in a warning).
 DRY_RUN_GPU = "H100-SXM"
@@ -90,7 +91,7 @@ class BuildRequest:
     #: the workload `auto` limits are planned for (a recipe's `workload` and `serve.kv_fraction`)
     isl: int = 1024
     osl: int = 512
-    kv_fraction: float | None = None
+    kv_fraction: float | None = None  # None: DEFAULT_KV_FRACTION
 
 
 @dataclass
@@ -214,7 +215,7 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
                               "drop --trtllm-version to build for the installed one")
     spec = assemble(req.checkpoint, gpu, plugins=req.plugins, trtllm_version=version, max_batch_size=req.max_batch_size,
                     max_seq_len=req.max_seq_len, max_num_tokens=req.max_num_tokens, workers=req.workers,
-                    isl=req.isl, osl=req.osl, **({"kv_fraction": req.kv_fraction} if req.kv_fraction is not None else {}))
+                    isl=req.isl, osl=req.osl, kv_fraction=req.kv_fraction or DEFAULT_KV_FRACTION)
     warnings += [str(f) for f in spec.findings if f.severity == "warning"]
     warnings += [f"plan: {n}" for n in spec.plan.notes]
     out = Path(req.out).absolute()
