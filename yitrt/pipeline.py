@@ -161,20 +161,21 @@ def stage_index(name: str | None, option: str) -> int | None:
 def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
     """The recipe settings a stage reads: only these (and its inputs' digests) enter its key."""
     r = spec.resolved()
-    target = r["target"]
-    serve = {k: v for k, v in r["serve"].items() if k != "smoke"}
-    return {
-        "fetch": lambda: r["model"],
-        "convert": lambda: {"precision": r["precision"], "parallelism": r["parallelism"]},
-        "verify": lambda: r["verify"],
-        "plan": lambda: {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "workload": r["workload"],
-                         "kv_fraction": r["serve"]["kv_fraction"], "slo": r["slo"]},
-        "build": lambda: {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "build": r["build"],
-                          "workload": r["workload"], "kv_fraction": r["serve"]["kv_fraction"]},
+    target, serve = r["target"], r["serve"]
+    limits_source = {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "workload": r["workload"],
+                     "kv_fraction": serve["kv_fraction"]}
+    by_stage = {
+        "fetch": r["model"],
+        "convert": {"precision": r["precision"], "parallelism": r["parallelism"]},
+        "verify": r["verify"],
+        "plan": {**limits_source, "slo": r["slo"]},
+        "build": {**limits_source, "build": r["build"]},
         # the reference slot takes its limits from the recipe's build section (an engine has its own)
-        "deploy": lambda: {"target": target, "serve": serve, **({"build": r["build"]} if target["engine"] == "reference" else {})},
-        "smoke": lambda: r["serve"]["smoke"],
-    }[stage]()
+        "deploy": {"target": target, "serve": {k: v for k, v in serve.items() if k != "smoke"},
+                   **({"build": r["build"]} if target["engine"] == "reference" else {})},
+        "smoke": serve["smoke"],
+    }
+    return by_stage[stage]
 
 
 #: the artifacts each stage consumes (by producing stage)

@@ -22,8 +22,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 from pydantic import ValidationError as PydanticValidationError
 
 from yitrt.errors import UsageError, ValidationError
+from yitrt.reference import DEVICES
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+#: a recipe name is also a folder name (the default work folder)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 def _auto_positive(value: Any) -> int | None:
@@ -110,17 +113,17 @@ class Calibration(_Section):
     size: PositiveInt | None = Field(None, description="Calibration sequences.")
     seq_len: Annotated[int, Field(ge=8, strict=True)] | None = Field(None, description="Tokens per sequence.")
     batch_size: PositiveInt | None = Field(None, description="Sequences per forward pass.")
-    awq_block_size: Literal[64, 128] | None = Field(None, description="AWQ group size.")
+    awq_block_size: PositiveInt | None = Field(None, description="AWQ group size (one the scheme's kernels accept).")
     seed: int = Field(0, description="Order in which calibration documents are drawn.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where calibration runs.")
+    device: Literal[DEVICES] = Field("auto", description="Where calibration runs.")
 
 
 class Precision(_Section):
     """Weights, activations and KV cache."""
 
-    scheme: str = Field("none", description="`yitrt schemes`: none, fp8, int8-sq, int4-awq, w4a8-awq, w8a16, w4a16, fp8-rowwise.")
-    dtype: Literal["auto", "bfloat16", "float16"] = Field("auto", description="Activation dtype (auto: the weights').")
-    kv_cache: Literal["fp8", "int8"] | None = Field(None, description="KV-cache format (null: the model dtype).")
+    scheme: str = Field("none", description="Quantization scheme (`yitrt schemes` lists them).")
+    dtype: str = Field("auto", description="Model dtype of the checkpoint (auto: the weights').")
+    kv_cache: str | None = Field(None, description="KV-cache format (`yitrt schemes`; null: the model dtype).")
     calibration: Calibration = Calibration()
 
 
@@ -153,7 +156,7 @@ class Verify(_Section):
     """The checkpoint against its original before any build."""
 
     enabled: bool = Field(True, description="Run `yitrt verify` (reference runtime vs transformers).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the reference runtime and the original run.")
+    device: Literal[DEVICES] = Field("auto", description="Where the reference runtime and the original run.")
     max_new_tokens: PositiveInt = Field(16, description="Greedy continuation length per prompt.")
     eval_tokens: Annotated[int, Field(ge=2, strict=True)] | None = Field(None, description="Tokens of the evaluation text (null: the default).")
     min_top1: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="Override: minimum top-1 agreement.")
@@ -194,7 +197,7 @@ class Slo(_Section):
 class Recipe(_Section):
     """A deployment: model × target × precision × parallelism, with build limits and serving settings."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the work folder and artifacts.")
+    name: str = Field(..., pattern=NAME_PATTERN, description="Names the work folder and artifacts.")
     description: str = Field("", description="Who the deployment is for and why (free text).")
     model: ModelSource
     target: Target
@@ -473,9 +476,10 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
     serving features against the profile's attention flags). Sections missing from ``sections`` (they did not
     parse) leave their checks silent."""
     from yitrt.build.profiles import load_profile, pick_profile, resolve_flags
+    from yitrt.checkpoint.trtllm_config import DTYPES
     from yitrt.plan.gpus import get_gpu
     from yitrt.plan.rules import check, rule_context
-    from yitrt.quant.schemes import SCHEMES, get_kv_cache
+    from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
 
     problems: list[str] = []
     target, precision, build, serve, parallelism = (sections.get(k) for k in ("target", "precision", "build", "serve", "parallelism"))
@@ -493,10 +497,13 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
             problems.append(f"precision.scheme: unknown scheme {precision.scheme!r} (known: {', '.join(SCHEMES)})")
         elif not scheme.calibrated and precision.calibration != Calibration():
             problems.append(f"precision.calibration: {scheme.name} is data-free; remove the calibration settings or pick a calibrated scheme")
-        elif precision.calibration.awq_block_size and "awq" not in scheme.name:
-            problems.append(f"precision.calibration.awq_block_size applies to AWQ schemes, not {scheme.name}")
-        if scheme is not None and precision.kv_cache == "int8" and not scheme.calibrated:
-            problems.append("precision.kv_cache: an int8 KV cache needs calibration; use a calibrated scheme or kv_cache fp8")
+        elif (size := precision.calibration.awq_block_size) is not None and size not in scheme.group_sizes:
+            problems.append(f"precision.calibration.awq_block_size {size}: {scheme.name} takes "
+                            + (f"{' or '.join(map(str, scheme.group_sizes))}" if scheme.group_sizes else "none (it is not an AWQ scheme)"))
+        if precision.dtype not in DTYPES:
+            problems.append(f"precision.dtype: unknown dtype {precision.dtype!r} (known: {', '.join(DTYPES)})")
+        if precision.kv_cache is not None and precision.kv_cache not in KV_CACHE_FORMATS:
+            problems.append(f"precision.kv_cache: unknown KV-cache format {precision.kv_cache!r} (known: {', '.join(KV_CACHE_FORMATS)}, or null)")
     if parallelism is not None and scheme is not None and scheme.calibrated and not parallelism.parallel_embedding:
         problems.append("parallelism.parallel_embedding: false applies to data-free schemes (ModelOpt's exporter splits the embedding)")
     if build is not None and build.plugins is not None:
@@ -508,10 +515,10 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
         profile = profile or pick_profile(gpu, scheme)
         tp = parallelism.tp if parallelism is not None else None
         flags = resolve_flags(profile, gpu, scheme, tp or 1)[0]
-        kv = get_kv_cache(precision.kv_cache) if precision is not None else None
-        context = rule_context(gpu=gpu, scheme=scheme, kv=kv, dtype=None if precision is None or precision.dtype == "auto" else precision.dtype,
+        kv = KV_CACHE_FORMATS.get(precision.kv_cache or "")  # a scheme means the precision section parsed
+        context = rule_context(gpu=gpu, scheme=scheme, kv=kv, dtype=None if precision.dtype == "auto" else precision.dtype,
                                tp=tp, pp=parallelism.pp if parallelism is not None else None, trtllm=target.trtllm_version,
                                plugins=flags if target.engine == "trtllm" else None,
                                serve={"kv_reuse": serve.kv_reuse, "chunked_context": serve.chunked_context} if serve is not None else None)
-        problems += [f"{f.message} (fix: {f.fix})" for f in check(context) if f.severity == "error"]
+        problems += [str(f) for f in check(context) if f.severity == "error"]
     return problems

@@ -109,6 +109,18 @@ def test_from_and_until(demo_run, tmp_path):
     assert refused.returncode == 7 and "not made by yitrt run" in refused.stderr and (foreign / "notes.txt").exists()
 
 
+def test_an_invalid_recipe_stops_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodel: {repo: 01-ai/Yi-34B-Chat}\ntarget: {gpu: L4}\nparallelism: {tp: 3}\nbuild: {max_batch_size: 0}\n")
+    work = tmp_path / "work"
+    result = run_cli("run", str(bad), "--work-dir", str(work), "--json")
+    assert result.returncode == 3 and not work.exists()  # nothing fetched, nothing written
+    error = json.loads(result.stdout)["error"]
+    assert "build.max_batch_size: expected a positive integer or 'auto', got 0" in error["problems"]
+    assert "tp 3 does not divide the 56 attention heads" in error["problems"]
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr  # one line
+
+
 def test_a_killed_run_resumes_at_the_stage_it_was_in(demo_build, tmp_path):
     model = demo_build[0].path
     work = tmp_path / "work"

@@ -106,6 +106,16 @@ def test_data_free_scheme_with_calibration_settings_is_refused(tmp_path):
     assert any("w8a16 is data-free" in p for p in problems)
 
 
+def test_names_are_checked_against_yitrts_tables(tmp_path):
+    problems = problems_of(tmp_path, {**MINIMAL, "precision": {"scheme": "int4-awq", "dtype": "fp16", "kv_cache": "fp4",
+                                                               "calibration": {"awq_block_size": 32}}})
+    assert "precision.dtype: unknown dtype 'fp16' (known: auto, bfloat16, float16, float32)" in problems
+    assert any(p.startswith("precision.kv_cache: unknown KV-cache format 'fp4'") for p in problems)
+    assert "precision.calibration.awq_block_size 32: int4-awq takes 64 or 128" in problems
+    fp8 = problems_of(tmp_path, {**MINIMAL, "precision": {"scheme": "fp8", "calibration": {"awq_block_size": 128}}})
+    assert fp8 == ["precision.calibration.awq_block_size 128: fp8 takes none (it is not an AWQ scheme)"]
+
+
 def test_recipe_that_does_not_fit_says_what_would(tmp_path):
     problems = problems_of(tmp_path, {"name": "t", "model": {"repo": "01-ai/Yi-34B-Chat"}, "target": {"gpu": "L4"}})
     assert len(problems) == 1 and problems[0].startswith("does not fit L4 at tp 1 × pp 1")
@@ -134,6 +144,8 @@ def test_recipe_cli_list_show_new_validate(cli, tmp_path):
     assert yaml.safe_load(out.read_text())["name"] == "mine" and out.read_text().startswith("# Yi-1.5-9B-Chat")
     again = cli("recipe", "new", str(out))
     assert again.returncode == 2 and "exists" in again.stderr
+    every = cli("recipe", "validate", "--json")  # no argument: every built-in recipe
+    assert every.returncode == 0 and {r["recipe"] for r in yaml.safe_load(every.stdout)["recipes"]} == set(builtin_recipes())
     ok = cli("recipe", "validate", str(out), "demo", "--json")
     assert ok.returncode == 0 and all(r["valid"] and r["fits"] for r in yaml.safe_load(ok.stdout)["recipes"])
     bad = write(tmp_path, {**MINIMAL, "build": {"max_batch_size": "lots"}, "serve": {"kv_reus": True}}, "bad.yaml")

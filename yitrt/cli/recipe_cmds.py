@@ -148,15 +148,15 @@ def register(app: typer.Typer) -> None:
 
     @recipe_app.command("validate")
     def recipe_validate(
-        recipes: Annotated[list[str], typer.Argument(help="Recipe files or built-in names.", show_default=False)],
+        recipes: Annotated[list[str] | None, typer.Argument(help="Recipe files or built-in names [default: every built-in recipe].", show_default=False)] = None,
         set_: SetOpt = None,
         json_: JsonOpt = False,
     ) -> None:
         """Check recipes whole, without downloading weights: schema, rules, sharding, and the plan on the target GPU."""
-        from yitrt.recipe import load_recipe
+        from yitrt.recipe import builtin_recipes, load_recipe
 
         results, failed = [], None
-        for ref in recipes:
+        for ref in recipes or list(builtin_recipes()):
             try:
                 loaded = load_recipe(ref, set_ or [])
             except YitrtError as exc:
@@ -207,7 +207,7 @@ def register(app: typer.Typer) -> None:
         """Copy a built-in recipe out for editing (comments kept; `name:` set to the new file's)."""
         import re
 
-        from yitrt.recipe import builtin_recipes
+        from yitrt.recipe import NAME_PATTERN, builtin_recipes
 
         source = builtin_recipes().get(from_)
         if source is None:
@@ -215,7 +215,7 @@ def register(app: typer.Typer) -> None:
         if out.exists() and not force:
             raise UsageError(f"{out} exists", "choose another file, or pass --force to replace it")
         new_name = name or out.name.removesuffix(".yaml").removesuffix(".yml")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", new_name):
+        if not re.match(NAME_PATTERN, new_name):
             raise UsageError(f"recipe name {new_name!r} has characters a folder name should not", "use letters, digits, '.', '_' and '-'")
         text, count = re.subn(r"(?m)^name:.*$", f"name: {new_name}", source.read_text(), count=1)
         if not count:
