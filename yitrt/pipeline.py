@@ -431,24 +431,20 @@ class _Run:
         spec = self.spec
         if spec.target.engine == "reference":
             return {"status": "not-applicable", "detail": "target.engine is reference: the checkpoint is served by the reference runtime"}
-        from yitrt.build import environment as env
         from yitrt.build.runner import BuildRequest, build_engine
 
-        install, gpus = env.find_trtllm(), env.detect_gpus()
-        missing = ([] if install.trtllm_build else ["trtllm-build (TensorRT-LLM)"]) + ([] if gpus else ["an NVIDIA GPU"])
-        if missing:
-            done = ", ".join(s.stage for s in self.reports if s.status in ("ran", "cached", "reused"))
-            raise MissingToolError(f"stopped before build: this machine has no {' and no '.join(missing)}; the stages before it are done "
-                                   f"({done}) in {self.work}",
-                                   "run the same command inside the Triton TRT-LLM container (nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3) "
-                                   "on the target GPU; the done stages are cached (or copy the work folder and use --from build)")
         b = spec.build
         request = BuildRequest(checkpoint=self.artifacts["convert"], out=self.out("build"), gpu=spec.target.gpu, plugins=b.plugins,
                                max_batch_size=b.max_batch_size, max_seq_len=b.max_seq_len, max_num_tokens=b.max_num_tokens,
                                workers=b.workers, trtllm_version=spec.target.trtllm_version, force=self.opts.force,
                                isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction)
-        with self.progress("build", "steps") as cb:
-            result = build_engine(request, cb)
+        try:
+            with self.progress("build", "steps") as cb:
+                result = build_engine(request, cb)
+        except MissingToolError as exc:  # build_engine refuses before any work: say what this run has done
+            done = ", ".join(s.stage for s in self.reports if s.status in ("ran", "cached", "reused"))
+            raise MissingToolError(f"stopped before build: {exc.message}; the stages before it are done ({done}) in {self.work}",
+                                   exc.hint + "; the done stages are cached there (or copy the work folder and use --from build)") from None
         limits = result.spec.build_config()
         return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": result.warnings,
                 "detail": f"trtllm-build {result.engine.get('trtllm_version', '')} for {result.engine.get('gpu', spec.target.gpu)}",
