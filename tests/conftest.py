@@ -97,3 +97,31 @@ def tool_doubles(tmp_path, monkeypatch):
         return folder
 
     return install
+
+
+#: The longest prompt (tokens) the ``served`` deployment takes.
+SERVED_MAX_INPUT = 200
+
+
+@pytest.fixture(scope="session")
+def served(demo_build, tmp_path_factory):
+    """(server, grpc url, repository): a real tritonserver serving the demo model's repository with the CPU reference
+    engine slot, streaming; one per session (the Triton and bench tests share it)."""
+    from yitrt.build.environment import find_tritonserver
+    from yitrt.checkpoint.convert import ConvertRequest, convert
+    from yitrt.pipeline import free_ports
+    from yitrt.triton.cpu_stub import stub_env_dir
+    from yitrt.triton.repository import DeployRequest, deploy
+    from yitrt.triton.server import Ports, ServeRequest, start_server
+
+    if find_tritonserver() is None or not (stub_env_dir() / "pyvenv.cfg").is_file():
+        pytest.skip("no tritonserver (nvidia-pytriton) or no NumPy-1.x stub environment: run `make setup`")
+    work = tmp_path_factory.mktemp("triton")
+    ckpt = work / "ckpt"
+    convert(ConvertRequest(demo_build[0].path, ckpt))
+    repo = work / "repo"
+    deploy(DeployRequest(ckpt, repo, engine="reference", max_batch_size=32, max_input_len=SERVED_MAX_INPUT, max_seq_len=512))
+    http, grpc_port, metrics = free_ports(3)
+    server = start_server(ServeRequest(repo, Ports(http, grpc_port, metrics), exit_timeout=5, ready_timeout=300))
+    yield server, f"localhost:{grpc_port}", repo
+    server.stop()

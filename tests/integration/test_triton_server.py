@@ -14,18 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from tests.conftest import SERVED_MAX_INPUT
 from yitrt.build.environment import find_tritonserver
 from yitrt.checkpoint.convert import ConvertRequest, convert
 from yitrt.errors import RequestFailedError
 from yitrt.triton.client import ChatRequest, chat
 from yitrt.triton.cpu_stub import stub_env_dir
 from yitrt.triton.repository import DeployRequest, deploy
-from yitrt.triton.server import Ports, ServeRequest, start_server
 
 QUESTION = "What is the capital of France?"
 PLAIN = "The capital of France is"  # a plain-text prompt (no chat template) the model continues
 CHAT = json.dumps([{"role": "user", "content": QUESTION}])
-MAX_INPUT = 200
+MAX_INPUT = SERVED_MAX_INPUT
 
 
 def _free_ports(n: int) -> list[int]:
@@ -36,22 +36,6 @@ def _free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-@pytest.fixture(scope="module")
-def served(demo_build, tmp_path_factory):
-    """(server, grpc url, repository) of the demo model's repository with the reference slot, streaming."""
-    if find_tritonserver() is None or not (stub_env_dir() / "pyvenv.cfg").is_file():
-        pytest.skip("no tritonserver (nvidia-pytriton) or no NumPy-1.x stub environment: run `make setup`")
-    work = tmp_path_factory.mktemp("triton")
-    ckpt = work / "ckpt"
-    convert(ConvertRequest(demo_build[0].path, ckpt))
-    repo = work / "repo"
-    deploy(DeployRequest(ckpt, repo, engine="reference", max_batch_size=32, max_input_len=MAX_INPUT, max_seq_len=512))
-    http, grpc_port, metrics = _free_ports(3)
-    server = start_server(ServeRequest(repo, Ports(http, grpc_port, metrics), exit_timeout=5, ready_timeout=300))
-    yield server, f"localhost:{grpc_port}", repo
-    server.stop()
 
 
 def _infer(url: str, model: str, values: dict, stream: bool = False) -> tuple[list[str], str | None]:

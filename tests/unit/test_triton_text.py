@@ -133,3 +133,10 @@ def test_words_list_round_trip_and_stop_ids(demo_tokenizer):
     assert array.shape[0] == 2 and array.dtype.name == "int32"
     assert text.from_words_list(array) == seqs
     assert text.to_words_list([]).shape == (2, 0)
+
+
+def test_end_id_minus_one_drops_the_models_extra_stop_ids(demo_tokenizer):
+    """A request with end_id -1 (bench's ignore-EOS) must not stop at the deployment's extra eos ids either."""
+    encoder = _module().Encoder(demo_tokenizer, end_id=2, stop_ids=[3, 4], max_input_len=None)
+    assert encoder.stop_sequences([]) == [[3], [4]]
+    assert encoder.stop_sequences([], ignore_end=True) == []

@@ -371,10 +371,11 @@ def demo_model(
 
 
 def _register_commands() -> None:
-    from yitrt.cli import plan_build, recipe_cmds, triton_cmds
+    from yitrt.cli import bench_cmds, plan_build, recipe_cmds, triton_cmds
 
     plan_build.register(app)
     triton_cmds.register(app)
+    bench_cmds.register(app)
     recipe_cmds.register(app)
 
 

@@ -67,6 +67,13 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return t
 
 
+def print_wide(renderable: Any, min_width: int = 132) -> None:
+    """Print on stdout at least ``min_width`` columns wide when stdout is not a terminal (logs, CI), where rich would
+    otherwise squeeze a wide table into 80 columns."""
+    console = out if out.is_terminal or out.width >= min_width else Console(highlight=False, width=min_width, file=out.file)
+    console.print(renderable)
+
+
 @contextlib.contextmanager
 def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A rich progress bar fed by ``callback(done_bytes, total_bytes)``; None when disabled or not a TTY."""

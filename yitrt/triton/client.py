@@ -68,21 +68,21 @@ class ChatResult:
                 "output_tokens_per_s": None if tps is None else round(tps, 1)}
 
 
-def _model_info(client, model: str) -> tuple[dict[str, str], bool]:
+def model_info(client, model: str) -> tuple[dict[str, str], bool]:
     """(input name → tritonclient dtype, decoupled) of a model as the server declares it; an ensemble is decoupled
     when one of its steps is."""
     try:
         config = client.get_model_config(model, as_json=True)["config"]
     except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
-        raise UsageError(f"the server has no ready model {model!r} ({_reason(exc)})", "pass --model (yitrt deploy prints the entry model)") from None
+        raise UsageError(f"the server has no ready model {model!r} ({reason(exc)})", "pass --model (yitrt deploy prints the entry model)") from None
     decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
     for step in config.get("ensemble_scheduling", {}).get("step", []):
-        decoupled = decoupled or _model_info(client, step["model_name"])[1]
+        decoupled = decoupled or model_info(client, step["model_name"])[1]
     inputs = {i["name"]: i["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES") for i in config.get("input", [])}
     return inputs, decoupled
 
 
-def _entry_model(client) -> str:
+def entry_model(client) -> str:
     """The ready model that takes chat ``messages`` besides the pipeline's own (a yitrt BLS model, whatever its name)."""
     ready = [m["name"] for m in client.get_model_repository_index(as_json=True).get("models", []) if m.get("state") == "READY"]
     if "tensorrt_llm_bls" in ready:
@@ -90,14 +90,32 @@ def _entry_model(client) -> str:
     from yitrt.triton.contract import model_names
 
     for name in sorted(set(ready) - set(model_names())):
-        if "messages" in _model_info(client, name)[0]:
+        if "messages" in model_info(client, name)[0]:
             return name
     if "ensemble" in ready:
         return "ensemble"
     raise UsageError(f"no chat model among the server's ready models ({', '.join(ready) or 'none'})", "pass --model NAME")
 
 
-def _reason(exc: Exception) -> str:
+def connect(grpc, url: str):
+    """A tritonclient gRPC client of a server that answers ready.
+
+    Raises:
+        YitrtError: nothing answers at ``url``, or the server is not ready.
+    """
+    client = grpc.InferenceServerClient(url)
+    try:
+        if not client.is_server_ready():
+            raise YitrtError(f"the server at {url} is not ready", "wait for `yitrt serve` to print its endpoints")
+    except YitrtError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
+        raise YitrtError(f"cannot reach a Triton server at {url} ({reason(exc)})", "start it with yitrt serve REPO; pass the gRPC port") from None
+    return client
+
+
+def reason(exc: Exception) -> str:
+    """The text of a tritonclient exception (the server's own message where it has one)."""
     message = getattr(exc, "message", None)  # tritonclient's exceptions carry the server's text in message()
     return message() if callable(message) else str(exc)
 
@@ -109,8 +127,6 @@ def build_inputs(grpc, inputs: dict[str, str], req: ChatRequest, stream: bool, m
     Raises:
         UsageError: an option whose input the model does not have (never dropped silently).
     """
-    from tritonclient.utils import triton_to_np_dtype
-
     if not {"text_input", "max_tokens"} <= set(inputs):
         raise UsageError(f"model {model} takes no text_input/max_tokens: it is not a text entry point", "ask the BLS model or the ensemble")
     turns = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.message}]
@@ -130,9 +146,17 @@ def build_inputs(grpc, inputs: dict[str, str], req: ChatRequest, stream: bool, m
     for name, value in (("stream", stream), ("return_num_input_tokens", True), ("return_num_output_tokens", True)):
         if name in inputs:  # optional features: sent where the model has them
             values[name] = value
+    return make_tensors(grpc, inputs, values)
+
+
+def make_tensors(grpc, declared: dict[str, str], values: dict[str, Any]) -> list:
+    """One request's tensors (batch 1), each typed as the server declares that input; a list value is one row of
+    several elements, a string is sent as BYTES."""
+    from tritonclient.utils import triton_to_np_dtype
+
     tensors = []
     for name, value in values.items():
-        dtype = inputs[name]
+        dtype = declared[name]
         items = value if isinstance(value, list) else [value]
         array = np.array([[v.encode() if isinstance(v, str) else v for v in items]],
                          dtype=object if dtype == "BYTES" else triton_to_np_dtype(dtype))
@@ -164,16 +188,9 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
     grpc = require("tritonclient.grpc", "serve")
     if req.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {req.max_tokens}", "pass a positive number")
-    client = grpc.InferenceServerClient(req.url)
-    try:
-        if not client.is_server_ready():
-            raise YitrtError(f"the server at {req.url} is not ready", "wait for `yitrt serve` to print its endpoints")
-    except YitrtError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise YitrtError(f"cannot reach a Triton server at {req.url} ({_reason(exc)})", "start it with yitrt serve REPO; pass the gRPC port") from None
-    model = req.model or _entry_model(client)
-    names, decoupled = _model_info(client, model)
+    client = connect(grpc, req.url)
+    model = req.model or entry_model(client)
+    names, decoupled = model_info(client, model)
     stream = decoupled if req.stream is None else req.stream and decoupled
     outputs = [grpc.InferRequestedOutput(n) for n in ("text_output", "num_input_tokens", "num_output_tokens") if n == "text_output" or f"return_{n}" in names]
     inputs = build_inputs(grpc, names, req, stream, model)
@@ -228,4 +245,4 @@ def _stream(client, model: str, timeout: float, inputs, outputs, result: ChatRes
 
 
 def _failed(exc: Exception) -> RequestFailedError:
-    return RequestFailedError(f"the server refused the request: {_reason(exc)}", "fix the request as the message says")
+    return RequestFailedError(f"the server refused the request: {reason(exc)}", "fix the request as the message says")

@@ -40,7 +40,7 @@ class TritonPythonModel:
         ids = self.encoder.encode(query, messages)
         stop_words = text.strings(text.array(request, "STOP_WORDS_DICT")) if text.array(request, "STOP_WORDS_DICT") is not None else []
         bad_words = text.strings(text.array(request, "BAD_WORDS_DICT")) if text.array(request, "BAD_WORDS_DICT") is not None else []
-        end_id = text.scalar(request, "END_ID")
+        end_id = text.scalar(request, "END_ID")  # -1: ignore end tokens (generation runs to max_tokens)
         pad_id = self.encoder.pad_id if text.scalar(request, "PAD_ID") is None else text.scalar(request, "PAD_ID")
         # decoder inputs of a decoder-only model: one pad token, length 1, as the stock preprocessing sends them
         values = {
@@ -49,7 +49,7 @@ class TritonPythonModel:
             "DECODER_INPUT_ID": np.array([[pad_id]], dtype=np.int32),
             "REQUEST_DECODER_INPUT_LEN": np.array([[1]], dtype=np.int32),
             "REQUEST_OUTPUT_LEN": np.array([[output_len]], dtype=np.int32),
-            "STOP_WORDS_IDS": text.to_words_list(self.encoder.stop_sequences(stop_words))[None],
+            "STOP_WORDS_IDS": text.to_words_list(self.encoder.stop_sequences(stop_words, end_id is not None and end_id < 0))[None],
             "BAD_WORDS_IDS": text.to_words_list(self.encoder.word_sequences(bad_words))[None],
             "EMBEDDING_BIAS": np.zeros((1, 0), dtype=np.float32),
             "OUT_END_ID": np.array([[self.encoder.end_id if end_id is None else end_id]], dtype=np.int32),

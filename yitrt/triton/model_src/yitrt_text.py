@@ -148,10 +148,12 @@ class Encoder:
                     seqs.append(ids)
         return seqs
 
-    def stop_sequences(self, words: list[str]) -> list[list[int]]:
-        """The request's stop words plus each extra stop id of the model (generation_config eos list)."""
+    def stop_sequences(self, words: list[str], ignore_end: bool = False) -> list[list[int]]:
+        """The request's stop words plus each extra stop id of the model (generation_config eos list), which
+        ``ignore_end`` leaves out: a request that sends end_id -1 asks to ignore every end token (TensorRT-LLM's
+        ignore_eos sends end_id -1 and no stop words, tensorrt_llm/executor/base_worker.py)."""
         seqs = self.word_sequences(words)
-        return seqs + [[i] for i in self.stop_ids if [i] not in seqs]
+        return seqs if ignore_end else seqs + [[i] for i in self.stop_ids if [i] not in seqs]
 
 
 def to_words_list(seqs: list[list[int]]) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""`yitrt bench`: load generation, metrics, report and plots for a served deployment."""

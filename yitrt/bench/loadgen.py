@@ -1,0 +1,320 @@
+"""The load generator: asyncio over tritonclient's gRPC streaming API (``tritonclient.grpc.aio``).
+
+Each request gets its own bidirectional stream on a shared channel, so every response (and every error) belongs to
+exactly one request and a failed request can never be mistaken for another. A request is complete at the response
+Triton flags final (``triton_final_response``, set by the BLS model) or when its stream ends (the ensemble, whose
+engine closes with an empty final response that Triton does not forward unless asked). Two load shapes:
+- fixed concurrency (closed loop): N workers, each sends its next request as soon as its previous one completed;
+- request rate (open loop): arrivals at exponential intervals (a Poisson process) from a seeded generator,
+  sent whatever is still in flight.
+The client measures itself while it runs: how late the event loop wakes (every timestamp can be that late), how late
+each request went out against its schedule, and the process's CPU time against the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from yitrt.bench.metrics import RequestRecord, distribution
+from yitrt.bench.workload import Prompt
+from yitrt.errors import UsageError, require
+from yitrt.triton import client as triton_client
+
+#: In-flight streams per gRPC channel (HTTP/2 servers commonly cap concurrent streams per connection at 100).
+STREAMS_PER_CHANNEL = 32
+#: How often the event-loop lag probe wakes.
+LAG_PROBE_S = 0.005
+
+
+@dataclass(frozen=True)
+class Load:
+    """One load point: ``concurrency`` (requests kept in flight) or ``rate`` (mean arrivals per second)."""
+
+    kind: str
+    value: float
+
+    @property
+    def label(self) -> str:
+        return f"c={self.value:g}" if self.kind == "concurrency" else f"{self.value:g} req/s"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "label": self.label}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a benchmark asks, as the server declares it."""
+
+    url: str
+    model: str
+    inputs: dict[str, str]
+    decoupled: bool
+
+    @property
+    def reports_counts(self) -> bool:
+        return "return_num_output_tokens" in self.inputs
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "model": self.model, "decoupled": self.decoupled, "reports_token_counts": self.reports_counts}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prompt with its request tensors, built before the load starts."""
+
+    prompt: Prompt
+    tensors: list
+
+
+def resolve_target(url: str, model: str | None) -> Target:
+    """Connect and find the model to ask (default: the deployment's BLS entry model).
+
+    Raises:
+        YitrtError: no server at ``url``. UsageError: no such model, or not a text entry point.
+    """
+    grpc = require("tritonclient.grpc", "bench")
+    client = triton_client.connect(grpc, url)
+    name = model or triton_client.entry_model(client)
+    inputs, decoupled = triton_client.model_info(client, name)
+    if not {"text_input", "max_tokens"} <= set(inputs):
+        raise UsageError(f"model {name} takes no text_input/max_tokens: it is not a text entry point", "pass --model tensorrt_llm_bls or ensemble")
+    return Target(url, name, inputs, decoupled)
+
+
+def prepare(target: Target, prompts: Sequence[Prompt], ignore_eos: bool) -> list[Prepared]:
+    """Request tensors for each prompt: streamed when the model is decoupled, token counts asked for where the
+    model can return them, and ``end_id`` -1 when ``ignore_eos`` (generation then runs to ``max_tokens``).
+
+    Raises:
+        UsageError: chat prompts for a model without ``messages``, or ``ignore_eos`` for one without ``end_id``.
+    """
+    grpc = require("tritonclient.grpc", "bench")
+    if any(p.messages for p in prompts) and "messages" not in target.inputs:
+        raise UsageError(f"the dataset has chat messages but model {target.model} takes no messages input",
+                         "ask the yitrt BLS model (--model tensorrt_llm_bls) or use plain prompts")
+    if ignore_eos and "end_id" not in target.inputs:
+        raise UsageError(f"model {target.model} has no end_id input, so the end token cannot be ignored",
+                         "pass --respect-eos (outputs may then stop before --osl)")
+    prepared = []
+    for prompt in prompts:
+        values: dict[str, Any] = {"text_input": prompt.text, "max_tokens": prompt.max_tokens}
+        if prompt.messages:
+            values["messages"] = json.dumps(list(prompt.messages))
+        optional = {"stream": target.decoupled, "end_id": -1 if ignore_eos else None, "exclude_input_in_output": True,
+                    "return_num_input_tokens": True, "return_num_output_tokens": True}
+        values.update({k: v for k, v in optional.items() if v is not None and k in target.inputs})
+        prepared.append(Prepared(prompt, triton_client.make_tensors(grpc, target.inputs, values)))
+    return prepared
+
+
+@dataclass
+class PointRun:
+    """What one load point produced: every request's record and the client's own measurements."""
+
+    load: Load
+    records: list[RequestRecord]
+    client: dict[str, Any]
+    server_counts: dict[str, int] | None
+
+
+class _LagProbe:
+    """Samples how late the event loop wakes a sleeper: the bound on every timestamp's lateness."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            due = time.perf_counter() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            self.samples.append(max(0.0, time.perf_counter() - due))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+class _Point:
+    """The state of one load point while it runs."""
+
+    def __init__(self, target: Target, items: Sequence[Prepared], timeout: float,
+                 count_tokens: Callable[[str], int] | None, channels: int) -> None:
+        aio = require("tritonclient.grpc.aio", "bench")
+        self.target, self.items, self.timeout, self.count_tokens = target, items, timeout, count_tokens
+        # a local subchannel pool per client, or gRPC would share one connection between them
+        self.clients = [aio.InferenceServerClient(target.url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+                        for _ in range(channels)]
+        self.records: list[RequestRecord] = []
+        self.origin = time.perf_counter()
+        self._next = itertools.count()
+
+    def new_record(self, warmup: bool, scheduled: float) -> tuple[RequestRecord, Prepared]:
+        index = next(self._next)
+        item = self.items[index % len(self.items)]
+        record = RequestRecord(index, uuid.uuid4().hex[:16], item.prompt.max_tokens, warmup=warmup, scheduled_at=scheduled)
+        self.records.append(record)
+        return record, item
+
+    async def send(self, record: RequestRecord, item: Prepared) -> None:
+        """Send one request and wait for all of it; every outcome lands in ``record`` (never raises)."""
+        client = self.clients[record.index % len(self.clients)]
+
+        async def one_request():
+            yield {"model_name": self.target.model, "inputs": item.tensors, "request_id": record.request_id}
+
+        start = time.perf_counter()
+        record.sent_at = start - self.origin
+        pieces: list[str] = []
+        stream = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                stream = client.stream_infer(one_request())
+                async for result, error in stream:
+                    now = time.perf_counter() - start
+                    if error is not None:
+                        record.error = triton_client.reason(error)
+                        break
+                    piece = _text(result)
+                    _take_counts(record, result)
+                    final = result.get_response().parameters.get("triton_final_response")
+                    final = final is not None and final.bool_param
+                    # an arrival is a response with text; an empty one counts only when nothing came before it
+                    if piece or (final and not record.response_times):
+                        record.response_times.append(now)
+                        pieces.append(piece)
+                    if final:
+                        break
+        except TimeoutError:
+            record.error = f"no complete answer within {self.timeout:g} s"
+        except Exception as exc:  # noqa: BLE001 - a transport failure is this request's error, counted as one
+            record.error = f"{type(exc).__name__}: {triton_client.reason(exc)}".strip()
+        finally:
+            if stream is not None:
+                stream.cancel()  # a no-op once the stream has ended; frees it after an error or a timeout
+        record.e2e = time.perf_counter() - start
+        record.ttft = record.response_times[0] if record.response_times else None
+        if record.error is None and not record.response_times:
+            record.error = "the stream ended without a response"
+        record.text = "".join(pieces)
+        if record.ok and record.output_tokens is None:
+            record.output_tokens, record.token_source = (
+                (self.count_tokens(record.text), "tokenizer") if self.count_tokens else (len(record.response_times), "responses"))
+        if record.input_tokens is None and item.prompt.input_tokens is not None:
+            record.input_tokens = item.prompt.input_tokens
+
+    async def closed_loop(self, concurrency: int, count: int | None, until: float | None, warmup: bool) -> None:
+        """``concurrency`` workers sending back to back until ``count`` requests were sent or ``until`` passed."""
+        sent = itertools.count()
+
+        async def worker() -> None:
+            free = time.perf_counter()
+            while (count is None or next(sent) < count) and (until is None or time.perf_counter() < until):
+                record, item = self.new_record(warmup, free - self.origin)
+                await self.send(record, item)
+                free = time.perf_counter()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def open_loop(self, rate: float, count: int | None, until: float | None, seed: int) -> None:
+        """Poisson arrivals at ``rate`` per second until ``count`` requests were sent or ``until`` passed."""
+        rng = random.Random(seed)
+        tasks = []
+        due = time.perf_counter()
+        for sent in itertools.count():
+            if count is not None and sent >= count:
+                break
+            due += rng.expovariate(rate)
+            if until is not None and due >= until:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record, item = self.new_record(False, due - self.origin)
+            tasks.append(asyncio.get_running_loop().create_task(self.send(record, item)))
+        await asyncio.gather(*tasks)
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+
+
+def _text(result) -> str:
+    value = result.as_numpy("text_output")
+    if value is None or value.size == 0:
+        return ""
+    return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value.reshape(-1))
+
+
+def _take_counts(record: RequestRecord, result) -> None:
+    for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens")):
+        value = result.as_numpy(name)
+        if value is not None and value.size:
+            setattr(record, attr, int(value.reshape(-1)[0]))
+
+
+async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, num_requests: int | None,
+                    duration: float | None, warmup: int = 0, timeout: float = 600.0, seed: int = 0,
+                    count_tokens: Callable[[str], int] | None = None) -> PointRun:
+    """Run one load point: ``warmup`` requests first (at the point's concurrency, or one at a time for a rate),
+    then the measured ones until ``num_requests`` were sent or ``duration`` seconds passed; wait for every answer.
+
+    Args:
+        items: prepared requests, used in order and reused cyclically when the point sends more.
+        count_tokens: counts output tokens from text when the server does not report them.
+
+    Returns:
+        Every record (warmup included, flagged) and the client's measurements of itself.
+    """
+    in_flight = int(load.value) if load.kind == "concurrency" else max(1, math.ceil(load.value * 2))
+    point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)))
+    try:
+        if warmup:
+            await point.closed_loop(int(load.value) if load.kind == "concurrency" else 1, warmup, None, warmup=True)
+        before = server_counts(target)
+        probe = _LagProbe()
+        probe.start()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        until = wall0 + duration if duration else None
+        if load.kind == "concurrency":
+            await point.closed_loop(int(load.value), num_requests, until, warmup=False)
+        else:
+            await point.open_loop(load.value, num_requests, until, seed)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        await probe.stop()
+    finally:
+        await point.close()
+    after = server_counts(target)
+    measured = [r for r in point.records if not r.warmup]
+    client = {"cpu_fraction": round(cpu / wall, 4) if wall > 0 else None,
+              "loop_lag_ms": distribution(probe.samples),
+              "send_lag_ms": distribution([max(0.0, r.sent_at - r.scheduled_at) for r in measured])}
+    counts = None if before is None or after is None else {k: after[k] - before[k] for k in after}
+    return PointRun(load, point.records, client, counts)
+
+
+def server_counts(target: Target) -> dict[str, int] | None:
+    """The server's own request counters for the model (Triton's statistics extension), or None if unavailable."""
+    grpc = require("tritonclient.grpc", "bench")
+    try:
+        stats = grpc.InferenceServerClient(target.url).get_inference_statistics(target.model, as_json=True)
+        model = stats["model_stats"][0]["inference_stats"]
+        return {"success": int(model.get("success", {}).get("count", 0)), "fail": int(model.get("fail", {}).get("count", 0))}
+    except Exception:  # noqa: BLE001 - statistics are a cross-check, never a reason to fail a benchmark
+        return None

@@ -1,0 +1,207 @@
+"""What `yitrt bench` sends: prompts of controlled token lengths (synthetic) or a JSONL dataset, each with the
+number of tokens to generate.
+
+Synthetic prompts are built from the model's own tokenizer: whole-word vocabulary entries (those that decode to a
+space and letters) drawn with a seeded generator, then cut and checked so that the prompt encodes to exactly the
+drawn number of tokens as the deployment's preprocessing counts them (its special tokens included). Every prompt is
+different, so a deployment with KV-cache reuse gets no unearned prefix hits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yitrt.errors import UsageError
+
+#: JSONL keys that hold a plain prompt (the first one present is used).
+TEXT_KEYS = ("text", "prompt", "text_input")
+#: JSONL keys that hold the number of tokens to generate for that line.
+OUTPUT_KEYS = ("max_tokens", "output_tokens")
+#: Where a yitrt repository keeps its tokenizer (yitrt deploy).
+REPOSITORY_TOKENIZER = Path("preprocessing") / "tokenizer"
+
+
+@dataclass(frozen=True)
+class LengthSpec:
+    """A token-length distribution: normal with ``mean`` and ``std`` (0: every draw is ``mean``), at least 1."""
+
+    mean: int
+    std: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> LengthSpec:
+        """``MEAN`` or ``MEAN,STD``.
+
+        Raises:
+            UsageError: not two numbers, a mean below 1 or a negative deviation.
+        """
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            if len(parts) > 2:
+                raise ValueError
+            mean = int(parts[0])
+            std = float(parts[1]) if len(parts) == 2 else 0.0
+        except ValueError:
+            raise UsageError(f"{option} takes MEAN or MEAN,STD (token counts), got {text!r}", f"e.g. {option} 128,16") from None
+        if mean < 1 or std < 0:
+            raise UsageError(f"{option}: the mean must be >= 1 and the deviation >= 0, got {text!r}", f"e.g. {option} 128,16")
+        return cls(mean, std)
+
+    def draw(self, rng: random.Random, cap: int | None = None) -> int:
+        """One length: rounded, at least 1, at most ``cap``."""
+        value = self.mean if not self.std else max(1, round(rng.gauss(self.mean, self.std)))
+        return min(value, cap) if cap else value
+
+    def to_json(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request's content.
+
+    Attributes:
+        text: the plain prompt (sent as ``text_input``); "" when ``messages`` carries the turns.
+        messages: chat turns (JSON list of {role, content}), rendered by the deployment's chat template.
+        max_tokens: tokens to generate.
+        input_tokens: the prompt's token count as the deployment will count it, where known here.
+    """
+
+    text: str
+    max_tokens: int
+    messages: tuple[dict[str, str], ...] = ()
+    input_tokens: int | None = None
+
+
+def resolve_tokenizer_dir(path: Path) -> Path:
+    """A tokenizer folder from ``--tokenizer``: a yitrt repository (its ``preprocessing/tokenizer``) or an HF folder.
+
+    Raises:
+        UsageError: no such folder, or no tokenizer files in it.
+    """
+    path = Path(path)
+    if (path / REPOSITORY_TOKENIZER).is_dir():
+        return path / REPOSITORY_TOKENIZER
+    if path.is_dir() and any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return path
+    raise UsageError(f"{path} is neither a yitrt repository nor a folder with tokenizer files",
+                     "pass --tokenizer REPO (the folder yitrt deploy wrote) or the HF model folder")
+
+
+class PromptFactory:
+    """Prompts of exact token lengths from a tokenizer's whole-word vocabulary.
+
+    Args:
+        tokenizer: the model's transformers tokenizer.
+        add_special_tokens: whether the deployment's preprocessing adds special tokens (BOS) to ``text_input``.
+        seed: seed of the word draws (the same seed gives the same prompts).
+    """
+
+    def __init__(self, tokenizer, add_special_tokens: bool = True, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.add_special_tokens = add_special_tokens
+        self.rng = random.Random(seed)
+        self.words = _word_tokens(tokenizer)
+        if len(self.words) < 100:
+            raise UsageError("the tokenizer has too few whole-word tokens to build synthetic prompts",
+                             "use --dataset FILE (a JSONL of prompts) instead")
+        probe = "hello world"
+        self.special = self.count(probe) - len(tokenizer(probe, add_special_tokens=False)["input_ids"])
+
+    def count(self, text: str) -> int:
+        """Tokens of ``text`` as the deployment's preprocessing counts them (special tokens included)."""
+        return len(self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"])
+
+    def make(self, length: int) -> tuple[str, int]:
+        """(text, its token count) with the count equal to ``length`` whenever the tokenizer allows it (a prompt is
+        never shorter than the special tokens plus one word)."""
+        body = max(1, length - self.special)
+        ids: list[int] = []
+        text, got = "", 0
+        # decode → encode is not always the identity: adjust the number of words until the count matches
+        for _ in range(16):
+            ids.extend(self.rng.choice(self.words) for _ in range(body - len(ids)))
+            text = self.tokenizer.decode(ids[:body])
+            got = self.count(text)
+            if got == length or (got > length and body == 1):
+                break
+            body = max(1, body + length - got)
+        return text, got
+
+
+def _word_tokens(tokenizer) -> list[int]:
+    """Ids of vocabulary entries that decode to a space and 3+ ASCII letters (whole words in any BPE/SentencePiece)."""
+    special = set(tokenizer.all_special_ids)
+    words = []
+    for token, index in tokenizer.get_vocab().items():
+        if index in special or not token or token[0] not in "Ġ▁":
+            continue
+        piece = token[1:]
+        if len(piece) >= 3 and piece.isascii() and piece.isalpha():
+            words.append(index)
+    return sorted(words)
+
+
+def synthetic_prompts(factory: PromptFactory, count: int, isl: LengthSpec, osl: LengthSpec,
+                      max_input: int | None = None) -> list[Prompt]:
+    """``count`` prompts with input lengths drawn from ``isl`` (capped at ``max_input``) and outputs from ``osl``."""
+    prompts = []
+    for _ in range(count):
+        text, tokens = factory.make(isl.draw(factory.rng, max_input))
+        prompts.append(Prompt(text, osl.draw(factory.rng), input_tokens=tokens))
+    return prompts
+
+
+def load_dataset(path: Path, osl: LengthSpec, seed: int = 0, counter: PromptFactory | None = None) -> list[Prompt]:
+    """Prompts from a JSONL file: one object per line with a prompt (``text``, ``prompt`` or ``text_input``) or chat
+    ``messages`` (a list of {role, content}), and optionally ``max_tokens``/``output_tokens`` (else drawn from
+    ``osl``). Every line is checked before any request is sent.
+
+    Raises:
+        UsageError: the file is missing, empty, or has lines that are not such objects (each one named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"dataset {path} does not exist", "pass --dataset synthetic or a JSONL file")
+    rng = random.Random(seed)
+    prompts, problems = [], []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(_parse_line(json.loads(line), osl, rng, counter))
+            except (ValueError, TypeError) as exc:
+                problems.append(f"line {number}: {exc}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"dataset {path}: {'; '.join(problems[:3])}{more}",
+                         'each line must be {"text": "..."} or {"messages": [{"role": "user", "content": "..."}]}, '
+                         'optionally with "max_tokens"')
+    if not prompts:
+        raise UsageError(f"dataset {path} holds no prompts", "add one JSON object per line")
+    return prompts
+
+
+def _parse_line(item: Any, osl: LengthSpec, rng: random.Random, counter: PromptFactory | None) -> Prompt:
+    if not isinstance(item, dict):
+        raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+    max_tokens = next((item[k] for k in OUTPUT_KEYS if k in item), None)
+    if max_tokens is None:
+        max_tokens = osl.draw(rng)
+    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if "messages" in item:
+        turns = item["messages"]
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in turns):
+            raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
+        return Prompt("", max_tokens, tuple({"role": t["role"], "content": t["content"]} for t in turns))
+    text = next((item[k] for k in TEXT_KEYS if k in item), None)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"no prompt: expected a non-empty string under one of {', '.join(TEXT_KEYS)}, or messages")
+    return Prompt(text, max_tokens, input_tokens=counter.count(text) if counter else None)

@@ -1,0 +1,155 @@
+"""`yitrt bench URL ...` (run a benchmark) and `yitrt bench compare A B` (registered on the main app by ``register``)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from yitrt.cli import render
+from yitrt.cli.options import JsonOpt
+from yitrt.errors import UsageError
+
+
+class _BenchGroup(TyperGroup):
+    """A group whose default command is ``run``: `yitrt bench URL` means `yitrt bench run URL`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _numbers(text: str | None, option: str) -> list[float]:
+    if text is None:
+        return []
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}", f"e.g. {option} 1,4,16") from None
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _trio(dist: dict[str, Any]) -> str:
+    return "/".join(_fmt(dist.get(k), 0 if (dist.get(k) or 0) >= 100 else 1) for k in ("p50", "p90", "p99"))
+
+
+def _render_report(report: dict[str, Any]) -> None:
+    slo = report["slo"]
+    columns = ["load", "ok/sent", "req/s", "out tok/s", "goodput/s", "TTFT ms p50/90/99", "TPOT ms p50/90/99",
+               "E2E ms p50/90/99", "SLO"]
+    table = render.table(f"yitrt bench — {report['target']['model']} at {report['target']['url']}", columns, [])
+    for i, p in enumerate(report["points"]):
+        verdict = "-" if p["meets_slo"] is None else ("met" if p["meets_slo"] else "missed")
+        row = [("★ " if i == report["best"] else "") + p["load"]["label"], f"{p['counts']['answered']}/{p['counts']['sent']}",
+               _fmt(p["request_throughput"], 2), _fmt(p["output_token_throughput"]), _fmt(p["goodput"], 2),
+               _trio(p["ttft_ms"]), _trio(p["tpot_ms"]), _trio(p["e2e_ms"]), verdict]
+        table.add_row(*row, style="bold green" if i == report["best"] else None)
+    render.print_wide(table)
+    if slo:
+        bounds = ", ".join(f"{k.split('_')[0].upper()} ≤ {slo[k]:g} ms" for k in ("ttft_ms", "tpot_ms") if slo[k] is not None)
+        render.out.print(f"SLO: {bounds} at p{slo['percentile']:g}; goodput counts requests within every bound")
+    if report["best"] is not None:
+        best = report["points"][report["best"]]
+        why = "the highest output tokens/s meeting the SLO" if slo else "the highest output tokens/s (no SLO given)"
+        render.out.print(f"best: {best['load']['label']} — {_fmt(best['output_token_throughput'])} output tok/s, "
+                         f"{_fmt(best['request_throughput'], 2)} req/s ({why})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the bench group to ``app``."""
+    bench_app = typer.Typer(cls=_BenchGroup, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                            context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+                            help="Measure a deployment: `yitrt bench URL [options]` runs load points and writes a report; "
+                                 "`yitrt bench compare A B` compares two reports.")
+    app.add_typer(bench_app, name="bench")
+
+    @bench_app.command("run")
+    def run(
+        url: Annotated[str, typer.Argument(help="gRPC endpoint, host:port (yitrt serve prints it).", show_default=False)],
+        model: Annotated[str | None, typer.Option("--model", help="Model to ask [default: the deployment's BLS entry model]; or ensemble.", show_default=False)] = None,
+        concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests kept in flight, one load point each [default: 1,4,16,64].", show_default=False)] = None,
+        request_rate: Annotated[str | None, typer.Option("--request-rate", help="Poisson arrival rates (requests/s), one load point each.", show_default=False)] = None,
+        num_requests: Annotated[int | None, typer.Option("--num-requests", min=1, help="Measured requests per point [default: 4 × concurrency or 10 s of arrivals, at least 16].", show_default=False)] = None,
+        duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="Seconds to keep sending per point (then its answers are awaited).", show_default=False)] = None,
+        dataset: Annotated[str, typer.Option("--dataset", help="synthetic, or a JSONL file of {\"text\"} or {\"messages\"} lines (optional max_tokens).")] = "synthetic",
+        isl: Annotated[str, typer.Option("--isl", help="Prompt tokens MEAN[,STD] (synthetic prompts).")] = "128",
+        osl: Annotated[str, typer.Option("--osl", help="Output tokens MEAN[,STD] (max_tokens; the end token is ignored unless --respect-eos).")] = "64",
+        slo_ttft: Annotated[float | None, typer.Option("--slo-ttft", help="TTFT bound in ms (goodput, best point).", show_default=False)] = None,
+        slo_tpot: Annotated[float | None, typer.Option("--slo-tpot", help="TPOT bound in ms (goodput, best point).", show_default=False)] = None,
+        slo_percentile: Annotated[float, typer.Option("--slo-percentile", help="Percentile at which a load point must meet the bounds.")] = 90.0,
+        warmup: Annotated[int, typer.Option("--warmup", min=0, help="Requests sent before each point's measured window.")] = 0,
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder [default: yitrt-bench/<time>].", show_default=False)] = None,
+        tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The deployed repository (or HF model folder) with the tokenizer [default: the one the server's preprocessing model names, when it is here].", show_default=False)] = None,
+        respect_eos: Annotated[bool, typer.Option("--respect-eos", help="Let answers end at the end token (default: end_id -1, every answer has --osl tokens).")] = False,
+        timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one request may take.")] = 600.0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of prompts, lengths and arrival times.")] = 0,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Run load points against a served deployment: TTFT, TPOT, E2E, throughput and goodput under an SLO, with plots."""
+        from yitrt.bench.loadgen import Load
+        from yitrt.bench.metrics import Slo
+        from yitrt.bench.runner import REPORT_NAME, BenchRequest, run_bench
+        from yitrt.bench.workload import LengthSpec
+
+        if concurrency is not None and request_rate is not None:
+            raise UsageError("--concurrency and --request-rate cannot be mixed in one run", "run them as two benchmarks")
+        loads = ([Load("rate", v) for v in _numbers(request_rate, "--request-rate")] if request_rate is not None else
+                 [Load("concurrency", v) for v in _numbers(concurrency or "1,4,16,64", "--concurrency")])
+        folder = out or Path("yitrt-bench") / time.strftime("%Y%m%d-%H%M%S")
+        req = BenchRequest(url, tuple(loads), folder, model=model, num_requests=num_requests, duration=duration, dataset=dataset,
+                           isl=LengthSpec.parse(isl, "--isl"), osl=LengthSpec.parse(osl, "--osl"),
+                           slo=Slo(slo_ttft, slo_tpot, slo_percentile), warmup=warmup, tokenizer=tokenizer,
+                           ignore_eos=not respect_eos, timeout=timeout, seed=seed)
+        progress = None if json_ else (lambda line: render.err.print(f"bench {line}"))
+        result = run_bench(req, progress)
+        report = result.report
+        if json_:
+            summary = {k: v for k, v in report.items() if k != "points"}
+            summary["points"] = [{k: v for k, v in p.items() if k != "requests"} for p in report["points"]]
+            summary["plots"] = [str(result.out / p) for p in result.plots]
+            render.emit_json({"ok": True, "report": str(result.out / REPORT_NAME), **summary})
+            return
+        _render_report(report)
+        for warning in result.warnings:
+            render.warn(warning)
+        render.out.print(f"report: {result.out / REPORT_NAME}")
+        render.out.print(f"plots:  {', '.join(str(result.out / p) for p in result.plots)}")
+
+    @bench_app.command("compare")
+    def compare(
+        a: Annotated[Path, typer.Argument(help="First report (bench.json or its folder).", show_default=False)],
+        b: Annotated[Path, typer.Argument(help="Second report.", show_default=False)],
+        json_: JsonOpt = False,
+    ) -> None:
+        """Put two bench reports side by side: each load point both ran, B's change against A."""
+        from yitrt.bench.compare import compare_reports, load_report
+
+        result = compare_reports(load_report(a), load_report(b))
+        if json_:
+            render.emit_json({"a": str(a), "b": str(b), **result})
+            return
+        sections = [(f"load {p['load']}", p["rows"]) for p in result["points"]]
+        if result["best_rows"] is not None:
+            sections.append((f"best points: A {result['best']['a']} vs B {result['best']['b']}", result["best_rows"]))
+        for title, rows in sections:
+            table = render.table(f"{title}: A = {a}, B = {b}", ["metric", "A", "B", "change", "better"], [])
+            for row in rows:
+                change = "-" if row["change_pct"] is None else f"{row['change_pct']:+.1f}%"
+                table.add_row(row["metric"], _fmt(row["a"], 2), _fmt(row["b"], 2), change, (row["better"] or "-").upper())
+            render.print_wide(table)
+        for side in ("only_a", "only_b"):
+            if result[side]:
+                render.out.print(f"only in {side[-1].upper()}: {', '.join(result[side])}")
+        for warning in result["warnings"]:
+            render.warn(warning)
+        if not sections:
+            render.warn("the reports share no load point and have no best points to compare")
+            sys.exit(1)
