@@ -85,8 +85,7 @@ def resolve_target(url: str, model: str | None) -> Target:
     client = triton_client.connect(grpc, url)
     name = model or triton_client.entry_model(client)
     inputs, decoupled = triton_client.model_info(client, name)
-    if not {"text_input", "max_tokens"} <= set(inputs):
-        raise UsageError(f"model {name} takes no text_input/max_tokens: it is not a text entry point", "pass --model tensorrt_llm_bls or ensemble")
+    triton_client.check_text_entry(inputs, name)
     return Target(url, name, inputs, decoupled)
 
 
@@ -191,7 +190,7 @@ class _Point:
                     if error is not None:
                         record.error = triton_client.reason(error)
                         break
-                    piece = _text(result)
+                    piece = triton_client.response_text(result)
                     _take_counts(record, result)
                     final = result.get_response().parameters.get("triton_final_response")
                     final = final is not None and final.bool_param
@@ -255,18 +254,11 @@ class _Point:
             await c.close()
 
 
-def _text(result) -> str:
-    value = result.as_numpy("text_output")
-    if value is None or value.size == 0:
-        return ""
-    return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value.reshape(-1))
-
-
 def _take_counts(record: RequestRecord, result) -> None:
     for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens")):
-        value = result.as_numpy(name)
-        if value is not None and value.size:
-            setattr(record, attr, int(value.reshape(-1)[0]))
+        value = triton_client.response_count(result, name)
+        if value is not None:
+            setattr(record, attr, value)
 
 
 async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, num_requests: int | None,

@@ -95,7 +95,7 @@ class RequestRecord:
         return [b - a for a, b in zip(times, times[1:], strict=False)]
 
     def to_json(self) -> dict[str, Any]:
-        ms = _ms
+        ms = _ms  # seconds → rounded milliseconds
         return {"index": self.index, "request_id": self.request_id, "warmup": self.warmup, "ok": self.ok,
                 "error": self.error, "max_tokens": self.max_tokens, "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens, "token_source": self.token_source,

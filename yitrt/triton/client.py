@@ -120,6 +120,12 @@ def reason(exc: Exception) -> str:
     return message() if callable(message) else str(exc)
 
 
+def check_text_entry(inputs: dict[str, str], model: str) -> None:
+    """Raises UsageError unless the model takes ``text_input`` and ``max_tokens`` (the BLS model, the ensemble)."""
+    if not {"text_input", "max_tokens"} <= set(inputs):
+        raise UsageError(f"model {model} takes no text_input/max_tokens: it is not a text entry point", "ask the BLS model or the ensemble")
+
+
 def build_inputs(grpc, inputs: dict[str, str], req: ChatRequest, stream: bool, model: str) -> list:
     """The request tensors, typed as the server declares the model's inputs: chat turns in ``messages`` when the
     model takes them, else the raw text.
@@ -127,8 +133,7 @@ def build_inputs(grpc, inputs: dict[str, str], req: ChatRequest, stream: bool, m
     Raises:
         UsageError: an option whose input the model does not have (never dropped silently).
     """
-    if not {"text_input", "max_tokens"} <= set(inputs):
-        raise UsageError(f"model {model} takes no text_input/max_tokens: it is not a text entry point", "ask the BLS model or the ensemble")
+    check_text_entry(inputs, model)
     turns = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.message}]
     values: dict[str, Any] = {"max_tokens": req.max_tokens}
     if "messages" in inputs:
@@ -166,14 +171,16 @@ def make_tensors(grpc, declared: dict[str, str], values: dict[str, Any]) -> list
     return tensors
 
 
-def _text(result) -> str:
+def response_text(result) -> str:
+    """The ``text_output`` of one response ("" when it has none)."""
     value = result.as_numpy("text_output")
     if value is None or value.size == 0:
         return ""
     return "".join(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1))
 
 
-def _count(result, name: str) -> int | None:
+def response_count(result, name: str) -> int | None:
+    """A token-count output (``num_input_tokens``/``num_output_tokens``) of one response, None when absent."""
     value = result.as_numpy(name)
     return None if value is None or value.size == 0 else int(value.reshape(-1)[0])
 
@@ -210,7 +217,7 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
 
 
 def _take(result: ChatResult, answer, start: float, on_text) -> None:
-    piece = _text(answer)
+    piece = response_text(answer)
     if piece:
         if result.ttft_s is None:
             result.ttft_s = time.perf_counter() - start
@@ -218,7 +225,7 @@ def _take(result: ChatResult, answer, start: float, on_text) -> None:
         if on_text is not None:
             on_text(piece)
     for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens")):
-        value = _count(answer, name)
+        value = response_count(answer, name)
         if value is not None:
             setattr(result, attr, value)
 
