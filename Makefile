@@ -13,7 +13,7 @@ DEMO_BENCH  := build/demo-bench
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
-.PHONY: setup demo test test-fast lint bench-convert bench-fidelity clean
+.PHONY: setup demo test test-fast lint bench-convert bench-fidelity bench-gpu clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,11 @@ bench-convert: setup
 # yitrt verify figures for every format the converter writes, on the demo model → benchmarks/results/fidelity.json
 bench-fidelity: setup
 	$(BIN)/python benchmarks/bench_fidelity.py
+
+# yitrt quantize/verify --device cuda on a Yi-6B-shaped model (4 layers) at tp 2, FP8 + FP8 KV and INT4-AWQ → benchmarks/results/gpu.json
+# (needs a CUDA GPU and nvidia-modelopt)
+bench-gpu: setup
+	$(BIN)/python benchmarks/bench_gpu.py
 
 clean:
 	rm -rf build

@@ -109,3 +109,19 @@ def test_bad_option_is_one_line_with_the_help_to_read():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--tp" in lines[0] and "yitrt convert --help" in lines[0]
+
+
+def test_json_stdout_holds_only_the_json_object():
+    """--json: prints of yitrt, of libraries and of child processes (ModelOpt's CUDA-extension build printed on
+    stdout on a GPU machine) go to stderr; stdout is exactly the JSON object."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom yitrt.cli import render\nwith render.json_stdout():\n    print('python noise')\n"
+            "    os.system('echo child noise')\n    os.write(1, b'fd noise\\n')\n    render.emit_json({'a': 1})\nprint('after')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    body, after = proc.stdout.rsplit("}\n", 1)[0] + "}", proc.stdout.rsplit("}\n", 1)[1]
+    assert json.loads(body) == {"a": 1} and after == "after\n"
+    assert all(noise in proc.stderr for noise in ("python noise", "child noise", "fd noise"))

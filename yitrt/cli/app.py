@@ -6,6 +6,7 @@ the commands so that ``yitrt --help`` never imports torch, transformers or model
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -388,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in args
     debug = os.environ.get("YITRT_DEBUG") == "1"
     try:
-        app(args=args, prog_name="yitrt", standalone_mode=False)
+        with render.json_stdout() if as_json else contextlib.nullcontext():
+            app(args=args, prog_name="yitrt", standalone_mode=False)
     except YitrtError as exc:
         if debug:
             traceback.print_exc()

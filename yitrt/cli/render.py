@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,10 +22,48 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+#: Where ``emit_json`` writes while ``json_stdout`` holds stdout for the JSON object (None: sys.stdout).
+_json_stream = None
+
+
 def emit_json(data: dict[str, Any]) -> None:
     """Write one JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    stream = _json_stream or sys.stdout
+    stream.write(json.dumps(data, indent=2, default=str) + "\n")
+    stream.flush()
+
+
+@contextlib.contextmanager
+def json_stdout() -> Iterator[None]:
+    """For ``--json``: within the block stdout holds nothing but what ``emit_json`` writes; anything else written
+    to it goes to stderr — yitrt's own prints, libraries' (ModelOpt prints on stdout while it builds its CUDA
+    extension) and, when stdout is the process's file descriptor 1, child processes' and C code's too."""
+    global _json_stream
+    original = sys.stdout
+    try:
+        fd = original.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured in tests): Python level only
+        fd = None
+    saved = None
+    original.flush()
+    if fd == 1:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        _json_stream = os.fdopen(os.dup(saved), "w")
+    else:
+        _json_stream = original
+        sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        stream, _json_stream = _json_stream, None
+        if saved is not None:
+            sys.stdout.flush()
+            stream.close()
+            os.dup2(saved, 1)
+            os.close(saved)
+        else:
+            sys.stdout = original
 
 
 def warn(message: str) -> None:

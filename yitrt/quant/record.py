@@ -21,31 +21,76 @@ def evaluate_calibrated(model, windows: list[list[int]], digest: str, eval_token
     """What ``yitrt verify`` compares the checkpoint with: the calibrated model's perplexity with its full
     quantized arithmetic; its perplexity and top-1 predictions with weights quantized but activations and K/V
     not (the form two computations can agree on tightly, see ``DecodedWeight.weights_only``); and every
-    activation and KV-cache scale its quantizers hold."""
+    activation and KV-cache scale its quantizers hold.
+
+    Both passes compute in float32 whatever dtype the model was calibrated in (``_in_float32``): the reference
+    runtime scores the checkpoint in float32, and on a GPU, where calibration runs in the model dtype, a bfloat16
+    evaluation differs from it by more than the pipeline bound (seen on an H200 with Yi-6B's shapes: top-1
+    agreement 0.94-0.95 against a bound of 0.99, from arithmetic alone)."""
     import torch
 
     from yitrt.reference.original import score_original
     from yitrt.reference.verify import perplexity
 
     with torch.no_grad():
-        full = perplexity(score_original(model, windows), windows)
-        with _as_stored(model, dtype):
+        with _in_float32(model):
+            full = perplexity(score_original(model, windows), windows)
+        with _as_stored(model, dtype) as stored, _in_float32(model, stored):
             logits = score_original(model, windows)
     weights_only = perplexity(logits, windows)
     if not (math.isfinite(full) and math.isfinite(weights_only)):
         raise QuantizationError("the calibrated model's perplexity is not finite (calibration diverged)", "try another --calib or scheme")
     return {
         "ppl": full, "windows_digest": digest, "eval_tokens": eval_tokens, "window": window,
-        "positions": sum(len(w) for w in windows),
+        "positions": sum(len(w) for w in windows), "compute_dtype": "float32",
         "weights_only": {"ppl": weights_only, "top1": [row.argmax(-1).tolist() for row in logits]},
         "scales": recorded_scales(model),
     }
 
 
 @contextlib.contextmanager
+def _in_float32(model, weights=None):
+    """For the duration, every module runs its forward with its own parameters in float32: they are cast when the
+    module is entered and the originals put back when it returns, so the extra memory is one module's float32
+    copy (a Yi-34B-sized model calibrated in bfloat16 on one GPU has no room for a whole float32 copy). The
+    embedding's float32 output then carries float32 activations through the whole model.
+
+    Args:
+        weights: ``weights(module)`` → a float32 weight to run that module with instead of its own (the stored
+            form of a quantized weight, see ``_as_stored``), or None.
+    """
+    import torch
+
+    def enter(module, _args):
+        saved = {}
+        for name, param in module.named_parameters(recurse=False):
+            replacement = weights(module) if weights is not None and name == "weight" else None
+            if replacement is not None or (param.is_floating_point() and param.dtype != torch.float32):
+                saved[name] = param.data
+                param.data = replacement if replacement is not None else param.data.float()
+        module._yitrt_saved = saved
+
+    def leave(module, _args, _output):
+        for name, data in module.__dict__.pop("_yitrt_saved", {}).items():
+            getattr(module, name).data = data
+
+    modules = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules:  # a forward that raised never reached its exit hook
+            leave(module, None, None)
+
+
+@contextlib.contextmanager
 def _as_stored(model, dtype: str):
-    """For the duration: activation and K/V quantizers off, and the weights and pre-quant scales as the
-    checkpoint stores them and the build loads them. Then restore.
+    """For the duration: activation and K/V quantizers off, weight quantizers off where the weight is replaced by
+    its stored form, and the pre-quant scales as the checkpoint stores them and the build loads them. Yields
+    ``stored(module)``: the module's weight as the checkpoint stores it (float32, computed when asked, so at most
+    one is alive at a time), or None. Then restore.
 
     - Pre-quant scales (AWQ, SmoothQuant) are multiplied in even by a disabled quantizer (ModelOpt applies them
       before its disabled check); the checkpoint stores them, and the build uses them, in the model dtype.
@@ -61,35 +106,39 @@ def _as_stored(model, dtype: str):
     model_dtype = getattr(torch, dtype)
     quantizers = [q for name, q in model.named_modules()
                   if name.endswith(("input_quantizer", "bmm_quantizer")) and getattr(q, "is_enabled", False)]
-    weights, prequants = [], []
+    replaced, prequants = set(), []
     for module in model.modules():
-        stored = _stored_weight(getattr(module, "weight_quantizer", None), getattr(module, "weight", None), model_dtype)
-        if stored is not None:
-            weights.append((module, module.weight.data))
-            module.weight.data = stored.to(module.weight.dtype)
-            quantizers.append(module.weight_quantizer)
+        quantizer = getattr(module, "weight_quantizer", None)
+        if _stored_weight(quantizer, getattr(module, "weight", None), model_dtype) is not None:
+            replaced.add(module)
+            quantizers.append(quantizer)
         iq = getattr(module, "input_quantizer", None)
         if iq is not None and getattr(iq, "pre_quant_scale", None) is not None:
             prequants.append((iq, iq.pre_quant_scale))
             iq.pre_quant_scale = iq.pre_quant_scale.to(model_dtype).to(iq.pre_quant_scale.dtype)
+
+    def stored(module):
+        if module not in replaced:
+            return None
+        return _stored_weight(module.weight_quantizer, module.weight, model_dtype, enabled_only=False).to(torch.float32)
+
     for q in quantizers:
         q.disable()
     try:
-        yield
+        yield stored
     finally:
         for q in quantizers:
             q.enable()
-        for module, original in weights:
-            module.weight.data = original
         for iq, original in prequants:
             iq.pre_quant_scale = original
 
 
-def _stored_weight(quantizer, weight, model_dtype):
+def _stored_weight(quantizer, weight, model_dtype, enabled_only: bool = True):
     """The dequantized weight as the exporter writes it and the build loads it, for the formats where that
-    differs from ModelOpt's fake quantization (see ``_as_stored``); None for the others."""
+    differs from ModelOpt's fake quantization (see ``_as_stored``); None for the others (and, with
+    ``enabled_only``, for a disabled quantizer)."""
 
-    if quantizer is None or weight is None or not getattr(quantizer, "is_enabled", False):
+    if quantizer is None or weight is None or (enabled_only and not getattr(quantizer, "is_enabled", False)):
         return None
     from modelopt.torch.quantization.nn import SequentialQuantizer
 
