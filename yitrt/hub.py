@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.checkpoint.source import INDEX_NAME, PICKLE_INDEX_NAME, PICKLE_WEIGHTS_GLOB
-from yitrt.errors import ArtifactError, CheckpointError, HubError, UsageError, YitrtError
+from yitrt.errors import CheckpointError, HubError, UsageError, YitrtError, os_error
 from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, read_manifest
 
 ProgressCallback = Callable[[int, int], None]
@@ -593,8 +593,13 @@ def map_hub_error(exc: BaseException, repo_id: str, revision: str | None = None)
         if status == 429:
             return HubError(f"the Hub rate-limited the download of {repo_id} (429)", "wait and retry; an HF_TOKEN gets higher limits")
         return HubError(f"the Hub answered {status} for {repo_id}", "retry later; check HF_ENDPOINT")
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return ArtifactError(f"no space left on the device while fetching {repo_id}", "free disk space or point HF_HOME/--out elsewhere")
+    if isinstance(exc, OSError) and exc.errno is not None:  # disk full, read-only cache, permissions: the environment's
+        mapped = os_error(exc, exc.filename or "the Hugging Face cache", f"store {repo_id} at")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            mapped.hint = "free disk space, or point HF_HOME (or --out) at a larger disk"
+        elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            mapped.hint = "point HF_HOME (or --out) at a writable folder"
+        return mapped
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
         return HubError(f"a file of {repo_id} arrived incomplete", "the connection dropped; run the fetch again")
     return None

@@ -116,8 +116,19 @@ def check_request(req: BenchRequest) -> None:
             problems.append(f"{name} must be a positive number of milliseconds, got {bound:g}")
     if not 0 < req.slo.percentile <= 100:
         problems.append(f"--slo-percentile must be in (0, 100], got {req.slo.percentile:g}")
-    if req.dataset != "synthetic" and not Path(req.dataset).is_file():
-        problems.append(f"dataset {req.dataset} does not exist (pass --dataset synthetic or a JSONL file)")
+    if req.dataset != "synthetic":
+        from yitrt.userfiles import check_readable_file
+
+        try:
+            check_readable_file(Path(req.dataset), "dataset")
+        except UsageError as exc:
+            problems.append(f"{exc.message} (pass --dataset synthetic or a JSONL file)")
+    from yitrt.triton.client import parse_url
+
+    try:
+        parse_url(req.url)
+    except UsageError as exc:
+        problems.append(exc.message)
     if problems:
         raise UsageError("; ".join(problems), "fix the options named")
 
