@@ -26,6 +26,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -607,9 +608,14 @@ def map_hub_error(exc: BaseException, repo_id: str, revision: str | None = None)
 
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
-    """Turn huggingface_hub exceptions into one-line yitrt errors; anything unknown propagates (a bug to see)."""
+    """Turn huggingface_hub exceptions into one-line yitrt errors; anything unknown propagates (a bug to see).
+
+    Its warnings are silenced (a library does not print): e.g. "Not enough free disk space", which it says once per
+    file before the download fails with ENOSPC, and which the error says once."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="huggingface_hub")
+            yield
     except YitrtError:
         raise
     except Exception as exc:
