@@ -252,10 +252,12 @@ def _try_lock(path: Path) -> int | None:
 
 
 def _siblings(out: Path, marker: str) -> list[Path]:
-    """``<out><marker><suffix>`` entries beside ``out`` (listed, not globbed: a name may hold glob characters)."""
+    """``<out><marker><pid>`` folders beside ``out`` (listed, not globbed: a name may hold glob characters). Only a
+    decimal PID suffix is ours: a user's ``ckpt.old-backup`` is never touched."""
     prefix = out.name + marker
     try:
-        return sorted(out.parent / e.name for e in os.scandir(out.parent) if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False))
+        return sorted(out.parent / e.name for e in os.scandir(out.parent)
+                      if e.name.startswith(prefix) and e.name[len(prefix):].isdecimal() and e.is_dir(follow_symlinks=False))
     except OSError:
         return []
 
@@ -269,6 +271,8 @@ def settle_output(out: Path) -> None:
     """
     out = artifact_path(out)
     for old in _siblings(out, _OLD):
+        if read_manifest(old) is None:
+            continue  # not an artifact yitrt moved aside: not ours to restore or remove
         fd = _try_lock(old)
         if fd is None:
             continue  # a live writer is between its renames

@@ -427,15 +427,26 @@ def test_a_failed_swap_puts_the_old_artifact_back(model, tmp_path, monkeypatch):
 
 def test_a_killed_replacement_is_repaired_for_a_cached_run_stage(tmp_path):
     """`yitrt run` skips a cached stage without calling it; the repair happens there too."""
-    from yitrt.manifest import settle_output
+    from yitrt.manifest import ArtifactWriter, settle_output
     from yitrt.pipeline import RunOptions, _Run
     from yitrt.recipe import load_recipe
 
     artifact = tmp_path / "work" / "checkpoint"
-    artifact.mkdir(parents=True)
-    (artifact / "f").write_text("previous")
+    with ArtifactWriter(artifact, "convert", {}, {}) as art:
+        (art.path / "f").write_text("previous")
     os.rename(artifact, tmp_path / "work" / "checkpoint.old-999999")
     run = _Run(load_recipe("demo", check_model=False), RunOptions(work_dir=tmp_path / "work"))
     assert run._intact({"artifact": str(artifact), "digest": "x"}) is False  # the digest differs, but the folder is back
     assert (artifact / "f").read_text() == "previous" and not list((tmp_path / "work").glob("*.old-*"))
     settle_output(artifact)  # idempotent
+
+
+def test_folders_beside_the_output_that_are_not_yitrts_are_never_touched(cli, model, tmp_path):
+    """Only ``.partial-<pid>`` folders and ``.old-<pid>`` artifacts are repaired: a user's backup named like them stays."""
+    for name in ("ckpt.old-backup", "ckpt.old-123", "ckpt.partial-mine"):  # .old-123 holds no yitrt manifest
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep").write_text("the user's")
+    before = tree(tmp_path)
+    assert cli("convert", str(model), "--out", str(tmp_path / "ckpt")).returncode == 0
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("ckpt/") and k != "ckpt"} == before
