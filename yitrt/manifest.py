@@ -245,10 +245,28 @@ def _try_lock(path: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS and not _pid_alive(path.name.rsplit("-", 1)[-1]):
+            return fd  # a file system without flock: fall back to the PID test of the suffix
         os.close(fd)
         return None
     return fd
+
+
+#: flock errors of file systems that do not implement it (some FUSE and network mounts)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EINVAL}
+
+
+def _pid_alive(suffix: str) -> bool:
+    if not suffix.isdecimal():
+        return True
+    try:
+        os.kill(int(suffix), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def _siblings(out: Path, marker: str) -> list[Path]:
@@ -408,7 +426,14 @@ class ArtifactWriter:
         for _ in range(5):
             os.mkdir(self.path)
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    os.close(fd)
+                    raise
+                self._lock = fd  # no flock here: settle_output falls back to the PID suffix
+                return
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
             except FileNotFoundError:

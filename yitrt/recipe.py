@@ -512,6 +512,13 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
             problems.append(f"precision.dtype: unknown dtype {precision.dtype!r} (known: {', '.join(DTYPES)})")
         if precision.kv_cache is not None and precision.kv_cache not in KV_CACHE_FORMATS:
             problems.append(f"precision.kv_cache: unknown KV-cache format {precision.kv_cache!r} (known: {', '.join(KV_CACHE_FORMATS)}, or null)")
+    if precision is not None and precision.calibration.data is not None:  # a missing file found after convert is a wasted run
+        from yitrt.userfiles import check_readable_file
+
+        try:
+            check_readable_file(precision.calibration.data, "precision.calibration.data")
+        except UsageError as exc:
+            problems.append(exc.message)
     if parallelism is not None and scheme is not None and scheme.calibrated and not parallelism.parallel_embedding:
         problems.append("parallelism.parallel_embedding: false applies to data-free schemes (ModelOpt's exporter splits the embedding)")
     if build is not None and build.plugins is not None:

@@ -106,6 +106,11 @@ def _describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _check_no_nul(path: Path, what: str, error: type[YitrtError]) -> None:
+    if "\0" in str(path):  # no file system takes it (os.open would raise ValueError); a YAML "\0" escape can carry it
+        raise error(f"{what} path {str(path)!r} contains a NUL character", "give a real path")
+
+
 def read_bytes(path: Path, what: str = "file", cap: int = CONFIG_CAP, error: type[YitrtError] = UsageError,
                fix: str = "give a readable regular file") -> bytes:
     """The bytes of a user-named file, checked to be a regular file of at most ``cap`` bytes.
@@ -124,6 +129,7 @@ def read_bytes(path: Path, what: str = "file", cap: int = CONFIG_CAP, error: typ
         ``error``: missing, a folder/FIFO/device, unreadable, or larger than ``cap``.
     """
     path = Path(path)
+    _check_no_nul(path, what, error)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -217,6 +223,7 @@ def check_readable_file(path: Path, what: str, error: type[YitrtError] = UsageEr
         ``error``: missing, a folder/FIFO/device, or unreadable.
     """
     path = Path(path)
+    _check_no_nul(path, what, error)
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -287,8 +294,3 @@ def copy_into(folder: Path, names: list[str] | tuple[str, ...], dest: Path, what
         with open(real, "rb") as src, open(target, "xb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
     return list(sources)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a folder we made, best effort (a file system that refuses leaves it; never an error of its own)."""
-    shutil.rmtree(path, ignore_errors=True)
