@@ -23,7 +23,8 @@ INTERNAL_ERROR_EXIT = 70
 
 
 def tree(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder``: relative path → sha256 of a file, ``"dir"`` or ``"link:<target>"``."""
+    """Every entry under ``folder``: relative path → sha256 of a file, ``"dir"``, ``"link:<target>"`` or
+    ``"special:<mode>"`` (a FIFO or device, never read)."""
     folder = Path(folder)
     out: dict[str, str] = {}
     if not folder.exists():
@@ -34,6 +35,8 @@ def tree(folder: Path) -> dict[str, str]:
             out[rel] = f"link:{os.readlink(path)}"
         elif path.is_dir():
             out[rel] = "dir"
+        elif not path.is_file():  # a FIFO or device: reading it would block or never end
+            out[rel] = f"special:{path.stat().st_mode:o}"
         else:
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out

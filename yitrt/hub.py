@@ -26,6 +26,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.checkpoint.source import INDEX_NAME, PICKLE_INDEX_NAME, PICKLE_WEIGHTS_GLOB
-from yitrt.errors import ArtifactError, CheckpointError, HubError, UsageError, YitrtError
+from yitrt.errors import CheckpointError, HubError, UsageError, YitrtError, os_error
 from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, read_manifest
 
 ProgressCallback = Callable[[int, int], None]
@@ -593,8 +594,13 @@ def map_hub_error(exc: BaseException, repo_id: str, revision: str | None = None)
         if status == 429:
             return HubError(f"the Hub rate-limited the download of {repo_id} (429)", "wait and retry; an HF_TOKEN gets higher limits")
         return HubError(f"the Hub answered {status} for {repo_id}", "retry later; check HF_ENDPOINT")
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return ArtifactError(f"no space left on the device while fetching {repo_id}", "free disk space or point HF_HOME/--out elsewhere")
+    if isinstance(exc, OSError) and exc.errno is not None:  # disk full, read-only cache, permissions: the environment's
+        mapped = os_error(exc, exc.filename or "the Hugging Face cache", f"store {repo_id} at")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            mapped.hint = "free disk space, or point HF_HOME (or --out) at a larger disk"
+        elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            mapped.hint = "point HF_HOME (or --out) at a writable folder"
+        return mapped
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
         return HubError(f"a file of {repo_id} arrived incomplete", "the connection dropped; run the fetch again")
     return None
@@ -602,9 +608,14 @@ def map_hub_error(exc: BaseException, repo_id: str, revision: str | None = None)
 
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
-    """Turn huggingface_hub exceptions into one-line yitrt errors; anything unknown propagates (a bug to see)."""
+    """Turn huggingface_hub exceptions into one-line yitrt errors; anything unknown propagates (a bug to see).
+
+    Its warnings are silenced (a library does not print): e.g. "Not enough free disk space", which it says once per
+    file before the download fails with ENOSPC, and which the error says once."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="huggingface_hub")
+            yield
     except YitrtError:
         raise
     except Exception as exc:

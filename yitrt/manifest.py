@@ -4,6 +4,18 @@ Every stage writes one artifact folder. It is built in ``<out>.partial-<pid>`` b
 into place only when complete, so an interrupted or failed stage leaves nothing that looks complete, and a
 previous good artifact at ``<out>`` stays untouched until the new one is whole.
 
+A writer holds an exclusive ``flock`` on its partial folder for as long as it runs (the kernel drops it when the
+process dies, even by SIGKILL), so a partial folder whose lock is free is stale whatever its PID suffix says (a
+reused PID cannot keep it "alive"). The previous artifact is replaced by an atomic exchange (Linux
+``renameat2(RENAME_EXCHANGE)``), so ``out`` is never missing; where the file system cannot exchange, ``out`` is
+moved to ``<out>.old-<pid>`` (locked) and the new one moved in, and a kill between the two leaves ``.old-<pid>``,
+which :func:`settle_output` renames back. Every stage's path calls :func:`settle_output` (through
+:func:`check_output_folder`, :func:`find_reusable` and :class:`ArtifactWriter`), so stale partials are removed and a
+killed replacement is repaired on a fresh output, a replacement and a cache hit alike.
+
+Every ``OSError`` met while writing an artifact (disk full, read-only, a parent that is a file, a name too long)
+becomes an ``ArtifactError`` naming the path and the fix (:func:`yitrt.errors.os_error`).
+
 The manifest records the stage, yitrt version, resolved parameters, input digests, tool versions and every file
 with its size and BLAKE3 hash. Its ``key`` (a digest of stage + version + parameters + inputs) decides whether a
 stage can be skipped.
@@ -13,11 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
+import fcntl
 import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from yitrt import __version__
-from yitrt.errors import ArtifactError
+from yitrt.errors import ArtifactError, YitrtError, os_error
+from yitrt.userfiles import read_json
 
 MANIFEST_NAME = "yitrt-manifest.json"
 #: The resolved recipe that made an artifact (written by `yitrt run`; not part of the cache key).
@@ -130,8 +147,8 @@ def read_manifest(folder: Path) -> Manifest | None:
     """Return the folder's manifest, or None when it has none (or it is unreadable)."""
     path = Path(folder) / MANIFEST_NAME
     try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError):
+        return Manifest.from_json(read_json(path, MANIFEST_NAME))  # a regular, capped UTF-8 JSON object (never a FIFO)
+    except (YitrtError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -140,7 +157,10 @@ def artifact_digest(folder: Path) -> str | None:
     manifest = read_manifest(folder)
     if manifest is None or not manifest.files:
         return None
-    return digest_json(sorted((f["path"], f["blake3"]) for f in manifest.files if f["path"] != RECIPE_NAME))
+    try:
+        return digest_json(sorted((str(f["path"]), str(f["blake3"])) for f in manifest.files if f["path"] != RECIPE_NAME))
+    except (KeyError, TypeError):  # a manifest edited by hand: no identity
+        return None
 
 
 @contextlib.contextmanager
@@ -156,56 +176,186 @@ def recipe_context(resolved: dict[str, Any]) -> Iterator[None]:
 def find_reusable(out: Path, stage: str, key: str) -> Manifest | None:
     """The manifest of ``out`` if it is a complete artifact of ``stage`` with this ``key``, else None.
 
-    Complete means every listed file exists with its recorded size.
+    Complete means every listed file exists with its recorded size. Stale partial folders beside ``out`` are removed
+    first, and a replacement killed half-way is repaired (:func:`settle_output`).
     """
+    out = artifact_path(out)
+    settle_output(out)
     manifest = read_manifest(out)
     if manifest is None or manifest.stage != stage or manifest.key != key:
         return None
-    for entry in manifest.files:
-        path = Path(out) / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["size"]:
-            return None
+    try:
+        for entry in manifest.files:
+            path = out / entry["path"]
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                return None
+    except (KeyError, TypeError, OSError):  # a hand-edited manifest or an unreadable file: not reusable
+        return None
     return manifest
+
+
+def artifact_path(out: Path) -> Path:
+    """``out`` as the absolute, normalised path an artifact is written at (``a/..`` and ``.`` parts resolved
+    lexically, so the partial folder is a true sibling of the artifact)."""
+    return Path(os.path.normpath(Path(out).absolute()))
 
 
 def check_output_folder(out: Path, stage: str | None = None) -> None:
     """Refuse to replace a folder yitrt did not make, or an artifact of another stage.
 
     Raises:
-        ArtifactError: ``out`` is a file, or a non-empty folder without a yitrt manifest, or (when ``stage`` is
-            given) the artifact of a different stage.
+        ArtifactError: ``out`` is a file or a symbolic link, or a non-empty folder without a yitrt manifest, or
+            (when ``stage`` is given) the artifact of a different stage, or cannot be inspected (permissions ...).
     """
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a folder", "choose another --out")
-    manifest = read_manifest(out)
-    if manifest is None and any(out.iterdir()):
-        raise ArtifactError(
-            f"{out} exists, is not empty and was not made by yitrt",
-            "choose another --out, or remove that folder yourself",
-        )
+    out = artifact_path(out)
+    settle_output(out)
+    try:
+        if out.is_symlink():
+            raise ArtifactError(f"{out} is a symbolic link", "give the folder it points to (yitrt replaces an artifact as a whole)")
+        if not out.exists():
+            if os.path.lexists(out.parent) and not out.parent.is_dir():
+                raise ArtifactError(f"cannot write {out}: its parent {out.parent} is a file, not a folder", "choose a path whose parents are folders")
+            return
+        if not out.is_dir():
+            raise ArtifactError(f"{out} exists and is not a folder", "choose another --out")
+        manifest = read_manifest(out)
+        if manifest is None and any(out.iterdir()):
+            raise ArtifactError(
+                f"{out} exists, is not empty and was not made by yitrt",
+                "choose another --out, or remove that folder yourself",
+            )
+    except OSError as exc:
+        raise os_error(exc, out, "use") from None
     if manifest is not None and stage is not None and manifest.stage != stage:
         raise ArtifactError(f"{out} holds a yitrt {manifest.stage} artifact, not a {stage} one", "choose another --out")
 
 
-def _pid_alive(pid: int) -> bool:
+# -- partial folders, locks and the atomic swap ---------------------------------------------------------------------
+
+_PARTIAL = ".partial-"
+_OLD = ".old-"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor of folder ``path`` holding its exclusive lock, or None when another process holds it
+    (or it is not a folder we can open)."""
     try:
-        os.kill(pid, 0)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS and not _pid_alive(path.name.rsplit("-", 1)[-1]):
+            return fd  # a file system without flock: fall back to the PID test of the suffix
+        os.close(fd)
+        return None
+    return fd
+
+
+#: flock errors of file systems that do not implement it (some FUSE and network mounts)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EINVAL}
+
+
+def _pid_alive(suffix: str) -> bool:
+    if not suffix.isdecimal():
+        return True
+    try:
+        os.kill(int(suffix), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):
         return True
     return True
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Remove ``<out>.partial-<pid>`` folders left by processes that no longer run."""
-    for sibling in out.parent.glob(out.name + ".partial-*"):
-        suffix = sibling.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and not _pid_alive(int(suffix)):
-            shutil.rmtree(sibling, ignore_errors=True)
+def _siblings(out: Path, marker: str) -> list[Path]:
+    """``<out><marker><pid>`` folders beside ``out`` (listed, not globbed: a name may hold glob characters). Only a
+    decimal PID suffix is ours: a user's ``ckpt.old-backup`` is never touched."""
+    prefix = out.name + marker
+    try:
+        return sorted(out.parent / e.name for e in os.scandir(out.parent)
+                      if e.name.startswith(prefix) and e.name[len(prefix):].isdecimal() and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def settle_output(out: Path) -> None:
+    """Repair what killed writers left beside ``out``; best effort, never an error of its own.
+
+    - ``<out>.old-*`` whose lock is free is the previous artifact of a replacement killed between its two renames:
+      renamed back to ``out`` when ``out`` is missing, else (the new one made it in) removed;
+    - ``<out>.partial-*`` whose lock is free belongs to no live writer: removed.
+    """
+    out = artifact_path(out)
+    for old in _siblings(out, _OLD):
+        if read_manifest(old) is None:
+            continue  # not an artifact yitrt moved aside: not ours to restore or remove
+        fd = _try_lock(old)
+        if fd is None:
+            continue  # a live writer is between its renames
+        try:
+            if not os.path.lexists(out):
+                os.rename(old, out)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    for partial in _siblings(out, _PARTIAL):
+        fd = _try_lock(partial)
+        if fd is None:
+            continue  # its writer runs
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_renameat2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the kernel, C library or file
+    system cannot (the caller falls back to two renames)."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        _renameat2 = getattr(libc, "renameat2", False)  # glibc >= 2.28
+        if _renameat2:
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if not _renameat2:
+        return False
+    import ctypes
+
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the OSError it is: itself, or the I/O error a Rust library (safetensors, tokenizers) reports as
+    text ("I/O error: No space left on device (os error 28)") because it raises its own exception type."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno is not None else None
+    match = _RUST_OS_ERROR.search(str(exc))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
 
 
 class ArtifactWriter:
@@ -217,7 +367,8 @@ class ArtifactWriter:
             write files under art.path
         # here `out` holds the complete artifact with its manifest
 
-    On any exception the temporary folder is deleted and ``out`` is left as it was.
+    On any exception the temporary folder (and any parent folder the writer created) is deleted and ``out`` is
+    left as it was; an ``OSError`` becomes an ``ArtifactError`` naming ``out`` and the fix.
     """
 
     def __init__(
@@ -228,16 +379,18 @@ class ArtifactWriter:
         inputs: dict[str, str],
         tools: dict[str, str] | None = None,
     ) -> None:
-        self.out = Path(out).absolute()
+        self.out = artifact_path(out)
         self.stage = stage
         self.parameters = parameters
         self.inputs = inputs
         self.tools = tools or {}
         self.key = artifact_key(stage, parameters, inputs)
-        self.path = self.out.parent / f"{self.out.name}.partial-{os.getpid()}"
+        self.path = self.out.parent / f"{self.out.name}{_PARTIAL}{os.getpid()}"
         self.extra: dict[str, Any] = {}
         self.manifest: Manifest | None = None
         self._hashed: dict[str, tuple[int, str]] = {}
+        self._lock: int | None = None
+        self._created: list[Path] = []  # parent folders this writer made (removed again on failure)
 
     def record_file(self, relative: str, size: int, digest: str) -> None:
         """Register a file whose BLAKE3 digest was computed while it was written (so it is not read again)."""
@@ -245,12 +398,65 @@ class ArtifactWriter:
 
     def __enter__(self) -> ArtifactWriter:
         check_output_folder(self.out, self.stage)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.out)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir()
+        try:
+            self._make_parents()
+            if os.path.lexists(self.path):  # ours by name: a dead process with our PID left it
+                shutil.rmtree(self.path)
+            self._make_partial()
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                raise os_error(exc, self.out, "write") from exc
+            raise
         return self
+
+    def _make_parents(self) -> None:
+        missing = []
+        folder = self.out.parent
+        while not os.path.lexists(folder) and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for parent in reversed(missing):
+            os.mkdir(parent)
+            self._created.insert(0, parent)
+
+    def _make_partial(self) -> None:
+        """Create the partial folder holding its lock. A cleaner may remove a folder between our mkdir and our
+        lock (it looked unlocked): then the lock is on a deleted folder, which the inode check sees; try again."""
+        for _ in range(5):
+            os.mkdir(self.path)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    os.close(fd)
+                    raise
+                self._lock = fd  # no flock here: settle_output falls back to the PID suffix
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock = fd
+                return
+            os.close(fd)
+        raise ArtifactError(f"{self.path} keeps disappearing while it is being created", "is another program removing it?")
+
+    def _discard(self) -> None:
+        """Remove the partial folder and the parents this writer made; release the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self._created:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        self._created = []
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _collect_files(self) -> list[dict[str, Any]]:
         files = []
@@ -266,7 +472,9 @@ class ArtifactWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._discard()
+            if (refused := as_os_error(exc)) is not None:  # the environment refused a write (disk full ...), not a bug
+                raise os_error(refused, self.out, "write") from exc
             return
         try:
             recipe = _RECIPE.get()
@@ -286,21 +494,37 @@ class ArtifactWriter:
             )
             (self.path / MANIFEST_NAME).write_text(json.dumps(self.manifest.to_json(), indent=2) + "\n")
             self._publish()
-        except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
+        except BaseException as err:
+            self._discard()
+            if isinstance(err, OSError):
+                raise os_error(err, self.out, "write") from err
             raise
+        self._release()
 
     def _publish(self) -> None:
-        """Swap the finished folder into place, keeping the old artifact until the swap succeeded."""
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f"{self.out.name}.old-{os.getpid()}"
-            os.rename(self.out, old)
-        try:
+        """Swap the finished folder into place, keeping the old artifact until the swap succeeded.
+
+        With an atomic exchange, ``out`` is at every instant the old or the new artifact; the old one ends up under
+        the partial's name (unlocked) and is removed — by us, or by the next :func:`settle_output` after a kill.
+        Without it, the old artifact is locked and moved to ``.old-<pid>`` first; a kill before the second rename
+        leaves it there for :func:`settle_output` to move back.
+        """
+        if not os.path.lexists(self.out):
             os.rename(self.path, self.out)
-        except BaseException:
-            if old is not None:
+            return
+        if _exchange(self.path, self.out):
+            shutil.rmtree(self.path, ignore_errors=True)  # now the previous artifact
+            return
+        old = self.out.parent / f"{self.out.name}{_OLD}{os.getpid()}"
+        guard = _try_lock(self.out)  # so that no settle_output "restores" it while we swap
+        try:
+            os.rename(self.out, old)
+            try:
+                os.rename(self.path, self.out)
+            except BaseException:
                 os.rename(old, self.out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                raise
+        finally:
+            if guard is not None:
+                os.close(guard)
+        shutil.rmtree(old, ignore_errors=True)

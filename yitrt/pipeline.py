@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from yitrt.errors import (
     ValidationError,
     VerifyFailedError,
     YitrtError,
+    os_error,
 )
 from yitrt.manifest import (
     ArtifactWriter,
@@ -42,6 +44,7 @@ from yitrt.manifest import (
     fingerprint_files,
     read_manifest,
     recipe_context,
+    settle_output,
 )
 from yitrt.recipe import LoadedRecipe, Recipe
 
@@ -212,22 +215,22 @@ class _Run:
 
     def _read_record(self, stage: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._record_path(stage).read_text())
+            record = json.loads(self._record_path(stage).read_text())
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None  # a hand-edited record is no record
 
     def _write_record(self, stage: str, report: StageReport) -> None:
-        tmp = self._record_path(stage).with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"stage": stage, "key": report.key, "artifact": report.artifact, "digest": report.digest,
-                                   "status": report.status, "detail": report.detail, "data": report.data,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
-        os.replace(tmp, self._record_path(stage))
+        _write_json(self._record_path(stage), {"stage": stage, "key": report.key, "artifact": report.artifact, "digest": report.digest,
+                                               "status": report.status, "detail": report.detail, "data": report.data,
+                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     def _intact(self, record: dict[str, Any] | None) -> bool:
         """The recorded artifact is still there, complete, with the recorded content."""
         if not record or not record.get("artifact"):
             return bool(record) and record.get("artifact") is None and record.get("status") in ("not-applicable", "skipped")
         folder = Path(record["artifact"])
+        settle_output(folder)  # a stale partial or a replacement killed half-way, even when the stage is cached
         if not folder.is_dir():
             return False
         manifest = read_manifest(folder)
@@ -308,10 +311,12 @@ class _Run:
         started = time.monotonic()
         try:
             outcome = getattr(self, f"_stage_{stage}")()
-        except YitrtError as exc:
+        except (YitrtError, OSError) as exc:
+            if isinstance(exc, OSError):  # the environment refused a write outside an artifact (a log, a record)
+                exc = os_error(exc, self.work, f"run the {stage} stage in")
             status = "blocked" if isinstance(exc, MissingToolError) and stage == "build" else "failed"
             self._emit(StageReport(stage, status, time.monotonic() - started, key=key, detail=exc.message))
-            raise
+            raise exc from None
         artifact = outcome.pop("artifact", None)
         digest = folder_digest(Path(artifact)) if artifact else None
         done = StageReport(stage, outcome.pop("status", "ran"), time.monotonic() - started, str(artifact) if artifact else None,
@@ -528,10 +533,19 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write a file of the run state whole (a temporary sibling renamed over it), removing the temporary on failure."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 @contextlib.contextmanager
@@ -559,6 +573,30 @@ def check_work_dir(work: Path) -> None:
         raise ArtifactError(f"--work-dir {work} is not empty and was not made by yitrt run", "give an empty or new folder")
 
 
+def prepare_work_dir(work: Path) -> Path:
+    """Check a work folder and create it with its state folder, before any output (so that a folder that cannot be
+    written is the run's only message). What this call created is removed again when it fails.
+
+    Raises:
+        ArtifactError: a file, a foreign non-empty folder, or not writable (read-only, full, a parent is a file ...).
+    """
+    work = Path(os.path.normpath(Path(work).absolute()))
+    check_work_dir(work)
+    missing = []
+    folder = work
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        (work / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+        raise os_error(exc, work, "write the work folder") from None
+    return work
+
+
 def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
     """Run a validated recipe through its stages (see the module docstring).
 
@@ -577,10 +615,16 @@ def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
     """
     stage_index(opts.from_stage, "--from")
     stage_index(opts.until_stage, "--until")
-    work = Path(opts.work_dir).absolute()
-    check_work_dir(work)
-    with _work_lock(work):
-        resolved = {**loaded.spec.resolved(), "_source": str(loaded.path), "_overrides": loaded.overrides}
-        (work / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        with recipe_context(resolved):
-            return _Run(loaded, opts).execute()
+    work = Path(os.path.normpath(Path(opts.work_dir).absolute()))
+    created = not os.path.lexists(work)
+    prepare_work_dir(work)
+    try:
+        with _work_lock(work):
+            resolved = {**loaded.spec.resolved(), "_source": str(loaded.path), "_overrides": loaded.overrides}
+            _write_text(work / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            with recipe_context(resolved):
+                return _Run(loaded, opts).execute()
+    except OSError as exc:  # the work folder itself cannot be written (read-only, full, a parent that is a file)
+        if created:  # nothing of a run that could not start stays behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise os_error(exc, work, "write the work folder") from None

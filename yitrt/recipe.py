@@ -11,22 +11,23 @@ dims for known Yi repos, a local folder's config.json, the demo GGUF's header).
 
 from __future__ import annotations
 
+import copy
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from yitrt import safe_yaml
 from yitrt.errors import UsageError, ValidationError
 from yitrt.reference import DEVICES
+from yitrt.userfiles import name_problem
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-#: a recipe name is also a folder name (the default work folder)
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 def _auto_positive(value: Any) -> int | None:
@@ -61,8 +62,19 @@ AutoName = Annotated[str | None, BeforeValidator(_auto_name), _as_auto]
 PositiveInt = Annotated[int, Field(ge=1, strict=True)]
 
 
+def _folder_name(value: Any) -> Any:
+    """A name that becomes a folder name (yitrt.userfiles.NAME_PATTERN: never '.', '..', a path, or too long)."""
+    if (problem := name_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+FolderName = Annotated[str, BeforeValidator(_folder_name)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Inf are never a setting (a NaN fraction or SLO passes every comparison-free check downstream)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSource(_Section):
@@ -183,7 +195,7 @@ class Serve(_Section):
     kv_fraction: AutoFraction = Field(None, description="kv_cache_free_gpu_mem_fraction (auto: the plan's).")
     max_kv_tokens: AutoInt = Field(None, description="max_tokens_in_paged_kv_cache (auto: the plan's).")
     max_batch_size: AutoInt = Field(None, description="Triton batch size (auto: the engine's).")
-    model_name: str = Field("tensorrt_llm_bls", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the BLS entry model.")
+    model_name: FolderName = Field("tensorrt_llm_bls", description="Name of the BLS entry model (a folder of the repository).")
     smoke: Smoke = Smoke()
 
 
@@ -197,7 +209,7 @@ class Slo(_Section):
 class Recipe(_Section):
     """A deployment: model × target × precision × parallelism, with build limits and serving settings."""
 
-    name: str = Field(..., pattern=NAME_PATTERN, description="Names the work folder and artifacts.")
+    name: FolderName = Field(..., description="Names the work folder and artifacts.")
     description: str = Field("", description="Who the deployment is for and why (free text).")
     model: ModelSource
     target: Target
@@ -249,7 +261,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{where}: required"
     if error["type"] not in ("value_error", "assertion_error") and "input" in error and not isinstance(error["input"], dict):
-        message += f", got {error['input']!r}"
+        shown = repr(error["input"])
+        message += f", got {shown if len(shown) <= 80 else shown[:77] + '...'}"
     return f"{where}: {message}"
 
 
@@ -264,12 +277,14 @@ def schema_problems(exc: PydanticValidationError) -> list[str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML scalars: 64, true, null, fp8) to a raw recipe.
+    """Apply ``key.path=value`` overrides (values parsed as YAML by yitrt's safe loader: 64, true, null, fp8) to a
+    raw recipe.
 
     Raises:
-        UsageError: an override without ``=`` or that descends into a non-mapping value.
+        UsageError: an override without ``=``, that descends into a non-mapping value, or whose value the safe
+            YAML loader refuses (aliases, tags, deep nesting, duplicate keys).
     """
-    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain YAML data
+    out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -281,30 +296,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise UsageError(f"--set {key}: {part} is not a section", "override a key inside a section, e.g. serve.kv_reuse=true")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = safe_yaml.loads(raw, f"--set {key}", mapping=False, error=UsageError,
+                                          fix="give a plain YAML value, e.g. --set build.max_batch_size=64") if raw else ""
     return out
 
 
 def read_recipe_data(path: Path) -> dict[str, Any]:
-    """The raw mapping of a recipe file.
+    """The raw mapping of a recipe file, read by yitrt's safe YAML loader (:mod:`yitrt.safe_yaml`).
 
     Raises:
-        UsageError: missing, unreadable, not YAML, or not a mapping.
+        UsageError: missing, unreadable, not a regular file, too large, not UTF-8.
+        ValidationError: not YAML, or refused by the safe loader (alias bomb, deep nesting, duplicate keys, tags,
+            several documents), or not a mapping.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"no recipe at {path}", "give a recipe file, or a built-in name (`yitrt recipe list`)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read recipe {path}: {exc}", "give a readable YAML file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"recipe {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}", "fix the YAML syntax") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"recipe {path} is not a YAML mapping", "a recipe starts with keys such as name:, model:, target:")
-    return data
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"no recipe at {path}", "give a recipe file, or a built-in name (`yitrt recipe list`)")
+    return safe_yaml.load_file(path, "recipe", fix="fix the recipe (a recipe is one YAML mapping with keys such as name:, model:, target:)")
 
 
 @dataclass
@@ -455,8 +463,8 @@ def resolve_recipe_path(ref: str | Path) -> Path:
         UsageError: neither an existing file nor a built-in name.
     """
     path = Path(ref)
-    if path.is_file():
-        return path
+    if path.is_file() or (path.suffix in (".yaml", ".yml") and os.path.lexists(path)):
+        return path  # a folder/FIFO/dangling link named *.yaml is refused by the reader, with what it is
     found = builtin_recipes().get(str(ref))
     if found is not None:
         return found
@@ -504,6 +512,13 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
             problems.append(f"precision.dtype: unknown dtype {precision.dtype!r} (known: {', '.join(DTYPES)})")
         if precision.kv_cache is not None and precision.kv_cache not in KV_CACHE_FORMATS:
             problems.append(f"precision.kv_cache: unknown KV-cache format {precision.kv_cache!r} (known: {', '.join(KV_CACHE_FORMATS)}, or null)")
+    if precision is not None and precision.calibration.data is not None:  # a missing file found after convert is a wasted run
+        from yitrt.userfiles import check_readable_file
+
+        try:
+            check_readable_file(precision.calibration.data, "precision.calibration.data")
+        except UsageError as exc:
+            problems.append(exc.message)
     if parallelism is not None and scheme is not None and scheme.calibrated and not parallelism.parallel_embedding:
         problems.append("parallelism.parallel_embedding: false applies to data-free schemes (ModelOpt's exporter splits the embedding)")
     if build is not None and build.plugins is not None:

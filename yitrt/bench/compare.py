@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,9 @@ def load_report(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_NAME
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist", "pass a bench.json written by yitrt bench (or its folder)") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path} is not readable JSON ({exc})", "pass a bench.json written by yitrt bench") from None
+    from yitrt.userfiles import DATA_CAP, read_json
+
+    report = read_json(path, "bench report", DATA_CAP, fix="pass a bench.json written by yitrt bench (or its folder)")
     if not isinstance(report, dict) or report.get("kind") != REPORT_KIND or not isinstance(report.get("points"), list):
         raise UsageError(f"{path} is not a yitrt bench report", "pass a bench.json written by yitrt bench")
     return report

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,19 @@ def check_request(req: BenchRequest) -> None:
             problems.append(f"{name} must be a positive number of milliseconds, got {bound:g}")
     if not 0 < req.slo.percentile <= 100:
         problems.append(f"--slo-percentile must be in (0, 100], got {req.slo.percentile:g}")
-    if req.dataset != "synthetic" and not Path(req.dataset).is_file():
-        problems.append(f"dataset {req.dataset} does not exist (pass --dataset synthetic or a JSONL file)")
+    if req.dataset != "synthetic":
+        from yitrt.userfiles import check_readable_file
+
+        try:
+            check_readable_file(Path(req.dataset), "dataset")
+        except UsageError as exc:
+            problems.append(f"{exc.message} (pass --dataset synthetic or a JSONL file)")
+    from yitrt.triton.client import parse_url
+
+    try:
+        parse_url(req.url)
+    except UsageError as exc:
+        problems.append(exc.message)
     if problems:
         raise UsageError("; ".join(problems), "fix the options named")
 
@@ -147,13 +158,15 @@ def _tokenizer(req: BenchRequest, target: Target):
     return (resolve_tokenizer_dir(folder) if folder is not None else None), add_special
 
 
-def _prompts(req: BenchRequest, factory: PromptFactory | None, total: int) -> list[Prompt]:
-    if req.dataset == "synthetic":
+def _prompts(req: BenchRequest, factory: PromptFactory | None, total: int, dataset: list[Prompt] | None) -> list[Prompt]:
+    if dataset is None:
         if factory is None:
             raise UsageError("synthetic prompts need the model's tokenizer to control their lengths",
                              "pass --tokenizer REPO (the folder yitrt deploy wrote, or the HF model folder)")
         return synthetic_prompts(factory, total, req.isl, req.osl)
-    return load_dataset(Path(req.dataset), req.osl, req.seed, factory)
+    if factory is None:
+        return dataset
+    return [replace(p, input_tokens=factory.count(p.text)) if p.text else p for p in dataset]
 
 
 def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) -> BenchResult:
@@ -168,6 +181,8 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
 
     check_request(req)
     check_output_folder(req.out, "bench")
+    # the dataset is read and checked whole before connecting to anything (its token counts come with the tokenizer)
+    dataset = None if req.dataset == "synthetic" else load_dataset(Path(req.dataset), req.osl, req.seed)
     say = progress or (lambda line: None)
     target = loadgen.resolve_target(req.url, req.model)
     tok_dir, add_special = _tokenizer(req, target)
@@ -178,7 +193,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
         factory = PromptFactory(load_tokenizer(tok_dir), add_special, req.seed)
     counts = [requests_per_point(req, load) for load in req.loads]
     total = sum((n if n is not None else DURATION_POOL) + req.warmup for n in counts)
-    prompts = _prompts(req, factory, total)
+    prompts = _prompts(req, factory, total, dataset)
     items = loadgen.prepare(target, prompts, req.ignore_eos)
     count_tokens = (lambda text: len(factory.tokenizer(text, add_special_tokens=False)["input_ids"])) if factory else None
     runs: list[PointRun] = []

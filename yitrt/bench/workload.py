@@ -164,19 +164,19 @@ def load_dataset(path: Path, osl: LengthSpec, seed: int = 0, counter: PromptFact
     Raises:
         UsageError: the file is missing, empty, or has lines that are not such objects (each one named).
     """
+    from yitrt.userfiles import DATA_CAP, read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"dataset {path} does not exist", "pass --dataset synthetic or a JSONL file")
+    text = read_text(path, "dataset", DATA_CAP, fix="pass --dataset synthetic or a UTF-8 JSONL file")
     rng = random.Random(seed)
     prompts, problems = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(_parse_line(json.loads(line), osl, rng, counter))
-            except (ValueError, TypeError) as exc:
-                problems.append(f"line {number}: {exc}")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(_parse_line(json.loads(line), osl, rng, counter))
+        except (ValueError, TypeError, RecursionError) as exc:
+            problems.append(f"line {number}: {' '.join(str(exc).split())[:120]}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UsageError(f"dataset {path}: {'; '.join(problems[:3])}{more}",

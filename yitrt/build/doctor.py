@@ -7,7 +7,6 @@ whether this machine matches the versions and GPU the engine was built for (an e
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +103,12 @@ def engine_match(engine_dir: Path, report: DoctorReport) -> dict[str, Any]:
     manifest = read_manifest(engine_dir)
     built: dict[str, Any] = dict(manifest.extra.get("engine", {})) if manifest else {}
     if not built:
+        from yitrt.errors import YitrtError
+        from yitrt.userfiles import read_json
+
         try:
-            built = {"trtllm_version": json.loads((Path(engine_dir) / "config.json").read_text()).get("version")}
-        except (OSError, ValueError):
+            built = {"trtllm_version": read_json(Path(engine_dir) / "config.json", "config.json").get("version")}
+        except YitrtError:
             return {"path": str(engine_dir), "error": "no yitrt manifest and no readable config.json"}
     checks = []
     for key, here in (("trtllm_version", report.trtllm.trtllm_version), ("tensorrt_version", report.trtllm.tensorrt_version)):

@@ -8,14 +8,14 @@ profile picked for the (GPU, scheme) and change a few flags.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from yitrt import safe_yaml
 from yitrt.errors import UsageError
 from yitrt.plan.gpus import Gpu
 from yitrt.quant.schemes import Scheme
@@ -50,6 +50,9 @@ class Profile:
 
 def _split(block: dict[str, Any] | None, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     values, why = {}, {}
+    if block is not None and not isinstance(block, dict):
+        raise UsageError(f"{where}: expected a mapping of flag: {{value: ..., why: ...}}, got a {type(block).__name__}",
+                         "see yitrt/plugins/default.yaml")
     for flag, row in (block or {}).items():
         if not isinstance(row, dict) or "value" not in row or "why" not in row:
             raise UsageError(f"{where}: flag {flag!r} needs {{value: ..., why: ...}}", "see yitrt/plugins/default.yaml")
@@ -71,10 +74,19 @@ def parse_profile(raw: Any, where: str) -> Profile:
     flags, why = _split(raw.get("flags"), where)
     multi, multi_why = _split(raw.get("multi_gpu"), where)
     limits, limit_why = _split(raw.get("limits"), where)
-    if set(limits) - _LIMITS or not all(isinstance(v, int) and v > 0 for v in limits.values()):
+    if set(limits) - _LIMITS or not all(type(v) is int and v > 0 for v in limits.values()):
         raise UsageError(f"{where}: limits must be positive integers among {sorted(_LIMITS)}", "fix the profile")
     select = raw.get("select") or {}
-    sm = select.get("sm")
+    sm = select.get("sm") if isinstance(select, dict) else None
+    schemes = select.get("schemes") if isinstance(select, dict) else None
+    if not isinstance(select, dict) or not (sm is None or (isinstance(sm, list) and len(sm) == 2 and all(type(v) is int for v in sm))) \
+            or not (schemes is None or (isinstance(schemes, list) and all(isinstance(v, str) for v in schemes))):
+        raise UsageError(f"{where}: select must be {{schemes: [names], sm: [low, high]}}", "see yitrt/plugins/default.yaml")
+    for key in ("requires",):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise UsageError(f"{where}: {key} must be a mapping", "see yitrt/plugins/default.yaml")
+    if raw.get("extends") is not None and not isinstance(raw["extends"], str):
+        raise UsageError(f"{where}: extends must be 'auto' or a profile name", "see yitrt/plugins/default.yaml")
     return Profile(
         name=str(raw["name"]), summary=str(raw.get("summary", "")), flags=flags,
         why={**why, **{f"{k} (tp > 1)": v for k, v in multi_why.items()}, **limit_why}, multi_gpu=multi,
@@ -90,7 +102,8 @@ def builtin_profiles() -> dict[str, Profile]:
     out = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
-            profile = parse_profile(yaml.safe_load(entry.read_text()), f"plugins/{entry.name}")
+            where = f"plugins/{entry.name}"
+            profile = parse_profile(safe_yaml.loads(entry.read_text(encoding="utf-8"), where), where)
             out[profile.name] = profile
     return out
 
@@ -104,11 +117,10 @@ def load_profile(name_or_file: str) -> Profile:
     if name_or_file in builtin_profiles():
         return builtin_profiles()[name_or_file]
     path = Path(name_or_file)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"cannot read plugin profile {path}: {exc}".splitlines()[0], "pass a profile name or a YAML file") from None
+    if path.suffix in (".yaml", ".yml") or os.path.lexists(path):
+        # yitrt's safe YAML loader: one line for a missing/non-regular/non-UTF-8 file, an alias bomb, a duplicate flag
+        raw = safe_yaml.load_file(path, "plugin profile", error=UsageError, fix="pass a profile name or a YAML file "
+                                  "(see yitrt/plugins/default.yaml for the format)")
         return parse_profile(raw, str(path))
     raise UsageError(f"unknown plugin profile {name_or_file!r}", "use one of: " + ", ".join(builtin_profiles()) + " (or a YAML file)")
 

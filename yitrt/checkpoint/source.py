@@ -8,7 +8,7 @@ refused unless the caller opts in; then they are loaded with ``torch.load(weight
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,34 @@ class SourceTensor:
     shape: tuple[int, ...]
 
 
+def pickle_refusal_reason(exc: Exception) -> str:
+    """One line of torch's refusal: it spans paragraphs (the weights_only default change, the advice to turn it
+    off — which yitrt never does —, the global it refused, a link); the line naming what was refused says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line.lower() or "Unsupported" in line]
+    if named:
+        return f"it would run code: {named[0][:200]}"
+    return (lines[0][:200] if lines else type(exc).__name__)
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors/pickle index: tensor name → file name, every file inside the folder
+    (an index naming ``../x.safetensors`` or an absolute path is refused: yitrt.userfiles.check_inside_name).
+
+    Raises:
+        CheckpointError: unreadable, not a JSON object, no weight_map mapping of strings, or a file outside.
+    """
+    from yitrt.userfiles import check_inside_name, read_json
+
+    data = read_json(index_path, index_path.name, error=CheckpointError, fix="re-download the model")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: no weight_map of tensor name → file name", "re-download the model")
+    for name in sorted(set(weight_map.values())):
+        check_inside_name(name, index_path.parent, f"{index_path}: weight_map", CheckpointError)
+    return weight_map
+
+
 class SourceCheckpoint:
     """The weights of an HF folder, by tensor name, read on demand."""
 
@@ -50,11 +78,8 @@ class SourceCheckpoint:
     def _open_safetensors(self, files: list[str]) -> None:
         index_path = self.folder / INDEX_NAME
         weight_map: dict[str, str] | None = None
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index_path}: unreadable index ({exc})", "re-download the model") from exc
+        if os.path.lexists(index_path):
+            weight_map = read_weight_map(index_path)
             listed = sorted(set(weight_map.values()))
             missing = [f for f in listed if not (self.folder / f).is_file()]
             if missing:
@@ -90,11 +115,8 @@ class SourceCheckpoint:
 
     def _open_pickles(self, allow_pickle: bool) -> None:
         index = self.folder / PICKLE_INDEX_NAME
-        if index.is_file():
-            try:
-                pickles = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: unreadable index ({exc})", "re-download the model") from exc
+        if os.path.lexists(index):
+            pickles = sorted(set(read_weight_map(index).values()))
         else:
             pickles = sorted(p.name for p in self.folder.glob(PICKLE_WEIGHTS_GLOB) if p.is_file())
         if not pickles:
@@ -110,7 +132,10 @@ class SourceCheckpoint:
             try:
                 state = torch.load(self.folder / fname, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad pickles
-                raise CheckpointError(f"{self.folder / fname}: cannot be loaded safely ({exc})", "use a safetensors revision") from exc
+                raise CheckpointError(f"{self.folder / fname}: cannot be loaded safely ({pickle_refusal_reason(exc)})",
+                                      "use a safetensors revision (weights_only=True refuses pickles that run code)") from exc
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+                raise CheckpointError(f"{self.folder / fname}: not a state dict of named tensors", "use a safetensors revision")
             self._pickles[fname] = state
             for name, tensor in state.items():
                 code = {v[0]: k for k, v in DTYPES.items()}[str(tensor.dtype).removeprefix("torch.")]

@@ -19,6 +19,8 @@ from typer.exceptions import TyperException
 from yitrt import __version__
 from yitrt.cli import render
 from yitrt.cli.options import (
+    EXISTING_DIR,
+    EXISTING_FILE,
     AllowPickleOpt,
     CheckpointArg,
     ComputeDtypeChoice,
@@ -187,7 +189,7 @@ def quantize(
     tp: TpOpt = 1,
     pp: PpOpt = 1,
     dtype: DtypeOpt = DtypeChoice.auto,
-    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data: JSONL ('text' or chat 'messages') or plain text (default: shipped bilingual set).")] = None,
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data: JSONL ('text' or chat 'messages') or plain text (default: shipped bilingual set).", **EXISTING_FILE)] = None,
     calib_size: Annotated[int | None, typer.Option("--calib-size", min=1, help=f"Calibration sequences [default: {CALIB_DEFAULTS['cuda'][0]} on GPUs, {CALIB_DEFAULTS['cpu'][0]} on CPU].", show_default=False)] = None,
     calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=8, help=f"Tokens per calibration sequence [default: {CALIB_DEFAULTS['cuda'][1]} on GPUs, {CALIB_DEFAULTS['cpu'][1]} on CPU].", show_default=False)] = None,
     calib_batch_size: Annotated[int | None, typer.Option("--calib-batch-size", min=1, help="Sequences per forward pass [default: what fits the device].", show_default=False)] = None,
@@ -285,8 +287,8 @@ def _original_model(checkpoint: Path, against: str | None, revision: str | None,
 def verify(
     checkpoint: CheckpointArg,
     against: Annotated[str | None, typer.Option("--against", help="The HF original (repo id or folder); default: the model the manifest records.")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompts file: one per line (\\n = newline) or JSONL with 'prompt'.")] = None,
-    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Evaluation text for perplexity (default: shipped bilingual text).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompts file: one per line (\\n = newline) or JSONL with 'prompt'.", **EXISTING_FILE)] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Evaluation text for perplexity (default: shipped bilingual text).", **EXISTING_FILE)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy continuation length per prompt.")] = 16,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=2, help="Score at most this many tokens of the evaluation text.")] = EVAL_TOKENS,
     window: Annotated[int, typer.Option("--window", min=2, help="Tokens per perplexity window.")] = EVAL_WINDOW,
@@ -294,7 +296,7 @@ def verify(
     max_ppl_delta: Annotated[float | None, typer.Option("--max-ppl-delta", help="Override: maximum |perplexity delta| in percent.")] = None,
     max_logit_diff: Annotated[float | None, typer.Option("--max-logit-diff", help="Override: maximum |Δlogit| as a fraction of max |logit|.")] = None,
     min_greedy: Annotated[float | None, typer.Option("--min-greedy", help="Override: minimum fraction of greedy tokens matched.")] = None,
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the original's folder).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the original's folder).", **EXISTING_DIR)] = None,
     device: DeviceOpt = DeviceChoice.auto,
     compute_dtype: ComputeDtypeOpt = ComputeDtypeChoice.float32,
     revision: RevisionOpt = None,
@@ -332,7 +334,7 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the model the manifest records).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the model the manifest records).", **EXISTING_DIR)] = None,
     device: DeviceOpt = DeviceChoice.auto,
     compute_dtype: ComputeDtypeOpt = ComputeDtypeChoice.float32,
     json_: JsonOpt = False,
@@ -383,6 +385,19 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _report_os_error(exc: OSError, as_json: bool, debug: bool) -> None:
+    """The last resort for an OSError no library call mapped: the operating system refused something (disk full,
+    read-only, permissions, a vanished file), which is the environment's problem, not a bug in yitrt — one line and
+    ArtifactError's exit code. (An OSError without an errno is a library's plain message: main reports it as a bug.)"""
+    from yitrt.errors import os_error
+
+    if debug:
+        traceback.print_exc()
+    error = os_error(exc, None, "access")
+    render.report_error(error, as_json)
+    sys.exit(error.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
@@ -407,7 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("aborted\n")
         sys.exit(130)
-    except Exception as exc:  # a bug in yitrt, not a user error
+    except Exception as exc:  # a bug in yitrt, not a user error (unless the operating system refused something)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            _report_os_error(exc, as_json, debug)
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"internal error: {type(exc).__name__}: {exc} (set YITRT_DEBUG=1 for the traceback)\n")

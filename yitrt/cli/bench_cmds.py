@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from yitrt.cli import render
-from yitrt.cli.options import JsonOpt
+from yitrt.cli.options import EXISTING_DIR, EXISTING_PATH, JsonOpt
 from yitrt.errors import UsageError
 
 
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         slo_percentile: Annotated[float, typer.Option("--slo-percentile", help="Percentile at which a load point must meet the bounds.")] = 90.0,
         warmup: Annotated[int, typer.Option("--warmup", min=0, help="Requests sent before each point's measured window.")] = 0,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder [default: yitrt-bench/<time>].", show_default=False)] = None,
-        tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The deployed repository (or HF model folder) with the tokenizer [default: the one the server's preprocessing model names, when it is here].", show_default=False)] = None,
+        tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The deployed repository (or HF model folder) with the tokenizer [default: the one the server's preprocessing model names, when it is here].", show_default=False, **EXISTING_DIR)] = None,
         respect_eos: Annotated[bool, typer.Option("--respect-eos", help="Let answers end at the end token (default: end_id -1, every answer has --osl tokens).")] = False,
         timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one request may take.")] = 600.0,
         seed: Annotated[int, typer.Option("--seed", help="Seed of prompts, lengths and arrival times.")] = 0,
@@ -125,8 +125,8 @@ def register(app: typer.Typer) -> None:
 
     @bench_app.command("compare")
     def compare(
-        a: Annotated[Path, typer.Argument(help="First report (bench.json or its folder).", show_default=False)],
-        b: Annotated[Path, typer.Argument(help="Second report.", show_default=False)],
+        a: Annotated[Path, typer.Argument(help="First report (bench.json or its folder).", show_default=False, **EXISTING_PATH)],
+        b: Annotated[Path, typer.Argument(help="Second report.", show_default=False, **EXISTING_PATH)],
         json_: JsonOpt = False,
     ) -> None:
         """Put two bench reports side by side: each load point both ran, B's change against A."""

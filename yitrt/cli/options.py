@@ -36,10 +36,40 @@ ParallelEmbeddingOpt = Annotated[
     bool,
     typer.Option("--parallel-embedding/--no-parallel-embedding", help="Split the embedding table across TP ranks by vocab rows."),
 ]
-CheckpointArg = Annotated[Path, typer.Argument(help="A TensorRT-LLM checkpoint folder (config.json + rank*.safetensors).", show_default=False)]
+CheckpointArg = Annotated[Path, typer.Argument(help="A TensorRT-LLM checkpoint folder (config.json + rank*.safetensors).", show_default=False,
+                                               exists=True, file_okay=False, dir_okay=True, readable=True)]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the reference runtime runs; auto = CUDA if available.")]
 ComputeDtypeOpt = Annotated[
     ComputeDtypeChoice,
     typer.Option("--compute-dtype", help="Arithmetic dtype of both models; float32 computes the checkpoint's exact values."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]
+
+#: Path options that must name an existing file / folder, checked by the option type before any work (a missing
+#: --calib found after minutes of loading the model is a wasted run). Readers still refuse FIFOs and devices.
+EXISTING_FILE = {"exists": True, "file_okay": True, "dir_okay": False, "readable": True}
+EXISTING_DIR = {"exists": True, "file_okay": False, "dir_okay": True, "readable": True}
+EXISTING_PATH = {"exists": True, "readable": True}
+
+#: TCP ports: 1..65535 (0 would let the OS pick one nobody knows; a negative or larger one is no port).
+PORT_RANGE = {"min": 1, "max": 65535}
+
+
+def port_option(name: str, help: str) -> typer.models.OptionInfo:
+    """A ``--*-port`` option: an integer in 1..65535, refused by the option type otherwise."""
+    return typer.Option(name, help=help, **PORT_RANGE)
+
+
+def check_distinct_ports(ports: dict[str, int]) -> None:
+    """Refuse the same port given to two endpoints (``{"--http-port": 8000, ...}``): the server could bind only one.
+
+    Raises:
+        UsageError: two options name the same port.
+    """
+    from yitrt.errors import UsageError
+
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port in seen:
+            raise UsageError(f"{seen[port]} and {option} are both {port}", "give each endpoint its own port")
+        seen[port] = option

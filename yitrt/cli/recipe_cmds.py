@@ -72,13 +72,14 @@ def register(app: typer.Typer) -> None:
         Stages: fetch, convert, verify, plan, build, deploy, smoke. Without TensorRT-LLM and a GPU it stops before
         build (exit 12) unless the recipe targets the CPU reference slot.
         """
-        from yitrt.pipeline import RunFailed, RunOptions, run_recipe
+        from yitrt.pipeline import RunFailed, RunOptions, prepare_work_dir, run_recipe
         from yitrt.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
+        work = work_dir or Path("yitrt-work") / loaded.spec.name
+        prepare_work_dir(work)  # an unusable work folder is refused before anything else is said
         for warning in loaded.warnings:
             render.warn(warning)
-        work = work_dir or Path("yitrt-work") / loaded.spec.name
         opts = RunOptions(work_dir=work, from_stage=from_stage, until_stage=until_stage, force=force,
                           progress=None if json_ else _progress,
                           on_stage=None if json_ else _stage_printer(set(loaded.warnings)))
@@ -183,6 +184,9 @@ def register(app: typer.Typer) -> None:
                     for problem in r["problems"]:
                         render.out.print(f"    - {problem}", markup=False, highlight=False)
         if failed is not None:
+            bad = [r["recipe"] for r in results if not r["valid"]]
+            head = failed if len(bad) == 1 else UsageError(f"{len(bad)} of {len(results)} recipes are invalid: {', '.join(bad)}", failed.hint)
+            sys.stderr.write(render.error_line(head) + "\n")  # the one stderr line (the problems are on stdout)
             sys.exit(failed.exit_code)
 
     @recipe_app.command("plan")
@@ -207,7 +211,8 @@ def register(app: typer.Typer) -> None:
         """Copy a built-in recipe out for editing (comments kept; `name:` set to the new file's)."""
         import re
 
-        from yitrt.recipe import NAME_PATTERN, builtin_recipes
+        from yitrt.recipe import builtin_recipes
+        from yitrt.userfiles import check_name
 
         source = builtin_recipes().get(from_)
         if source is None:
@@ -215,8 +220,7 @@ def register(app: typer.Typer) -> None:
         if out.exists() and not force:
             raise UsageError(f"{out} exists", "choose another file, or pass --force to replace it")
         new_name = name or out.name.removesuffix(".yaml").removesuffix(".yml")
-        if not re.match(NAME_PATTERN, new_name):
-            raise UsageError(f"recipe name {new_name!r} has characters a folder name should not", "use letters, digits, '.', '_' and '-'")
+        check_name(new_name, "recipe name")
         text, count = re.subn(r"(?m)^name:.*$", f"name: {new_name}", source.read_text(), count=1)
         if not count:
             text = f"name: {new_name}\n" + text

@@ -76,7 +76,8 @@ def error_line(exc: YitrtError) -> str:
     line = f"error: {exc.message}"
     if exc.hint:
         line += f" (fix: {exc.hint})"
-    return line
+    # one line whatever a message quotes (a path or value holding a newline stays visible, escaped)
+    return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def report_error(exc: YitrtError, as_json: bool) -> None:

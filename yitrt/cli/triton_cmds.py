@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from yitrt.cli import render
-from yitrt.cli.options import ForceOpt, JsonOpt
+from yitrt.cli.options import EXISTING_DIR, ForceOpt, JsonOpt, check_distinct_ports, port_option
 
 
 def _interrupt(signum, frame) -> None:
@@ -23,9 +23,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def deploy(
-        engine_dir: Annotated[Path, typer.Argument(help="Engine folder (yitrt build), or a checkpoint with --engine reference.", show_default=False)],
+        engine_dir: Annotated[Path, typer.Argument(help="Engine folder (yitrt build), or a checkpoint with --engine reference.", show_default=False, **EXISTING_DIR)],
         out: Annotated[Path, typer.Option("--out", "-o", help="Repository folder to write.", show_default=False)],
-        tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF model folder with the tokenizer [default: the one the checkpoint records].", show_default=False)] = None,
+        tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF model folder with the tokenizer [default: the one the checkpoint records].", show_default=False, **EXISTING_DIR)] = None,
         engine: Annotated[str, typer.Option("--engine", help="trtllm (a TensorRT-LLM engine) or reference (CPU reference slot over a checkpoint: tests and the demo only).")] = "trtllm",
         trtllm_version: Annotated[str | None, typer.Option("--trtllm-version", help="Contract line [default: the engine's, else 1.2].", show_default=False)] = None,
         streaming: Annotated[bool, typer.Option("--streaming/--no-streaming", help="Decoupled models (token streaming).")] = True,
@@ -67,10 +67,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def serve(
-        repo: Annotated[Path, typer.Argument(help="Repository written by yitrt deploy.", show_default=False)],
-        http_port: Annotated[int, typer.Option("--http-port")] = 8000,
-        grpc_port: Annotated[int, typer.Option("--grpc-port")] = 8001,
-        metrics_port: Annotated[int, typer.Option("--metrics-port")] = 8002,
+        repo: Annotated[Path, typer.Argument(help="Repository written by yitrt deploy.", show_default=False, **EXISTING_DIR)],
+        http_port: Annotated[int, port_option("--http-port", "HTTP port (1-65535).")] = 8000,
+        grpc_port: Annotated[int, port_option("--grpc-port", "gRPC port (1-65535).")] = 8001,
+        metrics_port: Annotated[int, port_option("--metrics-port", "Prometheus metrics port (1-65535).")] = 8002,
         tritonserver: Annotated[str | None, typer.Option("--tritonserver", help="tritonserver binary [default: TRITONSERVER, PATH, /opt/tritonserver/bin, nvidia-pytriton].", show_default=False)] = None,
         log_file: Annotated[Path | None, typer.Option("--log-file", help="Server log [default: REPO.server.log beside the repository].", show_default=False)] = None,
         exit_timeout: Annotated[int, typer.Option("--exit-timeout", min=0, help="Seconds in-flight requests get when stopping.")] = 30,
@@ -80,6 +80,7 @@ def register(app: typer.Typer) -> None:
         """Run tritonserver for a repository (mpirun with tp×pp ranks when needed) until Ctrl-C or SIGTERM."""
         from yitrt.triton.server import Ports, ServeRequest, server_summary, start_server
 
+        check_distinct_ports({"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
         forward = None if quiet or json_ else (lambda line: print(line, file=sys.stderr, flush=True))
         req = ServeRequest(repo, Ports(http_port, grpc_port, metrics_port), tritonserver, os.environ.get("TRITONSERVER"), log_file,
                            exit_timeout=exit_timeout)

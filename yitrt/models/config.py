@@ -9,7 +9,7 @@ Spellings handled (reference/yi-models.md §2, transformers 4.x vs 5.x):
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,11 +217,11 @@ def load_config(model_dir: Path) -> ModelConfig:
         CheckpointError: the file is missing or not JSON.
         UnsupportedModelError: see ``parse_config``.
     """
+    from yitrt.userfiles import read_json
+
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{model_dir}: no config.json", "point to a Hugging Face model folder (or fetch one with `yitrt fetch`)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({exc})", "re-download the model") from exc
+    # the one reader of user-named files: a regular UTF-8 file holding a JSON object, one line otherwise
+    raw = read_json(path, "config.json", error=CheckpointError, fix="re-download the model")
     return parse_config(raw, str(path))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from yitrt.checkpoint.sharding import kv_heads_per_rank, pp_problems, tp_problems
+from yitrt.errors import CheckpointError
 from yitrt.models.config import ModelConfig, load_config
 from yitrt.models.registry import RegistryMatch, load_registry
 from yitrt.quant.schemes import KV_BYTES_FP16, KV_CACHE_FORMATS, SCHEMES
@@ -114,18 +114,23 @@ class ModelReport:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    """An optional JSON file of the model folder ({} when absent); present but broken is an error, never ignored."""
+    from yitrt.userfiles import read_json_if_present
+
+    return read_json_if_present(path, path.name, error=CheckpointError, fix="re-download the model") or {}
 
 
 def _token_contents(model_dir: Path) -> dict[int, str]:
     """Special-token id → text, from tokenizer_config.json's added_tokens_decoder (or tokenizer.json)."""
     tok = _read_json(model_dir / "tokenizer_config.json")
-    table = {int(k): v.get("content", "") for k, v in (tok.get("added_tokens_decoder") or {}).items()}
+    decoder = tok.get("added_tokens_decoder")
+    # entries of another shape are skipped: these files are the user's, and only well-formed ids can be matched
+    table = {int(k): v["content"] for k, v in (decoder.items() if isinstance(decoder, dict) else ())
+             if isinstance(k, str) and k.isdigit() and isinstance(v, dict) and isinstance(v.get("content"), str)}
     if not table:
-        table = {int(t["id"]): t.get("content", "") for t in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])}
+        added = _read_json(model_dir / "tokenizer.json").get("added_tokens")
+        table = {t["id"]: t["content"] for t in (added if isinstance(added, list) else ())
+                 if isinstance(t, dict) and type(t.get("id")) is int and isinstance(t.get("content"), str)}
     return table
 
 
@@ -143,21 +148,27 @@ def find_chat_end_id(model_dir: Path, cfg: ModelConfig, match: RegistryMatch) ->
     candidates: list[tuple[int, str]] = []
     gen = _read_json(model_dir / "generation_config.json").get("eos_token_id")
     for token_id in gen if isinstance(gen, list) else ([gen] if gen is not None else []):
-        candidates.append((int(token_id), "generation_config.json"))
+        if type(token_id) is int:
+            candidates.append((token_id, "generation_config.json"))
     contents = _token_contents(model_dir)
     tok = _read_json(model_dir / "tokenizer_config.json")
     eos = tok.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos = eos if isinstance(eos, str) else None
     candidates += [(i, "tokenizer eos") for i, text in contents.items() if eos and text == eos]
     candidates += [(i, "config.json") for i in cfg.eos_token_ids]
     if not candidates:
         return None, "unknown"
     template = tok.get("chat_template") or ""
     if isinstance(template, list):  # several named templates
-        template = " ".join(t.get("template", "") for t in template)
+        template = " ".join(t["template"] for t in template if isinstance(t, dict) and isinstance(t.get("template"), str))
+    if not isinstance(template, str):
+        template = ""
     template_file = model_dir / "chat_template.jinja"
     if not template and template_file.is_file():
-        template = template_file.read_text()
+        from yitrt.userfiles import read_text
+
+        template = read_text(template_file, "chat_template.jinja", error=CheckpointError, fix="re-download the model")
     if template:
         for token_id, origin in candidates:
             if contents.get(token_id) and contents[token_id] in template:

@@ -9,7 +9,7 @@ the changes that would fit.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,10 +105,11 @@ def load_source(model_or_ckpt: str, revision: str | None = None) -> PlanSource:
     path = Path(model_or_ckpt)
     if path.is_dir():
         config_path = path / "config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(f"{path} has no readable config.json", "pass a TensorRT-LLM checkpoint, a Hugging Face model folder or a repo id") from None
+        if not os.path.lexists(config_path):
+            raise UsageError(f"{path} has no config.json", "pass a TensorRT-LLM checkpoint, a Hugging Face model folder or a repo id")
+        from yitrt.userfiles import read_json
+
+        config = read_json(config_path, "config.json", fix="pass a TensorRT-LLM checkpoint, a Hugging Face model folder or a repo id")
         if "pretrained_config" in config:
             raise UsageError(f"{path} is a built engine", "plan its checkpoint or model instead")
         if "architecture" in config and "mapping" in config:

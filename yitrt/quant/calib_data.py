@@ -57,15 +57,13 @@ def read_documents(path: Path | None) -> tuple[list[dict], str, str]:
         raw = resources.files("yitrt").joinpath("data", DEFAULT_CALIB).read_bytes()
         name, jsonl = f"shipped {DEFAULT_CALIB}", True
     else:
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read calibration data {path}: {exc.strerror}", "pass a .jsonl or text file with --calib") from None
+        from yitrt.userfiles import DATA_CAP, read_bytes
+
+        raw = read_bytes(Path(path), "calibration data", DATA_CAP, fix="pass a .jsonl or text file with --calib")
         name, jsonl = str(path), Path(path).suffix.lower() in (".jsonl", ".json")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{name} is not UTF-8 text", "pass a UTF-8 .jsonl or text file") from None
+    from yitrt.userfiles import decode_text
+
+    text = decode_text(raw, Path(name), "calibration data")
     docs = _parse_jsonl(text, name) if jsonl else [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
     if not docs:
         raise UsageError(f"no calibration documents in {name}", "write one JSON object per line, or paragraphs of text")
@@ -79,7 +77,7 @@ def _parse_jsonl(text: str, name: str) -> list[dict]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the interpreter's stack
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             if obj["text"].strip():

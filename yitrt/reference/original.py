@@ -8,6 +8,7 @@ names mapped — the same model, computed by transformers' own Llama code.
 from __future__ import annotations
 
 import inspect
+import pickle
 from pathlib import Path
 
 import torch
@@ -42,6 +43,11 @@ def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, all
             model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=has_safetensors or None,
             **({"device_map": device_map} if device_map else {}),
         )
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a pickle that would run code
+        from yitrt.checkpoint.source import pickle_refusal_reason
+
+        raise CheckpointError(f"{model_dir}: pickle weights cannot be loaded safely ({pickle_refusal_reason(exc)})",
+                              "use a safetensors revision (weights_only=True refuses pickles that run code)") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"transformers could not load {model_dir}: {str(exc).splitlines()[0]}", "check the model folder (yitrt inspect)") from None
     return (model if device_map else model.to(device)).eval()

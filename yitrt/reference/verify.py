@@ -45,10 +45,9 @@ def read_prompts(path: Path | None) -> list[str]:
     """
     import json
 
-    try:
-        text = path.read_text(encoding="utf-8") if path else default_text("prompts.txt")
-    except OSError as exc:
-        raise UsageError(f"cannot read prompts {path}: {exc.strerror}", "pass a text file with one prompt per line") from None
+    from yitrt.userfiles import read_text
+
+    text = read_text(path, "prompts file", fix="pass a UTF-8 text file with one prompt per line") if path else default_text("prompts.txt")
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -57,7 +56,7 @@ def read_prompts(path: Path | None) -> list[str]:
             try:
                 obj = json.loads(line)
                 prompts.append(str(obj.get("prompt", obj.get("text"))) if isinstance(obj, dict) and ("prompt" in obj or "text" in obj) else None)
-            except ValueError:
+            except (ValueError, RecursionError):
                 prompts.append(None)
             if prompts[-1] is None:
                 raise UsageError(f"{path}:{n}: not a JSON object with a 'prompt' or 'text' field", "fix the line or use a plain text file")
@@ -74,12 +73,14 @@ def read_eval_text(path: Path | None) -> str | None:
     Raises:
         UsageError: unreadable or not UTF-8.
     """
+    from yitrt.userfiles import read_text
+
     if path is None:
         return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}", "pass a UTF-8 text file") from None
+    text = read_text(path, "evaluation text", fix="pass a UTF-8 text file")
+    if not text.strip():
+        raise UsageError(f"evaluation text {path} is empty", "pass a UTF-8 text file with enough text to score")
+    return text
 
 
 def load_thresholds() -> dict[str, Any]:

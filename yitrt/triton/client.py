@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -97,12 +98,34 @@ def entry_model(client) -> str:
     raise UsageError(f"no chat model among the server's ready models ({', '.join(ready) or 'none'})", "pass --model NAME")
 
 
+#: host:port of a gRPC endpoint: a host name or IPv4 address, or an IPv6 address in brackets, then the port
+_URL = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]+)$")
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """(host, port) of a ``HOST:PORT`` endpoint, the port in 1..65535: the one check of every URL chat and bench take.
+
+    Raises:
+        UsageError: a scheme (``grpc://``), a path, no port, or a port out of range.
+    """
+    text = url.strip() if isinstance(url, str) else ""
+    match = _URL.match(text)
+    if match is None:
+        raise UsageError(f"{url!r} is not a gRPC endpoint HOST:PORT", "e.g. localhost:8001 (the gRPC port `yitrt serve` prints; no scheme or path)")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise UsageError(f"port {match['port']} of {url!r} is not a TCP port (1-65535)", "e.g. localhost:8001")
+    return match["host"], port
+
+
 def connect(grpc, url: str):
     """A tritonclient gRPC client of a server that answers ready.
 
     Raises:
+        UsageError: ``url`` is not HOST:PORT (see :func:`parse_url`).
         YitrtError: nothing answers at ``url``, or the server is not ready.
     """
+    parse_url(url)
     client = grpc.InferenceServerClient(url)
     try:
         if not client.is_server_ready():
@@ -192,6 +215,7 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
         UsageError: no such model, or options the model cannot take.
         YitrtError: the server is unreachable. RequestFailedError: it answered with an error.
     """
+    parse_url(req.url)  # before importing the client: a bad endpoint is the user's to fix first
     grpc = require("tritonclient.grpc", "serve")
     if req.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {req.max_tokens}", "pass a positive number")

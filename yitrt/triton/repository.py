@@ -11,7 +11,6 @@ plan recorded in the engine manifest (or the options), end and stop ids from the
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +23,7 @@ from yitrt.errors import CheckpointError, UsageError, ValidationError
 from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
 from yitrt.triton import contract as contracts
 from yitrt.triton.pbtxt import Header, build_config, to_text
+from yitrt.userfiles import check_name, copy_into, read_json, read_json_if_present, source_file
 
 STAGE = "deploy"
 ENGINE_KINDS = ("trtllm", "reference")
@@ -123,12 +123,28 @@ class DeployResult:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path.parent} has no {path.name}: it is not {what}", f"pass {what} folder") from None
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})", f"rebuild {what}") from None
+    if not path.parent.is_dir():
+        raise UsageError(f"{path.parent} is not a folder: it is not {what}", f"pass {what} folder")
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"{path.parent} has no {path.name}: it is not {what}", f"pass {what} folder")
+    return read_json(path, path.name, error=CheckpointError, fix=f"rebuild {what}")
+
+
+def _count(section: Any, key: str, default: int, path: Path, low: int = 1, high: int = 1 << 20) -> int:
+    """An integer setting of an engine/checkpoint config.json, within [low, high] (never a crash on a bad file)."""
+    value = section.get(key, default) if isinstance(section, dict) else default
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"{path}: {key} is {value!r}, not an integer in {low}..{high}", "rebuild it (yitrt convert / yitrt build)")
+    return value
+
+
+def _section(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {key} is a {type(value).__name__}, not a mapping", "rebuild it (yitrt convert / yitrt build)")
+    return value
 
 
 def engine_facts(req: DeployRequest) -> EngineFacts:
@@ -140,39 +156,41 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
     """
     path = Path(req.source).absolute()
     if req.engine == "reference":
-        config = _read_json(path / "config.json", "a TensorRT-LLM checkpoint")
-        mapping = config.get("mapping") or {}
-        tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+        cfg_path = path / "config.json"
+        config = _read_json(cfg_path, "a TensorRT-LLM checkpoint")
+        mapping = _section(config, "mapping", cfg_path)
+        tp, pp = _count(mapping, "tp_size", 1, cfg_path, high=1024), _count(mapping, "pp_size", 1, cfg_path, high=1024)
         missing = [f"rank{r}.safetensors" for r in range(tp * pp) if not (path / f"rank{r}.safetensors").is_file()]
         if "build_config" in config or missing:
             raise CheckpointError(f"{path} is not a complete TensorRT-LLM checkpoint ({', '.join(missing) or 'it is an engine'})",
                                   "the reference slot serves a checkpoint (yitrt convert/quantize output); engines use --engine trtllm")
-        context = int(config.get("max_position_embeddings") or 2048)
+        context = _count(config, "max_position_embeddings", 2048, cfg_path, high=1 << 24)
         seq = req.max_seq_len or context
-        quant = config.get("quantization") or {}
+        quant = _section(config, "quantization", cfg_path)
         return EngineFacts("reference", path, None, config.get("dtype", "float16"), config.get("logits_dtype", "float32"), tp, pp,
                            req.max_batch_size or 8, req.max_input_len or seq - 1, seq, {}, quant.get("quant_algo"),
                            quant.get("kv_cache_quant_algo"), {}, path)
     if req.max_input_len or req.max_seq_len:
         raise UsageError("--max-input-len/--max-seq-len apply to the reference slot only", "an engine's limits are the ones it was built with")
-    config = _read_json(path / "config.json", "a TensorRT-LLM engine")
+    cfg_path = path / "config.json"
+    config = _read_json(cfg_path, "a TensorRT-LLM engine")
     if "build_config" not in config:
         if "architecture" in config and "mapping" in config:
             raise UsageError(f"{path} holds a checkpoint, not an engine", "build it first (yitrt build), or pass --engine reference for a CPU test deployment")
         raise UsageError(f"{path} is not a TensorRT-LLM engine (its config.json has no build_config)", "pass the folder yitrt build wrote")
-    pretrained, build = config.get("pretrained_config") or {}, config.get("build_config") or {}
-    mapping = pretrained.get("mapping") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-    world = int(mapping.get("world_size", tp * pp))
+    pretrained, build = _section(config, "pretrained_config", cfg_path), _section(config, "build_config", cfg_path)
+    mapping = _section(pretrained, "mapping", cfg_path)
+    tp, pp = _count(mapping, "tp_size", 1, cfg_path, high=1024), _count(mapping, "pp_size", 1, cfg_path, high=1024)
+    world = _count(mapping, "world_size", tp * pp, cfg_path, high=1 << 12)
     missing = [f"rank{r}.engine" for r in range(world) if not (path / f"rank{r}.engine").is_file()]
     if missing:
         raise CheckpointError(f"engine folder {path} lacks {', '.join(missing)}", "rebuild the engine (yitrt build)")
     manifest = read_manifest(path)
     engine_extra = (manifest.extra or {}).get("engine", {}) if manifest else {}
-    quant = pretrained.get("quantization") or {}
-    seq = int(build.get("max_seq_len") or pretrained.get("max_position_embeddings") or 2048)
+    quant = _section(pretrained, "quantization", cfg_path)
+    seq = _count(build, "max_seq_len", _count(pretrained, "max_position_embeddings", 2048, cfg_path, high=1 << 24), cfg_path, high=1 << 24)
     return EngineFacts("trtllm", path, config.get("version"), pretrained.get("dtype", "float16"), pretrained.get("logits_dtype", "float32"),
-                       tp, pp, int(build.get("max_batch_size") or 256), int(build.get("max_input_len") or seq - 1), seq,
+                       tp, pp, _count(build, "max_batch_size", 256, cfg_path), _count(build, "max_input_len", seq - 1, cfg_path, high=1 << 24), seq,
                        dict(build.get("plugin_config") or {}), quant.get("quant_algo"), quant.get("kv_cache_quant_algo"),
                        dict((engine_extra.get("build_config") or {}).get("plan") or {}),
                        Path(engine_extra["checkpoint"]) if engine_extra.get("checkpoint") else None, build.get("kv_cache_type"))
@@ -243,11 +261,9 @@ def stop_ids(tokenizer_dir: Path) -> tuple[int | None, list[int], bool]:
     from yitrt.reference.verify import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    gen_path = tokenizer_dir / "generation_config.json"
-    eos: list[int] = []
-    if gen_path.is_file():
-        value = json.loads(gen_path.read_text()).get("eos_token_id")
-        eos = [int(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+    gen = read_json_if_present(tokenizer_dir / "generation_config.json", "generation_config.json", error=CheckpointError) or {}
+    value = gen.get("eos_token_id")
+    eos = [v for v in (value if isinstance(value, list) else [value]) if type(v) is int and v >= 0]
     if tokenizer.eos_token_id is not None:
         eos.append(int(tokenizer.eos_token_id))
     chat = bool(tokenizer.chat_template)
@@ -273,14 +289,21 @@ def _template_turn_end(tokenizer) -> int | None:
     return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) else None
 
 
-def _copy_tokenizer(src: Path, dest: Path) -> list[str]:
-    dest.mkdir(parents=True)
-    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(copied):
+def check_tokenizer_files(src: Path) -> list[str]:
+    """The tokenizer files of ``src`` the repository gets, each a regular file inside ``src`` (an HF cache snapshot's
+    links into its blobs count as inside; any other symbolic link is refused by name: yitrt.userfiles.source_file).
+
+    Raises:
+        UsageError: no tokenizer, or a file that may not be copied.
+    """
+    present = [name for name in TOKENIZER_FILES if source_file(src, name, "tokenizer file") is not None]
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(present):
         raise UsageError(f"{src} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)", "pass the HF model folder with --tokenizer")
-    for name in copied:
-        shutil.copyfile(src / name, dest / name)
-    return copied
+    return present
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> list[str]:
+    return copy_into(src, check_tokenizer_files(src), dest, "tokenizer file")
 
 
 def _parameters(model: str, contract: contracts.ModelContract, fill: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
@@ -459,12 +482,15 @@ def deploy(req: DeployRequest) -> DeployResult:
     """
     if req.engine not in ENGINE_KINDS:
         raise UsageError(f"unknown engine kind {req.engine!r}", f"use one of: {', '.join(ENGINE_KINDS)}")
-    if req.model_name in set(MODEL_NAMES) - {"tensorrt_llm_bls"}:
+    check_name(req.model_name, "--model-name")  # it becomes a folder of the repository: never a path out of it
+    # compared without case: the repository must also work on a case-insensitive file system
+    if req.model_name.lower() in {m.lower() for m in MODEL_NAMES} - {"tensorrt_llm_bls"}:
         raise UsageError(f"--model-name {req.model_name} clashes with a model of the repository", "choose another name for the BLS model")
     facts = engine_facts(req)
     line = _line(req, facts)
     warnings = _check_serving(req, facts, line)
     tok_dir = _tokenizer_dir(req, facts)
+    check_tokenizer_files(tok_dir)  # before the tokenizer is loaded from them
     end_id, stops, chat = stop_ids(tok_dir)
     if not chat:
         warnings.append(f"the tokenizer in {tok_dir} has no chat template: requests with chat messages will be refused")
