@@ -225,3 +225,18 @@ def load_config(model_dir: Path) -> ModelConfig:
     # the one reader of user-named files: a regular UTF-8 file holding a JSON object, one line otherwise
     raw = read_json(path, "config.json", error=CheckpointError, fix="re-download the model")
     return parse_config(raw, str(path))
+
+
+#: Rotary scaling types whose ``factor`` stretches the context TensorRT-LLM's build assumes (reference
+#: trtllm-checkpoint-and-build.md §4.3: the factor is ignored for su/longrope/llama3, whose max_position_embeddings
+#: is already the long one).
+_STRETCHING_ROPE = ("linear", "dynamic", "yarn")
+
+
+def context_length(max_position_embeddings: int | None, rope_scaling: dict[str, Any] | None) -> int:
+    """The longest sequence (prompt + output) a model supports as TensorRT-LLM's build derives its default
+    ``max_seq_len``: max_position_embeddings (2048 when unset) × the rotary scaling factor where it stretches."""
+    scaling = rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    factor = float(scaling.get("factor", 1.0)) if kind in _STRETCHING_ROPE else 1.0
+    return int((max_position_embeddings or 2048) * factor)

@@ -110,10 +110,9 @@ class PlanRequest:
     def context_length(self) -> int:
         """The longest sequence the model supports: max_position_embeddings × rotary factor (the build's
         default max_seq_len; the factor is ignored for llama3-type scaling, reference §4.3)."""
-        scaling = self.cfg.rope_scaling or {}
-        kind = scaling.get("rope_type") or scaling.get("type")
-        factor = float(scaling.get("factor", 1.0)) if kind in ("linear", "dynamic", "yarn") else 1.0
-        return int(self.cfg.max_position_embeddings * factor)
+        from yitrt.models.config import context_length
+
+        return context_length(self.cfg.max_position_embeddings, self.cfg.rope_scaling)
 
 
 @dataclass

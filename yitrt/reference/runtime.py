@@ -259,6 +259,28 @@ def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str
                 pass
 
 
+def check_tokens(spec: CheckpointSpec, sequences: list[list[int]], new_tokens: int | None = 0) -> None:
+    """Refuse what no engine would take: token ids outside the vocab, and (unless ``new_tokens`` is None) sequences
+    that with ``new_tokens`` more would exceed the checkpoint's context — max_position_embeddings × the rotary
+    factor, what TensorRT-LLM's build makes its default max_seq_len (an engine refuses longer requests; a runtime
+    asked for 10^11 new tokens would otherwise generate until memory is gone).
+
+    Raises:
+        UsageError: the first offending id or length, named.
+    """
+    from yitrt.models.config import context_length
+
+    vocab, limit = spec.vocab_size, context_length(spec.max_position_embeddings, spec.rotary_scaling)
+    for i, seq in enumerate(sequences):
+        bad = next((t for t in seq if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise UsageError(f"sequence {i} holds token id {bad!r}, outside the vocab of {vocab}", "encode with the model's own tokenizer")
+        if new_tokens is not None and len(seq) + new_tokens > limit:
+            what = f"{len(seq)} tokens" + (f" + {new_tokens} new" if new_tokens else "")
+            raise UsageError(f"sequence {i} needs {what}, more than the checkpoint's context of {limit} tokens",
+                             "shorten the prompt or ask for fewer new tokens")
+
+
 class RemoteTraceback(Exception):
     """A rank process's traceback, attached as the cause of the error the parent raises."""
 
@@ -355,11 +377,16 @@ class ReferenceRuntime:
             q.put((name, args))
         return self._receive(float("inf"))[2]
 
+    def check_tokens(self, sequences: list[list[int]], new_tokens: int | None = 0) -> None:
+        """``check_tokens`` for this runtime's checkpoint."""
+        check_tokens(self.spec, sequences, new_tokens)
+
     def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False) -> list[torch.Tensor]:
         """float32 logits [len, vocab] of every position of each sequence (non-empty sequences); the last
         ``decode_tail`` tokens of each are fed one by one through the KV cache (see ``RankEngine.score``)."""
         if not sequences or any(not s for s in sequences):
             raise UsageError("nothing to score (an empty token sequence)", "pass non-empty sequences")
+        self.check_tokens(sequences, None)  # ids only: scoring past the context is how RoPE scaling is tested
         logits, lengths = self._call("score", sequences, decode_tail, weights_only)
         return list(logits.split(lengths))
 
@@ -369,6 +396,7 @@ class ReferenceRuntime:
             raise UsageError("empty prompt", "give every prompt at least one token")
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive number")
+        self.check_tokens(prompts, max_new_tokens)
         return self._call("generate", prompts, max_new_tokens, sampling or Sampling(), tuple(end_ids))
 
     def generate_stream(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling | None = None) -> Iterator[list[tuple[int, str | None] | None]]:
@@ -378,6 +406,8 @@ class ReferenceRuntime:
             raise UsageError("empty prompt or a stop rule missing", "give every prompt at least one token and a StopRule")
         if any(rule.max_new < 1 for rule in rules):
             raise UsageError("max_new must be >= 1", "pass a positive number of new tokens")
+        for prompt, rule in zip(prompts, rules, strict=True):
+            self.check_tokens([prompt], rule.max_new)
         args = (prompts, rules, sampling or Sampling())
         if self._local is not None:
             yield from self._local.generate_steps(*args)

@@ -471,7 +471,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
         UsageError: bad options or inputs.
     """
     from yitrt.reference.original import greedy_original, load_original, score_original
-    from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime, Sampling, resolve_device
+    from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime, Sampling, check_tokens, resolve_device
 
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -489,6 +489,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
 
     tokenizer = load_tokenizer(req.tokenizer or req.model)
     windows, prompts, prompts_text = _token_inputs(tokenizer, req, spec.vocab_size)
+    check_tokens(spec, prompts, req.max_new_tokens)  # before either model runs: continuations must fit the context
 
     say("running the original with transformers")
     original = load_original(req.model, device, TORCH_DTYPES[req.compute_dtype], req.allow_pickle)

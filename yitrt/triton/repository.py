@@ -36,6 +36,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 #: Template variables left as ``${var}`` in one model although filled elsewhere: the C++ tensorrt_llm backend reads
 #: tokenizer_dir only for guided decoding (reference §1.5), and our relative folder means nothing to it.
 _LEFT_UNFILLED = {"tensorrt_llm": ("tokenizer_dir",)}
+#: Triton's config fields (max_batch_size, instance counts) and TensorRT-LLM's sizes (SizeType32) are 32-bit.
+INT32_MAX = (1 << 31) - 1
+#: Instances of each Python model: every one is a stub process with its own interpreter and tokenizer.
+MAX_INSTANCES = 128
 _DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: Python model sources (yitrt/triton/model_src) installed per model; yitrt_text.py goes beside each.
 _SOURCES = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py", "tensorrt_llm_bls": "bls.py"}
@@ -164,7 +168,14 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
         if "build_config" in config or missing:
             raise CheckpointError(f"{path} is not a complete TensorRT-LLM checkpoint ({', '.join(missing) or 'it is an engine'})",
                                   "the reference slot serves a checkpoint (yitrt convert/quantize output); engines use --engine trtllm")
-        context = _count(config, "max_position_embeddings", 2048, cfg_path, high=1 << 24)
+        from yitrt.models.config import context_length
+
+        scaling = config.get("rotary_scaling") if isinstance(config.get("rotary_scaling"), dict) else None
+        context = context_length(_count(config, "max_position_embeddings", 2048, cfg_path, high=1 << 24), scaling)
+        if req.max_seq_len and req.max_seq_len > context:
+            raise ValidationError([f"--max-seq-len {req.max_seq_len} exceeds the checkpoint's context of {context} tokens "
+                                   "(max_position_embeddings × its rotary factor), which the reference runtime refuses to pass"],
+                                  f"pass at most --max-seq-len {context}")
         seq = req.max_seq_len or context
         quant = _section(config, "quantization", cfg_path)
         return EngineFacts("reference", path, None, config.get("dtype", "float16"), config.get("logits_dtype", "float32"), tp, pp,
@@ -219,8 +230,11 @@ def _check_serving(req: DeployRequest, facts: EngineFacts, line: str) -> list[st
                         "TensorRT-LLM refuses to start (maxTokensInPagedKvCache must be large enough to process at least 1 sequence)")
     if facts.max_input_len >= facts.max_seq_len or facts.max_input_len < 1:
         problems.append(f"max_input_len {facts.max_input_len} must be in 1..max_seq_len-1 ({facts.max_seq_len - 1})")
-    if req.instances < 1:
-        problems.append("--instances must be >= 1")
+    if not 1 <= req.instances <= MAX_INSTANCES:
+        problems.append(f"--instances {req.instances} must be in 1..{MAX_INSTANCES} (each instance is a Python process of its own)")
+    for option, value in (("--max-batch-size", req.max_batch_size), ("--max-kv-tokens", req.max_kv_tokens)):
+        if value is not None and not 1 <= value <= INT32_MAX:
+            problems.append(f"{option} {value} must be in 1..{INT32_MAX} (Triton and TensorRT-LLM hold it in 32 bits)")
     if facts.kind == "trtllm":
         # config.json writes plugin switches as booleans; the rules speak trtllm-build's enable/disable
         plugins = {k: ("enable" if v is True else "disable" if v is False else v) for k, v in facts.plugin_config.items()}
