@@ -51,3 +51,9 @@ def test_the_runtime_refuses_ids_outside_the_vocab_and_sequences_past_the_contex
                             ([[1, True]], 0, "outside the vocab"), ([[1, 2]], 4095, "context of 4096")):
         with pytest.raises(UsageError, match=says):
             check_tokens(spec, seqs, new)
+
+
+@pytest.mark.parametrize(("gpu", "says"), [("sm89", "architecture only"), ("sm999", "unknown GPU architecture"), ("sm0", "unknown GPU architecture")])
+def test_plan_needs_a_gpu_whose_memory_is_known(cli, tiny, gpu, says):
+    """An ``smNN`` target names an architecture for format checks; planning it printed a plan of 0 GB and 0 tokens."""
+    assert_refused(cli("plan", str(tiny[0]), "--gpu", gpu), code=2, says=says)

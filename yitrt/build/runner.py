@@ -136,7 +136,7 @@ def _target_gpu(req: BuildRequest, visible: list[env.GpuInfo]) -> tuple[Gpu, lis
     if visible:
         found = match_gpu(visible[0].name, visible[0].sm)
         if found is None:
-            raise UsageError(f"this machine's GPU {visible[0].name!r} is not in yitrt's GPU table", "pass --gpu NAME (or smNN)")
+            raise UsageError(f"this machine's GPU {visible[0].name!r} is not in yitrt's GPU table", "pass --gpu NAME (a GPU of `yitrt gpus`)")
         return found, warnings
     # only a dry run gets here without a GPU (build_engine refuses earlier otherwise)
     warnings.append(f"no GPU visible and no --gpu: planned for {DRY_RUN_GPU}; pass --gpu for your target")

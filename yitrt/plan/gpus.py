@@ -11,6 +11,10 @@ import yaml
 from yitrt.errors import UsageError
 
 MIB = 1 << 20
+#: Compute capabilities an ``smNN`` target may name: NVIDIA's data-center and workstation architectures from Volta
+#: on (7.0 Volta, 7.2 Xavier, 7.5 Turing, 8.0/8.6/8.7 Ampere, 8.9 Ada, 9.0 Hopper, 10.0/10.3 Blackwell B200/B300,
+#: 11.0 Thor, 12.0/12.1 Blackwell RTX/DGX Spark; CUDA programming guide, "Compute Capabilities").
+KNOWN_SMS = frozenset({70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121})
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ def get_gpu(name: str) -> Gpu:
         return _table()[key]
     if key.startswith("sm") and key[2:].isdigit():
         sm = int(key[2:])
+        if sm not in KNOWN_SMS:
+            raise UsageError(f"unknown GPU architecture {name!r}", "use one of: " + ", ".join(f"sm{s}" for s in sorted(KNOWN_SMS)))
         return Gpu(key.upper(), sm, fp8=sm >= 89, fp4=sm >= 100)
     raise UsageError(f"unknown GPU {name!r}", "use one of: " + ", ".join(known_gpus()) + " (or smNN, e.g. sm89)")
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from yitrt.checkpoint.sharding import kv_heads_per_rank
+from yitrt.errors import UsageError
 from yitrt.models.config import ModelConfig
 from yitrt.plan.gpus import MIB, Gpu
 from yitrt.quant.schemes import KV_BYTES_FP16, KvCacheFormat, Scheme
@@ -306,6 +307,9 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
     Returns:
         The plan; ``problems`` says why it does not fit (empty when it does).
     """
+    if req.gpu.memory_mib <= 0:  # an anonymous smNN target names an architecture, not a memory size
+        raise UsageError(f"{req.gpu.name} names an architecture only; a memory plan needs the GPU's memory",
+                         "pass a GPU from the table (`yitrt gpus`), e.g. --gpu L40S")
     w = req.workload
     tpb = w.tokens_per_block
     seq = w.isl + w.osl
