@@ -158,6 +158,20 @@ def stage_index(name: str | None, option: str) -> int | None:
     return STAGES.index(name)
 
 
+def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[int, int]:
+    """(first, last) stage positions of ``--from``/``--until`` (the whole pipeline by default).
+
+    Raises:
+        UsageError: an unknown stage, or ``--from`` after ``--until``.
+    """
+    first = stage_index(from_stage, "--from") or 0
+    last = stage_index(until_stage, "--until")
+    last = len(STAGES) - 1 if last is None else last
+    if first > last:
+        raise UsageError(f"--from {STAGES[first]} comes after --until {STAGES[last]}", "stage order: " + " → ".join(STAGES))
+    return first, last
+
+
 # -- stage keys ------------------------------------------------------------------------------------------------------
 
 
@@ -251,11 +265,7 @@ class _Run:
 
     def execute(self) -> RunReport:
         start = time.monotonic()
-        first = stage_index(self.opts.from_stage, "--from") or 0
-        last = stage_index(self.opts.until_stage, "--until")
-        last = len(STAGES) - 1 if last is None else last
-        if first > last:
-            raise UsageError(f"--from {STAGES[first]} comes after --until {STAGES[last]}", "stage order: " + " → ".join(STAGES))
+        first, last = stage_range(self.opts.from_stage, self.opts.until_stage)
         report = RunReport(self.spec.name, str(self.loaded.path), self.work, self.reports)
         try:
             for index, stage in enumerate(STAGES):
@@ -613,8 +623,7 @@ def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
         RunFailed: a stage failed; ``.report`` has every stage so far, ``.cause`` the stage's error (its exit code is
             the cause's; a machine without TensorRT-LLM stops before build with MissingToolError's).
     """
-    stage_index(opts.from_stage, "--from")
-    stage_index(opts.until_stage, "--until")
+    stage_range(opts.from_stage, opts.until_stage)
     work = Path(os.path.normpath(Path(opts.work_dir).absolute()))
     created = not os.path.lexists(work)
     prepare_work_dir(work)

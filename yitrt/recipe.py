@@ -24,6 +24,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from yitrt import safe_yaml
 from yitrt.errors import UsageError, ValidationError
+from yitrt.limits import MAX_INSTANCES
 from yitrt.reference import DEVICES
 from yitrt.userfiles import name_problem
 
@@ -191,7 +192,7 @@ class Serve(_Section):
     streaming: bool = Field(True, description="Decoupled models: tokens are streamed as generated.")
     kv_reuse: bool = Field(False, description="enable_kv_cache_reuse (needs paged context FMHA).")
     chunked_context: bool = Field(False, description="enable_chunked_context (needs paged context FMHA).")
-    instances: PositiveInt = Field(1, description="Instances of the Python models.")
+    instances: PositiveInt = Field(1, le=MAX_INSTANCES, description=f"Instances of the Python models (each is a Python process; at most {MAX_INSTANCES}).")
     kv_fraction: AutoFraction = Field(None, description="kv_cache_free_gpu_mem_fraction (auto: the plan's).")
     max_kv_tokens: AutoInt = Field(None, description="max_tokens_in_paged_kv_cache (auto: the plan's).")
     max_batch_size: AutoInt = Field(None, description="Triton batch size (auto: the engine's).")

@@ -57,3 +57,15 @@ def test_the_runtime_refuses_ids_outside_the_vocab_and_sequences_past_the_contex
 def test_plan_needs_a_gpu_whose_memory_is_known(cli, tiny, gpu, says):
     """An ``smNN`` target names an architecture for format checks; planning it printed a plan of 0 GB and 0 tokens."""
     assert_refused(cli("plan", str(tiny[0]), "--gpu", gpu), code=2, says=says)
+
+
+def test_run_refuses_a_bad_stage_range_before_saying_anything_else(cli, tmp_path):
+    """The demo recipe warns (tp 3 on a PCIe GPU); a bad --from must still be the only line."""
+    for args, says in ((["--from", "nope"], "not a stage"), (["--from", "deploy", "--until", "fetch"], "comes after")):
+        before = tree(tmp_path)
+        result = cli("run", "demo", "--work-dir", str(tmp_path / "w"), *args)
+        assert_refused(result, parent=tmp_path, before=before, code=2, says=says)
+
+
+def test_recipe_refuses_an_instance_count_deploy_would_refuse(cli):
+    assert_refused(cli("recipe", "validate", "demo", "--set", "serve.instances=99999999999"), code=3, says="serve.instances")

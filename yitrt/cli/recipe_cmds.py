@@ -72,9 +72,10 @@ def register(app: typer.Typer) -> None:
         Stages: fetch, convert, verify, plan, build, deploy, smoke. Without TensorRT-LLM and a GPU it stops before
         build (exit 12) unless the recipe targets the CPU reference slot.
         """
-        from yitrt.pipeline import RunFailed, RunOptions, prepare_work_dir, run_recipe
+        from yitrt.pipeline import RunFailed, RunOptions, prepare_work_dir, run_recipe, stage_range
         from yitrt.recipe import load_recipe
 
+        stage_range(from_stage, until_stage)  # bad options are refused before the recipe's warnings are said
         loaded = load_recipe(recipe, set_ or [])
         work = work_dir or Path("yitrt-work") / loaded.spec.name
         prepare_work_dir(work)  # an unusable work folder is refused before anything else is said

@@ -20,6 +20,7 @@ from typing import Any
 
 from yitrt import __version__
 from yitrt.errors import CheckpointError, UsageError, ValidationError
+from yitrt.limits import INT32_MAX, MAX_INSTANCES
 from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
 from yitrt.triton import contract as contracts
 from yitrt.triton.pbtxt import Header, build_config, to_text
@@ -36,10 +37,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 #: Template variables left as ``${var}`` in one model although filled elsewhere: the C++ tensorrt_llm backend reads
 #: tokenizer_dir only for guided decoding (reference §1.5), and our relative folder means nothing to it.
 _LEFT_UNFILLED = {"tensorrt_llm": ("tokenizer_dir",)}
-#: Triton's config fields (max_batch_size, instance counts) and TensorRT-LLM's sizes (SizeType32) are 32-bit.
-INT32_MAX = (1 << 31) - 1
-#: Instances of each Python model: every one is a stub process with its own interpreter and tokenizer.
-MAX_INSTANCES = 128
 _DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: Python model sources (yitrt/triton/model_src) installed per model; yitrt_text.py goes beside each.
 _SOURCES = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py", "tensorrt_llm_bls": "bls.py"}
