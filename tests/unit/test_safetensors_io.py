@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from yitrt.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, StreamingWriter, read_header
+from yitrt.checkpoint.safetensors_io import SafetensorsReader, read_header
+from yitrt.checkpoint.safetensors_writer import PlannedTensor, StreamingWriter
 from yitrt.checkpoint.source import SourceCheckpoint
 from yitrt.errors import CheckpointError
 

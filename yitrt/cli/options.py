@@ -43,3 +43,7 @@ ComputeDtypeOpt = Annotated[
     typer.Option("--compute-dtype", help="Arithmetic dtype of both models; float32 computes the checkpoint's exact values."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option("--allow-nonfinite", help="Keep NaN/Inf weights (and casts that overflow to Inf) instead of refusing them; each is reported as a warning."),
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,9 +23,19 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def emit_json(data: dict[str, Any]) -> None:
-    """Write one JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Write one JSON object on stdout (NaN/Inf, which JSON cannot hold, become null)."""
+    sys.stdout.write(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def warn(message: str) -> None:
