@@ -188,8 +188,8 @@ def validate_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, T
     data_size = file_size - data_start
     name: str | None = None
     try:
-        if not raw.startswith(b"{"):
-            raise _Refused(f"the header does not start with '{{' (first byte {raw[:1].hex() or 'none'}): not a safetensors file")
+        if not raw:
+            raise _Refused("the header is empty (length 0): not a safetensors file")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -197,9 +197,11 @@ def validate_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, T
         try:
             header = loads_strict(text)
         except StrictJsonError as exc:
-            raise _Refused(f"the header: {exc}") from None
+            raise _Refused(f"the header is {exc}" if str(exc).startswith("not ") else f"the header: {exc}") from None
         if not isinstance(header, dict):
             raise _Refused(f"the header is a JSON {_json_type(header)}, not an object of tensors")
+        if not raw.startswith(b"{"):  # the reference reader requires it (no leading whitespace or BOM)
+            raise _Refused(f"the header does not start with '{{' (first byte 0x{raw[0]:02x})")
         metadata = header.pop("__metadata__", {})
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise _Refused("__metadata__ must be an object of string → string")

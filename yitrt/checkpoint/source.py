@@ -166,6 +166,11 @@ class SourceCheckpoint:
         """Weight files, by name."""
         return sorted(set(self._readers) | set(self._pickles))
 
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data over all weight files."""
+        return sum(math.prod(t.shape) * DTYPES[t.dtype][1] for t in self.tensors.values())
+
     def read(self, name: str, rows: tuple[int, int] | None = None):
         """Read a tensor, or rows ``[start, stop)`` of its first dimension, into a fresh CPU tensor."""
         src = self.tensors[name]

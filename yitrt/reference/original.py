@@ -21,6 +21,17 @@ from yitrt.models.config import ModelConfig, load_config
 LEGACY_RENAMES = (("ln1.weight", "input_layernorm.weight"), ("ln2.weight", "post_attention_layernorm.weight"))
 
 
+def check_original(model_dir: Path) -> None:
+    """Prove every safetensors header of the original and its index (``SourceCheckpoint``; no tensor data is
+    read) before transformers or the legacy loader reads them; a folder without safetensors is left to the loader.
+
+    Raises:
+        CheckpointError: a damaged or lying shard or index.
+    """
+    if any(Path(model_dir).glob("*.safetensors")):
+        SourceCheckpoint(model_dir).close()
+
+
 def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, device_map: str | None = None):
     """The HF model in eval mode on ``device`` with weights cast to ``dtype``; with ``device_map`` (e.g.
     ``"auto"``) transformers spreads the layers over the visible GPUs instead.
@@ -39,8 +50,7 @@ def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, all
     has_safetensors = any(Path(model_dir).glob("*.safetensors"))
     if not has_safetensors and not allow_pickle:
         raise CheckpointError(f"{model_dir} has no .safetensors weights", "convert the weights to safetensors, or pass --allow-pickle to load .bin files")
-    if has_safetensors:  # prove every header and the index before transformers (or the legacy loader) reads them
-        SourceCheckpoint(model_dir).close()
+    check_original(model_dir)
     if cfg.legacy_yi:
         return _load_legacy_yi(model_dir, cfg, device, dtype)
     try:

@@ -527,7 +527,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
             uses a format the reference runtime refuses.
         UsageError: bad options or inputs.
     """
-    from yitrt.reference.original import greedy_original, load_original, score_original
+    from yitrt.reference.original import check_original, greedy_original, load_original, score_original
     from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime, Sampling, resolve_device
 
     started = time.perf_counter()
@@ -540,6 +540,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
     warnings = check_checkpoint(spec) + emulation_notes(spec)  # fail in seconds, before any model is loaded
     cfg = load_config(req.model)
     check_same_model(spec, cfg, req.model)
+    check_original(req.model)  # its shards' headers and index, before the tokenizer or transformers touch the folder
     thresholds = thresholds_for(spec, req.thresholds)
     record = fake_quant_record(req.checkpoint)
     device = resolve_device(req.device)

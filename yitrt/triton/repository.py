@@ -147,6 +147,9 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
         if "build_config" in config or missing:
             raise CheckpointError(f"{path} is not a complete TensorRT-LLM checkpoint ({', '.join(missing) or 'it is an engine'})",
                                   "the reference slot serves a checkpoint (yitrt convert/quantize output); engines use --engine trtllm")
+        from yitrt.reference.layout import check_rank_headers
+
+        check_rank_headers(path, tp * pp)  # the slot loads these files: a lying header is refused now, not at serve time
         context = int(config.get("max_position_embeddings") or 2048)
         seq = req.max_seq_len or context
         quant = config.get("quantization") or {}
