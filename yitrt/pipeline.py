@@ -503,6 +503,9 @@ class _Run:
         finally:
             server.stop()
         answer = result.to_json()
+        if not result.text.strip():  # nothing answered is never a passing smoke test, with or without `expect`
+            raise SmokeFailedError(f"the smoke chat got an empty answer ({result.output_tokens} tokens)",
+                                   f"read {self.work / 'smoke.server.log'}")
         if smoke.expect and smoke.expect.lower() not in result.text.lower():
             raise SmokeFailedError(f"the smoke chat answered {result.text.strip()!r}, which does not contain {smoke.expect!r}",
                                    f"read {self.work / 'smoke.server.log'}; change serve.smoke.expect if the answer is right")

@@ -172,8 +172,8 @@ class Verify(_Section):
     device: Literal[DEVICES] = Field("auto", description="Where the reference runtime and the original run.")
     max_new_tokens: PositiveInt = Field(16, description="Greedy continuation length per prompt.")
     eval_tokens: Annotated[int, Field(ge=2, strict=True)] | None = Field(None, description="Tokens of the evaluation text (null: the default).")
-    min_top1: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="Override: minimum top-1 agreement.")
-    max_ppl_delta: Annotated[float, Field(ge=0)] | None = Field(None, description="Override: maximum |perplexity delta| %.")
+    min_top1: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(None, description="Override: minimum top-1 agreement.")
+    max_ppl_delta: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(None, description="Override: maximum |perplexity delta| %.")
 
 
 class Smoke(_Section):
@@ -182,7 +182,8 @@ class Smoke(_Section):
     enabled: bool = Field(False, description="Start tritonserver, send one chat, stop it.")
     message: str = Field("What is the capital of France?", description="The chat message.")
     max_tokens: PositiveInt = Field(32, description="Answer length bound.")
-    expect: str | None = Field(None, description="Text the answer must contain (case-insensitive).")
+    # at least one non-blank character: an empty expectation is contained in every answer, so it would judge nothing
+    expect: str | None = Field(None, pattern=r"\S", description="Text the answer must contain (case-insensitive; not blank).")
     ready_timeout: PositiveInt = Field(600, description="Seconds to wait for the server to become ready.")
 
 

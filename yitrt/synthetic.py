@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yitrt.checkpoint.safetensors_io import CODES, PlannedTensor, StreamingWriter
+from yitrt.checkpoint.safetensors_io import CODES
+from yitrt.checkpoint.safetensors_writer import PlannedTensor, StreamingWriter
 from yitrt.models.registry import load_registry
 
 #: A tiny Yi-shaped model (GQA 8 heads / 2 KV heads) for tests.

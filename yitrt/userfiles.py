@@ -91,6 +91,51 @@ def check_inside_name(name: str, folder: Path, what: str, error: type[YitrtError
     return Path(folder) / name
 
 
+# -- strict JSON -----------------------------------------------------------------------------------------------------
+
+
+def show_name(name: str, limit: int = 120) -> str:
+    """A tensor name as it can appear in a one-line message: escaped (newlines, control characters, lone
+    surrogates become ``\\n``, ``\\u0000``…) and cut to ``limit`` characters."""
+    text = json.dumps(name)[1:-1]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class StrictJsonError(ValueError):
+    """JSON that ``loads_strict`` refuses; the message says why in a few words."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise StrictJsonError(f"key {show_name(key)!r} appears twice in one JSON object")
+        out[key] = value
+    return out
+
+
+def _no_constant(literal: str):
+    raise StrictJsonError(f"the JSON holds the literal {literal}, which is not JSON")
+
+
+def loads_strict(text: str) -> Any:
+    """Parse JSON text as the format defines it: no NaN/Infinity literals, no duplicate keys in an object.
+
+    Raises:
+        StrictJsonError: invalid or non-standard JSON (nesting too deep, integers beyond Python's digit limit).
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    except StrictJsonError:
+        raise
+    except RecursionError:
+        raise StrictJsonError("the JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise StrictJsonError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise StrictJsonError(f"not usable JSON ({str(exc).splitlines()[0][:80]})") from None
+
+
 # -- reading user-named files --------------------------------------------------------------------------------------
 
 
@@ -180,14 +225,22 @@ def read_text(path: Path, what: str = "file", cap: int = TEXT_CAP, error: type[Y
 
 
 def parse_json(text: str, path: Path, what: str = "file", error: type[YitrtError] = UsageError,
-               fix: str = "fix the JSON, or fetch the file again") -> dict[str, Any]:
-    """``text`` as a JSON object, or a one-line error (syntax error with its line, or the wrong shape).
+               fix: str = "fix the JSON, or fetch the file again", strict: bool = False) -> dict[str, Any]:
+    """``text`` as a JSON object, or a one-line error (syntax error with its line, or the wrong shape). ``strict``:
+    JSON as the format defines it (:func:`loads_strict`: a repeated key or a NaN literal is refused, never resolved
+    silently) — for files that describe a model.
 
     Raises:
         ``error``: not JSON, nested too deeply, or not an object.
     """
     try:
-        value = json.loads(text)
+        if strict:
+            try:
+                value = loads_strict(text)
+            except StrictJsonError as exc:
+                raise error(f"{what} {path}: {exc}", fix) from None
+        else:
+            value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", fix) from None
     except (RecursionError, ValueError) as exc:  # nesting deeper than the interpreter's stack, huge numbers
@@ -198,13 +251,14 @@ def parse_json(text: str, path: Path, what: str = "file", error: type[YitrtError
 
 
 def read_json(path: Path, what: str = "file", cap: int = CONFIG_CAP, error: type[YitrtError] = UsageError,
-              fix: str = "fix the JSON, or fetch the file again") -> dict[str, Any]:
-    """A user-named JSON file that must hold an object (UTF-8, regular, capped: see :func:`read_bytes`).
+              fix: str = "fix the JSON, or fetch the file again", strict: bool = False) -> dict[str, Any]:
+    """A user-named JSON file that must hold an object (UTF-8, regular, capped: see :func:`read_bytes`; ``strict``:
+    see :func:`parse_json`).
 
     Raises:
         ``error``: missing, unreadable, not a regular file, too large, not UTF-8, not JSON, not an object.
     """
-    return parse_json(read_text(path, what, cap, error, fix), Path(path), what, error, fix)
+    return parse_json(read_text(path, what, cap, error, fix), Path(path), what, error, fix, strict)
 
 
 def read_json_if_present(path: Path, what: str = "file", cap: int = CONFIG_CAP, error: type[YitrtError] = UsageError,

@@ -266,3 +266,99 @@ def test_param_count_with_biases():
     assert with_attn - plain == L * (heads * d + 2 * kv * d + H)
     with_mlp = parse_config(_with(base, mlp_bias=True)).param_count()
     assert with_mlp - plain == L * (2 * I + H)
+
+
+# ---- values that cannot be right are refused by ModelConfig itself ---------------------------------------------
+
+_NAN, _INF = float("nan"), float("inf")
+
+#: (config.json change, the key the one-line error must name)
+IMPOSSIBLE = [
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"num_attention_heads": -56}, "num_attention_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads"),  # was silently "no GQA" (0 is falsy)
+    ({"num_key_value_heads": -8}, "num_key_value_heads"),
+    ({"num_key_value_heads": 12}, "num_key_value_heads"),  # 56 heads are not whole groups of 12
+    ({"head_dim": -128}, "head_dim"),  # was accepted (truthy)
+    ({"head_dim": 0}, "head_dim"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"hidden_size": -7168}, "hidden_size"),
+    ({"intermediate_size": 0}, "intermediate_size"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"max_position_embeddings": -1}, "max_position_embeddings"),
+    ({"hidden_size": 7168 * 10**6}, "hidden_size"),  # absurd: beyond DIM_LIMITS
+    ({"num_hidden_layers": 100_000}, "num_hidden_layers"),
+    ({"vocab_size": 10**12}, "vocab_size"),
+    ({"max_position_embeddings": 10**12}, "max_position_embeddings"),
+    ({"num_hidden_layers": 60.0}, "num_hidden_layers"),  # floats and bools are not integers
+    ({"num_attention_heads": True}, "num_attention_heads"),
+    ({"vocab_size": "64000"}, "vocab_size"),
+    ({"rope_theta": _NAN}, "rope_theta"),
+    ({"rope_theta": _INF}, "rope_theta"),
+    ({"rope_theta": 0}, "rope_theta"),
+    ({"rope_theta": -5e6}, "rope_theta"),
+    ({"rope_theta": "5e6"}, "rope_theta"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    ({"rms_norm_eps": _NAN}, "rms_norm_eps"),
+    ({"rms_norm_eps": 1.5}, "rms_norm_eps"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),  # bool("false") is True
+    ({"attention_bias": 1}, "attention_bias"),
+    ({"mlp_bias": "no"}, "mlp_bias"),
+    ({"hidden_act": 3}, "hidden_act"),
+    ({"rope_scaling": "linear"}, "rope_scaling"),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, "factor"),
+    ({"rope_scaling": {"type": "linear", "factor": _NAN}}, "factor"),
+    ({"rope_scaling": {"type": "linear", "factor": _INF}}, "factor"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 1e9}}, "factor"),
+    ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "factor"),
+    ({"rope_scaling": {"type": 4, "factor": 2.0}}, "type"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}}, "high_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": -1}}, "original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": _NAN}}, "beta_fast"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": _NAN, "factor": 2.0}}, "rope_theta"),
+    ({"rope_parameters": ["linear"]}, "rope_parameters"),
+    ({"eos_token_id": "2"}, "eos_token_id"),
+    ({"eos_token_id": [2, -7]}, "token ids"),
+    ({"bos_token_id": 1.0}, "bos_token_id"),
+    ({"quantization_config": "awq"}, "quantization_config"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures"),
+    ({"architectures": {"0": "LlamaForCausalLM"}}, "architectures"),
+]
+
+
+@pytest.mark.parametrize("change, key", IMPOSSIBLE, ids=[f"{k}={v!r}"[:60] for c, _ in IMPOSSIBLE for k, v in c.items()])
+def test_values_that_cannot_be_right_are_refused(change, key):
+    with pytest.raises(CheckpointError) as info:
+        parse_config(_with(YI_34B, **change), "x/config.json")
+    message = info.value.message
+    assert message.startswith("x/config.json: ") and key in message and "\n" not in message, message
+    assert info.value.hint
+
+
+@pytest.mark.parametrize("raw", [[YI_34B], "LlamaForCausalLM", None, 3])
+def test_config_that_is_not_an_object(raw):
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        parse_config(raw)
+
+
+def test_every_construction_path_is_validated():
+    """ModelConfig itself refuses, so paths that build it without parse_config (dataclasses.replace, the
+    registry, the demo header) cannot carry an impossible value either."""
+    import dataclasses
+
+    cfg = parse_config(YI_34B)
+    for field_name, value in (("num_kv_heads", 0), ("head_dim", -1), ("rope_theta", _NAN), ("tie_word_embeddings", "false"),
+                              ("num_heads", 57)):
+        with pytest.raises(CheckpointError, match=field_name.replace("num_heads", "num_attention_heads").replace("num_kv_heads", "num_key_value_heads")):
+            dataclasses.replace(cfg, **{field_name: value})
+    assert dataclasses.replace(cfg, num_kv_heads=7).num_kv_heads == 7  # 56 = 8 groups of 7: valid
+
+
+def test_null_means_the_default_for_optional_keys():
+    cfg = parse_config(_with(YI_34B, num_key_value_heads=None, head_dim=None, max_position_embeddings=None,
+                             tie_word_embeddings=None, rope_theta=None))
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.max_position_embeddings, cfg.tie_word_embeddings, cfg.rope_theta) == \
+        (56, 128, 2048, False, 10000.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from yitrt.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, StreamingWriter, read_header
+from tests.safetensors_lies import LIES, assemble, lie, split
+from yitrt.checkpoint.finite import first_nonfinite, tensor_has_nonfinite
+from yitrt.checkpoint.safetensors_io import SafetensorsReader, read_header
+from yitrt.checkpoint.safetensors_writer import NonFiniteTensor, PlannedTensor, StreamingWriter
 from yitrt.checkpoint.source import SourceCheckpoint
 from yitrt.errors import CheckpointError
 
@@ -359,3 +363,195 @@ def test_pickle_with_objects_is_refused_even_with_opt_in(tmp_path):
     torch.save({"w": torch.zeros(2), "evil": _NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safely"):
         SourceCheckpoint(tmp_path, allow_pickle=True)
+
+
+# ---- the header validator: every class of lie ---------------------------------------------------------------
+
+def _real_file(path: Path) -> Path:
+    gen = torch.Generator().manual_seed(3)
+    save_file({
+        "model.a.weight": torch.randn(4, 6, generator=gen).to(torch.bfloat16),
+        "model.b.weight": torch.randn(4, 6, generator=gen).to(torch.bfloat16),
+        "model.c.bias": torch.randn(5, generator=gen),
+    }, str(path), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(LIES))
+def test_validator_refuses_each_lie(tmp_path, kind):
+    path = _real_file(tmp_path / "model.safetensors")
+    tensor, says = lie(path, kind)
+    with pytest.raises(CheckpointError) as info:
+        read_header(path)
+    message = info.value.message
+    assert str(path) in message and says in message.lower(), message
+    assert "\n" not in message and info.value.hint
+    if tensor is not None:
+        assert f"tensor {tensor}" in message, message
+    with pytest.raises(CheckpointError):  # the reader and the source folder share the validator
+        SafetensorsReader(path)
+    with pytest.raises(CheckpointError):
+        SourceCheckpoint(tmp_path)
+
+
+def test_validator_accepts_what_the_format_allows(tmp_path):
+    """Zero-element tensors, 0-d scalars, names that only look like the metadata key, an empty file of no tensors,
+    trailing space padding: all valid safetensors (the reference library reads them), all accepted."""
+    path = tmp_path / "ok.safetensors"
+    tensors = {"__metadata": torch.zeros(2, dtype=torch.int8), "empty": torch.zeros(0, 4), "also.empty": torch.zeros(3, 0),
+               "scalar": torch.tensor(1.5), "w": torch.ones(2, 2, dtype=torch.bfloat16)}
+    save_file(tensors, str(path))
+    infos, _, _ = read_header(path)
+    assert {n: i.shape for n, i in infos.items()} == {n: tuple(t.shape) for n, t in tensors.items()}
+    with SafetensorsReader(path) as reader:
+        assert all(_same(reader.read(n).reshape(-1), t.reshape(-1)) for n, t in tensors.items())
+    header, data = split(path)
+    path.write_bytes(assemble(json.dumps(header).encode() + b"        ", data))
+    assert set(read_header(path)[0]) == set(tensors)
+    path.write_bytes(assemble({}, b""))
+    assert read_header(path)[0] == {}
+
+
+def test_validator_refuses_a_header_over_the_format_limit(tmp_path):
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(struct.pack("<Q", 100_000_001) + b"{" + b" " * 16)
+    with pytest.raises(CheckpointError, match="limit"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("value", ["\\ud800", "\\u0000", ""])
+def test_validator_refuses_unprintable_names(tmp_path, value):
+    path = tmp_path / "n.safetensors"
+    path.write_bytes(assemble(f'{{"{value}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}'.encode(), b"\0" * 4))
+    with pytest.raises(CheckpointError) as info:
+        read_header(path)
+    info.value.message.encode("utf-8")  # printable: a lone surrogate would make stderr raise
+
+
+def test_huge_integer_literal_is_refused_not_crashing(tmp_path):
+    path = tmp_path / "i.safetensors"
+    path.write_bytes(assemble(b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,' + b"9" * 5000 + b"]}}", b""))
+    with pytest.raises(CheckpointError, match="JSON"):
+        read_header(path)
+
+
+def test_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # an open without O_NONBLOCK would wait for a writer forever
+    with pytest.raises(CheckpointError, match="regular file"):
+        read_header(fifo)
+    fifo.unlink()
+    fifo.mkdir()
+    with pytest.raises(CheckpointError, match="regular file"):
+        SourceCheckpoint(tmp_path)
+
+
+def test_file_that_changes_after_validation_is_refused(tmp_path):
+    path = _real_file(tmp_path / "model.safetensors")
+    with SourceCheckpoint(tmp_path) as src:
+        src.check_unchanged()
+        with open(path, "ab") as fh:  # grows
+            fh.write(b"\0" * 16)
+        with pytest.raises(CheckpointError, match="changed"):
+            src.check_unchanged()
+    reader = SafetensorsReader(path := _real_file(tmp_path / "other.safetensors"))
+    last = max(reader.tensors.values(), key=lambda i: i.end)
+    os.truncate(path, last.end - 4)  # shrinks: the last tensor's bytes are gone
+    with pytest.raises(CheckpointError, match="shrank"):
+        reader.read(last.name)
+    reader.close()
+    with pytest.raises(CheckpointError):  # reopening a changed file is refused too
+        reader.read("model.a.weight")
+
+
+# ---- the index ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_map, says", [
+    ("not an object", "weight_map"),
+    (["model-00001-of-00002.safetensors"], "weight_map"),
+    ({"model.norm.weight": "../model-00002-of-00002.safetensors"}, "not a *.safetensors file of this folder"),
+    ({"model.norm.weight": "/tmp/model-00002-of-00002.safetensors"}, "not a *.safetensors file of this folder"),
+    ({"model.norm.weight": "sub/x.safetensors"}, "not a *.safetensors file of this folder"),
+    ({"model.norm.weight": "model.bin"}, "not a *.safetensors file of this folder"),
+    ({"model.norm.weight": 3}, "not a *.safetensors file of this folder"),
+])
+def test_index_of_the_wrong_shape_or_escaping_the_folder(tmp_path, weight_map, says):
+    _sharded(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError) as info:
+        SourceCheckpoint(tmp_path)
+    assert says in info.value.message and "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("text, says", [
+    (b"[]", "weight_map"),
+    (b'{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}', "twice"),
+    (b'{"weight_map": {}, "metadata": {"total_size": NaN}}', "NaN"),
+    (b"\xff\xfe{}", "UTF-8"),
+    (b"{", "JSON"),
+])
+def test_index_that_is_not_strict_json(tmp_path, text, says):
+    _sharded(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_bytes(text)
+    with pytest.raises(CheckpointError, match=says):
+        SourceCheckpoint(tmp_path)
+
+
+def test_shard_named_by_the_index_whose_header_lies(tmp_path):
+    _sharded(tmp_path)
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    lie(shard, "overlap")
+    with pytest.raises(CheckpointError) as info:
+        SourceCheckpoint(tmp_path)
+    assert str(shard) in info.value.message and "overlap" in info.value.message
+
+
+# ---- non-finite values -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e5m2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_first_nonfinite_finds_nan_and_inf_from_the_bits(dtype, bad):
+    t = torch.full((37,), torch.finfo(dtype).max, dtype=dtype)  # the largest finite value is not flagged
+    t[::2] = -torch.finfo(dtype).max
+    code = _CODES.get(dtype) or {torch.float64: "F64", torch.float8_e5m2: "F8_E5M2"}[dtype]
+    raw = t.view(torch.uint8).numpy()
+    assert first_nonfinite(raw, code) is None and not tensor_has_nonfinite(t)
+    t[29] = bad
+    assert first_nonfinite(t.view(torch.uint8).numpy(), code) == 29
+    assert tensor_has_nonfinite(t)
+
+
+def test_first_nonfinite_e4m3_has_only_nan():
+    t = torch.tensor([448.0, -448.0, 0.0], dtype=torch.float8_e4m3fn)  # its largest values, no Inf encoding
+    assert first_nonfinite(t.view(torch.uint8).numpy(), "F8_E4M3") is None
+    bits = t.view(torch.uint8).clone()
+    bits[1] = 0xFF  # S.1111.111 = NaN
+    assert first_nonfinite(bits.numpy(), "F8_E4M3") == 1
+    assert first_nonfinite(bytes([0x7F, 0xFF]), "I8") is None  # integers have no NaN
+
+
+@pytest.mark.parametrize("window, piece", [(8192, 6), (1 << 28, 4 << 20)])
+def test_writer_refuses_nonfinite_at_every_window_and_slice_boundary(tmp_path, monkeypatch, window, piece):
+    """Windows and check slices cut through tensors, and an odd-sized tensor makes the next one's elements
+    unaligned to the file: every element is still checked exactly once and the digest stays the file's."""
+    import yitrt.checkpoint.safetensors_writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_HASH_WINDOW", window)
+    monkeypatch.setattr(writer_module, "_CHECK_SLICE", piece)
+    tensors = {"odd": torch.ones(3, dtype=torch.bfloat16), "f32": torch.arange(5000, dtype=torch.float32),
+               "i8": torch.ones(7, dtype=torch.int8), "bf": torch.ones(3001, dtype=torch.bfloat16)}
+    size, digest = _write(tmp_path / "ok.safetensors", tensors)
+    assert digest == blake3.blake3((tmp_path / "ok.safetensors").read_bytes()).hexdigest()
+    for name, index in (("f32", 4999), ("f32", 2047), ("bf", 0), ("bf", 3000), ("odd", 2)):
+        bad = {k: v.clone() for k, v in tensors.items()}
+        bad[name][index] = float("nan") if index % 2 else float("-inf")
+        with pytest.raises(NonFiniteTensor) as info:
+            _write(tmp_path / "bad.safetensors", bad)
+        assert (info.value.tensor, info.value.element) == (name, index)
+    bad["i8"][3] = 127  # bit patterns that would be NaN in a float are plain integers here
+    plan = [PlannedTensor(n, _CODES[t.dtype], tuple(t.shape)) for n, t in bad.items()]
+    writer = StreamingWriter(tmp_path / "kept.safetensors", plan, allow_nonfinite=True)
+    for n, t in bad.items():
+        writer.write(n, t)
+    writer.close()
+    assert writer.nonfinite == {"odd": 2}

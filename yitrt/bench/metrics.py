@@ -8,7 +8,8 @@ Definitions (docs/bench.md compares them with genai-perf's and vLLM's):
 - duration: from the first measured request sent to the last one completed (answered or failed).
 - request throughput: answered requests / duration; output token throughput: their output tokens / duration.
 - goodput: answered requests whose TTFT and TPOT are both within the SLO bounds given, / duration.
-- a load point meets the SLO when it has no errors and its TTFT and TPOT at the SLO percentile are within bounds.
+- a load point meets the SLO when it has no errors, answered something, and its TTFT and TPOT at the SLO
+  percentile are measured and within bounds (``yitrt.verdict``: a figure that is missing or not a number fails).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from yitrt.errors import UsageError
+from yitrt.verdict import measured
 
 #: Percentiles every latency is reported at.
 PERCENTILES = (50, 90, 99)
@@ -30,13 +34,28 @@ class Slo:
     tpot_ms: float | None = None
     percentile: float = 90.0
 
+    def __post_init__(self) -> None:
+        """Refuse bounds no request could be judged against (NaN compares False, so a NaN bound would pass all).
+
+        Raises:
+            UsageError: a bound that is not a positive finite number, or a percentile outside (0, 100].
+        """
+        for name, bound in (("ttft_ms", self.ttft_ms), ("tpot_ms", self.tpot_ms)):
+            if bound is not None and not (measured(bound) and bound > 0):
+                raise UsageError(f"SLO bound {name} must be a positive number of milliseconds, got {bound!r}", "pass a finite bound > 0")
+        if not (measured(self.percentile) and 0 < self.percentile <= 100):
+            raise UsageError(f"SLO percentile must be in (0, 100], got {self.percentile!r}", "pass e.g. 90 or 99")
+
     @property
     def given(self) -> bool:
         return self.ttft_ms is not None or self.tpot_ms is not None
 
     def request_ok(self, ttft_s: float | None, tpot_s: float | None) -> bool:
-        """Whether one answered request met both bounds (a request with one token has no TPOT to break)."""
-        if self.ttft_ms is not None and (ttft_s is None or ttft_s * 1000 > self.ttft_ms):
+        """Whether one answered request met both bounds (a request with one token has no TPOT to break; a time
+        that is not a number breaks every bound)."""
+        if self.ttft_ms is not None and (not measured(ttft_s) or ttft_s * 1000 > self.ttft_ms):
+            return False
+        if tpot_s is not None and not measured(tpot_s):
             return False
         return self.tpot_ms is None or tpot_s is None or tpot_s * 1000 <= self.tpot_ms
 
@@ -179,12 +198,13 @@ def summarize(records: list[RequestRecord], slo: Slo) -> dict[str, Any]:
 
 
 def meets_slo(metrics: dict[str, Any], slo: Slo) -> bool:
-    """No errors, something answered, and TTFT/TPOT at the SLO percentile within their bounds."""
+    """No errors, something answered, and TTFT/TPOT at the SLO percentile measured and within their bounds (a
+    bounded latency no request measured — e.g. TPOT when every answer had one token — is not met)."""
     if metrics["counts"]["errors"] or not metrics["counts"]["answered"]:
         return False
     key = f"p{slo.percentile:g}"
     for bound, dist in ((slo.ttft_ms, metrics["ttft_ms"]), (slo.tpot_ms, metrics["tpot_ms"])):
-        if bound is not None and dist[key] is not None and dist[key] > bound:
+        if bound is not None and (not measured(dist[key]) or dist[key] > bound):
             return False
     return True
 
@@ -192,6 +212,6 @@ def meets_slo(metrics: dict[str, Any], slo: Slo) -> bool:
 def best_point(points: list[dict[str, Any]]) -> int | None:
     """Index of the load point with the highest output token throughput among those meeting the SLO (or, without an
     SLO, among those without errors); None when there is none."""
-    candidates = [i for i, p in enumerate(points) if p["output_token_throughput"] is not None
+    candidates = [i for i, p in enumerate(points) if measured(p["output_token_throughput"]) and p["counts"]["answered"] > 0
                   and (p["meets_slo"] if p["meets_slo"] is not None else not p["counts"]["errors"])]
     return max(candidates, key=lambda i: points[i]["output_token_throughput"], default=None)

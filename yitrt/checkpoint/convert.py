@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from yitrt import __version__
-from yitrt.checkpoint.safetensors_io import CODES, DTYPES, PlannedTensor, StreamingWriter, WriteQueue
+from yitrt.checkpoint.finite import tensor_has_nonfinite
+from yitrt.checkpoint.safetensors_io import CODES, DTYPES
+from yitrt.checkpoint.safetensors_writer import NonFiniteTensor, PlannedTensor, StreamingWriter, WriteQueue
 from yitrt.checkpoint.sharding import Mapping, local_shape, pp_problems, tp_problems
 from yitrt.checkpoint.source import INDEX_NAME, SourceCheckpoint
 from yitrt.checkpoint.streaming import copy_pieces, keep_freed_memory_for_reuse, stream_pieces
@@ -58,6 +60,8 @@ class ConvertRequest:
         kv_cache: KV-cache format name (``fp8``) or None.
         parallel_embedding: split the embedding by vocab rows across TP ranks (saves (tp-1)/tp of it per GPU).
         allow_pickle: accept ``.bin`` weights (loaded with ``weights_only=True``).
+        allow_nonfinite: keep NaN/Inf weights (and casts that overflow to Inf) instead of refusing them; each such
+            tensor is reported as a warning.
         force: redo the work even when an identical artifact exists.
         model_ref: the HF repo id the folder came from, if any (registry lookup, manifest).
         gpu: the target GPU (checked against the scheme and KV format), or None.
@@ -75,6 +79,7 @@ class ConvertRequest:
     force: bool = False
     model_ref: str | None = None
     gpu: str | None = None
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -205,7 +210,8 @@ def convert(req: ConvertRequest, progress: ProgressFn | None = None) -> ConvertR
         The result; ``reused`` is True when an identical artifact already existed.
 
     Raises:
-        ValidationError, UnsupportedModelError, CheckpointError, ArtifactError: nothing is written in these cases.
+        ValidationError, UnsupportedModelError, CheckpointError, ArtifactError: nothing is written in these cases
+            (CheckpointError also for NaN/Inf in a weight, or a cast that overflows, unless ``allow_nonfinite``).
     """
     started = time.perf_counter()
     cfg = load_config(req.model_dir)
@@ -234,6 +240,8 @@ def convert(req: ConvertRequest, progress: ProgressFn | None = None) -> ConvertR
             "target_trtllm": TARGET_TRTLLM,
             "model_ref": req.model_ref,
         }
+        if req.allow_nonfinite:  # part of the key: an artifact that kept NaN/Inf is never reused by a strict run
+            params["allow_nonfinite"] = True
         names = ["config.json", *source.files] + ([INDEX_NAME] if (req.model_dir / INDEX_NAME).is_file() else [])
         inputs = {"model": fingerprint_files(req.model_dir, names, source.header_bytes)}
         key = artifact_key(STAGE, params, inputs)
@@ -247,7 +255,13 @@ def convert(req: ConvertRequest, progress: ProgressFn | None = None) -> ConvertR
         tools = {"yitrt": __version__, "safetensors-writer": "yitrt", "target_trtllm": TARGET_TRTLLM}
         with ArtifactWriter(req.out, STAGE, params, inputs, tools) as art:
             art.extra = {"model_ref": req.model_ref, "source": str(req.model_dir.absolute()), "warnings": warnings}
-            total = _write_ranks(art, cfg, jobs, mapping, scheme, dtype, source, progress)
+            total, nonfinite = _write_ranks(art, cfg, jobs, mapping, scheme, dtype, source, progress, req.allow_nonfinite)
+            source.check_unchanged()  # the bytes copied are the bytes validated
+            if nonfinite:
+                art.extra["nonfinite_tensors"] = nonfinite
+                shown = ", ".join(sorted(nonfinite)[:3])
+                warnings.append(f"{len(nonfinite)} tensor(s) hold NaN or Inf and were kept (--allow-nonfinite): {shown}"
+                                + (" …" if len(nonfinite) > 3 else ""))
             (art.path / "config.json").write_text(json.dumps(trt_config, indent=2) + "\n")
         files = [f["path"] for f in art.manifest.files]
     return ConvertResult(
@@ -274,11 +288,18 @@ def _passes_through(job: _Job, source: SourceCheckpoint, scheme: Scheme, dtype_c
     return all(source.tensors[p.name].dtype == dtype_code and source.location(p.name) is not None for p in tensor.parts)
 
 
-def _write_ranks(art, cfg, jobs, mapping: Mapping, scheme: Scheme, dtype: str, source: SourceCheckpoint, progress) -> int:
-    """Write every job into the rank files; return the bytes of the rank files.
+def _write_ranks(art, cfg, jobs, mapping: Mapping, scheme: Scheme, dtype: str, source: SourceCheckpoint, progress,
+                 allow_nonfinite: bool = False) -> tuple[int, dict[str, int]]:
+    """Write every job into the rank files; return the bytes of the rank files and the tensors kept with NaN/Inf
+    ("rank{r}.safetensors:{name}" → first bad element; empty unless ``allow_nonfinite``).
 
     Unchanged bytes are copied inside the kernel; transformed tensors (dtype cast, FP8) stream in row chunks,
-    their writes overlapping the next chunk's reading on a background thread.
+    their writes overlapping the next chunk's reading on a background thread. Every floating-point tensor written
+    is checked for NaN/Inf as the output is hashed (``StreamingWriter``); encoders that could hide them (FP8's
+    clamp) are checked on their input chunks.
+
+    Raises:
+        CheckpointError: NaN/Inf in a source tensor or a cast that overflows (named by ``_explain``).
     """
     import numpy as np
 
@@ -291,7 +312,8 @@ def _write_ranks(art, cfg, jobs, mapping: Mapping, scheme: Scheme, dtype: str, s
     keep_freed_memory_for_reuse()
     queue = WriteQueue()
     writers = {
-        rank: StreamingWriter(art.path / f"rank{rank}.safetensors", plan, metadata, queue) for rank, plan in plans.items()
+        rank: StreamingWriter(art.path / f"rank{rank}.safetensors", plan, metadata, queue, allow_nonfinite)
+        for rank, plan in plans.items()
     }
     total = sum(w.size for w in writers.values())
     done = 0
@@ -304,31 +326,59 @@ def _write_ranks(art, cfg, jobs, mapping: Mapping, scheme: Scheme, dtype: str, s
             elif _passes_through(job, source, scheme, dtype_code):
                 done += copy_pieces(cfg, job.tensor, mapping.tp, source, stage_writers, job.local_name)
             else:
-                done += _encode_pieces(cfg, job, mapping.tp, source, scheme, dtype, stage_writers)
+                done += _encode_pieces(cfg, job, mapping.tp, source, scheme, dtype, stage_writers, allow_nonfinite)
             for tp_rank, writer in enumerate(stage_writers):
                 writer.hash_through(writer.end_of(job.planned[tp_rank][-1].name))
             if progress:
                 progress(done, total)
         for rank, writer in writers.items():
             art.record_file(f"rank{rank}.safetensors", *writer.close())
+    except NonFiniteTensor as exc:
+        for writer in writers.values():
+            writer.abort()
+        raise _explain(exc, jobs, writers, mapping, source, dtype) from None
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
     finally:
         queue.close()
-    return total
+    nonfinite = {f"rank{rank}.safetensors:{name}": element for rank, w in writers.items() for name, element in w.nonfinite.items()}
+    return total, nonfinite
 
 
-def _encode_pieces(cfg, job: _Job, tp: int, source: SourceCheckpoint, scheme: Scheme, dtype: str, writers: list) -> int:
-    """Stream a job's pieces in row chunks through the dtype cast or the scheme's encoder; return bytes written."""
+def _explain(exc: NonFiniteTensor, jobs: list[_Job], writers: dict, mapping: Mapping, source: SourceCheckpoint, dtype: str):
+    """The error for NaN/Inf found in an output tensor: the source tensor and file that hold them, or the source
+    tensor whose cast to ``dtype`` overflowed (the output's own name when neither can be found)."""
+    rank = next((r for r, w in writers.items() if w.path == exc.file), None)
+    stage = rank // mapping.tp if rank is not None else None
+    for job in jobs:
+        names = {p.name for planned in job.planned for p in planned}
+        if job.tensor is not None and job.stage == stage and exc.tensor in names:
+            found = source.nonfinite_error([p.name for p in job.tensor.parts], dtype)
+            return found or exc
+    return exc
+
+
+def _encode_pieces(cfg, job: _Job, tp: int, source: SourceCheckpoint, scheme: Scheme, dtype: str, writers: list,
+                   allow_nonfinite: bool = False) -> int:
+    """Stream a job's pieces in row chunks through the dtype cast or the scheme's encoder; return bytes written.
+
+    A plain cast keeps NaN/Inf (and shows an overflow as Inf), which the writer's check sees in the output; an
+    encoder may not (FP8 rowwise clamps ±Inf to ±1200), so its input chunks are checked here, in memory.
+    """
     import torch
 
     torch_dtype = getattr(torch, dtype)
     linear = job.tensor.rule.kind is Kind.LINEAR
+    check_input = linear and scheme.encoding is not Encoding.FULL_PRECISION
     trailing: dict[int, list[list]] = {r: [[] for _ in job.planned[r][1:]] for r in range(tp)}
     written = 0
     for tp_rank, chunk in stream_pieces(cfg, job.tensor, tp, source):
+        if check_input and job.local_name not in writers[tp_rank].nonfinite and tensor_has_nonfinite(chunk):
+            if not allow_nonfinite:
+                raise NonFiniteTensor(writers[tp_rank].path, job.local_name, 0)
+            writers[tp_rank].nonfinite[job.local_name] = 0
         outputs = encode_linear(scheme, chunk, torch_dtype) if linear else [chunk.to(torch_dtype)]
         writers[tp_rank].append(job.local_name, outputs[0])
         for k, extra in enumerate(outputs[1:]):  # e.g. per-channel scales, written after the weight

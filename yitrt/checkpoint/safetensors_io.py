@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O without memory maps.
+"""Streaming safetensors I/O without memory maps, and the one validator of a safetensors header.
 
 Reading uses plain positioned reads into fresh buffers, so only the block being converted is resident: a memory
 map would keep every touched page of a 12-68 GB model in the process's resident set. Writing is header-first:
@@ -9,6 +9,10 @@ unchanged (``copy_file_range``, as ``cp`` does), written from user space where t
 Format (huggingface/safetensors docs): 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`` (padded with spaces to
 a multiple of 8), then the data section; offsets are relative to the data section.
+
+Every path of yitrt that opens a safetensors file (convert, quantize, verify, inspect, fetch, generate, deploy)
+goes through ``read_header``/``SafetensorsReader``, which prove the header tells the truth about the file
+before a byte of tensor data is used: see ``validate_header``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from yitrt.errors import CheckpointError
+from yitrt.userfiles import StrictJsonError, loads_strict, show_name  # noqa: F401 (re-exported)
 
 #: safetensors dtype code → (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -41,8 +47,16 @@ DTYPES: dict[str, tuple[str, int]] = {
 #: torch dtype name → safetensors code
 CODES: dict[str, str] = {name: code for code, (name, _) in DTYPES.items()}
 
-_MAX_HEADER = 100 << 20  # the safetensors spec caps headers at 100 MB
-_HASH_WINDOW = 256 << 20  # bytes mapped at a time while hashing (bounds the resident set)
+#: safetensors' own cap on the header (MAX_HEADER_SIZE = 100_000_000 in safetensors/src/tensor.rs)
+MAX_HEADER_BYTES = 100_000_000
+#: no tensor of a transformer checkpoint has more dimensions; a longer shape is damage or a forgery
+MAX_RANK = 8
+_MAX_DIM = (1 << 63) - 1  # dims are usize in safetensors and int64 in torch
+_ENTRY_KEYS = ("data_offsets", "dtype", "shape")
+#: O_NONBLOCK: a FIFO or device named *.safetensors must not block the open (refused as not a regular file);
+#: reads of regular files ignore the flag
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+_FIX = "the file is damaged or was not written by a safetensors writer: download or write it again"
 
 
 @dataclass(frozen=True)
@@ -61,76 +75,230 @@ class TensorInfo:
         return self.end - self.begin
 
 
+class _Refused(Exception):
+    """A header problem found while parsing (turned into a CheckpointError naming the file)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _name_problem(name: str) -> str | None:
+    if not name:
+        return "an empty tensor name"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return f"tensor name {show_name(name)!r} holds control characters or unpaired surrogates"
+    return None
+
+
+def _entry(name: str, entry: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field proven; raises _Refused."""
+    if not isinstance(entry, dict):
+        raise _Refused(f"entry is a JSON {_json_type(entry)}, not an object")
+    if tuple(sorted(entry)) != _ENTRY_KEYS:
+        raise _Refused(f"entry has keys {sorted(map(show_name, entry))}, expected exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        shown = show_name(dtype) if isinstance(dtype, str) else json.dumps(dtype)[:40]
+        raise _Refused(f"dtype {shown} is not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
+        raise _Refused(f"shape {json.dumps(shape)[:80]} is not a list of at most {MAX_RANK} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets):
+        raise _Refused(f"data_offsets {json.dumps(offsets)[:80]} is not a pair of integers")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _Refused(f"data_offsets [{begin}, {end}] is not a range (negative or reversed)")
+    if end > data_size:
+        raise _Refused(f"bytes [{begin}, {end}) lie beyond the data section's {data_size} bytes: the file is truncated")
+    count = math.prod(shape)
+    if count * DTYPES[dtype][1] != end - begin:
+        raise _Refused(f"holds {end - begin} bytes, but {dtype} {shape} needs {count * DTYPES[dtype][1]}")
+    return dtype, tuple(shape), begin, end
+
+
+def _json_type(value: Any) -> str:
+    kinds = ((dict, "object"), (list, "array"), (str, "string"), (bool, "boolean"), (int, "number"), (float, "number"))
+    return next((label for kind, label in kinds if isinstance(value, kind)), "null")
+
+
+def validate_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Prove that a safetensors header tells the truth about its file.
+
+    Checked: the header is UTF-8 (decoded explicitly: ``json.loads`` of bytes would accept UTF-16/32) JSON text
+    starting with ``{``, without NaN/Infinity literals or duplicate keys; it is an object of tensor entries plus
+    an optional ``__metadata__`` object of string → string; every entry has exactly ``dtype``/``shape``/
+    ``data_offsets`` with the right JSON types (integers that are not booleans, a known dtype, a shape of
+    non-negative integers, a non-negative non-reversed range); every range lies inside the data section and holds
+    shape × dtype-size bytes; and the ranges, in order, tile the data section exactly (no overlap, no gap, no
+    trailing bytes) — the rules of the reference implementation (safetensors ``Metadata::validate``).
+
+    Args:
+        path: the file (for messages).
+        raw: the N header bytes after the 8-byte length.
+        file_size: the file's size in bytes.
+
+    Returns:
+        (tensors by name with absolute offsets, metadata).
+
+    Raises:
+        CheckpointError: naming the file, the tensor and what is wrong, with the fix.
+    """
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    name: str | None = None
+    try:
+        if not raw:
+            raise _Refused("the header is empty (length 0): not a safetensors file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Refused(f"the header is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {8 + exc.start})") from None
+        try:
+            header = loads_strict(text)
+        except StrictJsonError as exc:
+            raise _Refused(f"the header is {exc}" if str(exc).startswith("not ") else f"the header: {exc}") from None
+        if not isinstance(header, dict):
+            raise _Refused(f"the header is a JSON {_json_type(header)}, not an object of tensors")
+        if not raw.startswith(b"{"):  # the reference reader requires it (no leading whitespace or BOM)
+            raise _Refused(f"the header does not start with '{{' (first byte 0x{raw[0]:02x})")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise _Refused("__metadata__ must be an object of string → string")
+        spans = []
+        for name, entry in header.items():
+            if (problem := _name_problem(name)) is not None:
+                raise _Refused(problem)
+            spans.append((*_entry(name, entry, data_size), name))
+        name = None
+        cursor, previous = 0, None
+        for _, _, begin, end, name in sorted(spans, key=lambda s: (s[2], s[3])):
+            if begin < cursor:
+                raise _Refused(f"bytes [{begin}, {end}) overlap tensor {show_name(previous)} (which ends at {cursor})")
+            if begin > cursor:
+                raise _Refused(f"starts at byte {begin}, leaving a gap of {begin - cursor} bytes after "
+                               + (f"tensor {show_name(previous)}" if previous is not None else "the header"))
+            cursor, previous = end, name
+        name = None
+        if cursor != data_size:
+            raise _Refused(f"{data_size - cursor} bytes follow the last tensor's data (the ranges do not cover the data section)")
+    except _Refused as exc:
+        where = f"{path}: tensor {show_name(name)}: " if name is not None else f"{path}: "
+        raise CheckpointError(where + str(exc), _FIX) from None
+    tensors = {n: TensorInfo(n, dtype, shape, data_start + b, data_start + e) for dtype, shape, b, e, n in spans}
+    return tensors, metadata
+
+
+def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
+    chunks, done = [], 0
+    while done < nbytes:
+        chunk = os.pread(fd, min(nbytes - done, 64 << 20), offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def read_header_fd(path: Path, fd: int) -> tuple[dict[str, TensorInfo], dict[str, str], bytes, os.stat_result]:
+    """``read_header`` on an open file descriptor; also returns the ``fstat`` the checks were made against.
+
+    Raises:
+        CheckpointError: see ``validate_header``; also a length field that does not fit the file.
+    """
+    try:
+        stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode):
+            raise CheckpointError(f"{path}: not a regular file", "point at a folder of safetensors files")
+        head = _pread_exact(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({len(head)} bytes, no header)", "re-download this file")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header length {length} exceeds the safetensors limit of {MAX_HEADER_BYTES} bytes", _FIX)
+        if 8 + length > stat.st_size:
+            raise CheckpointError(f"{path}: truncated inside its header ({stat.st_size} bytes on disk, the header needs {8 + length})", "re-download this file")
+        raw = _pread_exact(fd, length, 8)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})", "check the file and its permissions") from None
+    if len(raw) < length:
+        raise CheckpointError(f"{path}: shrank while its header was read", "make sure nothing writes the file, then run again")
+    tensors, metadata = validate_header(path, raw, stat.st_size)
+    return tensors, metadata, raw, stat
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
-    """Parse a safetensors header and check the file is long enough for every tensor.
+    """Parse and validate a safetensors header (``validate_header``) without reading tensor data.
 
     Returns:
         (tensors by name, ``__metadata__``, raw header bytes).
 
     Raises:
-        CheckpointError: unreadable, malformed or truncated file.
+        CheckpointError: unreadable, malformed, lying or truncated file.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)", "re-download this shard")
-            (length,) = struct.unpack("<Q", head)
-            if length > _MAX_HEADER:
-                raise CheckpointError(f"{path}: corrupt safetensors header length {length}", "re-download this shard")
-            if 8 + length > size:
-                raise CheckpointError(f"{path}: truncated inside its header ({size} bytes on disk)", "re-download this shard")
-            raw = fh.read(length)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})", "check the file and its permissions") from exc
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})", "check the file and its permissions") from None
     try:
-        header = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON", "re-download this shard") from exc
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + length
-    tensors: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = tuple(int(d) for d in entry["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: damaged header entry for tensor {name}", "re-download this shard") from exc
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}", "convert the shard to safetensors with a standard dtype")
-        if end - begin != math.prod(shape) * DTYPES[dtype][1]:
-            raise CheckpointError(f"{path}: tensor {name} byte range does not match its shape {list(shape)}", "re-download this shard")
-        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
-        data_end = max(data_end, end)
-    if data_start + data_end > size:
-        raise CheckpointError(
-            f"{path}: truncated: {size} bytes on disk, the header needs {data_start + data_end}",
-            "the download was interrupted; fetch the model again",
-        )
+        tensors, metadata, raw, _ = read_header_fd(Path(path), fd)
+    finally:
+        os.close(fd)
     return tensors, metadata, raw
 
 
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
+
+
 class SafetensorsReader:
-    """Read whole tensors or row ranges of one safetensors file with positioned reads."""
+    """Read whole tensors or row ranges of one validated safetensors file with positioned reads.
+
+    The header is validated on the descriptor the reads use, and the file's identity, size and modification time
+    are kept: a file replaced, grown or shrunk afterwards is refused (``check_unchanged``, and on reopening).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.tensors, self.metadata, self.header_bytes = read_header(self.path)
-        self._fd: int | None = None
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot be read ({exc.strerror})", "check the file and its permissions") from None
+        try:
+            self.tensors, self.metadata, self.header_bytes, self._stat = read_header_fd(self.path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
 
     def fileno(self) -> int:
-        """The file descriptor reads use (opened on first use)."""
+        """The file descriptor reads use (reopened after ``close``; the file must be the one validated)."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fd = os.open(self.path, _OPEN_FLAGS)
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: cannot be read ({exc.strerror})", "check the file and its permissions") from None
+            self._fd = fd
+            self.check_unchanged()
         return self._fd
+
+    def check_unchanged(self) -> None:
+        """Refuse a file that changed since its header was validated (size, modification time, identity).
+
+        Raises:
+            CheckpointError: it changed.
+        """
+        if self._fd is None:
+            return
+        if not _same_file(os.fstat(self._fd), self._stat):
+            raise CheckpointError(f"{self.path}: changed while yitrt was reading it", "make sure nothing writes the model folder, then run again")
 
     def read(self, name: str, rows: tuple[int, int] | None = None):
         """Return a tensor (a fresh CPU buffer) or rows ``[start, stop)`` of its first dimension.
 
         Rows beyond the tensor's end are not allowed; callers pad themselves.
+
+        Raises:
+            CheckpointError: the file ended early (it shrank after validation).
         """
         import torch
 
@@ -152,9 +320,15 @@ class SafetensorsReader:
         while done < nbytes:
             n = os.preadv(fd, [view[done:]], begin + done)
             if n <= 0:
-                raise CheckpointError(f"{self.path}: unexpected end of file reading {name}", "re-download this shard")
+                raise CheckpointError(f"{self.path}: ended early reading tensor {show_name(name)} (the file shrank)", "make sure nothing writes the file, then run again")
             done += n
         return buf.view(getattr(torch, DTYPES[info.dtype][0])).reshape(shape)
+
+    def read_all(self) -> dict[str, Any]:
+        """Every tensor of the file, by name (fresh CPU buffers), then ``check_unchanged``."""
+        tensors = {name: self.read(name) for name in self.tensors}
+        self.check_unchanged()
+        return tensors
 
     def close(self) -> None:
         """Close the file descriptor (reads reopen it)."""
@@ -162,238 +336,18 @@ class SafetensorsReader:
             os.close(self._fd)
             self._fd = None
 
+    def __enter__(self) -> SafetensorsReader:
+        return self
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    """A tensor a writer will receive: name, safetensors dtype code and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of data."""
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-class WriteQueue:
-    """One background thread that runs queued I/O tasks in order: writes of transformed chunks and the hashing
-    of finished file regions overlap with the main thread's reading and kernel copies (both release the GIL).
-    At most ``depth`` tasks wait at a time, which bounds the buffers they hold."""
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """All tensors of a safetensors file, validated first (the replacement of ``safetensors.torch.load_file``).
 
-    def __init__(self, depth: int = 3) -> None:
-        import queue
-        import threading
-
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="yitrt-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if self._error is None:
-                    fn, args = item
-                    fn(*args)
-            except BaseException as exc:  # surfaced to the producer at its next call
-                self._error = exc
-            finally:
-                self._queue.task_done()
-
-    def put(self, fn, *args) -> None:
-        """Queue ``fn(*args)``; buffers among the args must not change afterwards."""
-        self._raise()
-        self._queue.put((fn, args))
-
-    def flush(self) -> None:
-        """Wait until every queued task is done; re-raise a task's error."""
-        self._queue.join()
-        self._raise()
-
-    def close(self) -> None:
-        """Stop the thread after the queued work."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-
-def pwrite_all(fd: int, data, offset: int) -> None:
-    """Write a whole buffer at an absolute offset."""
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
-    """Copy bytes between files inside the kernel (``copy_file_range``, as ``cp`` does), with a read/write fallback
-    where the kernel or filesystem refuses it."""
-    done = 0
-    while done < nbytes:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
-        except OSError:
-            n = 0
-        if n <= 0:  # unsupported or cross-device: copy through user space
-            chunk = os.pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
-            if not chunk:
-                raise CheckpointError(f"unexpected end of a source file at offset {src_offset + done}", "re-download the model")
-            pwrite_all(dst_fd, chunk, dst_offset + done)
-            n = len(chunk)
-        done += n
-
-
-def new_hasher():
-    """The content hash of artifact files: BLAKE3 (cryptographic, about twice sha256's speed here)."""
-    import blake3
-
-    return blake3.blake3()
-
-
-class StreamingWriter:
-    """Write a safetensors file whose tensor table is known in advance.
-
-    The header is written first; tensor bytes then arrive either in order (``write``/``append``, whole tensors or
-    row chunks) or at explicit offsets (``write_at``, ``copy_at`` for kernel-side copies from a source file). Every
-    byte range is recorded, and ``close`` checks that each planned tensor was filled exactly once — so a file is
-    complete and consistent with its header, or the conversion fails.
+    Raises:
+        CheckpointError: see ``validate_header``.
     """
-
-    def __init__(
-        self, path: Path, plan: list[PlannedTensor], metadata: dict[str, str] | None = None, queue: WriteQueue | None = None
-    ) -> None:
-        self.path = Path(path)
-        self.plan = plan
-        self._queue = queue
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
-        for item in plan:
-            header[item.name] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [offset, offset + item.nbytes]}
-            offset += item.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as the reference writer does
-        data_start = 8 + len(raw)
-        self._items = {item.name: item for item in plan}
-        self._start = {item.name: data_start + header[item.name]["data_offsets"][0] for item in plan}
-        self._ranges: dict[str, list[tuple[int, int]]] = {item.name: [] for item in plan}
-        self._appended: dict[str, int] = {}  # bytes appended so far per tensor (append/write)
-        self.size = data_start + offset
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        pwrite_all(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self._fd, self.size)
-        self._hasher = new_hasher()
-        self._hashed = 0  # bytes of the file hashed so far (always a finished prefix)
-
-    def end_of(self, name: str) -> int:
-        """Absolute file offset just after planned tensor ``name``."""
-        return self._start[name] + self._items[name].nbytes
-
-    def hash_through(self, offset: int) -> None:
-        """Hash the file up to ``offset``, which must be the end of a finished prefix (queued when there is a
-        queue, so it runs after the writes queued before it). Tensors are written in plan order, so the prefix
-        up to a finished tensor is final; hashing it now, while it is in the page cache, saves a pass at the end."""
-        if self._queue is not None:
-            self._queue.put(self._hash_now, offset)
-        else:
-            self._hash_now(offset)
-
-    def _hash_now(self, offset: int) -> None:
-        import mmap
-
-        while self._hashed < offset:
-            start = self._hashed - self._hashed % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned
-            length = min(_HASH_WINDOW, offset - start)
-            with mmap.mmap(self._fd, length, offset=start, access=mmap.ACCESS_READ) as window:
-                with memoryview(window) as view:
-                    self._hasher.update(view[self._hashed - start :])
-            self._hashed = start + length
-
-    # -- random access ------------------------------------------------------------------------------------
-    def _claim(self, name: str, rel: int, nbytes: int) -> int:
-        item = self._items.get(name)
-        if item is None:
-            raise ValueError(f"{self.path.name}: {name} is not planned")
-        if rel < 0 or rel + nbytes > item.nbytes:
-            raise ValueError(f"{self.path.name}: bytes [{rel}, {rel + nbytes}) outside {name} ({item.nbytes} bytes)")
-        self._ranges[name].append((rel, rel + nbytes))
-        return self._start[name] + rel
-
-    def write_at(self, name: str, rel: int, data) -> None:
-        """Write raw bytes at byte ``rel`` of tensor ``name`` (queued when the writer has a queue)."""
-        data = memoryview(data).cast("B")
-        offset = self._claim(name, rel, len(data))
-        if self._queue is not None:
-            self._queue.put(pwrite_all, self._fd, data, offset)
-        else:
-            pwrite_all(self._fd, data, offset)
-
-    def copy_at(self, name: str, rel: int, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Copy ``nbytes`` from a source file into tensor ``name`` at byte ``rel`` (kernel-side, synchronous)."""
-        copy_range(src_fd, src_offset, self._fd, self._claim(name, rel, nbytes), nbytes)
-
-    # -- whole tensors and row chunks --------------------------------------------------------------------
-    def append(self, name: str, chunk) -> None:
-        """Append rows to planned tensor ``name`` after the rows appended so far (a whole tensor is one chunk).
-
-        Raises:
-            ValueError: unplanned name, wrong dtype or trailing dims, or more rows than planned (a yitrt bug).
-        """
-        item = self._items.get(name)
-        dtype = CODES.get(str(chunk.dtype).removeprefix("torch."))
-        shape = tuple(chunk.shape)
-        fits = item is not None and (shape == item.shape or (len(shape) == len(item.shape) > 0 and shape[1:] == item.shape[1:]))
-        if item is None or item.dtype != dtype or not fits:
-            planned = f"{item.dtype} {list(item.shape)}" if item else "nothing"
-            raise ValueError(f"{self.path.name}: got {name} {dtype} {list(shape)}, planned {planned}")
-        import torch
-
-        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-        position = self._appended.get(name, 0)
-        self.write_at(name, position, data)
-        self._appended[name] = position + data.nbytes
-
-    def write(self, name: str, tensor) -> None:
-        """Write planned tensor ``name`` whole (see ``append``)."""
-        item = self._items.get(name)
-        if item is not None and tuple(tensor.shape) != item.shape:
-            raise ValueError(f"{self.path.name}: {name} has shape {list(tensor.shape)}, planned {list(item.shape)}")
-        self.append(name, tensor)
-
-    def close(self) -> tuple[int, str]:
-        """Finish the file, check every planned tensor was filled exactly once; return (size, BLAKE3 hex digest).
-
-        Raises:
-            ValueError: a tensor has gaps or overlapping writes (a yitrt bug).
-        """
-        if self._queue is not None:
-            self._queue.flush()
-        self._hash_now(self.size)
-        digest = self._hasher.hexdigest()
-        os.close(self._fd)
-        self._fd = -1
-        for name, ranges in self._ranges.items():
-            covered = 0
-            for start, stop in sorted(ranges):
-                if start != covered:
-                    problem = "overlapping writes" if start < covered else f"a gap at byte {covered}"
-                    raise ValueError(f"{self.path.name}: {name} has {problem}")
-                covered = stop
-            if covered != self._items[name].nbytes:
-                raise ValueError(f"{self.path.name}: {name} was not fully written ({covered} of {self._items[name].nbytes} bytes)")
-        return self.size, digest
-
-    def abort(self) -> None:
-        """Close without checks (the caller discards the file)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    with SafetensorsReader(path) as reader:
+        return reader.read_all()

@@ -116,7 +116,8 @@ def copy_pieces(cfg: ModelConfig, tensor: ResolvedTensor, tp: int, source: Sourc
                 batch = iov[k : k + _IOV_MAX]
                 want = len(batch) * width
                 if os.preadv(fd, batch, offset) != want:
-                    raise CheckpointError(f"{part.name}: short read from {info.file}", "re-download the model")
+                    raise CheckpointError(f"{source.folder / info.file}: ended early reading tensor {part.name} (the file shrank)",
+                                          "make sure nothing writes the model folder, then run again")
                 offset += want
             for tp_rank, writer in enumerate(writers):
                 writer.write_at(name, start * width, buffers[tp_rank])
@@ -130,7 +131,8 @@ def copy_pieces(cfg: ModelConfig, tensor: ResolvedTensor, tp: int, source: Sourc
                 writer.write_at(name, rel, bytes(nbytes))
             else:
                 fd, base = source.location(seg.source)
-                writer.copy_at(name, rel, fd, base + seg.rows[0] * row_bytes, nbytes)
+                label = str(source.folder / source.tensors[seg.source].file)
+                writer.copy_at(name, rel, fd, base + seg.rows[0] * row_bytes, nbytes, label)
             rel += nbytes
         written += rel
     return written

@@ -21,6 +21,7 @@ from yitrt.cli import render
 from yitrt.cli.options import (
     EXISTING_DIR,
     EXISTING_FILE,
+    AllowNonfiniteOpt,
     AllowPickleOpt,
     CheckpointArg,
     ComputeDtypeChoice,
@@ -134,13 +135,15 @@ def _artifact_result(result, out: Path, json_: bool, same: str) -> dict | None:
     return data
 
 
-def _convert(model, out, dtype, tp, pp, scheme, kv_cache, parallel_embedding, revision, allow_pickle, force, json_, gpu=None) -> None:
+def _convert(model, out, dtype, tp, pp, scheme, kv_cache, parallel_embedding, revision, allow_pickle, force, json_, gpu=None,
+             allow_nonfinite: bool = False) -> None:
     from yitrt.checkpoint.convert import ConvertRequest, convert
 
     resolved = _resolve(model, revision, allow_pickle=allow_pickle)
     request = ConvertRequest(
         model_dir=resolved.path, out=out, dtype=dtype, tp=tp, pp=pp, scheme=scheme, kv_cache=kv_cache,
         parallel_embedding=parallel_embedding, allow_pickle=allow_pickle, force=force, model_ref=resolved.repo_id, gpu=gpu,
+        allow_nonfinite=allow_nonfinite,
     )
     with render.byte_progress("convert", not json_) as progress:
         result = convert(request, progress)
@@ -166,11 +169,13 @@ def convert(
     parallel_embedding: ParallelEmbeddingOpt = True,
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Convert an HF model to a TensorRT-LLM checkpoint (bf16/fp16), sharded for TP × PP, streaming."""
-    _convert(model, out, dtype.value, tp, pp, "none", kv_cache.value if kv_cache else None, parallel_embedding, revision, allow_pickle, force, json_)
+    _convert(model, out, dtype.value, tp, pp, "none", kv_cache.value if kv_cache else None, parallel_embedding, revision, allow_pickle, force, json_,
+             allow_nonfinite=allow_nonfinite)
 
 
 def _calibrated_help() -> str:
@@ -202,6 +207,7 @@ def quantize(
     parallel_embedding: ParallelEmbeddingOpt = True,
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -214,7 +220,8 @@ def quantize(
         given = [name for name, value in calib_options.items() if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to calibrated schemes; {scheme.value} is data-free", "drop them, or pick a calibrated --scheme")
-        _convert(model, out, dtype.value, tp, pp, scheme.value, kv, parallel_embedding, revision, allow_pickle, force, json_, gpu=gpu)
+        _convert(model, out, dtype.value, tp, pp, scheme.value, kv, parallel_embedding, revision, allow_pickle, force, json_, gpu=gpu,
+                 allow_nonfinite=allow_nonfinite)
         return
     if not parallel_embedding:
         raise UsageError("--no-parallel-embedding applies to data-free schemes (ModelOpt's exporter splits the embedding)", "drop it")
@@ -226,7 +233,7 @@ def quantize(
         model_dir=resolved.path, out=out, scheme=scheme.value, kv_cache=kv, tp=tp, pp=pp, dtype=dtype.value, calib=calib,
         calib_size=calib_size, calib_seq_len=calib_seq_len, calib_batch_size=calib_batch_size or 0,
         awq_block_size=awq_block_size, seed=seed or 0, device=device.value, gpu=gpu, allow_pickle=allow_pickle, force=force,
-        model_ref=resolved.repo_id, eval_tokens=eval_tokens, eval_window=eval_window,
+        model_ref=resolved.repo_id, eval_tokens=eval_tokens, eval_window=eval_window, allow_nonfinite=allow_nonfinite,
     )
     with render.stage_progress(not json_) as progress:
         result = run_quantize(request, progress)

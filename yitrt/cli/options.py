@@ -73,3 +73,7 @@ def check_distinct_ports(ports: dict[str, int]) -> None:
         if port in seen:
             raise UsageError(f"{seen[port]} and {option} are both {port}", "give each endpoint its own port")
         seen[port] = option
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option("--allow-nonfinite", help="Keep NaN/Inf weights (and casts that overflow to Inf) instead of refusing them; each is reported as a warning."),
+]

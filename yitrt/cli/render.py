@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -27,9 +28,9 @@ _json_stream = None
 
 
 def emit_json(data: dict[str, Any]) -> None:
-    """Write one JSON object on stdout."""
+    """Write one JSON object on stdout (NaN/Inf, which JSON cannot hold, become null)."""
     stream = _json_stream or sys.stdout
-    stream.write(json.dumps(data, indent=2, default=str) + "\n")
+    stream.write(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
     stream.flush()
 
 
@@ -64,6 +65,16 @@ def json_stdout() -> Iterator[None]:
             os.close(saved)
         else:
             sys.stdout = original
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def warn(message: str) -> None:

@@ -34,6 +34,7 @@ class ModelReport:
     invalid_tp: dict[int, list[str]] = field(default_factory=dict)
     valid_pp: list[int] = field(default_factory=list)
     invalid_pp: dict[int, list[str]] = field(default_factory=dict)
+    weights: dict[str, Any] | None = None  # the checked safetensors files (None: none are here, e.g. metadata only)
 
     @property
     def params(self) -> int:
@@ -101,6 +102,7 @@ class ModelReport:
                 "candidates": [c.repo_id for c in self.match.candidates],
             },
             "pitfalls": [{"id": p.id, "text": p.text, "source": p.source} for p in self.pitfalls()],
+            "weights": self.weights,
         }
 
     def pitfalls(self):
@@ -176,8 +178,29 @@ def find_chat_end_id(model_dir: Path, cfg: ModelConfig, match: RegistryMatch) ->
     return candidates[0][0], candidates[0][1]
 
 
+def weight_files_summary(model_dir: Path) -> dict[str, Any] | None:
+    """Check the safetensors weights of a folder without reading tensor data — every header proven
+    (``safetensors_io.validate_header``) and the index against the shards — and summarise them; None when the
+    folder holds no ``*.safetensors`` file (a metadata-only download).
+
+    Raises:
+        CheckpointError: a damaged or lying header, index or shard set.
+    """
+    from yitrt.checkpoint.source import SourceCheckpoint
+
+    if not any(Path(model_dir).glob("*.safetensors")):
+        return None
+    with SourceCheckpoint(model_dir) as source:
+        by_dtype: dict[str, int] = {}
+        for tensor in source.tensors.values():
+            by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + 1
+        return {"files": source.files, "tensors": len(source.tensors), "dtypes": by_dtype,
+                "bytes": source.data_bytes}
+
+
 def describe_model(model_dir: Path, repo_id: str | None = None) -> ModelReport:
-    """Build the inspect report of a model folder (only config and tokenizer files are read).
+    """Build the inspect report of a model folder (config and tokenizer files, and the safetensors headers —
+    checked, no tensor data is read).
 
     Args:
         model_dir: local folder with config.json.
@@ -189,7 +212,7 @@ def describe_model(model_dir: Path, repo_id: str | None = None) -> ModelReport:
     cfg = load_config(model_dir)
     match = load_registry().match(cfg, repo_id)
     end_id, end_source = find_chat_end_id(Path(model_dir), cfg, match)
-    report = ModelReport(str(repo_id or model_dir), cfg, match, end_id, end_source)
+    report = ModelReport(str(repo_id or model_dir), cfg, match, end_id, end_source, weights=weight_files_summary(Path(model_dir)))
     for tp in TP_CANDIDATES:
         if problems := tp_problems(cfg, tp):
             report.invalid_tp[tp] = problems

@@ -32,6 +32,7 @@ from yitrt.errors import UsageError
 from yitrt.models.config import ModelConfig
 from yitrt.plan.gpus import MIB, Gpu
 from yitrt.quant.schemes import KV_BYTES_FP16, KvCacheFormat, Scheme
+from yitrt.verdict import measured
 
 #: CUDA context (~0.5 GiB with lazy module loading), cuBLAS/TensorRT workspaces and the executor's fixed buffers.
 RUNTIME_BASE_BYTES = 1536 * MIB
@@ -65,6 +66,25 @@ class Workload:
     max_num_tokens: int | None = None
     kv_fraction: float = DEFAULT_KV_FRACTION
     tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK
+
+    def __post_init__(self) -> None:
+        """Refuse a workload no plan can be computed for (a zero, negative or NaN size would size the KV pool
+        in negative or NaN tokens).
+
+        Raises:
+            UsageError: every problem at once.
+        """
+        problems = []
+        for name in ("isl", "osl", "tokens_per_block", "max_seq_len", "max_batch_size", "max_num_tokens"):
+            value = getattr(self, name)
+            if value is None and name.startswith("max_"):
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not (measured(self.kv_fraction) and 0 < self.kv_fraction <= 1):
+            problems.append(f"kv_fraction must be a number in (0, 1], got {self.kv_fraction!r}")
+        if problems:
+            raise UsageError("; ".join(problems), "pass positive sizes and a KV fraction such as 0.9")
 
     def with_hints(self, hints: dict[str, int]) -> Workload:
         """The limits this workload leaves open, filled from ``hints`` (a plugin profile's)."""
@@ -178,8 +198,9 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        """Whether the model, its buffers and at least one ISL+OSL sequence fit every rank."""
-        return not self.problems
+        """Whether the model, its buffers and at least one ISL+OSL sequence fit every rank (never on a plan
+        that holds no KV token or no sequence, whatever ``problems`` says)."""
+        return not self.problems and self.kv_tokens > 0 and self.max_concurrent >= 1
 
     def to_json(self) -> dict[str, Any]:
         """JSON object of the plan."""

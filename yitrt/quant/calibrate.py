@@ -79,6 +79,8 @@ class QuantizeRequest:
         model_ref: the HF repo id the folder came from, if any.
         eval_tokens, eval_window: the evaluation recorded for ``yitrt verify`` (its ``--eval-tokens`` and
             ``--window``; the defaults are verify's, so a plain ``yitrt verify`` runs the pipeline check).
+        allow_nonfinite: keep NaN/Inf in the loaded weights and the exported files instead of refusing them
+            (each is reported as a warning).
     """
 
     model_dir: Path
@@ -101,6 +103,7 @@ class QuantizeRequest:
     model_ref: str | None = None
     eval_tokens: int = EVAL_TOKENS
     eval_window: int = EVAL_WINDOW
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -308,6 +311,8 @@ def quantize(req: QuantizeRequest, progress: ProgressFn | None = None) -> Quanti
         "calib_size": req.calib_size, "calib_seq_len": req.calib_seq_len, "seed": req.seed,
         "target_trtllm": TARGET_TRTLLM, "model_ref": req.model_ref,
     }
+    if req.allow_nonfinite:  # part of the key: an artifact that kept NaN/Inf is never reused by a strict run
+        params["allow_nonfinite"] = True
     inputs = {"model": model_fingerprint, "calibration": calib_digest}
     key = artifact_key(STAGE, params, inputs)
     if not req.force and (manifest := find_reusable(req.out, STAGE, key)) is not None:
@@ -339,6 +344,7 @@ def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, sa
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     load_dtype = getattr(torch, dtype) if device.type == "cuda" else torch.float32  # CPU: exact float32 arithmetic
     model = load_original(req.model_dir, device, load_dtype, req.allow_pickle, device_map="auto" if gpus > 1 else None)
+    notes += check_finite_parameters(model, req.model_dir, str(load_dtype).removeprefix("torch."), req.allow_nonfinite, req.allow_pickle)
     timings["load"] = time.perf_counter() - t0
 
     batch = req.calib_batch_size or _auto_batch(cfg, req.calib_seq_len, device)
@@ -362,7 +368,7 @@ def _run(req, cfg, plan: Plan, dtype: str, params, inputs, calib_source: str, sa
         fake_quant = evaluate_calibrated(model, windows, windows_digest(windows), req.eval_tokens, req.eval_window, dtype)
         timings["evaluate"] = time.perf_counter() - t0
         say("checking the export against its config", None, None)
-        notes += _check_export(art.path, plan, dtype)
+        notes += _check_export(art.path, plan, dtype, req.allow_nonfinite)
         calibration = {
             "source": calib_source, "documents": calib.documents, "documents_used": calib.documents_used,
             "sequences": len(calib.sequences), "seq_len": req.calib_seq_len, "tokens": sum(map(len, calib.sequences)),
@@ -493,8 +499,9 @@ def _restore_vocab(folder: Path, config: dict[str, Any], vocab_size: int) -> Non
     which can beat every real token — and the checkpoint would no longer match its tokenizer. The table is cut
     back to the model's vocab and re-split as TensorRT-LLM splits it (zero rows only up to a multiple of tp)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from yitrt.checkpoint.safetensors_io import SafetensorsReader, load_safetensors
 
     if config["vocab_size"] == vocab_size:
         return
@@ -505,10 +512,10 @@ def _restore_vocab(folder: Path, config: dict[str, Any], vocab_size: int) -> Non
         split = tp > 1 and (name == "lm_head.weight" or by_rows)
         pieces = []
         for rank in ranks if split else ranks[:1]:
-            with safe_open(str(folder / f"rank{rank}.safetensors"), framework="pt") as f:
-                if name not in f.keys():
+            with SafetensorsReader(folder / f"rank{rank}.safetensors") as f:
+                if name not in f.tensors:
                     break
-                pieces.append(f.get_tensor(name))
+                pieces.append(f.read(name))
         if not pieces:
             continue
         table = torch.cat(pieces)[:vocab_size]
@@ -517,19 +524,20 @@ def _restore_vocab(folder: Path, config: dict[str, Any], vocab_size: int) -> Non
             table = torch.cat([table, table.new_zeros(rows * tp - vocab_size, table.shape[1])])
         for i, rank in enumerate(ranks):
             path = folder / f"rank{rank}.safetensors"
-            tensors = load_file(str(path))
+            tensors = load_safetensors(path)
             tensors[name] = (table.chunk(tp)[i] if split else table).contiguous()
             save_file(tensors, str(path), metadata={"format": "pt"})
     config["vocab_size"] = vocab_size
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _check_export(folder: Path, plan: Plan, dtype: str) -> list[str]:
-    """Every expected tensor per rank present with the right shape and dtype, and the config saying what
-    was asked for; returns the layout check's warnings.
+def _check_export(folder: Path, plan: Plan, dtype: str, allow_nonfinite: bool = False) -> list[str]:
+    """Every expected tensor per rank present with the right shape and dtype, no NaN/Inf in any floating-point
+    tensor (a diverged scale), and the config saying what was asked for; returns the warnings.
 
     Raises:
         CheckpointError: the export differs from its config or from the request.
+        QuantizationError: a tensor holds NaN/Inf (unless ``allow_nonfinite``).
     """
     from yitrt.reference.layout import check_checkpoint
     from yitrt.reference.spec import load_spec
@@ -543,4 +551,57 @@ def _check_export(folder: Path, plan: Plan, dtype: str) -> list[str]:
     if got != wanted:
         diffs = ", ".join(f"{k} {got[k]} (asked {wanted[k]})" for k in wanted if got[k] != wanted[k])
         raise CheckpointError(f"ModelOpt's export does not match the request: {diffs}", "report it with the ModelOpt version (yitrt --version)")
-    return check_checkpoint(spec)
+    warnings = check_checkpoint(spec)
+    return warnings + _check_export_finite(folder, spec.world_size, allow_nonfinite)
+
+
+def _check_export_finite(folder: Path, world_size: int, allow_nonfinite: bool) -> list[str]:
+    """No NaN/Inf in the exported rank files (read back while they are in the page cache; calibration, not this
+    read, dominates quantize's time)."""
+    from yitrt.checkpoint.finite import has_nonfinite
+    from yitrt.checkpoint.safetensors_io import SafetensorsReader
+
+    kept = []
+    for rank in range(world_size):
+        with SafetensorsReader(folder / f"rank{rank}.safetensors") as reader:
+            for name, info in reader.tensors.items():
+                if has_nonfinite(reader.read(name).reshape(-1).view(_torch().uint8).numpy(), info.dtype):
+                    if not allow_nonfinite:
+                        raise QuantizationError(f"ModelOpt's export holds NaN or Inf in rank{rank}.safetensors tensor {name} (calibration diverged)",
+                                                "try another --calib or scheme; --allow-nonfinite keeps the values")
+                    kept.append(f"rank{rank}:{name}")
+    return [f"{len(kept)} exported tensor(s) hold NaN or Inf and were kept (--allow-nonfinite): {', '.join(kept[:3])}"] if kept else []
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def check_finite_parameters(model, model_dir: Path, loaded_dtype: str, allow_nonfinite: bool, allow_pickle: bool = False) -> list[str]:
+    """Refuse NaN/Inf in a loaded model's parameters (in memory: no extra read of the weights), naming the source
+    tensor and file that hold them, or the one whose values overflowed ``loaded_dtype``.
+
+    Returns:
+        Warnings (the parameters kept with NaN/Inf when ``allow_nonfinite``).
+
+    Raises:
+        CheckpointError: a parameter is not finite and ``allow_nonfinite`` is False.
+    """
+    from yitrt.checkpoint.finite import tensor_has_nonfinite
+    from yitrt.checkpoint.source import NONFINITE_HINT
+    from yitrt.reference.original import LEGACY_RENAMES
+
+    bad = [name for name, param in model.named_parameters() if tensor_has_nonfinite(param.data)]
+    if not bad:
+        return []
+    if allow_nonfinite:
+        return [f"{len(bad)} weight(s) hold NaN or Inf and were kept (--allow-nonfinite): {', '.join(bad[:3])}"]
+    candidates = [bad[0]] + [bad[0].replace(new, old) for old, new in LEGACY_RENAMES if bad[0].endswith(new)]
+    with SourceCheckpoint(model_dir, allow_pickle=allow_pickle) as source:
+        names = [n for n in candidates if n in source.tensors]
+        if bad[0] == "lm_head.weight" and not names and "model.embed_tokens.weight" in source.tensors:
+            names = ["model.embed_tokens.weight"]  # tied
+        found = source.nonfinite_error(names, loaded_dtype) if names else None
+    raise found or CheckpointError(f"{model_dir}: weight {bad[0]} holds NaN or Inf once loaded", NONFINITE_HINT)

@@ -10,7 +10,7 @@ all-reduce.
 
 from __future__ import annotations
 
-from yitrt.checkpoint.safetensors_io import PlannedTensor
+from yitrt.checkpoint.safetensors_writer import PlannedTensor
 from yitrt.quant.schemes import Encoding, Scheme
 
 FP8_MAX = 448.0

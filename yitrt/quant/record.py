@@ -10,11 +10,11 @@ scale its quantizers hold.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 from yitrt.errors import QuantizationError
 from yitrt.quant.data_free import FP8_MAX
+from yitrt.verdict import bound_failure, measured, nothing_judged
 
 
 def evaluate_calibrated(model, windows: list[list[int]], digest: str, eval_tokens: int, window: int, dtype: str) -> dict[str, Any]:
@@ -38,13 +38,19 @@ def evaluate_calibrated(model, windows: list[list[int]], digest: str, eval_token
         with _as_stored(model, dtype) as stored, _in_float32(model, stored):
             logits = score_original(model, windows)
     weights_only = perplexity(logits, windows)
-    if not (math.isfinite(full) and math.isfinite(weights_only)):
-        raise QuantizationError("the calibrated model's perplexity is not finite (calibration diverged)", "try another --calib or scheme")
+    positions = sum(len(w) for w in windows)
+    scales = recorded_scales(model)
+    problems = [p for p in (nothing_judged("positions evaluated", positions),
+                            bound_failure("the calibrated model's perplexity", full, minimum=1.0),
+                            bound_failure("its perplexity with weights as stored", weights_only, minimum=1.0)) if p]
+    problems += [f"scale {key} is {value!r}" for key, value in scales.items() if not (measured(value) and value > 0)][:3]
+    if problems:  # the record verify trusts must never hold a figure that is not a number
+        raise QuantizationError("calibration diverged: " + "; ".join(problems), "try another --calib or scheme")
     return {
         "ppl": full, "windows_digest": digest, "eval_tokens": eval_tokens, "window": window,
-        "positions": sum(len(w) for w in windows), "compute_dtype": "float32",
+        "positions": positions, "compute_dtype": "float32",
         "weights_only": {"ppl": weights_only, "top1": [row.argmax(-1).tolist() for row in logits]},
-        "scales": recorded_scales(model),
+        "scales": scales,
     }
 
 

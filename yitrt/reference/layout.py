@@ -222,3 +222,14 @@ def check_checkpoint(spec: CheckpointSpec) -> list[str]:
     if problems:
         raise CheckpointError(f"{spec.path}: checkpoint does not match its config.json: " + "; ".join(problems), "re-create the checkpoint (yitrt convert/quantize --force)")
     return warnings
+
+
+def check_rank_headers(folder: Path, world_size: int) -> None:
+    """Validate the header of every rank file of a checkpoint (``safetensors_io.validate_header``; no tensor data
+    is read), for paths that hand the files to a runtime later (``yitrt deploy --engine reference``).
+
+    Raises:
+        CheckpointError: a rank file is missing, damaged or lies in its header.
+    """
+    for rank in range(world_size):
+        read_header(Path(folder) / f"rank{rank}.safetensors")

@@ -36,10 +36,14 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def load_rank_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """All tensors of one rank file (safetensors; never pickles)."""
-    from safetensors.torch import load_file
+    """All tensors of one rank file (safetensors, header validated first; never pickles).
 
-    return {k: v.to(device) for k, v in load_file(str(path)).items()}
+    Raises:
+        CheckpointError: the file is damaged, lies in its header or changed while read.
+    """
+    from yitrt.checkpoint.safetensors_io import load_safetensors
+
+    return {k: v.to(device) for k, v in load_safetensors(path).items()}
 
 
 def make_linear(spec: CheckpointSpec, module: str, t: dict[str, torch.Tensor], compute: torch.dtype, step: Step | None = None):

@@ -1,6 +1,7 @@
 """The Hugging Face original, run with transformers, as the yardstick ``yitrt verify`` compares against.
 
-Loaded without remote code and, unless the user opts in, from safetensors only. The legacy ``YiForCausalLM``
+Loaded without remote code and, unless the user opts in, from safetensors only, after yitrt's own checks of every
+shard's header and the index (``SourceCheckpoint``): transformers never sees a file whose header lies. The legacy ``YiForCausalLM``
 layout (norms ``ln1``/``ln2``, which needed remote code) is loaded as transformers' Llama with the two norm
 names mapped — the same model, computed by transformers' own Llama code.
 """
@@ -13,10 +14,23 @@ from pathlib import Path
 
 import torch
 
+from yitrt.checkpoint.source import SourceCheckpoint
 from yitrt.errors import CheckpointError, require
 from yitrt.models.config import ModelConfig, load_config
 
-_LEGACY_RENAMES = (("ln1.weight", "input_layernorm.weight"), ("ln2.weight", "post_attention_layernorm.weight"))
+#: legacy YiForCausalLM norm names → transformers Llama names
+LEGACY_RENAMES = (("ln1.weight", "input_layernorm.weight"), ("ln2.weight", "post_attention_layernorm.weight"))
+
+
+def check_original(model_dir: Path) -> None:
+    """Prove every safetensors header of the original and its index (``SourceCheckpoint``; no tensor data is
+    read) before transformers or the legacy loader reads them; a folder without safetensors is left to the loader.
+
+    Raises:
+        CheckpointError: a damaged or lying shard or index.
+    """
+    if any(Path(model_dir).glob("*.safetensors")):
+        SourceCheckpoint(model_dir).close()
 
 
 def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, device_map: str | None = None):
@@ -25,7 +39,8 @@ def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, all
 
     Raises:
         MissingDependencyError: transformers is not installed.
-        CheckpointError: no safetensors weights (pickles need ``allow_pickle``), or weights that do not load.
+        CheckpointError: no safetensors weights (pickles need ``allow_pickle``), a damaged or lying shard or
+            index, or weights that do not load.
     """
     require("transformers", "quant")
     import transformers
@@ -36,6 +51,7 @@ def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, all
     has_safetensors = any(Path(model_dir).glob("*.safetensors"))
     if not has_safetensors and not allow_pickle:
         raise CheckpointError(f"{model_dir} has no .safetensors weights", "convert the weights to safetensors, or pass --allow-pickle to load .bin files")
+    check_original(model_dir)
     if cfg.legacy_yi:
         return _load_legacy_yi(model_dir, cfg, device, dtype)
     try:
@@ -55,7 +71,6 @@ def load_original(model_dir: Path, device: torch.device, dtype: torch.dtype, all
 
 def _load_legacy_yi(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     import transformers
-    from safetensors.torch import load_file
 
     config = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -67,12 +82,14 @@ def _load_legacy_yi(model_dir: Path, cfg: ModelConfig, device: torch.device, dty
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     state = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        for name, tensor in load_file(str(path)).items():
-            for old, new in _LEGACY_RENAMES:
+    with SourceCheckpoint(model_dir) as source:
+        for name in source.tensors:
+            tensor = source.read(name).to(dtype)
+            for old, new in LEGACY_RENAMES:
                 if name.endswith(old):
                     name = name[: -len(old)] + new
-            state[name] = tensor.to(dtype)
+            state[name] = tensor
+        source.check_unchanged()
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]

@@ -27,6 +27,7 @@ from yitrt.models.config import ModelConfig, load_config
 from yitrt.reference import COMPUTE_DTYPES, EVAL_TOKENS, EVAL_WINDOW
 from yitrt.reference.layout import check_checkpoint
 from yitrt.reference.spec import CheckpointSpec, emulation_notes, load_spec
+from yitrt.verdict import bound_failure, measured, nothing_judged
 
 ProgressFn = Callable[[str], None]  # a stage description
 THRESHOLD_KEYS = ("min_top1", "max_ppl_delta_pct", "max_logit_diff_rel", "min_greedy")
@@ -108,6 +109,8 @@ def thresholds_for(spec: CheckpointSpec, overrides: dict[str, float | None] | No
     for key, value in (overrides or {}).items():
         if key not in THRESHOLD_KEYS:
             raise UsageError(f"unknown threshold {key!r}", "use one of: " + ", ".join(THRESHOLD_KEYS))
+        if value is not None and (not measured(value) or value < 0):
+            raise UsageError(f"threshold {key} must be a non-negative number, got {value!r}", "pass a finite bound")
         if value is not None:
             row[key] = value
     return row
@@ -163,22 +166,41 @@ def load_tokenizer(folder: Path):
 
 @dataclass
 class LogitComparison:
-    """Running comparison of two models' logits over many positions."""
+    """Running comparison of two models' logits over many positions. A NaN/Inf logit on either side makes the
+    maxima NaN (Python's ``max`` would drop it) and is counted in ``nonfinite``."""
 
     positions: int = 0
     top1_equal: int = 0
     max_abs: float = 0.0
     sum_abs: float = 0.0
     scale: float = 0.0  # max |reference logit|
+    nonfinite: int = 0  # positions where either model's logits are not all finite
 
     def add(self, ref, got) -> None:
         """Accumulate one sequence's float32 logits [len, vocab]."""
+        import torch
+
         diff = (ref - got).abs()
         self.positions += ref.shape[0]
         self.top1_equal += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.nonfinite += int((~torch.isfinite(ref).all(-1) | ~torch.isfinite(got).all(-1)).sum())
+        self.max_abs = _max_keeping_nan(self.max_abs, float(diff.max()))
         self.sum_abs += float(diff.mean(dim=-1).sum())
-        self.scale = max(self.scale, float(ref.abs().max()))
+        self.scale = _max_keeping_nan(self.scale, float(ref.abs().max()))
+
+    @property
+    def top1(self) -> float:
+        """Fraction of positions whose top-1 tokens agree (NaN when none were compared)."""
+        return self.top1_equal / self.positions if self.positions else math.nan
+
+    @property
+    def rel_max(self) -> float:
+        """max |Δlogit| / max |reference logit| (NaN when there is no scale)."""
+        return self.max_abs / self.scale if self.scale else math.nan
+
+
+def _max_keeping_nan(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def perplexity(logits_list, sequences: list[list[int]]) -> float:
@@ -190,7 +212,9 @@ def perplexity(logits_list, sequences: list[list[int]]) -> float:
         targets = torch.tensor(seq[1:])
         nll += float(torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum"))
         count += len(seq) - 1
-    return math.exp(nll / max(count, 1))
+    if not count or not math.isfinite(nll):
+        return math.nan  # nothing scored, or NaN/Inf logits: a figure the judges refuse
+    return math.exp(min(nll / count, 700.0))  # exp(700) is finite; beyond it the model predicts nothing
 
 
 def matched_prefix(a: list[int], b: list[int]) -> int:
@@ -226,18 +250,25 @@ class PipelineCheck:
 
     @property
     def ppl_delta_pct(self) -> float | None:
-        """Relative perplexity difference checkpoint vs calibrated model (weights only), percent."""
-        if self.ppl_checkpoint is None or not self.ppl_recorded:
+        """Relative perplexity difference checkpoint vs calibrated model (weights only), percent (None before
+        the check ran; NaN when either perplexity is not a positive finite number)."""
+        if not self.ran:
             return None
+        if not (measured(self.ppl_checkpoint) and measured(self.ppl_recorded)) or self.ppl_recorded <= 0:
+            return math.nan
         return 100.0 * (self.ppl_checkpoint - self.ppl_recorded) / self.ppl_recorded
 
     def judge(self, scale_problems: list[str]) -> None:
-        """Fill ``failures`` from the thresholds and the scale comparison."""
+        """Fill ``failures`` from the thresholds and the scale comparison (``yitrt.verdict``: a figure that is not
+        a number, or no position compared, fails)."""
         t, delta = self.thresholds, self.ppl_delta_pct
-        if delta is not None and abs(delta) > t["max_ppl_delta_pct"]:
-            self.failures.append(f"pipeline error: perplexity {self.ppl_checkpoint:.4f} vs the calibrated model's {self.ppl_recorded:.4f} ({delta:+.3f}%, bound ±{t['max_ppl_delta_pct']}%)")
-        if self.top1_agreement is not None and self.top1_agreement < t["min_top1"]:
-            self.failures.append(f"pipeline error: top-1 agreement with the calibrated model {self.top1_agreement:.4f} < {t['min_top1']}")
+        checks = [
+            nothing_judged("positions compared with the calibrated model", self.positions),
+            bound_failure(f"perplexity delta vs the calibrated model ({self.ppl_checkpoint!r} vs {self.ppl_recorded!r})", delta,
+                          maximum=t.get("max_ppl_delta_pct"), magnitude=True, fmt="+.3f", unit="%"),
+            bound_failure("top-1 agreement with the calibrated model", self.top1_agreement, minimum=t.get("min_top1")),
+        ]
+        self.failures += [f"pipeline error: {c}" for c in checks if c]
         if scale_problems:
             more = f" (and {len(scale_problems) - 3} more)" if len(scale_problems) > 3 else ""
             self.failures.append("pipeline error: scales differ from the calibrated ones: " + "; ".join(scale_problems[:3]) + more)
@@ -252,13 +283,26 @@ class PipelineCheck:
 
 
 def fake_quant_record(checkpoint: Path) -> dict[str, Any] | None:
-    """The calibrated model's evaluation that ``yitrt quantize`` stored in the manifest (None: none)."""
+    """The calibrated model's evaluation that ``yitrt quantize`` stored in the manifest (None: none).
+
+    Raises:
+        CheckpointError: a record is there but damaged (wrong types), so the pipeline check cannot be trusted.
+    """
     from yitrt.manifest import read_manifest
 
     manifest = read_manifest(checkpoint)
     record = (manifest.extra or {}).get("fake_quant") if manifest else None
-    ok = isinstance(record, dict) and isinstance(record.get("weights_only"), dict) and isinstance(record.get("scales"), dict)
-    return record if ok else None
+    if record is None:
+        return None
+    weights = record.get("weights_only") if isinstance(record, dict) else None
+    scales = record.get("scales") if isinstance(record, dict) else None
+    ok = (isinstance(weights, dict) and isinstance(scales, dict) and isinstance(weights.get("top1"), list)
+          and all(isinstance(row, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in row) for row in weights["top1"])
+          and isinstance(weights.get("ppl"), int | float) and not isinstance(weights.get("ppl"), bool)
+          and all(isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) for k, v in scales.items()))
+    if not ok:
+        raise CheckpointError(f"{checkpoint}: the manifest's record of the calibrated model is damaged", "re-create the checkpoint (yitrt quantize --force)")
+    return record
 
 
 def scale_problems(spec: CheckpointSpec, recorded: dict[str, float], rel_tol: float = 1e-5) -> list[str]:
@@ -267,7 +311,7 @@ def scale_problems(spec: CheckpointSpec, recorded: dict[str, float], rel_tol: fl
     Keys are ``"{global layer}.{module}.{tensor}"``; a KV scale may be stored as ``kv_cache_scaling_factor`` or
     as separate k/v factors, which the build merges as max(k, v) (reference §3.2).
     """
-    from safetensors import safe_open
+    from yitrt.checkpoint.safetensors_io import SafetensorsReader
 
     problems = []
     for pp_rank in range(spec.pp):
@@ -275,26 +319,26 @@ def scale_problems(spec: CheckpointSpec, recorded: dict[str, float], rel_tol: fl
         wanted = {k: v for k, v in recorded.items() if int(k.split(".", 1)[0]) in layers}
         for tp_rank in range(spec.tp):
             rank = pp_rank * spec.tp + tp_rank
-            with safe_open(str(Path(spec.path) / f"rank{rank}.safetensors"), framework="pt") as f:
-                names = set(f.keys())
+            with SafetensorsReader(Path(spec.path) / f"rank{rank}.safetensors") as f:
+                names = set(f.tensors)
                 for key, value in wanted.items():
                     layer, tensor = key.split(".", 1)
                     local = f"transformer.layers.{layers.index(int(layer))}.{tensor}"
                     got = _stored_scale(f, names, local)
                     if got is None:
                         problems.append(f"rank{rank}: {local} is missing")
-                    elif abs(got - value) > rel_tol * abs(value):
+                    elif not (measured(got) and measured(value)) or abs(got - value) > rel_tol * abs(value):
                         problems.append(f"rank{rank}: {local} = {got:.6g}, calibrated {value:.6g}")
     return problems
 
 
 def _stored_scale(f, names: set[str], name: str) -> float | None:
     if name in names:
-        return float(f.get_tensor(name).float().max())
+        return float(f.read(name).float().max())
     if name.endswith("kv_cache_scaling_factor"):
         parts = [name.replace("kv_cache", side) for side in ("k_cache", "v_cache")]
         if all(p in names for p in parts):
-            return max(float(f.get_tensor(p).float().max()) for p in parts)
+            return max(float(f.read(p).float().max()) for p in parts)
     return None
 
 
@@ -313,10 +357,15 @@ def check_pipeline(runtime, spec: CheckpointSpec, windows: list[list[int]], reco
         )
     logits = runtime.score(windows, weights_only=True)
     recorded = record["weights_only"]
+    if [len(row) for row in recorded["top1"]] != [len(w) for w in windows]:
+        check = PipelineCheck(True, "", float(recorded["ppl"]), perplexity(logits, windows), math.nan, 0, len(record["scales"]),
+                              pipeline_thresholds(), ["pipeline error: the record's top-1 predictions do not match the evaluation windows (damaged manifest)"])
+        return check
     agree = sum(int((got.argmax(-1) == torch.tensor(top1)).sum()) for got, top1 in zip(logits, recorded["top1"], strict=True))
+    agree -= sum(int((~torch.isfinite(got).all(-1)).sum()) for got in logits)  # a NaN row's argmax agrees with nothing
     positions = sum(len(w) for w in windows)
-    check = PipelineCheck(True, "", float(recorded["ppl"]), perplexity(logits, windows), agree / positions, positions,
-                          len(record["scales"]), pipeline_thresholds())
+    check = PipelineCheck(True, "", float(recorded["ppl"]), perplexity(logits, windows), max(agree, 0) / positions if positions else math.nan,
+                          positions, len(record["scales"]), pipeline_thresholds())
     check.judge(scale_problems(spec, record["scales"]))
     return check
 
@@ -347,14 +396,16 @@ class VerifyReport:
 
     @property
     def ppl_delta_pct(self) -> float:
-        """Relative perplexity change, percent."""
+        """Relative perplexity change, percent (NaN when either perplexity is not a positive finite number)."""
+        if not (measured(self.ppl_checkpoint) and measured(self.ppl_reference)) or self.ppl_reference <= 0:
+            return math.nan
         return 100.0 * (self.ppl_checkpoint - self.ppl_reference) / self.ppl_reference
 
     @property
     def greedy_match_frac(self) -> float:
-        """Matched greedy tokens / generated tokens."""
+        """Matched greedy tokens / generated tokens (NaN when nothing was generated)."""
         total = sum(g["generated"] for g in self.greedy)
-        return sum(g["matched"] for g in self.greedy) / total if total else 1.0
+        return sum(g["matched"] for g in self.greedy) / total if total else math.nan
 
     def to_json(self) -> dict[str, Any]:
         """JSON for ``--json``."""
@@ -368,11 +419,12 @@ class VerifyReport:
             "pp_size": self.spec.pp,
             "ranks": self.ranks,
             "positions_compared": c.positions,
-            "top1_agreement": c.top1_equal / c.positions if c.positions else 0.0,
+            "nonfinite_positions": c.nonfinite,
+            "top1_agreement": c.top1,
             "max_abs_logit_diff": c.max_abs,
-            "mean_abs_logit_diff": c.sum_abs / c.positions if c.positions else 0.0,
+            "mean_abs_logit_diff": c.sum_abs / c.positions if c.positions else math.nan,
             "logit_scale": c.scale,
-            "max_rel_logit_diff": c.max_abs / c.scale if c.scale else 0.0,
+            "max_rel_logit_diff": c.rel_max,
             "eval_tokens": self.eval_tokens,
             "ppl_reference": self.ppl_reference,
             "ppl_checkpoint": self.ppl_checkpoint,
@@ -389,19 +441,25 @@ class VerifyReport:
         }
 
 
-def _judge(report: VerifyReport) -> list[str]:
-    t, c, failures = report.thresholds, report.comparison, []
-    top1 = c.top1_equal / c.positions if c.positions else 0.0
-    if t.get("min_top1") is not None and top1 < t["min_top1"]:
-        failures.append(f"top-1 agreement {top1:.4f} < {t['min_top1']}")
-    if t.get("max_ppl_delta_pct") is not None and abs(report.ppl_delta_pct) > t["max_ppl_delta_pct"]:
-        failures.append(f"perplexity delta {report.ppl_delta_pct:+.3f}% exceeds ±{t['max_ppl_delta_pct']}%")
-    rel = c.max_abs / c.scale if c.scale else 0.0
-    if t.get("max_logit_diff_rel") is not None and rel > t["max_logit_diff_rel"]:
-        failures.append(f"max |Δlogit| {c.max_abs:.4g} is {rel:.4g} of the logit scale {c.scale:.4g} (> {t['max_logit_diff_rel']})")
-    if t.get("min_greedy") is not None and report.greedy_match_frac < t["min_greedy"]:
-        failures.append(f"greedy continuations match {report.greedy_match_frac:.3f} of tokens (< {t['min_greedy']})")
-    return failures
+def _judge(report: VerifyReport) -> tuple[list[str], list[str]]:
+    """(failures no threshold and no pipeline record may waive: positions were compared, every logit of both
+    models is finite, a threshold was judged; the threshold failures, each judged by ``yitrt.verdict``: a figure
+    that is NaN/None fails its bound)."""
+    t, c = report.thresholds, report.comparison
+    judged = {
+        "min_top1": lambda b: bound_failure("top-1 agreement", c.top1, minimum=b),
+        "max_ppl_delta_pct": lambda b: bound_failure(f"perplexity delta ({report.ppl_reference:.4g} → {report.ppl_checkpoint:.4g})",
+                                                     report.ppl_delta_pct, maximum=b, magnitude=True, fmt="+.3f", unit="%"),
+        "max_logit_diff_rel": lambda b: bound_failure(f"max |Δlogit| {c.max_abs:.4g} relative to the logit scale {c.scale:.4g}", c.rel_max, maximum=b),
+        "min_greedy": lambda b: bound_failure("greedy tokens matched", report.greedy_match_frac, minimum=b, fmt=".3f"),
+    }
+    hard = [f for f in (nothing_judged("positions compared", c.positions),) if f]
+    if c.nonfinite:
+        hard.append(f"logits are NaN or Inf at {c.nonfinite} of {c.positions} positions")
+    bounds = {key: t[key] for key in THRESHOLD_KEYS if t.get(key) is not None}
+    if not bounds:
+        hard.append("nothing was judged: every threshold is off")
+    return hard, [f for key, bound in bounds.items() if (f := judged[key](bound))]
 
 
 def check_same_model(spec: CheckpointSpec, cfg: ModelConfig, model: Path) -> None:
@@ -470,7 +528,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
             uses a format the reference runtime refuses.
         UsageError: bad options or inputs.
     """
-    from yitrt.reference.original import greedy_original, load_original, score_original
+    from yitrt.reference.original import check_original, greedy_original, load_original, score_original
     from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime, Sampling, check_tokens, resolve_device
 
     started = time.perf_counter()
@@ -483,6 +541,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
     warnings = check_checkpoint(spec) + emulation_notes(spec)  # fail in seconds, before any model is loaded
     cfg = load_config(req.model)
     check_same_model(spec, cfg, req.model)
+    check_original(req.model)  # its shards' headers and index, before the tokenizer or transformers touch the folder
     thresholds = thresholds_for(spec, req.thresholds)
     record = fake_quant_record(req.checkpoint)
     device = resolve_device(req.device)
@@ -523,13 +582,13 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
         perplexity(ref_windows, windows), perplexity(got_windows, windows), greedy, thresholds, [], ranks,
         sum(len(w) for w in windows), 0.0, warnings, pipeline,
     )
-    loss = _judge(report)
+    hard, loss = _judge(report)
     if pipeline.ran:
         # the checkpoint reproduces its calibrated model, so what separates it from the original is the cost of
         # the quantization itself: reported against the scheme's warning bounds, not failed
         report.warnings += [f"quantization loss: {f} (the scheme's warning bound)" for f in loss]
-        report.failures = list(pipeline.failures)
+        report.failures = hard + list(pipeline.failures)
     else:
-        report.failures = loss
+        report.failures = hard + loss
     report.seconds = time.perf_counter() - started
     return report

@@ -166,6 +166,9 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
             raise CheckpointError(f"{path} is not a complete TensorRT-LLM checkpoint ({', '.join(missing) or 'it is an engine'})",
                                   "the reference slot serves a checkpoint (yitrt convert/quantize output); engines use --engine trtllm")
         from yitrt.models.config import context_length
+        from yitrt.reference.layout import check_rank_headers
+
+        check_rank_headers(path, tp * pp)  # the slot loads these files: a lying header is refused now, not at serve time
 
         scaling = config.get("rotary_scaling") if isinstance(config.get("rotary_scaling"), dict) else None
         context = context_length(_count(config, "max_position_embeddings", 2048, cfg_path, high=1 << 24), scaling)
