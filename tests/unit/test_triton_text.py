@@ -140,3 +140,43 @@ def test_end_id_minus_one_drops_the_models_extra_stop_ids(demo_tokenizer):
     encoder = _module().Encoder(demo_tokenizer, end_id=2, stop_ids=[3, 4], max_input_len=None)
     assert encoder.stop_sequences([]) == [[3], [4]]
     assert encoder.stop_sequences([], ignore_end=True) == []
+
+
+def test_words_encodings_with_space_adds_the_mid_text_variant_and_stock_does_not(demo_tokenizer):
+    """The documented difference from NVIDIA's preprocessing (parameter yitrt_words_encoding): with_space encodes
+    " Paris" too, stock only "Paris"; an empty word is no word in both."""
+    alone = demo_tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    spaced = demo_tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    assert alone != spaced  # byte-level BPE: the mid-text word has other ids
+    ours = text.Encoder(demo_tokenizer, 2, [], None).word_sequences(["Paris", ""])
+    stock = text.Encoder(demo_tokenizer, 2, [], None, words_encoding="stock").word_sequences(["Paris", ""])
+    assert ours == [alone, spaced] and stock == [alone]
+    with pytest.raises(ValueError, match="yitrt_words_encoding must be one of"):
+        text.Encoder(demo_tokenizer, 2, [], None, words_encoding="spaced")
+
+
+@pytest.mark.parametrize("array", [[[[0], [-1]]], [[0], [-1]], [[0, 0], [-1, -1]], [[[]]]], ids=["stock-empty", "2d", "two-slots", "empty"])
+def test_words_lists_with_only_unused_slots_mean_no_words(array):
+    """The stock preprocessing turns "" into [[[0], [-1]]]: one padded slot, offset -1, no word."""
+    import numpy as np
+
+    assert text.from_words_list(np.array(array, dtype=np.int32)) == []
+
+
+@pytest.mark.parametrize("array, match", [
+    ([[1, 2, 3]], "must be \\[2, N\\]"),
+    ([[5, 6], [3, -1]], "increasing positions in 1..2"),
+    ([[5, 6], [2, 1]], "increasing positions"),
+    ([[5, 6], [0, 2]], "increasing positions"),
+])
+def test_malformed_words_lists_are_request_errors(array, match):
+    import numpy as np
+
+    with pytest.raises(text.RequestError, match=match):
+        text.from_words_list(np.array(array, dtype=np.int32), "stop_words_list")
+
+
+def test_words_list_with_padding_after_the_last_offset_keeps_every_word():
+    import numpy as np
+
+    assert text.from_words_list(np.array([[[7, 8, 9, 0], [2, 3, -1, -1]]], dtype=np.int32)) == [[7, 8], [9]]

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         model_name: Annotated[str, typer.Option("--model-name", help="Name of the BLS entry model.")] = "tensorrt_llm_bls",
         max_input_len: Annotated[int | None, typer.Option("--max-input-len", min=1, help="Reference slot only: longest prompt [default: context - 1].", show_default=False)] = None,
         max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", min=2, help="Reference slot only: longest sequence [default: the model's context].", show_default=False)] = None,
+        words_encoding: Annotated[str, typer.Option("--words-encoding", help="Stop/bad words: with_space (each word also after a space) or stock (alone, as NVIDIA's preprocessing).")] = "with_space",
         force: ForceOpt = False,
         json_: JsonOpt = False,
     ) -> None:
@@ -49,7 +50,7 @@ def register(app: typer.Typer) -> None:
             engine_dir, out, tokenizer=tokenizer, engine=engine, trtllm_version=trtllm_version, streaming=streaming,
             max_batch_size=max_batch_size, kv_fraction=kv_fraction, max_kv_tokens=max_kv_tokens, kv_reuse=kv_reuse,
             chunked_context=chunked_context, instances=instances, model_name=model_name, max_input_len=max_input_len,
-            max_seq_len=max_seq_len, force=force))
+            max_seq_len=max_seq_len, words_encoding=words_encoding, force=force))
         data = result.to_json()
         if json_:
             render.emit_json(data)

@@ -6,13 +6,17 @@ torch) and talks to it over stdin/stdout, one JSON object per line:
 
     request  {"id": str, "input_ids": [int], "max_new": int, "end_ids": [int], "stop_sequences": [[int]],
               "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int}}
-    answer   {"ready": true, "tp": int}                                   once, after the checkpoint loaded
+             {"cancel": str}                                              stop that request (TensorRT-LLM's `stop`)
+    answer   {"ready": true, "tp": int, "vocab_size": int}                once, after the checkpoint loaded
              {"id": str, "token": int, "finish": null|"end_id"|"stop_words"|"length"}   one per generated token
+             {"id": str, "token": null, "finish": "cancelled"}           the request was stopped (no more tokens)
              {"id": str, "error": str}                                    the request failed
 
-Requests that wait while a batch runs form the next batch (up to ``--max-batch-size``, same sampling settings):
-static batching, not TensorRT-LLM's in-flight batching — this slot exists for tests and the demo on machines
-without a GPU, not for speed.
+Every request is checked on arrival (token ids inside the vocab, room in the context), so one bad request gets
+its own error and never fails the batch it would have joined. Requests that wait while a batch runs form the next
+batch (up to ``--max-batch-size``, same sampling settings): static batching, not TensorRT-LLM's in-flight batching —
+this slot exists for tests and the demo on machines without a GPU, not for speed. A cancelled request of a running
+batch gets no more tokens at once; its rows finish computing with the batch (the ranks step a batch to its end).
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ class _Inbox:
                 self._items.append(item)
             self._cond.notify()
 
+    def cancel(self, key: str) -> bool:
+        """Remove a waiting request; False when it is not waiting (running, finished or unknown)."""
+        with self._cond:
+            kept = collections.deque(item for item in self._items if item["id"] != key)
+            found = len(kept) != len(self._items)
+            self._items = kept
+            return found
+
     def take_batch(self, limit: int) -> list[dict[str, Any]]:
         """Wait for a request, then take it and every waiting request with the same sampling (up to ``limit``)."""
         with self._cond:
@@ -67,19 +79,40 @@ class _Inbox:
             return batch
 
 
-def _read(stream: IO[str], inbox: _Inbox, out: _Writer) -> None:
+def _read(stream: IO[str], inbox: _Inbox, out: _Writer, cancelled: set[str], check) -> None:
+    """Read protocol lines: requests (checked with ``check``, which raises on a bad one) go to the inbox; a cancel
+    removes a waiting request at once or marks a running one in ``cancelled`` for ``_run_batch``."""
     for line in stream:
         if not line.strip():
             continue
         try:
             request = json.loads(line)
-            if not isinstance(request, dict) or "id" not in request:
-                raise ValueError("a request is a JSON object with an id")
+            if not isinstance(request, dict) or not isinstance(request.get("id", request.get("cancel")), str):
+                raise ValueError("a request is a JSON object with an id (or a cancel)")
         except ValueError as exc:
             out.send({"id": None, "error": f"unreadable request: {exc}"})
             continue
+        if "cancel" in request:
+            key = request["cancel"]
+            if inbox.cancel(key):
+                out.send({"id": key, "token": None, "finish": "cancelled"})
+            else:
+                cancelled.add(key)  # running (or already finished: then nothing refers to it again)
+            continue
+        try:
+            check(request)
+        except Exception as exc:  # noqa: BLE001 - this request's error; the others go on
+            out.send({"id": request["id"], "error": _message(exc)})
+            continue
         inbox.put(request)
     inbox.put(None)
+
+
+def _message(exc: Exception) -> str:
+    """A request's error text: yitrt's own message (it names the fix), else the exception's type and text."""
+    from yitrt.errors import YitrtError
+
+    return exc.message if isinstance(exc, YitrtError) else f"{type(exc).__name__}: {exc}"
 
 
 class _Writer:
@@ -94,17 +127,27 @@ class _Writer:
             self._stream.flush()
 
 
-def _run_batch(runtime, batch: list[dict[str, Any]], out: _Writer) -> None:
+def _run_batch(runtime, batch: list[dict[str, Any]], out: _Writer, cancelled: set[str]) -> None:
     from yitrt.reference.runtime import StopRule
 
     prompts = [list(map(int, r["input_ids"])) for r in batch]
     rules = [StopRule(int(r["max_new"]), tuple(map(int, r.get("end_ids") or ())),
                       tuple(tuple(map(int, s)) for s in r.get("stop_sequences") or () if s)) for r in batch]
     sampling = _sampling(batch[0])
+    finished: set[str] = set()
     for events in runtime.generate_stream(prompts, rules, sampling):
         for request, event in zip(batch, events, strict=True):
-            if event is not None:
-                out.send({"id": request["id"], "token": event[0], "finish": event[1]})
+            key = request["id"]
+            if key in finished:
+                continue
+            if key in cancelled:
+                out.send({"id": key, "token": None, "finish": "cancelled"})
+                finished.add(key)
+            elif event is not None:
+                out.send({"id": key, "token": event[0], "finish": event[1]})
+                if event[1] is not None:
+                    finished.add(key)
+    cancelled.difference_update(r["id"] for r in batch)
 
 
 def serve(checkpoint: Path, max_batch_size: int, device: str, compute_dtype: str, stdin: IO[str], stdout: IO[str]) -> None:
@@ -113,20 +156,22 @@ def serve(checkpoint: Path, max_batch_size: int, device: str, compute_dtype: str
 
     out = _Writer(stdout)
     with ReferenceRuntime(checkpoint, device, compute_dtype) as runtime:
-        out.send({"ready": True, "tp": runtime.spec.tp})
-        inbox = _Inbox()
-        threading.Thread(target=_read, args=(stdin, inbox, out), daemon=True).start()
+        out.send({"ready": True, "tp": runtime.spec.tp, "vocab_size": runtime.spec.vocab_size})
+
+        def check(request: dict[str, Any]) -> None:
+            prompt, max_new = request.get("input_ids"), request.get("max_new")
+            if not isinstance(prompt, list) or not prompt or not isinstance(max_new, int) or max_new < 1:
+                raise ValueError("empty prompt or max_new < 1")
+            runtime.check_tokens([prompt], max_new)
+
+        inbox, cancelled = _Inbox(), set()
+        threading.Thread(target=_read, args=(stdin, inbox, out, cancelled, check), daemon=True).start()
         while batch := inbox.take_batch(max_batch_size):
             try:
-                bad = [r for r in batch if not r.get("input_ids") or int(r.get("max_new", 0)) < 1]
-                for r in bad:
-                    out.send({"id": r["id"], "error": "empty prompt or max_new < 1"})
-                batch = [r for r in batch if r not in bad]
-                if batch:
-                    _run_batch(runtime, batch, out)
+                _run_batch(runtime, batch, out, cancelled)
             except Exception as exc:  # noqa: BLE001 - reported per request; the worker keeps serving
                 for r in batch:
-                    out.send({"id": r["id"], "error": f"{type(exc).__name__}: {exc}"})
+                    out.send({"id": r["id"], "error": _message(exc)})
 
 
 def main(argv: list[str] | None = None) -> None:

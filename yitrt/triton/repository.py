@@ -23,6 +23,7 @@ from yitrt.errors import CheckpointError, UsageError, ValidationError
 from yitrt.limits import INT32_MAX, MAX_INSTANCES
 from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
 from yitrt.triton import contract as contracts
+from yitrt.triton.model_src.yitrt_text import WORDS_ENCODINGS
 from yitrt.triton.pbtxt import Header, build_config, to_text
 from yitrt.userfiles import check_name, copy_into, read_json, read_json_if_present, source_file
 
@@ -59,6 +60,8 @@ class DeployRequest:
         instances: instance count of the Python models.
         model_name: name of the BLS entry model.
         max_input_len / max_seq_len: limits of the reference slot (an engine's are its own).
+        words_encoding: how preprocessing encodes stop/bad words: ``with_space`` (each word and its leading-space
+            variant) or ``stock`` (the word alone, as NVIDIA's preprocessing does).
     """
 
     source: Path
@@ -76,6 +79,7 @@ class DeployRequest:
     model_name: str = "tensorrt_llm_bls"
     max_input_len: int | None = None
     max_seq_len: int | None = None
+    words_encoding: str = "with_space"
     force: bool = False
 
 
@@ -381,7 +385,7 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
              "prompt_embedding_table_data_type": "TYPE_FP16"}
     limits = {"max_input_len": str(facts.max_input_len)}
     extra = {
-        "preprocessing": {**limits, **({"end_id": str(end_id)} if end_id is not None else {}),
+        "preprocessing": {**limits, "yitrt_words_encoding": req.words_encoding, **({"end_id": str(end_id)} if end_id is not None else {}),
                           **({"stop_token_ids": ",".join(map(str, stops))} if stops else {})},
         "tensorrt_llm": ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable,
                           "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
@@ -402,11 +406,20 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
     for model in MODEL_NAMES:
         name = req.model_name if model == "tensorrt_llm_bls" else model
         comment = (f"Written by yitrt {__version__} (yitrt deploy) for the TensorRT-LLM {line} inflight_batcher_llm contract.\n"
-                   f"Serves: {what}.")
+                   f"Serves: {what}." + _NOTES.get(model, ""))
         cfg = build_config(name, models[model], headers[model], types=types,
                            parameters=_parameters(model, models[model], fill, extra.get(model, {})))
         out[name] = to_text(cfg, comment)
     return out
+
+
+#: Where a model differs from NVIDIA's on purpose, said in its config.pbtxt (and the repository README).
+_NOTES = {
+    "preprocessing": ("\nDiffers from the stock model: with yitrt_words_encoding with_space (the default) each stop/bad word is also\n"
+                      "encoded after a space, so a word the model writes mid-sentence (other token ids) still stops it; set it to\n"
+                      "stock to encode each word alone, as NVIDIA's preprocessing does."),
+    "tensorrt_llm": "\nexclude_input_in_output is true: answers hold only the new tokens (a request's own input overrides it).",
+}
 
 
 def _install_sources(model_dir: Path, source: str | None, with_text: bool) -> None:
@@ -475,7 +488,7 @@ gRPC streaming with tritonclient (Python):
     inputs = [tensor("text_input", "", "BYTES"), tensor("max_tokens", np.int32(64), "INT32"),
               tensor("messages", json.dumps([{{"role": "user", "content": "What is the capital of France?"}}]), "BYTES"),
               tensor("stream", True, "BOOL")]
-    client.start_stream(callback=lambda result, error: print(error or result.as_numpy("text_output")[0][0].decode(), end=""))
+    client.start_stream(callback=lambda result, error: print(error or result.as_numpy("text_output")[0].decode(), end=""))
     client.async_stream_infer("{bls}", inputs, enable_empty_final_response=True)
 
 HTTP (non-decoupled deployments: `/generate`; decoupled: `/generate_stream`):
@@ -484,6 +497,11 @@ HTTP (non-decoupled deployments: `/generate`; decoupled: `/generate_stream`):
 
 Inputs beyond the stock contract (optional): `messages` — a JSON list of `{{"role", "content"}}` chat turns, rendered with the
 model's chat template (`text_input`, if not empty, is appended as the last user turn).
+
+Differences from NVIDIA's templates, on purpose: stop/bad words are encoded alone and after a space
+(`preprocessing` parameter `yitrt_words_encoding`: `{req.words_encoding}`; `stock` encodes them alone); `tensorrt_llm` has
+`exclude_input_in_output: true`, so answers hold only new tokens (send `exclude_input_in_output` false to get the prompt back
+from `tensorrt_llm`). Shapes are the stock ones: `text_output` is 1-D `[1]` per response (`as_numpy("text_output")[0]`).
 """
 
 
@@ -496,6 +514,8 @@ def deploy(req: DeployRequest) -> DeployResult:
     """
     if req.engine not in ENGINE_KINDS:
         raise UsageError(f"unknown engine kind {req.engine!r}", f"use one of: {', '.join(ENGINE_KINDS)}")
+    if req.words_encoding not in WORDS_ENCODINGS:
+        raise UsageError(f"unknown words encoding {req.words_encoding!r}", f"use one of: {', '.join(WORDS_ENCODINGS)}")
     check_name(req.model_name, "--model-name")  # it becomes a folder of the repository: never a path out of it
     # compared without case: the repository must also work on a case-insensitive file system
     if req.model_name.lower() in {m.lower() for m in MODEL_NAMES} - {"tensorrt_llm_bls"}:
@@ -511,7 +531,7 @@ def deploy(req: DeployRequest) -> DeployResult:
     params = {"line": line, "engine": req.engine, "streaming": req.streaming, "max_batch_size": req.max_batch_size,
               "kv_fraction": req.kv_fraction, "max_kv_tokens": req.max_kv_tokens, "kv_reuse": req.kv_reuse,
               "chunked_context": req.chunked_context, "instances": req.instances, "model_name": req.model_name,
-              "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "python": sys.executable if req.engine == "reference" else None}
+              "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "words_encoding": req.words_encoding, "python": sys.executable if req.engine == "reference" else None}
     source_files = [p.name for p in facts.path.iterdir() if p.name == "config.json" or p.suffix in (".engine", ".safetensors") or p.name == "yitrt-manifest.json"]
     inputs = {"source": fingerprint_files(facts.path, source_files) + ":" + str(facts.path),
               "tokenizer": fingerprint_files(tok_dir, [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()])}

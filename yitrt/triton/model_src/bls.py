@@ -74,7 +74,9 @@ class TritonPythonModel:
         return ids.as_numpy().reshape(-1)[: int(lengths[0])].tolist()  # [1, beam 1, tokens]: the first beam
 
     def _reply(self, delta, counts=None):
-        tensors = [pb_utils.Tensor("text_output", np.array([[delta.encode("utf-8")]], dtype=np.object_))]
+        # text_output is 1-D [1] like the stock BLS's and the ensemble's (postprocessing OUTPUT); counts are the
+        # engine's [1, 1] (reference §1.4, §1.6)
+        tensors = [pb_utils.Tensor("text_output", np.array([delta.encode("utf-8")], dtype=np.object_))]
         for name, value in (counts or {}).items():
             tensors.append(pb_utils.Tensor(name, np.array([[value]], dtype=np.int32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)

@@ -28,7 +28,8 @@ class TritonPythonModel:
         tokens = tokens[0] if tokens.ndim == 3 else tokens.reshape(1, -1) if tokens.ndim == 1 else tokens  # [beams, tokens]
         texts = [self.tokenizer.decode(beam[: int(length)].tolist(), skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
                  for beam, length in zip(tokens, lengths, strict=True)]
-        out = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)[None]
+        # 1-D [beams], as the stock model answers (clients index text_output[0].decode()), reference §1.3
+        out = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)])
 
     def execute(self, requests):

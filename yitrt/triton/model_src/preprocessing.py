@@ -2,7 +2,8 @@
 
 Written by `yitrt deploy` into ``preprocessing/1/model.py`` with ``yitrt_text.py`` beside it. Tensors follow
 TensorRT-LLM's ``inflight_batcher_llm`` contract (reference/triton-repository.md §1.2); the optional ``MESSAGES``
-input (a JSON list of chat turns) is yitrt's addition. Each request is answered on its own, so one bad request in a
+input (a JSON list of chat turns) is yitrt's addition. Stop and bad words get their leading-space variant too unless the
+parameter ``yitrt_words_encoding`` is ``stock`` (``yitrt_text.Encoder.word_sequences``). Each request is answered on its own, so one bad request in a
 dynamic batch gets its own error and the others go on.
 """
 
@@ -23,7 +24,8 @@ class TritonPythonModel:
         max_input = text.param(config, "max_input_len")
         self.encoder = text.Encoder(self.tokenizer, _int_or_none(text.param(config, "end_id")),
                                     text.int_list(text.param(config, "stop_token_ids")), int(max_input) if max_input else None,
-                                    add_special_tokens=text.flag(config, "add_special_tokens", True))
+                                    add_special_tokens=text.flag(config, "add_special_tokens", True),
+                                    words_encoding=text.param(config, "yitrt_words_encoding", "with_space"))
         self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
     def _one(self, request):

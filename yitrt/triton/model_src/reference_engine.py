@@ -9,7 +9,12 @@ request semantics that the other models rely on:
 - ``exclude_input_in_output`` (parameter, per-request input wins), ``end_id`` (the end token is not returned),
   ``stop_words_list`` (the stop word's tokens are returned, the sequence ends), ``request_output_len`` capped to
   ``max_seq_len`` minus the prompt, prompts over ``max_input_len`` refused;
-- greedy unless ``runtime_top_k`` > 1 or ``runtime_top_p`` > 0 (with ``temperature`` and ``seed``/``random_seed``).
+- greedy unless ``runtime_top_k`` > 1 or ``runtime_top_p`` > 0 (with ``temperature`` and ``seed``/``random_seed``);
+- ``stop`` = true cancels the in-flight request with the same Triton request id: it gets its final response with the
+  tokens generated so far, the stop request an empty one (the stock client sends input_lengths 0 and
+  request_output_len 0 with it);
+- words lists whose offsets are all -1 mean "no words" (the stock preprocessing's ``""``); input ids outside the
+  vocab are refused per request.
 Generation runs in a worker process (``python -m yitrt.triton.reference_worker``) started with the interpreter
 named by the ``python_executable`` parameter (or ``YITRT_REFERENCE_PYTHON``): Triton's Python stub embeds a Python
 without torch. The worker batches waiting requests together (static batching, not in-flight batching).
@@ -29,6 +34,8 @@ _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 #: Sampling inputs the slot does not emulate, with the value that means "off".
 _NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0,
             "min_tokens": 1.0, "min_length": 1.0}
+#: Outputs the slot does not compute: asking for them is refused (False, the stock clients' default, is fine).
+_NOT_RETURNED = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics")
 _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
                 "draft_input_ids", "guided_decoding_guide_type", "context_phase_params")
 
@@ -36,8 +43,9 @@ _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_
 class _Pending:
     """One request in flight: where its tokens go, and how its answer is shaped."""
 
-    def __init__(self, sender, prompt, streaming, exclude_input, counts):
+    def __init__(self, sender, prompt, streaming, exclude_input, counts, request_id=""):
         self.sender, self.prompt, self.streaming, self.exclude_input = sender, prompt, streaming, exclude_input
+        self.request_id = request_id  # the client's Triton request id: what a stop request names
         self.counts = counts  # which of num_input_tokens / num_output_tokens the request asked for
         self.tokens = []
         self.error = None
@@ -65,6 +73,7 @@ class TritonPythonModel:
         hello = json.loads(first) if first.strip() else {"ready": False, "error": f"worker exited with code {self.worker.poll()}"}
         if not hello.get("ready"):
             raise pb_utils.TritonModelException(f"reference engine slot: the worker did not start: {hello.get('error')}")
+        self.vocab_size = int(hello["vocab_size"])
         self.pending = {}
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
@@ -72,19 +81,42 @@ class TritonPythonModel:
         self.reader.start()
 
     # -- requests ---------------------------------------------------------------------------------------------
+    def _stop(self, request):
+        """A stop request: cancel every in-flight request with its Triton request id (none may be left: it finished)."""
+        request_id = request.request_id()
+        if not request_id:
+            raise ValueError("stop=true needs the request id of the request to stop: send it with the same request_id")
+        with self.lock:
+            keys = [key for key, item in self.pending.items() if item.request_id == request_id]
+        for key in keys:
+            self._send({"cancel": key})
+
+    def _send(self, message):
+        with self.send_lock:
+            self.worker.stdin.write(json.dumps(message) + "\n")
+            self.worker.stdin.flush()
+
     def _submit(self, request, sender):
         for name in _UNSUPPORTED:
             if text.array(request, name) is not None:
                 raise ValueError(f"the CPU reference engine slot does not support input '{name}'")
+        for name in _NOT_RETURNED:
+            if text.scalar(request, name, bool):
+                raise ValueError(f"the CPU reference engine slot does not compute what {name} asks for; send it false")
         ids = text.array(request, "input_ids")
         if ids is None:
             raise ValueError("input_ids is required")
         prompt = [int(i) for i in np.asarray(ids).reshape(-1)]
         length = text.scalar(request, "input_lengths")
         if length is not None:
+            if not 0 <= length <= len(prompt):
+                raise ValueError(f"input_lengths {length} does not fit the {len(prompt)} input_ids sent")
             prompt = prompt[:length]
         if not prompt:
             raise ValueError("empty prompt (input_lengths 0)")
+        outside = next((i for i in prompt if not 0 <= i < self.vocab_size), None)
+        if outside is not None:
+            raise ValueError(f"input id {outside} is outside the vocabulary (0..{self.vocab_size - 1}): encode with the model's tokenizer")
         if self.max_input_len and len(prompt) > self.max_input_len:
             raise ValueError(f"Prompt length ({len(prompt)}) exceeds maximum input length ({self.max_input_len}).")
         max_new = text.scalar(request, "request_output_len")
@@ -101,13 +133,15 @@ class TritonPythonModel:
             value = text.scalar(request, name, float)
             if value is not None and (value > 1.0 if name in ("min_tokens", "min_length") else value != neutral):
                 raise ValueError(f"the CPU reference engine slot does not support {name} (got {value:g}); leave it unset")
-        for name in ("bad_words_list", "embedding_bias"):
-            value = text.array(request, name)
-            if value is not None and value.size:
-                raise ValueError(f"the CPU reference engine slot does not support {name}; leave it unset")
+        bad = text.array(request, "bad_words_list")
+        if bad is not None and text.from_words_list(bad, "bad_words_list"):  # all offsets -1: no words
+            raise ValueError("the CPU reference engine slot does not support bad_words_list; leave it unset")
+        bias = text.array(request, "embedding_bias")
+        if bias is not None and np.any(bias):  # all zeros adds nothing
+            raise ValueError("the CPU reference engine slot does not support embedding_bias; leave it unset")
         end_id = text.scalar(request, "end_id")
         words = text.array(request, "stop_words_list")
-        sequences = [] if words is None else text.from_words_list(words.reshape(2, words.shape[-1]))  # [1, 2, N] → [2, N]
+        sequences = [] if words is None else text.from_words_list(words, "stop_words_list")
         top_k = text.scalar(request, "runtime_top_k") or 0
         top_p = text.scalar(request, "runtime_top_p", float) or 0.0
         temperature = text.scalar(request, "temperature", float)
@@ -125,15 +159,12 @@ class TritonPythonModel:
             raise ValueError("Streaming is only supported if model is deployed using decoupled mode.")
         exclude = text.scalar(request, "exclude_input_in_output", bool)
         counts = {name for name in ("num_input_tokens", "num_output_tokens") if text.scalar(request, f"return_{name}", bool)}
-        item = _Pending(sender, prompt, streaming, self.exclude_input if exclude is None else exclude, counts)
+        item = _Pending(sender, prompt, streaming, self.exclude_input if exclude is None else exclude, counts, request.request_id())
         key = uuid.uuid4().hex
         with self.lock:
             self.pending[key] = item
-        message = {"id": key, "input_ids": prompt, "max_new": int(max_new), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
-                   "stop_sequences": sequences, "sampling": sampling}
-        with self.send_lock:
-            self.worker.stdin.write(json.dumps(message) + "\n")
-            self.worker.stdin.flush()
+        self._send({"id": key, "input_ids": prompt, "max_new": int(max_new), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
+                    "stop_sequences": sequences, "sampling": sampling})
         return item
 
     def _tensors(self, item, tokens):
@@ -158,7 +189,7 @@ class TritonPythonModel:
                 self._finish(message["id"], item)
                 continue
             token, finish = message["token"], message["finish"]
-            new = [] if finish == "end_id" else [token]
+            new = [] if finish in ("end_id", "cancelled") else [token]
             item.tokens.extend(new)
             if item.streaming and new:
                 item.sender.send(pb_utils.InferenceResponse(output_tensors=self._tensors(item, new)))
@@ -192,14 +223,24 @@ class TritonPythonModel:
             for request in requests:
                 sender = request.get_response_sender()
                 try:
-                    self._submit(request, sender)
+                    if text.scalar(request, "stop", bool):
+                        self._stop(request)
+                        sender.send(flags=_FINAL)  # the stop request itself: an empty final response
+                    else:
+                        self._submit(request, sender)
                 except Exception as exc:  # noqa: BLE001 - this request's error; the model keeps serving
                     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=_FINAL)
             return None
         items = []
         for request in requests:
             try:
-                items.append(self._submit(request, None))
+                if text.scalar(request, "stop", bool):  # nothing else runs on this instance while it waits: nothing to stop
+                    self._stop(request)
+                    items.append(pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
+                        pb_utils.Tensor("sequence_length", np.zeros((1, 1), dtype=np.int32))]))
+                else:
+                    items.append(self._submit(request, None))
             except Exception as exc:  # noqa: BLE001
                 items.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         responses = []

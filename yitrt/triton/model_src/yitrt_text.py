@@ -10,6 +10,7 @@ What it fixes compared with the stock templates (reference/triton-repository.md 
 - end id and extra stop ids come from the model's generation_config.json eos list, written into the config by
   deploy (stock: the tokenizer's eos only, so Yi-Chat never stops, #1);
 - stop words are tokenized with and without a leading space, since the model emits the word mid-sentence (#11);
+  the preprocessing parameter ``yitrt_words_encoding: stock`` encodes each word alone, as the stock model does;
 - streamed text is detokenized incrementally, so no space is lost and no UTF-8 character is split (#4).
 """
 
@@ -27,6 +28,9 @@ import numpy as np
 #: stub embeds a Python with NumPy 1.x but without transformers; NumPy is already imported when this runs).
 SITE_DIRS_ENV = "YITRT_STUB_SITE_DIRS"
 ROLES = ("system", "user", "assistant")
+#: How stop/bad words become token sequences (preprocessing parameter ``yitrt_words_encoding``): ``with_space``
+#: (yitrt's default) adds each word's leading-space variant; ``stock`` encodes the word alone, as NVIDIA's does.
+WORDS_ENCODINGS = ("with_space", "stock")
 
 
 def add_site_dirs() -> None:
@@ -97,8 +101,11 @@ class Encoder:
     """Request text → token ids, stop/bad word lists, with the deployment's limits and end ids."""
 
     def __init__(self, tokenizer, end_id: int | None, stop_ids: list[int], max_input_len: int | None,
-                 add_special_tokens: bool = True) -> None:
+                 add_special_tokens: bool = True, words_encoding: str = "with_space") -> None:
+        if words_encoding not in WORDS_ENCODINGS:
+            raise ValueError(f"yitrt_words_encoding must be one of {', '.join(WORDS_ENCODINGS)}, got {words_encoding!r}")
         self.tokenizer = tokenizer
+        self.words_encoding = words_encoding
         self.add_special_tokens = add_special_tokens
         self.end_id = end_id if end_id is not None else tokenizer.eos_token_id
         self.stop_ids = [i for i in stop_ids if i != self.end_id]
@@ -137,12 +144,15 @@ class Encoder:
         return ids
 
     def word_sequences(self, words: list[str]) -> list[list[int]]:
-        """Token sequences of stop/bad words, each alone and after a space (how it appears mid-text)."""
+        """Token sequences of stop/bad words: each word alone and, with the ``with_space`` encoding (the default),
+        also after a space — how it appears mid-text, where a SentencePiece/BPE tokenizer gives it other ids. The
+        stock preprocessing encodes each word alone only (``stock``). Empty words mean none."""
         seqs: list[list[int]] = []
         for word in words:
             if not word:
                 continue
-            for variant in (word, " " + word) if not word[0].isspace() else (word,):
+            spaced = self.words_encoding == "with_space" and not word[0].isspace()
+            for variant in (word, " " + word) if spaced else (word,):
                 ids = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
                 if ids and ids not in seqs:
                     seqs.append(ids)
@@ -169,13 +179,27 @@ def to_words_list(seqs: list[list[int]]) -> np.ndarray:
     return out
 
 
-def from_words_list(array: np.ndarray) -> list[list[int]]:
-    """The inverse of ``to_words_list``."""
+def from_words_list(array: np.ndarray, name: str = "words list") -> list[list[int]]:
+    """The inverse of ``to_words_list``, for any batch-of-one shape (``[2, N]`` or ``[1, 2, N]``) and any padding.
+
+    Offsets of -1 are unused slots: the stock preprocessing turns ``""`` into ``[[[0], [-1]]]`` (one padded slot,
+    no word), so a list whose offsets are all -1 means "no words" (reference §4).
+
+    Raises:
+        RequestError: not two rows, or offsets that are not increasing end positions inside the ids row.
+    """
+    array = np.asarray(array)
     if array.size == 0:
         return []
-    ids, offsets = array[0].tolist(), [o for o in array[1].tolist() if o >= 0]
-    starts = [0, *offsets[:-1]]
-    return [ids[a:b] for a, b in zip(starts, offsets, strict=True) if b > a]
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2 or array.shape[0] != 2:
+        raise RequestError(f"{name} must be [2, N] (ids; end offsets padded with -1), got shape {list(array.shape)}")
+    ids, offsets = array[0].tolist(), [int(o) for o in array[1].tolist() if o != -1]
+    if any(not 0 < b <= len(ids) for b in offsets) or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise RequestError(f"{name}: end offsets {offsets} must be increasing positions in 1..{len(ids)} (pad with -1)")
+    starts = [0, *offsets][: len(offsets)]
+    return [ids[a:b] for a, b in zip(starts, offsets, strict=True)]
 
 
 def array(request, name: str):
