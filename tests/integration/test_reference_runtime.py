@@ -131,6 +131,19 @@ def test_generate_stream_steps_each_sequence_under_its_own_stop_rule(tiny, tp):
     assert again == [greedy[0][:2]]
 
 
+def test_min_new_masks_the_end_id_until_that_many_tokens(tiny):
+    """TensorRT-LLM's min_tokens: the end id's logit is masked for the first min_new steps, so the greedy pick is the
+    next best token there, and the end id may end the sequence only afterwards."""
+    seqs, greedy = tiny["seqs"], tiny["greedy"]
+    end = greedy[0][0]  # the first greedy token: without min_new the sequence ends at once
+    with ReferenceRuntime(_convert(tiny, "tp1", tp=1), device="cpu") as runtime:
+        plain = [e for events in runtime.generate_stream(seqs[:1], [StopRule(6, (end,))]) for e in events if e is not None]
+        held = [e for events in runtime.generate_stream(seqs[:1], [StopRule(6, (end,), min_new=3)]) for e in events if e is not None]
+    assert plain == [(end, "end_id")]
+    assert len(held) >= 3 and all(token != end for token, _ in held[:3])
+    assert held[-1][1] in ("end_id", "length") and (held[-1][1] == "length") == (len(held) == 6)
+
+
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},

@@ -9,8 +9,8 @@ that client reads it:
   stock preprocessing's ``""`` format ``[[[0], [-1]]]``; reads ``output_ids[0][0]``; stops a request by sending
   ``stop`` = true (input_lengths 0, request_output_len 0) with the same request id;
 - ``benchmark_core_model.py``: random input ids — ids outside the vocab get a clean error;
-- genai-perf (kserve, tensorrtllm backend, streaming) — ``min_length`` is not an input of the 1.2 contract;
-  ``end_id`` -1 gives deterministic output lengths instead;
+- genai-perf (kserve, tensorrtllm backend, streaming: ``text_input``, ``max_tokens``, ``exclude_input_in_output``,
+  ``stream``) — ``min_length`` is not an input of the 1.2 contract; ``min_tokens`` gives deterministic lengths;
 - non-streaming clients: unary ModelInfer (gRPC and HTTP) on a ``--no-streaming`` deployment's ensemble and BLS.
 """
 
@@ -195,19 +195,24 @@ def test_malformed_words_list_is_a_clean_error(served, stream, prompt_ids):
     assert isinstance(error, str) and "stop_words_list" in error and "increasing positions" in error
 
 
-def test_genai_perf_request_min_length_is_not_an_input_and_end_id_minus_one_is_deterministic(served, stream):
-    """genai-perf's --output-tokens-mean-deterministic sends min_length, which the 1.2 contract calls min_tokens;
-    the README says to send end_id -1 (every token up to max_tokens) instead. Both ways checked here."""
+def test_genai_perf_min_length_is_not_an_input_and_min_tokens_gives_deterministic_lengths(served, stream):
+    """genai-perf 0.0.16's --output-tokens-mean-deterministic sends min_length, which the 1.2 contract calls
+    min_tokens; the README says to pass --extra-inputs min_tokens:N instead (what genai-perf then sends is this)."""
     import tritonclient.grpc as grpc
 
     stream.send("ensemble", _e2e_inputs(grpc, PLAIN, 8, True, min_length=np.array([[8]], dtype=np.int32)), "m")
     (error,) = stream.until_final({"m"})["m"]
     assert isinstance(error, str) and "min_length" in error
-    extra = {"end_id": np.array([[-1]], dtype=np.int32), "return_num_output_tokens": np.array([[True]])}
-    stream.send("ensemble", _e2e_inputs(grpc, "Say nothing.", 9, True, **extra), "d")
-    counts = [int(r.as_numpy("num_output_tokens").reshape(-1)[0]) for r in stream.until_final({"d"})["d"]
-              if r.as_numpy("num_output_tokens") is not None]
-    assert counts and counts[-1] == 9  # tokens generated so far, at the end exactly max_tokens
+    # a chat turn that ends quickly (<|im_end|>) unless min_tokens holds the end id back
+    prompt = "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n"
+    counts = {}
+    for key, extra in (("free", {}), ("held", {"min_tokens": np.array([[24]], dtype=np.int32)})):
+        extra = {**extra, "return_num_output_tokens": np.array([[True]]), "exclude_input_in_output": np.array([[True]])}
+        stream.send("ensemble", _e2e_inputs(grpc, prompt, 24, True, **extra), key)
+        got = stream.until_final({key})[key]
+        assert all(not isinstance(r, str) for r in got), got
+        counts[key] = [int(r.as_numpy("num_output_tokens").reshape(-1)[0]) for r in got if r.as_numpy("num_output_tokens") is not None][-1]
+    assert counts["free"] < 24 and counts["held"] == 24  # exactly max_tokens with min_tokens = max_tokens
 
 
 @pytest.fixture(scope="module")

@@ -167,6 +167,8 @@ def test_options_reach_the_configs():
     params = _params(cfg["tensorrt_llm"])
     assert params["enable_kv_cache_reuse"] == "true" and params["kv_cache_free_gpu_mem_fraction"] == "0.5"
     assert _params(cfg["preprocessing"])["end_id"] == "7" and _params(cfg["preprocessing"])["stop_token_ids"] == "2"
+    assert _params(cfg["preprocessing"])["yitrt_words_encoding"] == "with_space"
+    assert _params(_render("1.2", words_encoding="stock")["preprocessing"])["yitrt_words_encoding"] == "stock"
 
 
 @pytest.mark.parametrize("line", known_lines())

@@ -62,11 +62,14 @@ class StopRule:
         max_new: at most this many new tokens.
         end_ids: a token that ends the sequence (the request's end id, extra eos ids).
         stop_sequences: token sequences that end it once the output ends with one of them.
+        min_new: no end id is chosen before this many new tokens (their logits are masked, as TensorRT-LLM's
+            ``min_tokens`` does; stop sequences still stop).
     """
 
     max_new: int
     end_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    min_new: int = 0
 
     def finish_reason(self, new: list[int]) -> str | None:
         """``end_id``, ``stop_words`` or ``length`` when ``new`` (the output so far) is finished, else None."""
@@ -207,7 +210,12 @@ class RankEngine:
         generator = torch.Generator().manual_seed(sampling.seed)
         new: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for _ in range(max(rule.max_new for rule in rules)):
+        for step in range(max(rule.max_new for rule in rules)):
+            held = [(b, list(rule.end_ids)) for b, rule in enumerate(rules) if step < rule.min_new and rule.end_ids]
+            if held:
+                logits = logits.clone()  # an inference tensor: masked on a copy
+                for b, end_ids in held:
+                    logits[b, end_ids] = float("-inf")
             chosen = self.comm.broadcast(pick_tokens(logits, sampling, generator))
             events: list[tuple[int, str | None] | None] = []
             for b, token in enumerate(chosen.tolist()):

@@ -4,7 +4,7 @@
 that starts this module with yitrt's own interpreter (Triton's Python stub embeds another Python, one without
 torch) and talks to it over stdin/stdout, one JSON object per line:
 
-    request  {"id": str, "input_ids": [int], "max_new": int, "end_ids": [int], "stop_sequences": [[int]],
+    request  {"id": str, "input_ids": [int], "max_new": int, "min_new": int, "end_ids": [int], "stop_sequences": [[int]],
               "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int}}
              {"cancel": str}                                              stop that request (TensorRT-LLM's `stop`)
     answer   {"ready": true, "tp": int, "vocab_size": int}                once, after the checkpoint loaded
@@ -132,7 +132,7 @@ def _run_batch(runtime, batch: list[dict[str, Any]], out: _Writer, cancelled: se
 
     prompts = [list(map(int, r["input_ids"])) for r in batch]
     rules = [StopRule(int(r["max_new"]), tuple(map(int, r.get("end_ids") or ())),
-                      tuple(tuple(map(int, s)) for s in r.get("stop_sequences") or () if s)) for r in batch]
+                      tuple(tuple(map(int, s)) for s in r.get("stop_sequences") or () if s), int(r.get("min_new") or 0)) for r in batch]
     sampling = _sampling(batch[0])
     finished: set[str] = set()
     for events in runtime.generate_stream(prompts, rules, sampling):

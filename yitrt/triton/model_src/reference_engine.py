@@ -6,7 +6,8 @@ rest of the repository (ensemble, preprocessing, postprocessing, BLS) runs uncha
 request semantics that the other models rely on:
 - decoupled mode: streaming sends one response per new token, then an empty final response; without streaming
   one response with every token, then the final flag;
-- ``exclude_input_in_output`` (parameter, per-request input wins), ``end_id`` (the end token is not returned),
+- ``exclude_input_in_output`` (parameter, per-request input wins), ``end_id`` (the end token is not returned, and not
+  chosen before ``min_tokens``/``min_length`` new tokens),
   ``stop_words_list`` (the stop word's tokens are returned, the sequence ends), ``request_output_len`` capped to
   ``max_seq_len`` minus the prompt, prompts over ``max_input_len`` refused;
 - greedy unless ``runtime_top_k`` > 1 or ``runtime_top_p`` > 0 (with ``temperature`` and ``seed``/``random_seed``);
@@ -32,8 +33,7 @@ import yitrt_text as text
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 #: Sampling inputs the slot does not emulate, with the value that means "off".
-_NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0,
-            "min_tokens": 1.0, "min_length": 1.0}
+_NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0}
 #: Outputs the slot does not compute: asking for them is refused (False, the stock clients' default, is fine).
 _NOT_RETURNED = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics")
 _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
@@ -131,7 +131,7 @@ class TritonPythonModel:
         # features the slot does not emulate are refused, never silently ignored (empty tensors mean "none")
         for name, neutral in _NEUTRAL.items():
             value = text.scalar(request, name, float)
-            if value is not None and (value > 1.0 if name in ("min_tokens", "min_length") else value != neutral):
+            if value is not None and value != neutral:
                 raise ValueError(f"the CPU reference engine slot does not support {name} (got {value:g}); leave it unset")
         bad = text.array(request, "bad_words_list")
         if bad is not None and text.from_words_list(bad, "bad_words_list"):  # all offsets -1: no words
@@ -139,6 +139,10 @@ class TritonPythonModel:
         bias = text.array(request, "embedding_bias")
         if bias is not None and np.any(bias):  # all zeros adds nothing
             raise ValueError("the CPU reference engine slot does not support embedding_bias; leave it unset")
+        min_new = text.scalar(request, "min_tokens")  # min_length before the 1.2 line
+        min_new = text.scalar(request, "min_length") if min_new is None else min_new
+        if min_new is not None and min_new < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_new}")
         end_id = text.scalar(request, "end_id")
         words = text.array(request, "stop_words_list")
         sequences = [] if words is None else text.from_words_list(words, "stop_words_list")
@@ -163,7 +167,7 @@ class TritonPythonModel:
         key = uuid.uuid4().hex
         with self.lock:
             self.pending[key] = item
-        self._send({"id": key, "input_ids": prompt, "max_new": int(max_new), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
+        self._send({"id": key, "input_ids": prompt, "max_new": int(max_new), "min_new": int(min_new or 0), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
                     "stop_sequences": sequences, "sampling": sampling})
         return item
 
