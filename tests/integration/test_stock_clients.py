@@ -246,6 +246,18 @@ def test_non_streaming_deployment_answers_unary_model_infer_over_grpc_and_http(u
     assert value.shape == (1,) and value[0].decode() == text  # the same greedy answer both ways
 
 
+def test_exclude_input_in_output_false_gives_the_prompt_back_through_ensemble_and_bls(unary):
+    """The stock e2e client sends exclude_input_in_output false unless told otherwise: both entry models then answer
+    prompt + continuation (the model-level default of yitrt's tensorrt_llm is true)."""
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(unary[0])
+    flag = {"exclude_input_in_output": np.array([[False]])}
+    texts = [_texts([client.infer(model, _e2e_inputs(grpc, PLAIN, 8, False, **flag))])[0] for model in ("ensemble", BLS)]
+    clean = _texts([client.infer(BLS, _e2e_inputs(grpc, PLAIN, 8, False))])[0]
+    assert texts[0] == texts[1] == PLAIN + clean and "Paris" in clean
+
+
 def test_stock_words_encoding_is_what_the_deployment_says(unary):
     """deploy --words-encoding stock: the preprocessing encodes a stop word alone, as NVIDIA's does (the default
     adds its leading-space variant: tests/unit/test_triton_text.py)."""

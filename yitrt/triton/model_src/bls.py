@@ -8,7 +8,9 @@ Compared with the stock BLS:
   deltas, so streamed text concatenates exactly to the non-streamed text (stock: ``accumulate_tokens`` resends the
   whole text each time);
 - stop words end the text where they occur, and text that might begin one is held back until it cannot;
-- the prompt is never echoed (``exclude_input_in_output`` is always sent as true).
+- the engine is always asked for new tokens only; a non-streamed request with ``exclude_input_in_output`` false gets the
+  decoded prompt before its answer, as through the ensemble (a streamed one never repeats the prompt, as the engine);
+- a stop word is cut from the text with what follows (the ensemble, like the engine, keeps the stop word's text).
 Which request tensor feeds which preprocessing and tensorrt_llm input is not written here: deploy derives it from the
 ensemble's wiring in its contract table for the TensorRT-LLM line (``yitrt_preprocessing_inputs``,
 ``yitrt_engine_inputs`` parameters), so renamed tensors (``min_length``/``min_tokens``) follow the line.
@@ -102,6 +104,10 @@ class TritonPythonModel:
             elif delta:
                 pieces.append(delta)
         pieces.append(answer.finish())
+        if not stream and text.scalar(request, "exclude_input_in_output", bool) is False:
+            # asked for the prompt too, as the ensemble gives it: its tokens decoded, before the answer
+            prompt = pre["INPUT_ID"].reshape(-1)[: int(pre["REQUEST_INPUT_LEN"].reshape(-1)[0])].tolist()
+            pieces.insert(0, self.tokenizer.decode(prompt, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False))
         counts = {}
         if _flag(request, "return_num_input_tokens"):
             counts["num_input_tokens"] = int(pre["REQUEST_INPUT_LEN"].reshape(-1)[0])
