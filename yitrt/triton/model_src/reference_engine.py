@@ -82,10 +82,10 @@ class TritonPythonModel:
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _stop(self, request):
-        """A stop request: cancel every in-flight request with its Triton request id (none may be left: it finished)."""
+        """A stop request: cancel every in-flight request with its Triton request id (none may be left: it finished).
+        The empty id is an id like any other: the stock client sends both requests without one by default, and the
+        C++ backend maps every empty id to the same executor id (0), so its stop cancels them."""
         request_id = request.request_id()
-        if not request_id:
-            raise ValueError("stop=true needs the request id of the request to stop: send it with the same request_id")
         with self.lock:
             keys = [key for key, item in self.pending.items() if item.request_id == request_id]
         for key in keys:
