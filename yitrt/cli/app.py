@@ -43,6 +43,7 @@ from yitrt.cli.options import (
     SchemeChoice,
     TpOpt,
 )
+from yitrt.cli.signals import TERMINATED_EXIT, Terminated, sigterm_raises
 from yitrt.errors import UsageError, YitrtError
 from yitrt.quant.calib_data import CALIB_DEFAULTS
 from yitrt.reference import EVAL_TOKENS, EVAL_WINDOW
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in args
     debug = os.environ.get("YITRT_DEBUG") == "1"
     try:
-        with render.json_stdout() if as_json else contextlib.nullcontext():
+        # SIGTERM unwinds like Ctrl-C (finally blocks stop servers, remove partial artifacts) for every command
+        with sigterm_raises(), render.json_stdout() if as_json else contextlib.nullcontext():
             app(args=args, prog_name="yitrt", standalone_mode=False)
     except YitrtError as exc:
         if debug:
@@ -426,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         render.report_error(UsageError(" ".join(message.split()), f"see `{command} --help`"), as_json)
         sys.exit(UsageError.exit_code)
+    except Terminated:
+        sys.stderr.write("terminated\n")
+        sys.exit(TERMINATED_EXIT)
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("aborted\n")
         sys.exit(130)
