@@ -67,3 +67,59 @@ def kill_all(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+class TreeWatch:
+    """Samples, in a thread, the process tree under ``root`` (and under every process seen in it since, so that a
+    process reparented away or started late is still known) until ``stop``. ``seen``: every pid ever in it."""
+
+    def __init__(self, root: int, every: float = 0.05) -> None:
+        import threading
+
+        self.root, self.every = root, every
+        self.seen: set[int] = {root}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every)
+
+    def sample(self) -> set[int]:
+        """Add what is in the tree now; ``seen``."""
+        with self._lock:
+            roots = living(self.seen) | {self.root}
+            found: set[int] = set()
+            for pid in roots:
+                if pid not in found:
+                    found |= tree(pid)
+            self.seen |= found
+            return set(self.seen)
+
+    def find(self, needle: str) -> list[int]:
+        """Seen processes alive now whose command line contains ``needle``."""
+        return [pid for pid, cmd in cmdlines(living(self.sample())).items() if needle in cmd]
+
+    def wait_for(self, needle: str, timeout: float = 120.0) -> int:
+        """The first process whose command line contains ``needle`` (polling ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.find(needle):
+                return found[0]
+            time.sleep(self.every)
+        raise AssertionError(f"no process {needle!r} appeared in {timeout:.0f} s")
+
+    def wait_gone(self, timeout: float = 20.0) -> set[int]:
+        """Poll (still sampling) until no seen process lives, at most ``timeout`` s; then stop. Those left."""
+        deadline = time.monotonic() + timeout
+        while (left := living(self.sample())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.stop()
+        return left
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
