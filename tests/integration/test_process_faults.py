@@ -147,7 +147,9 @@ def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leave
 
         def ask() -> None:
             try:
-                outcome.append(chat(ChatRequest(f"localhost:{ports[1]}", QUESTION, max_tokens=400, timeout=120),
+                # through the ensemble: the BLS model does not pass on an engine error that follows streamed
+                # tokens (the request hangs; issue #17, reported separately), and this case is about the slot
+                outcome.append(chat(ChatRequest(f"localhost:{ports[1]}", QUESTION, model="ensemble", max_tokens=400, timeout=120),
                                     lambda piece: streaming.set()))
             except BaseException as exc:  # noqa: BLE001 - the assertion below looks at it
                 outcome.append(exc)

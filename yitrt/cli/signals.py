@@ -18,14 +18,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived. A KeyboardInterrupt, so that code that stops on Ctrl-C stops on SIGTERM the same way."""
 
 
+_fired: list[bool] = [False]  # whether SIGTERM came (Typer turns every KeyboardInterrupt into exit code 130)
+
+
 def _raise_terminated(signum, frame) -> None:
+    _fired[0] = True
     raise Terminated
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived inside the current ``sigterm_raises``."""
+    return _fired[0]
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """While inside, SIGTERM raises ``Terminated`` in the main thread; the previous handler is restored after.
     Off the main thread (where handlers cannot be set) it does nothing."""
+    _fired[0] = False
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread
