@@ -125,3 +125,33 @@ def test_json_stdout_holds_only_the_json_object():
     body, after = proc.stdout.rsplit("}\n", 1)[0] + "}", proc.stdout.rsplit("}\n", 1)[1]
     assert json.loads(body) == {"a": 1} and after == "after\n"
     assert all(noise in proc.stderr for noise in ("python noise", "child noise", "fd noise"))
+
+
+def _blocked_chat():
+    """`yitrt chat` to a server that accepts the connection and never answers: (process, listening socket), once
+    the command is inside its gRPC call (so the signal comes while a command runs, not during start-up)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(60)
+    proc = subprocess.Popen([sys.executable, "-m", "yitrt", "chat", f"127.0.0.1:{server.getsockname()[1]}", "hi", "--model", "m",
+                             "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    connection, _ = server.accept()
+    return proc, server, connection
+
+
+def test_sigterm_ends_a_running_command_with_143_and_ctrl_c_with_130():
+    import signal
+
+    for sig, code, word in ((signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "aborted")):
+        proc, server, connection = _blocked_chat()
+        try:
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == code and err.strip().splitlines()[-1] == word and "Traceback" not in err, err
+        finally:
+            proc.kill()
+            connection.close()
+            server.close()

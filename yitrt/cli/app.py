@@ -43,6 +43,7 @@ from yitrt.cli.options import (
     SchemeChoice,
     TpOpt,
 )
+from yitrt.cli.signals import TERMINATED_EXIT, sigterm_raises, terminated
 from yitrt.errors import UsageError, YitrtError
 from yitrt.quant.calib_data import CALIB_DEFAULTS
 from yitrt.reference import EVAL_TOKENS, EVAL_WINDOW
@@ -411,8 +412,18 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in args
     debug = os.environ.get("YITRT_DEBUG") == "1"
     try:
-        with render.json_stdout() if as_json else contextlib.nullcontext():
-            app(args=args, prog_name="yitrt", standalone_mode=False)
+        # SIGTERM unwinds like Ctrl-C (finally blocks stop servers, remove partial artifacts) for every command
+        with sigterm_raises(), render.json_stdout() if as_json else contextlib.nullcontext():
+            code = app(args=args, prog_name="yitrt", standalone_mode=False)
+        # Outside standalone mode Typer *returns* the code of a typer.Exit, and 130 for any KeyboardInterrupt
+        # (Ctrl-C, or SIGTERM through yitrt.cli.signals), instead of raising: they are exit codes here.
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if terminated():
+                sys.stderr.write("terminated\n")
+                sys.exit(TERMINATED_EXIT)
+            if code == 130:
+                sys.stderr.write("aborted\n")
+            sys.exit(code)
     except YitrtError as exc:
         if debug:
             traceback.print_exc()
@@ -426,7 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         render.report_error(UsageError(" ".join(message.split()), f"see `{command} --help`"), as_json)
         sys.exit(UsageError.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):  # one raised outside a command (Typer maps those inside, above)
+        if terminated():
+            sys.stderr.write("terminated\n")
+            sys.exit(TERMINATED_EXIT)
         sys.stderr.write("aborted\n")
         sys.exit(130)
     except Exception as exc:  # a bug in yitrt, not a user error (unless the operating system refused something)

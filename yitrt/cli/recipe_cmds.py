@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,10 +16,6 @@ from yitrt.errors import UsageError, YitrtError
 RecipeArg = Annotated[str, typer.Argument(help="A recipe file, or a built-in recipe's name (`yitrt recipe list`).", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set build.max_batch_size=64 (repeatable).", show_default=False)]
 _MARKS = {"ran": "✓", "cached": "=", "reused": "=", "skipped": "-", "not-applicable": "-", "blocked": "!", "failed": "✗"}
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _progress(stage: str, kind: str) -> contextlib.AbstractContextManager:
@@ -84,8 +79,7 @@ def register(app: typer.Typer) -> None:
         opts = RunOptions(work_dir=work, from_stage=from_stage, until_stage=until_stage, force=force,
                           progress=None if json_ else _progress,
                           on_stage=None if json_ else _stage_printer(set(loaded.warnings)))
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # a stopped run cleans its partial artifact and server
-        try:
+        try:  # SIGTERM raises here (yitrt.cli.signals): the stage being run cleans its partial artifact and server
             report = run_recipe(loaded, opts)
         except RunFailed as exc:
             data = exc.report.to_json()
@@ -95,8 +89,6 @@ def register(app: typer.Typer) -> None:
                 _summary_table(data)
             render.err.print(render.error_line(exc.cause), markup=False, highlight=False)
             sys.exit(exc.exit_code)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         data = report.to_json()
         if json_:
             render.emit_json(data)

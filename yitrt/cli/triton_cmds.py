@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,10 +11,6 @@ import typer
 
 from yitrt.cli import render
 from yitrt.cli.options import EXISTING_DIR, ForceOpt, JsonOpt, check_distinct_ports, port_option
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:
@@ -85,7 +80,7 @@ def register(app: typer.Typer) -> None:
         forward = None if quiet or json_ else (lambda line: print(line, file=sys.stderr, flush=True))
         req = ServeRequest(repo, Ports(http_port, grpc_port, metrics_port), tritonserver, os.environ.get("TRITONSERVER"), log_file,
                            exit_timeout=exit_timeout)
-        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server like Ctrl-C
+        # SIGTERM raises KeyboardInterrupt here (yitrt.cli.signals, for every command): a requested stop, exit 0
         server = None
         try:
             server = start_server(req, forward)

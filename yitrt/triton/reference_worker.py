@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -174,6 +175,20 @@ def serve(checkpoint: Path, max_batch_size: int, device: str, compute_dtype: str
                     out.send({"id": r["id"], "error": _message(exc)})
 
 
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """Watchdog thread: exit at once when the process that started us (the Python stub) is gone. Its pipes may stay
+    open in an orphaned grandchild, so stdin closing is not a reliable sign; a changed ``getppid()`` is."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m yitrt.triton.reference_worker CHECKPOINT [--max-batch-size N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compute-dtype", default="float32")
     args = parser.parse_args(argv)
+    _exit_with_parent()
     # The protocol owns the real stdout; anything else printed (warnings, libraries) goes to stderr.
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)

@@ -8,6 +8,9 @@ The same function writes the repository's ``launch.sh``.
 
 On a machine without a GPU, the tritonserver bundled in the ``nvidia-pytriton`` wheel serves repositories whose
 ``tensorrt_llm`` is the CPU reference slot; its Python stub needs an interpreter with NumPy 1.x (``cpu_stub``).
+
+yitrt never spawns tritonserver directly: ``launcher`` runs it and makes sure no rank, stub or worker outlives yitrt,
+whether yitrt exits, is stopped by a signal or is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -145,8 +149,13 @@ class Server:
         raise ServerError(f"{what}:\n  " + "\n  ".join(list(self.tail)[-12:]), f"full log: {self.log_file}")
 
     def stop(self) -> int | None:
-        """SIGTERM to the whole process group (every rank, stub and worker), SIGKILL when tritonserver has not
-        exited a few seconds after its own exit timeout (a decoupled model can hold it past that)."""
+        """SIGTERM to the whole process group (launcher, every rank, stub and worker), SIGKILL when the launcher has
+        not exited a few seconds after tritonserver's own exit timeout (a decoupled model can hold it past that);
+        then wait until no process of the group, nor any descendant seen before the stop, is left (the stubs and
+        workers too, not only tritonserver)."""
+        from yitrt.triton.launcher import descendants
+
+        tree = descendants(self.process.pid)  # by pid: a descendant that left the group is still ours
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -155,10 +164,29 @@ class Server:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
         _signal_group(self.process.pid, signal.SIGKILL)  # stragglers of the group (stub processes, workers)
+        _wait_gone(self.process.pid, tree)
         if self.cleanup is not None:
             self.cleanup()
             self.cleanup = None
         return self.process.returncode
+
+
+def _wait_gone(pgid: int, pids: list[int], timeout: float = 10.0) -> None:
+    """SIGKILL the group ``pgid`` and ``pids`` until none of them is alive (zombies are dead), at most ``timeout`` s."""
+    from yitrt.triton.launcher import alive, read_processes
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        table = read_processes()
+        left = alive(pids, table) + [pid for pid, (_, pgrp, state) in table.items() if pgrp == pgid and state != "Z"]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
 
 
 def _port_free(port: int) -> bool:
@@ -226,9 +254,14 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
         environ.update(stub.env)
     log_file = Path(req.log_file) if req.log_file else repo.parent / f"{repo.name}.server.log"
     log = open(log_file, "w")  # noqa: SIM115 - closed by the forwarding thread
+    # The launcher (yitrt/triton/launcher.py) runs argv and guarantees that nothing it started outlives this process,
+    # even a SIGKILLed one; launch.sh runs the same argv directly.
+    launcher = [sys.executable, "-m", "yitrt.triton.launcher", "--parent", str(os.getpid())]
+    if stub is not None:
+        launcher += ["--remove", str(stub.root)]  # the temporary backend folder goes with the server, however it ends
     try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                   env=environ, start_new_session=True)
+        process = subprocess.Popen([*launcher, "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace", env=environ, start_new_session=True)
     except OSError as exc:
         log.close()
         if stub is not None:
@@ -246,14 +279,23 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
                 if on_log is not None:
                     on_log(line.rstrip())
 
-    server.forwarder = threading.Thread(target=forward, daemon=True)
-    server.forwarder.start()
-    server.wait_ready(req.ready_timeout)
+    forwarding = False
+    try:
+        server.forwarder = threading.Thread(target=forward, daemon=True)
+        server.forwarder.start()
+        forwarding = True
+        server.wait_ready(req.ready_timeout)
+    except BaseException:  # a timeout, or Ctrl-C/SIGTERM while waiting: the caller never gets a server to stop
+        server.stop()
+        if not forwarding:
+            log.close()
+        raise
     return server
 
 
 def server_summary(server: Server) -> dict[str, Any]:
     """JSON description of a running server."""
+    # pid: the launcher's, the leader of the server's process group
     return {"endpoints": server.endpoints, "pid": server.process.pid, "world_size": server.world_size,
             "models": server.models, "log": str(server.log_file), "argv": server.argv}
 

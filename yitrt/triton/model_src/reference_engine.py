@@ -53,6 +53,21 @@ class _Pending:
         self.response = None
 
 
+def _die_with_stub():
+    """preexec_fn for the worker: SIGKILL when this stub dies (PR_SET_PDEATHSIG), or at once if it already has."""
+    import ctypes
+    import signal
+
+    prctl, stub = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # looked up before the fork
+
+    def preexec():
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != stub:
+            os._exit(1)
+
+    return preexec
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -68,7 +83,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"reference engine slot: interpreter {python!r} not found; set YITRT_REFERENCE_PYTHON to a Python with yitrt installed")
         argv = [python, "-m", "yitrt.triton.reference_worker", self.checkpoint,
                 "--max-batch-size", text.param(config, "max_batch_size", str(config.get("max_batch_size") or 8))]
-        self.worker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.worker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                       preexec_fn=_die_with_stub())
         first = self.worker.stdout.readline()
         hello = json.loads(first) if first.strip() else {"ready": False, "error": f"worker exited with code {self.worker.poll()}"}
         if not hello.get("ready"):

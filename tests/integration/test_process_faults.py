@@ -1,0 +1,211 @@
+"""Killed processes leave nothing behind (issue #17 item 6), on a real tritonserver (the nvidia-pytriton wheel's,
+on CPU) serving the demo model with the CPU reference slot. Every case records, by pid through /proc, the whole
+process tree of the yitrt process while it runs (yitrt, the launcher, tritonserver, its Python stubs, the
+reference worker), kills something, and then requires that none of those pids lives (zombies are dead) and that the
+server's ports no longer answer: `yitrt serve` SIGKILLed when ready and SIGTERMed before ready, the reference worker
+SIGKILLed under a request, `yitrt run` SIGKILLed and SIGTERMed during its smoke stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.processes import TreeWatch, cmdlines, kill_all
+from yitrt.build.environment import find_tritonserver
+from yitrt.triton.cpu_stub import stub_env_dir
+
+pytestmark = pytest.mark.integration
+QUESTION = "What is the capital of France?"
+SERVER = "tritonserver/bin/tritonserver"  # in tritonserver's command line, not in the launcher's (its argv[0] is python)
+
+
+@pytest.fixture(scope="module")
+def repo(demo_build, tmp_path_factory):
+    """A streaming reference-slot repository of the demo model (tp 1), shared by the serve cases."""
+    from yitrt.checkpoint.convert import ConvertRequest, convert
+    from yitrt.triton.repository import DeployRequest, deploy
+
+    if find_tritonserver() is None or not (stub_env_dir() / "pyvenv.cfg").is_file():
+        pytest.skip("no tritonserver (nvidia-pytriton) or no NumPy-1.x stub environment: run `make setup`")
+    work = tmp_path_factory.mktemp("faults")
+    convert(ConvertRequest(demo_build[0].path, work / "ckpt"))
+    deploy(DeployRequest(work / "ckpt", work / "repo", engine="reference", max_batch_size=4, max_seq_len=512))
+    return work / "repo"
+
+
+def _ports() -> list[int]:
+    from yitrt.pipeline import free_ports
+
+    return free_ports(3)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _ready(http: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _serve(repo: Path, ports: list[int]) -> subprocess.Popen:
+    http, grpc_port, metrics = map(str, ports)
+    return subprocess.Popen([sys.executable, "-m", "yitrt", "serve", str(repo), "--json", "--exit-timeout", "5", "--http-port", http,
+                             "--grpc-port", grpc_port, "--metrics-port", metrics], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO_ROOT)
+
+
+def _wait_ready(proc: subprocess.Popen, http: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not _ready(http):
+        assert proc.poll() is None, f"yitrt serve exited with {proc.returncode}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.25)
+
+
+def _backend_dir(watch: TreeWatch) -> Path:
+    """The temporary backend folder the launcher was told to remove (cpu_stub.prepare made it)."""
+    launcher = watch.wait_for("yitrt.triton.launcher", timeout=60)
+    argv = cmdlines({launcher})[launcher].split()
+    return Path(argv[argv.index("--remove") + 1])
+
+
+def _assert_nothing_left(watch: TreeWatch, ports: list[int]) -> None:
+    left = watch.wait_gone(20)
+    kill_all(left)  # a failing case must not leave servers on the machine
+    assert not left, f"still running: {cmdlines(left)}"
+    assert not any(_answers(p) for p in ports), "a server port still answers"
+
+
+def test_serve_sigkilled_when_ready_leaves_nothing(repo):
+    ports = _ports()
+    proc = _serve(repo, ports)
+    watch = TreeWatch(proc.pid)
+    try:
+        _wait_ready(proc, ports[0])
+        backends = _backend_dir(watch)
+        watch.wait_for("yitrt.triton.reference_worker")
+        names = " ".join(cmdlines(watch.sample()).values())
+        assert SERVER in names and "triton_python_backend_stub" in names  # the tree is known before the kill
+        proc.kill()
+        proc.wait(10)
+        _assert_nothing_left(watch, ports)
+        assert not backends.exists()  # the launcher removed the temporary backend folder yitrt could not
+    finally:
+        proc.kill()
+        kill_all(watch.sample())
+        watch.stop()
+
+
+def test_serve_sigtermed_before_ready_stops_cleanly_and_leaves_nothing(repo):
+    ports = _ports()
+    proc = _serve(repo, ports)
+    watch = TreeWatch(proc.pid)
+    try:
+        watch.wait_for(SERVER, timeout=60)
+        assert not _ready(ports[0])  # the model loads for seconds: this SIGTERM comes before ready
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err  # a requested stop
+        assert "Traceback" not in err and "stopping tritonserver" in err and not out.strip()
+        _assert_nothing_left(watch, ports)
+    finally:
+        proc.kill()
+        kill_all(watch.sample())
+        watch.stop()
+
+
+def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leaves_nothing(repo):
+    from yitrt.errors import RequestFailedError
+    from yitrt.triton.client import ChatRequest, chat
+
+    ports = _ports()
+    proc = _serve(repo, ports)
+    watch = TreeWatch(proc.pid)
+    try:
+        _wait_ready(proc, ports[0])
+        worker = watch.wait_for("yitrt.triton.reference_worker")
+        streaming = threading.Event()
+        outcome: list[BaseException | object] = []
+
+        def ask() -> None:
+            try:
+                # through the ensemble: the BLS model does not pass on an engine error that follows streamed
+                # tokens (the request hangs; issue #17, reported separately), and this case is about the slot
+                outcome.append(chat(ChatRequest(f"localhost:{ports[1]}", QUESTION, model="ensemble", max_tokens=400, timeout=120),
+                                    lambda piece: streaming.set()))
+            except BaseException as exc:  # noqa: BLE001 - the assertion below looks at it
+                outcome.append(exc)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        assert streaming.wait(120), "no token streamed"
+        os.kill(worker, signal.SIGKILL)  # in the middle of generating
+        asking.join(120)
+        assert len(outcome) == 1 and isinstance(outcome[0], RequestFailedError), outcome
+        assert "reference worker process exited" in str(outcome[0])  # a clean error, not a hang
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        _assert_nothing_left(watch, ports)
+    finally:
+        proc.kill()
+        kill_all(watch.sample())
+        watch.stop()
+
+
+# -- yitrt run, killed during its smoke stage ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deployed_run(demo_build, tmp_path_factory):
+    """A run work folder whose stages up to deploy are done (cached for the next run): (argv of the run, work)."""
+    if find_tritonserver() is None or not (stub_env_dir() / "pyvenv.cfg").is_file():
+        pytest.skip("no tritonserver (nvidia-pytriton) or no NumPy-1.x stub environment: run `make setup`")
+    work = tmp_path_factory.mktemp("run-faults") / "work"
+    argv = [sys.executable, "-m", "yitrt", "run", "demo", "--work-dir", str(work), "--set", "model.demo=false",
+            "--set", f"model.path={demo_build[0].path}", "--set", "parallelism.tp=1", "--set", "verify.enabled=false"]
+    done = subprocess.run([*argv, "--until", "deploy", "--json"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return argv, work
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_run_killed_during_smoke_leaves_nothing(deployed_run, sig):
+    argv, work = deployed_run
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    watch = TreeWatch(proc.pid)
+    try:
+        watch.wait_for(SERVER, timeout=120)  # the smoke stage is starting its server (the other stages are cached)
+        watch.wait_for("triton_python_backend_stub", timeout=60)  # the processes that used to be left behind
+        ports = [int(a.split("=", 1)[1]) for a in cmdlines(set(watch.find(SERVER))).popitem()[1].split()
+                 if a.startswith(("--http-port=", "--grpc-port=", "--metrics-port="))]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and err.rstrip().endswith("terminated") and "Traceback" not in err, err
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        assert not (work / ".yitrt-run" / "smoke.json").exists()  # the stage did not pass
+        assert len(ports) == 3
+        _assert_nothing_left(watch, ports)
+    finally:
+        proc.kill()
+        kill_all(watch.sample())
+        watch.stop()
