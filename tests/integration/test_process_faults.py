@@ -133,8 +133,6 @@ def test_serve_sigtermed_before_ready_stops_cleanly_and_leaves_nothing(repo):
 
 
 def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leaves_nothing(repo):
-    from yitrt.errors import RequestFailedError
-    from yitrt.triton.client import ChatRequest, chat
 
     ports = _ports()
     proc = _serve(repo, ports)
@@ -142,25 +140,26 @@ def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leave
     try:
         _wait_ready(proc, ports[0])
         worker = watch.wait_for("yitrt.triton.reference_worker")
+        # "running": through the BLS, streaming (end_id -1: it runs to max_tokens); "waiting-bls" and "waiting-ensemble"
+        # wait in the worker for the running batch — when the worker dies, every one must end with a clean error
+        urls = f"localhost:{ports[1]}"
         streaming = threading.Event()
-        outcome: list[BaseException | object] = []
-
-        def ask() -> None:
-            try:
-                # through the ensemble: the BLS model does not pass on an engine error that follows streamed
-                # tokens (the request hangs; issue #17, reported separately), and this case is about the slot
-                outcome.append(chat(ChatRequest(f"localhost:{ports[1]}", QUESTION, model="ensemble", max_tokens=400, timeout=120),
-                                    lambda piece: streaming.set()))
-            except BaseException as exc:  # noqa: BLE001 - the assertion below looks at it
-                outcome.append(exc)
-
-        asking = threading.Thread(target=ask, daemon=True)
-        asking.start()
+        outcome: dict[str, str | None] = {}
+        threads = [threading.Thread(target=_ask_until_final, args=(urls, model, key, outcome, event), daemon=True)
+                   for key, model, event in (("running", "tensorrt_llm_bls", streaming), ("waiting-bls", "tensorrt_llm_bls", None),
+                                             ("waiting-ensemble", "ensemble", None))]
+        threads[0].start()
         assert streaming.wait(120), "no token streamed"
+        for thread in threads[1:]:
+            thread.start()
+        time.sleep(2)  # both sent and waiting behind the running batch
         os.kill(worker, signal.SIGKILL)  # in the middle of generating
-        asking.join(120)
-        assert len(outcome) == 1 and isinstance(outcome[0], RequestFailedError), outcome
-        assert "reference worker process exited" in str(outcome[0])  # a clean error, not a hang
+        for thread in threads:
+            thread.join(120)
+        # the BLS cannot see an error response that follows streamed tokens (reference_engine.py, FAILED_LENGTH)
+        assert "failed during the answer" in (outcome.get("running") or ""), outcome
+        assert "reference worker process exited" in (outcome.get("waiting-bls") or ""), outcome
+        assert "reference worker process exited" in (outcome.get("waiting-ensemble") or ""), outcome
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "Traceback" not in err, err
@@ -169,6 +168,42 @@ def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leave
         proc.kill()
         kill_all(watch.sample())
         watch.stop()
+
+
+def _ask_until_final(url: str, model: str, key: str, outcome: dict, streaming: threading.Event | None) -> None:
+    """A streamed request of 400 tokens that ignores the end token; ``outcome[key]``: its error text, None when it
+    ended without one, "no final response" when nothing ended it in 120 s."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url)
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    inputs = []
+    for name, value in (("text_input", np.array([[QUESTION.encode()]], dtype=object)), ("max_tokens", np.array([[400]], dtype=np.int32)),
+                        ("end_id", np.array([[-1]], dtype=np.int32)), ("stream", np.array([[True]]))):
+        tensor = grpc.InferInput(name, list(value.shape), {"O": "BYTES", "i": "INT32", "b": "BOOL"}[value.dtype.kind])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    outcome[key] = "no final response"
+    try:
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        while True:
+            result, error = events.get(timeout=120)
+            if error is not None:
+                outcome[key] = str(error)
+                return
+            if streaming is not None:
+                streaming.set()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                outcome[key] = None
+                return
+    except Exception:  # noqa: BLE001 - the queue timed out: "no final response" stays
+        return
+    finally:
+        client.stop_stream()
 
 
 # -- yitrt run, killed during its smoke stage ------------------------------------------------------------------

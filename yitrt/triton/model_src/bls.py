@@ -73,6 +73,8 @@ class TritonPythonModel:
         if ids is None:  # the empty final response of a decoupled model
             return []
         lengths = pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy().reshape(-1)
+        if lengths.size and lengths[0] < 0:  # the reference slot's mark of a stream that failed part-way (its error: server log)
+            raise text.RequestError(f"{self.engine} failed during the answer (the error is in the server log)")
         return ids.as_numpy().reshape(-1)[: int(lengths[0])].tolist()  # [1, beam 1, tokens]: the first beam
 
     def _reply(self, delta, counts=None):

@@ -24,6 +24,7 @@ without torch. The worker batches waiting requests together (static batching, no
 import json
 import os
 import subprocess
+import sys
 import threading
 import uuid
 
@@ -32,6 +33,8 @@ import triton_python_backend_utils as pb_utils
 import yitrt_text as text
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+#: sequence_length of the final response that ends a stream failed after some tokens (read by yitrt's BLS model).
+FAILED_LENGTH = -1
 #: Sampling inputs the slot does not emulate, with the value that means "off".
 _NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0}
 #: Outputs the slot does not compute: asking for them is refused (False, the stock clients' default, is fine).
@@ -233,6 +236,16 @@ class TritonPythonModel:
         if item.sender is not None:
             if response is None:
                 item.sender.send(flags=_FINAL)
+            elif item.error is not None and item.tokens:
+                # an error after streamed responses: the error (clients and the ensemble see it), then a final response
+                # with sequence_length FAILED_LENGTH — a BLS caller's response iterator (Python backend of Triton 2.51,
+                # seen here) never yields an error response sent at that point, so without it the BLS would end the
+                # answer as if it were complete (and with the final flag on the error itself, it waited forever)
+                sys.stderr.write(f"reference engine slot: request failed after {len(item.tokens)} tokens: {item.error}\n")
+                item.sender.send(response)
+                item.sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
+                    pb_utils.Tensor("sequence_length", np.full((1, 1), FAILED_LENGTH, dtype=np.int32))]), flags=_FINAL)
             else:
                 item.sender.send(response, flags=_FINAL)
         item.response = response
