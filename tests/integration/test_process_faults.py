@@ -7,6 +7,7 @@ SIGKILLed under a request, `yitrt run` SIGKILLed and SIGTERMed during its smoke 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -72,6 +73,21 @@ def _serve(repo: Path, ports: list[int]) -> subprocess.Popen:
                             text=True, cwd=REPO_ROOT)
 
 
+@contextlib.contextmanager
+def _served_tree(repo: Path):
+    """`yitrt serve` in a subprocess with its process tree watched: (process, watch, ports); whatever a failed
+    assertion leaves is killed afterwards."""
+    ports = _ports()
+    proc = _serve(repo, ports)
+    watch = TreeWatch(proc.pid)
+    try:
+        yield proc, watch, ports
+    finally:
+        proc.kill()
+        kill_all(watch.sample())
+        watch.stop()
+
+
 def _wait_ready(proc: subprocess.Popen, http: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not _ready(http):
@@ -95,10 +111,7 @@ def _assert_nothing_left(watch: TreeWatch, ports: list[int]) -> None:
 
 
 def test_serve_sigkilled_when_ready_leaves_nothing(repo):
-    ports = _ports()
-    proc = _serve(repo, ports)
-    watch = TreeWatch(proc.pid)
-    try:
+    with _served_tree(repo) as (proc, watch, ports):
         _wait_ready(proc, ports[0])
         backends = _backend_dir(watch)
         watch.wait_for("yitrt.triton.reference_worker")
@@ -108,17 +121,10 @@ def test_serve_sigkilled_when_ready_leaves_nothing(repo):
         proc.wait(10)
         _assert_nothing_left(watch, ports)
         assert not backends.exists()  # the launcher removed the temporary backend folder yitrt could not
-    finally:
-        proc.kill()
-        kill_all(watch.sample())
-        watch.stop()
 
 
 def test_serve_sigtermed_before_ready_stops_cleanly_and_leaves_nothing(repo):
-    ports = _ports()
-    proc = _serve(repo, ports)
-    watch = TreeWatch(proc.pid)
-    try:
+    with _served_tree(repo) as (proc, watch, ports):
         watch.wait_for(SERVER, timeout=60)
         assert not _ready(ports[0])  # the model loads for seconds: this SIGTERM comes before ready
         proc.send_signal(signal.SIGTERM)
@@ -126,18 +132,10 @@ def test_serve_sigtermed_before_ready_stops_cleanly_and_leaves_nothing(repo):
         assert proc.returncode == 0, err  # a requested stop
         assert "Traceback" not in err and "stopping tritonserver" in err and not out.strip()
         _assert_nothing_left(watch, ports)
-    finally:
-        proc.kill()
-        kill_all(watch.sample())
-        watch.stop()
 
 
 def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leaves_nothing(repo):
-
-    ports = _ports()
-    proc = _serve(repo, ports)
-    watch = TreeWatch(proc.pid)
-    try:
+    with _served_tree(repo) as (proc, watch, ports):
         _wait_ready(proc, ports[0])
         worker = watch.wait_for("yitrt.triton.reference_worker")
         # "running": through the BLS, streaming (end_id -1: it runs to max_tokens); "waiting-bls" and "waiting-ensemble"
@@ -164,10 +162,6 @@ def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leave
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "Traceback" not in err, err
         _assert_nothing_left(watch, ports)
-    finally:
-        proc.kill()
-        kill_all(watch.sample())
-        watch.stop()
 
 
 def _ask_until_final(url: str, model: str, key: str, outcome: dict, streaming: threading.Event | None) -> None:
