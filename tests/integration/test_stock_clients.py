@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import queue
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.integration.test_triton_server import PLAIN
+from yitrt.manifest import read_manifest
 from yitrt.triton.repository import TOKENIZER_FOLDER
 
 BLS = "tensorrt_llm_bls"
@@ -208,16 +210,16 @@ def test_genai_perf_min_length_is_not_an_input_and_min_tokens_gives_deterministi
 
 
 @pytest.fixture(scope="module")
-def unary(demo_build, tmp_path_factory):
-    """A --no-streaming deployment (non-decoupled models) on its own tritonserver: (grpc url, http url)."""
-    from yitrt.checkpoint.convert import ConvertRequest, convert
+def unary(served, tmp_path_factory):
+    """A --no-streaming deployment (non-decoupled models) of the served checkpoint on its own tritonserver:
+    (grpc url, http url, repository)."""
     from yitrt.pipeline import free_ports
     from yitrt.triton.repository import DeployRequest, deploy
     from yitrt.triton.server import Ports, ServeRequest, start_server
 
     work = tmp_path_factory.mktemp("unary")
-    convert(ConvertRequest(demo_build[0].path, work / "ckpt"))
-    deploy(DeployRequest(work / "ckpt", work / "repo", engine="reference", streaming=False, max_batch_size=4,
+    checkpoint = read_manifest(served[2]).extra["deploy"]["source"]  # the session's converted demo checkpoint
+    deploy(DeployRequest(Path(checkpoint), work / "repo", engine="reference", streaming=False, max_batch_size=4,
                          words_encoding="stock"))
     http, grpc_port, metrics = free_ports(3)
     server = start_server(ServeRequest(work / "repo", Ports(http, grpc_port, metrics), exit_timeout=5, ready_timeout=300))

@@ -136,8 +136,13 @@ def _blocked_chat():
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     server.settimeout(60)
+    import signal
+
+    # SIGINT back to its default first: a shell without job control starts background jobs (a CI runner's, say) with
+    # SIGINT ignored, and Python then installs no Ctrl-C handler
     proc = subprocess.Popen([sys.executable, "-m", "yitrt", "chat", f"127.0.0.1:{server.getsockname()[1]}", "hi", "--model", "m",
-                             "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+                             "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     connection, _ = server.accept()
     return proc, server, connection
 
