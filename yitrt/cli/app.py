@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from typer.exceptions import TyperException
@@ -406,6 +406,15 @@ def _report_os_error(exc: OSError, as_json: bool, debug: bool) -> None:
     sys.exit(error.exit_code)
 
 
+def _exit_interrupted() -> NoReturn:
+    """Ctrl-C: "aborted", exit 130; SIGTERM (Typer reports both as 130): "terminated", exit 143."""
+    if terminated():
+        sys.stderr.write("terminated\n")
+        sys.exit(TERMINATED_EXIT)
+    sys.stderr.write("aborted\n")
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
@@ -418,11 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         # Outside standalone mode Typer *returns* the code of a typer.Exit, and 130 for any KeyboardInterrupt
         # (Ctrl-C, or SIGTERM through yitrt.cli.signals), instead of raising: they are exit codes here.
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
-            if terminated():
-                sys.stderr.write("terminated\n")
-                sys.exit(TERMINATED_EXIT)
-            if code == 130:
-                sys.stderr.write("aborted\n")
+            if code == 130 or terminated():
+                _exit_interrupted()
             sys.exit(code)
     except YitrtError as exc:
         if debug:
@@ -438,11 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         render.report_error(UsageError(" ".join(message.split()), f"see `{command} --help`"), as_json)
         sys.exit(UsageError.exit_code)
     except (typer.Abort, KeyboardInterrupt):  # one raised outside a command (Typer maps those inside, above)
-        if terminated():
-            sys.stderr.write("terminated\n")
-            sys.exit(TERMINATED_EXIT)
-        sys.stderr.write("aborted\n")
-        sys.exit(130)
+        _exit_interrupted()
     except Exception as exc:  # a bug in yitrt, not a user error (unless the operating system refused something)
         if isinstance(exc, OSError) and exc.errno is not None:
             _report_os_error(exc, as_json, debug)

@@ -7,7 +7,7 @@ torch) and talks to it over stdin/stdout, one JSON object per line:
     request  {"id": str, "input_ids": [int], "max_new": int, "min_new": int, "end_ids": [int], "stop_sequences": [[int]],
               "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int}}
              {"cancel": str}                                              stop that request (TensorRT-LLM's `stop`)
-    answer   {"ready": true, "tp": int, "vocab_size": int}                once, after the checkpoint loaded
+    answer   {"ready": true, "tp": int}                                   once, after the checkpoint loaded
              {"id": str, "token": int, "finish": null|"end_id"|"stop_words"|"length"}   one per generated token
              {"id": str, "token": null, "finish": "cancelled"}           the request was stopped (no more tokens)
              {"id": str, "error": str}                                    the request failed
@@ -157,7 +157,7 @@ def serve(checkpoint: Path, max_batch_size: int, device: str, compute_dtype: str
 
     out = _Writer(stdout)
     with ReferenceRuntime(checkpoint, device, compute_dtype) as runtime:
-        out.send({"ready": True, "tp": runtime.spec.tp, "vocab_size": runtime.spec.vocab_size})
+        out.send({"ready": True, "tp": runtime.spec.tp})
 
         def check(request: dict[str, Any]) -> None:
             prompt, max_new = request.get("input_ids"), request.get("max_new")

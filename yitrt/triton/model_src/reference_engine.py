@@ -14,8 +14,8 @@ request semantics that the other models rely on:
 - ``stop`` = true cancels the in-flight request with the same Triton request id: it gets its final response with the
   tokens generated so far, the stop request an empty one (the stock client sends input_lengths 0 and
   request_output_len 0 with it);
-- words lists whose offsets are all -1 mean "no words" (the stock preprocessing's ``""``); input ids outside the
-  vocab are refused per request.
+- words lists whose offsets are all -1 mean "no words" (the stock preprocessing's ``""``); the worker refuses input
+  ids outside the vocab per request (the reference runtime's own check).
 Generation runs in a worker process (``python -m yitrt.triton.reference_worker``) started with the interpreter
 named by the ``python_executable`` parameter (or ``YITRT_REFERENCE_PYTHON``): Triton's Python stub embeds a Python
 without torch. The worker batches waiting requests together (static batching, not in-flight batching).
@@ -56,8 +56,15 @@ class _Pending:
         self.response = None
 
 
+def _no_tokens(length):
+    """A response with no output ids and ``sequence_length`` ``length`` (0, or FAILED_LENGTH)."""
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
+                                                      pb_utils.Tensor("sequence_length", np.full((1, 1), length, dtype=np.int32))])
+
+
 def _die_with_stub():
-    """preexec_fn for the worker: SIGKILL when this stub dies (PR_SET_PDEATHSIG), or at once if it already has."""
+    """preexec_fn for the worker: SIGKILL when this stub dies (PR_SET_PDEATHSIG), or at once if it already has.
+    What ``yitrt.triton.launcher.die_with_parent`` does for tritonserver; this file runs in the stub, without yitrt."""
     import ctypes
     import signal
 
@@ -92,7 +99,6 @@ class TritonPythonModel:
         hello = json.loads(first) if first.strip() else {"ready": False, "error": f"worker exited with code {self.worker.poll()}"}
         if not hello.get("ready"):
             raise pb_utils.TritonModelException(f"reference engine slot: the worker did not start: {hello.get('error')}")
-        self.vocab_size = int(hello["vocab_size"])
         self.pending = {}
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
@@ -133,9 +139,6 @@ class TritonPythonModel:
             prompt = prompt[:length]
         if not prompt:
             raise ValueError("empty prompt (input_lengths 0)")
-        outside = next((i for i in prompt if not 0 <= i < self.vocab_size), None)
-        if outside is not None:
-            raise ValueError(f"input id {outside} is outside the vocabulary (0..{self.vocab_size - 1}): encode with the model's tokenizer")
         if self.max_input_len and len(prompt) > self.max_input_len:
             raise ValueError(f"Prompt length ({len(prompt)}) exceeds maximum input length ({self.max_input_len}).")
         max_new = text.scalar(request, "request_output_len")
@@ -243,9 +246,7 @@ class TritonPythonModel:
                 # answer as if it were complete (and with the final flag on the error itself, it waited forever)
                 sys.stderr.write(f"reference engine slot: request failed after {len(item.tokens)} tokens: {item.error}\n")
                 item.sender.send(response)
-                item.sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
-                    pb_utils.Tensor("sequence_length", np.full((1, 1), FAILED_LENGTH, dtype=np.int32))]), flags=_FINAL)
+                item.sender.send(_no_tokens(FAILED_LENGTH), flags=_FINAL)
             else:
                 item.sender.send(response, flags=_FINAL)
         item.response = response
@@ -269,9 +270,7 @@ class TritonPythonModel:
             try:
                 if text.scalar(request, "stop", bool):  # nothing else runs on this instance while it waits: nothing to stop
                     self._stop(request)
-                    items.append(pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
-                        pb_utils.Tensor("sequence_length", np.zeros((1, 1), dtype=np.int32))]))
+                    items.append(_no_tokens(0))
                 else:
                     items.append(self._submit(request, None))
             except Exception as exc:  # noqa: BLE001
