@@ -29,10 +29,19 @@ from yitrt.reference.linear import (
     Step,
     WeightOnlyLinear,
 )
-from yitrt.reference.rope import Rotary, apply_rotary
+from yitrt.reference.rope import Rotary, RotaryTable, apply_rotary
 from yitrt.reference.spec import CheckpointSpec
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+#: GEMMs of a packed step never run with fewer rows: the CPU BLAS takes other kernel paths (another summation order)
+#: below 12 rows or columns — measured on torch 2.13's CPU build; tests/unit/test_engine_arithmetic.py re-measures it
+MIN_ROWS = 16
+#: attention keys are padded to a multiple of this, and the probability-weighted values summed block by block: the
+#: BLAS picks its own blocking of a long reduction, so a reduction's length must not change what a row computes
+KEY_BLOCK = 64
+#: query rows per attention GEMM of a context segment (bounds the scores' memory)
+ROW_CHUNK = 1024
 
 
 def load_rank_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -85,6 +94,70 @@ def _kv_quantizer(spec: CheckpointSpec, prefix: str, t: dict[str, torch.Tensor])
     if scale is None:  # the build merges separate k/v scales as max(k, v) (§3.2)
         scale = torch.maximum(t[prefix + "k_cache_scaling_factor"].reshape(()), t[prefix + "v_cache_scaling_factor"].reshape(()))
     return KvQuantizer(spec.kv_cache_quant_algo, scale, t.get(prefix + "kv_cache_rcp_scaling_factor"), _DTYPES[spec.dtype])
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """x·sigmoid(x) as x / (1 + exp(-x)): torch's own silu computes the tail of a tensor on a scalar path that can
+    differ in the last bit, so a row's result would depend on the rows after it."""
+    return x / (1 + torch.exp(-x))
+
+
+@dataclass(frozen=True)
+class PackedSegment:
+    """One sequence's rows of a packed step (see ``RankModel.forward_packed``)."""
+
+    start: int  # first row
+    count: int  # rows (new tokens)
+    past: int  # tokens cached before the step
+    slots: torch.Tensor  # [past + count] cache slots of all its tokens, in order
+    context: bool  # context phase (its own new keys are attended to unquantized, as context FMHA reads them)
+
+
+@dataclass(frozen=True)
+class PackedStep:
+    """The rows of one iteration: tokens of every scheduled sequence, concatenated (TensorRT-LLM's packed input)."""
+
+    ids: torch.Tensor  # [n]
+    positions: torch.Tensor  # [n]
+    seq_lens: torch.Tensor  # [n] the row's sequence length after the step
+    segments: tuple[PackedSegment, ...]
+    logit_rows: torch.Tensor  # [k] rows whose logits are returned
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] >= rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+
+
+def _pad_keys(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[P, S, d] → [P, length, d] with zero rows."""
+    return x if x.shape[1] == length else torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], x.shape[2])], dim=1)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """Causal attention of P independent problems of the same shape, computed so that a query row's result depends
+    only on its own query, its position and the keys/values up to that position.
+
+    Args:
+        q: [P, R, d] query rows (R ≥ ``MIN_ROWS``), float32.
+        keys, values: [P, S, d] with S a multiple of ``KEY_BLOCK`` (rows past a problem's length are arbitrary).
+        query_pos: [P, R] the last key position each row may see.
+
+    Returns:
+        [P, R, d] float32.
+    """
+    p, r, d = q.shape
+    s = keys.shape[1]
+    scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)
+    visible = torch.arange(s, device=q.device)[None, None, :] <= query_pos[..., None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # invisible keys weigh exactly 0
+    width = max(d, MIN_ROWS)  # the value GEMM's columns: at least MIN_ROWS, like its rows
+    vals = values if width == d else torch.cat([values, values.new_zeros(p, s, width - d)], dim=-1)
+    blocks = s // KEY_BLOCK
+    parts = probs.view(p, r, blocks, KEY_BLOCK).transpose(1, 2) @ vals.view(p, blocks, KEY_BLOCK, width)  # [P, blocks, R, w]
+    out = parts[:, 0]
+    for j in range(1, blocks):  # in key order, one block at a time: trailing all-zero blocks add exactly nothing
+        out = out + parts[:, j]
+    return out[..., :d]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,6 +232,7 @@ class RankModel:
             for lin in linears:
                 lin.keep_decoded()
         self.rotary = Rotary(spec.rotary_base, d, spec.rotary_scaling, spec.max_position_embeddings)
+        self.rope_table = RotaryTable(self.rotary)
         # True: stored weights and scales, unquantized activations and K/V (see DecodedWeight.weights_only)
         self.weights_only = False
         self.q_size, self.kv_size = self.heads * d, self.kv_heads * d
@@ -222,7 +296,7 @@ class RankModel:
         if "mlp.fc.bias" in layer.biases:
             fc = fc + layer.biases["mlp.fc.bias"].to(self.compute)
             gate = gate + layer.biases["mlp.gate.bias"].to(self.compute)
-        y = self.comm.all_reduce(self._linear(layer.proj, torch.nn.functional.silu(fc) * gate))  # fc is the activated branch
+        y = self.comm.all_reduce(self._linear(layer.proj, silu(fc) * gate))  # fc is the activated branch
         if "mlp.proj.bias" in layer.biases:
             y = y + layer.biases["mlp.proj.bias"].to(self.compute)
         return y
@@ -262,3 +336,98 @@ class RankModel:
         logits = self.comm.all_gather(self._linear(self.lm_head, h), dim=-1)[..., : spec.vocab_size]
         logits = logits.to(_DTYPES.get(spec.logits_dtype, torch.float32))  # the engine's declared logits dtype
         return logits.to(torch.float32)
+
+    # ---- packed steps of the engine loop (yitrt/reference/engine) ----
+    @torch.inference_mode()
+    def forward_packed(self, step: PackedStep, kv) -> torch.Tensor:
+        """One iteration of the engine loop: the new tokens of every scheduled sequence as one packed batch (no
+        padding between sequences), keys and values written to and read from the paged ``kv`` (``KvStorage``).
+
+        A row's arithmetic does not depend on the other rows: GEMMs run with at least ``MIN_ROWS`` rows, elementwise
+        functions avoid torch's scalar tail paths, cos/sin come from a fixed table and attention pads and sums keys in
+        fixed blocks (``attend``). So a sequence's logits are bit-identical whatever it is batched with, however its
+        prompt is chunked and whether its prefix was computed now or reused from the cache (for a float KV cache).
+
+        Returns:
+            float32 logits [len(step.logit_rows), vocab_size].
+        """
+        spec = self.spec
+        n = step.ids.numel()
+        rows = max(n, MIN_ROWS)
+        self.step.tokens = n  # the engine's GEMM m: real tokens (W4A8-AWQ picks its kernel by it, as the engine does)
+        cos, sin = self.rope_table.rows(step.positions, step.seq_lens)
+        h = self.embed(_pad_rows(step.ids, rows)[None])[0]
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, spec.norm_epsilon)
+            h = h + self._attention_packed(layer, index, x, cos, sin, step, kv, rows)
+            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon))
+        k = step.logit_rows.numel()
+        h = rms_norm(_pad_rows(h[step.logit_rows], MIN_ROWS), self.ln_f, spec.norm_epsilon)
+        logits = self.comm.all_gather(self._linear(self.lm_head, h), dim=-1)[:k, : spec.vocab_size]
+        logits = logits.to(_DTYPES.get(spec.logits_dtype, torch.float32))
+        return logits.to(torch.float32)
+
+    def _attention_packed(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, step: PackedStep, kv, rows: int) -> torch.Tensor:
+        n, d = step.ids.numel(), self.spec.head_size
+        qkv = self._linear(layer.qkv, x)[:n]
+        if "attention.qkv.bias" in layer.biases:
+            qkv = qkv + layer.biases["attention.qkv.bias"].to(self.compute)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.reshape(n, self.heads, d).transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1)
+        k = apply_rotary(k.reshape(n, self.kv_heads, d).transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1)
+        v = v.reshape(n, self.kv_heads, d)
+        kv_quant = layer.kv_quant if not self.weights_only else None
+        cache_k, cache_v = kv.flat(index)
+        new_slots = torch.cat([seg.slots[seg.past:] for seg in step.segments])
+        cache_k[new_slots] = (kv_quant.roundtrip(k) if kv_quant else k).to(cache_k.dtype)
+        cache_v[new_slots] = (kv_quant.roundtrip(v) if kv_quant else v).to(cache_v.dtype)
+        out = torch.zeros(rows, self.heads, d, dtype=torch.float32, device=x.device)
+        group = self.heads // self.kv_heads
+        single = [seg for seg in step.segments if seg.count == 1 and not (seg.context and kv_quant)]
+        if single:  # one query token each (generation, or a one-token context): attended together
+            self._attend_singles(single, q, out, cache_k, cache_v, group)
+        for seg in step.segments:
+            if seg.count == 1 and not (seg.context and kv_quant):
+                continue
+            rows_q = q[seg.start : seg.start + seg.count].to(torch.float32)  # [t, heads, d]
+            t = seg.count
+            keys, values = cache_k[seg.slots], cache_v[seg.slots]  # [S, kv_heads, d] as read back from the cache
+            if seg.context and kv_quant:  # context FMHA reads the step's own K/V from the QKV buffer, unquantized
+                keys = torch.cat([keys[: seg.past], k[seg.start : seg.start + t].to(keys.dtype)])
+                values = torch.cat([values[: seg.past], v[seg.start : seg.start + t].to(values.dtype)])
+            length = -(-keys.shape[0] // KEY_BLOCK) * KEY_BLOCK
+            keys = _pad_keys(keys.transpose(0, 1).to(torch.float32), length)  # [kv_heads, S, d]
+            values = _pad_keys(values.transpose(0, 1).to(torch.float32), length)
+            # query rows per KV head: (group member, token), GQA head h reads KV head h // group
+            qh = rows_q.reshape(t, self.kv_heads, group, d).permute(1, 2, 0, 3).reshape(self.kv_heads, group * t, d)
+            pos = (seg.past + torch.arange(t, device=x.device)).repeat(group)
+            result = torch.empty_like(qh)
+            for lo in range(0, group * t, ROW_CHUNK):
+                hi = min(lo + ROW_CHUNK, group * t)
+                chunk = _pad_rows(qh[:, lo:hi].transpose(0, 1), MIN_ROWS).transpose(0, 1)
+                cpos = _pad_rows(pos[lo:hi], MIN_ROWS)
+                cpos[hi - lo :] = seg.past  # padding rows see a real key: finite, discarded
+                result[:, lo:hi] = attend(chunk.contiguous(), keys, values, cpos.expand(self.kv_heads, -1))[:, : hi - lo]
+            out[seg.start : seg.start + t] = result.reshape(self.kv_heads, group, t, d).permute(2, 0, 1, 3).reshape(t, self.heads, d)
+        y = self.comm.all_reduce(self._linear(layer.dense, out.reshape(rows, self.q_size).to(self.compute)))
+        if "attention.dense.bias" in layer.biases:
+            y = y + layer.biases["attention.dense.bias"].to(self.compute)
+        return y
+
+    def _attend_singles(self, segs: list[PackedSegment], q: torch.Tensor, out: torch.Tensor, cache_k, cache_v, group: int) -> None:
+        """Attention of every one-token segment in one batched call (keys gathered per sequence, padded to the
+        longest)."""
+        d, kvh = self.spec.head_size, self.kv_heads
+        length = -(-max(seg.past + 1 for seg in segs) // KEY_BLOCK) * KEY_BLOCK
+        index = torch.zeros(len(segs), length, dtype=torch.long, device=q.device)
+        for i, seg in enumerate(segs):
+            index[i, : seg.past + 1] = seg.slots
+        keys = cache_k[index].to(torch.float32).permute(0, 2, 1, 3).reshape(len(segs) * kvh, length, d)
+        values = cache_v[index].to(torch.float32).permute(0, 2, 1, 3).reshape(len(segs) * kvh, length, d)
+        starts = torch.tensor([seg.start for seg in segs], device=q.device)
+        qh = q[starts].to(torch.float32).reshape(len(segs) * kvh, group, d)
+        width = max(group, MIN_ROWS)
+        qh = torch.cat([qh, qh.new_zeros(len(segs) * kvh, width - group, d)], dim=1) if width > group else qh
+        pos = torch.tensor([seg.past for seg in segs], device=q.device).repeat_interleave(kvh)[:, None].expand(-1, width)
+        result = attend(qh.contiguous(), keys, values, pos)[:, :group]  # [segs*kvh, group, d]
+        out[starts] = result.reshape(len(segs), self.heads, d)

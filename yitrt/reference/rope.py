@@ -101,6 +101,47 @@ class Rotary:
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
+#: positions per chunk of the cos/sin table (each chunk is computed by one fixed-shape operation)
+TABLE_CHUNK = 4096
+
+
+class RotaryTable:
+    """cos/sin rows of a ``Rotary`` read from a table built in fixed chunks of positions, so a position's values do
+    not depend on which other positions a step computes (an elementwise cos/sin over a tensor takes a scalar path
+    for its tail elements, which may differ from the vector path in the last bit)."""
+
+    def __init__(self, rotary: Rotary) -> None:
+        self.rotary = rotary
+        self._chunks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self._chunks:
+            r = self.rotary
+            positions = torch.arange(index * TABLE_CHUNK, (index + 1) * TABLE_CHUNK)
+            angles = positions.to(torch.float32)[:, None] * r.inv_freq[None, :]
+            angles = torch.cat([angles, angles], dim=-1)
+            self._chunks[index] = (angles.cos() * r.attention_factor, angles.sin() * r.attention_factor)
+        return self._chunks[index]
+
+    def rows(self, positions: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, dim] for positions [n]; ``seq_lens[i]``: row i's sequence length after the step (dynamic
+        NTK past max_position_embeddings computes those rows directly: their frequencies depend on the length)."""
+        r = self.rotary
+        dynamic = r.kind == "dynamic" and r.max_positions and bool((seq_lens > r.max_positions).any())
+        if dynamic:
+            cos, sin = r.cos_sin(positions[:, None], [int(n) for n in seq_lens])
+            return cos[:, 0], sin[:, 0]
+        pos = positions.cpu()
+        chunks = sorted(set((pos // TABLE_CHUNK).tolist()))
+        cos = torch.empty(len(pos), r.dim)
+        sin = torch.empty(len(pos), r.dim)
+        for c in chunks:
+            mine = (pos // TABLE_CHUNK) == c
+            table_cos, table_sin = self._chunk(c)
+            cos[mine], sin[mine] = table_cos[pos[mine] - c * TABLE_CHUNK], table_sin[pos[mine] - c * TABLE_CHUNK]
+        return cos.to(positions.device), sin.to(positions.device)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, dim] with cos/sin [B, T, dim] (GPT-NeoX halves), in float32."""
     xf = x.to(torch.float32)

@@ -95,19 +95,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def left_pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids [B, T], positions [B, T], valid [B, T]) of left-padded sequences."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        if s:
-            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        valid[b, width - len(s):] = True
-    positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
-    return ids.to(device), positions.to(device), valid.to(device)
-
-
 def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
     """Next token per row of float32 logits [B, V]."""
     if sampling.greedy:
@@ -180,58 +167,46 @@ class RankEngine:
         logits = torch.cat(parts, dim=1)
         return list(logits.unbind(0))
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, end_ids: tuple[int, ...] = ()) -> list[list[int]]:
-        """Incremental decoding with the KV cache: one context pass, then one token per step for the batch.
+    # ---- the engine loop's rank side (yitrt/reference/engine) ----
+    def init_pool(self, primary_blocks: int, host_blocks: int, tokens_per_block: int) -> None:
+        """Allocate this rank's paged KV cache (its KV heads), replacing any earlier one."""
+        from yitrt.reference.engine.kv_pool import KvStorage
 
-        Returns:
-            The new tokens of each prompt (up to and including an end id, at most ``max_new_tokens``).
-        """
-        rules = [StopRule(max_new_tokens, tuple(end_ids))] * len(prompts)
-        new: list[list[int]] = [[] for _ in prompts]
-        for events in self.generate_steps(prompts, rules, sampling):
-            for b, event in enumerate(events):
-                if event is not None:
-                    new[b].append(event[0])
-        return new
+        m = self.model
+        self.kv = None
+        self.kv = KvStorage(len(m.layers), primary_blocks, host_blocks, tokens_per_block, m.kv_heads, m.spec.head_size,
+                            m.compute, self.device)
 
-    def generate_steps(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling) -> Iterator[list[tuple[int, str | None] | None]]:
-        """Decode a batch one step at a time, each sequence under its own ``StopRule``.
+    def run_step(self, plan) -> list[int | torch.Tensor]:
+        """Compute one ``StepPlan``: block copies, then the packed forward. Returns, per sampling segment, the greedy
+        token or (sampled segments) its float32 logits row on CPU, banned ids already masked."""
+        from yitrt.reference.model import PackedSegment, PackedStep
 
-        Yields:
-            Per step, for each sequence: ``(token, finish_reason)`` (reason None while it goes on), or None once
-            it has finished. A token that ends a sequence (end id, last token of a stop sequence) is yielded
-            with the reason; the consumer decides whether to show it.
-        """
-        model = self.model
-        ids, positions, valid = left_pad(prompts, self.device)
-        cache = model.new_cache()
-        logits = model.forward(ids, positions, valid, cache, last_only=True)[:, -1]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        generator = torch.Generator().manual_seed(sampling.seed)
-        new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for step in range(max(rule.max_new for rule in rules)):
-            held = [(b, list(rule.end_ids)) for b, rule in enumerate(rules) if step < rule.min_new and rule.end_ids]
-            if held:
-                logits = logits.clone()  # an inference tensor: masked on a copy
-                for b, end_ids in held:
-                    logits[b, end_ids] = float("-inf")
-            chosen = self.comm.broadcast(pick_tokens(logits, sampling, generator))
-            events: list[tuple[int, str | None] | None] = []
-            for b, token in enumerate(chosen.tolist()):
-                if done[b]:
-                    events.append(None)
-                    continue
-                new[b].append(token)
-                reason = rules[b].finish_reason(new[b])
-                done[b] = reason is not None
-                events.append((token, reason))
-            yield events
-            if all(done):
-                break
-            valid = torch.cat([valid, torch.ones(len(prompts), 1, dtype=torch.bool, device=self.device)], dim=1)
-            logits = model.forward(chosen[:, None], lengths[:, None], valid, cache, last_only=True)[:, -1]
-            lengths = lengths + 1
+        kv, dev = self.kv, self.device
+        kv.copy(list(plan.copies))
+        tpb = kv.tokens_per_block
+        ids, positions, seq_lens, segments, logit_rows, start = [], [], [], [], [], 0
+        offsets = torch.arange(tpb)
+        for seg in plan.segments:
+            count, end = len(seg.tokens), seg.past + len(seg.tokens)
+            slots = (torch.tensor(seg.table, dtype=torch.long)[:, None] * tpb + offsets).reshape(-1)[:end]
+            ids.extend(seg.tokens)
+            positions.extend(range(seg.past, end))
+            seq_lens.extend([end] * count)
+            segments.append(PackedSegment(start, count, seg.past, slots.to(dev), seg.context))
+            if seg.sample:
+                logit_rows.append(start + count - 1)
+            start += count
+        step = PackedStep(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+                          torch.tensor(seq_lens), tuple(segments), torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        logits = self.model.forward_packed(step, kv)
+        out: list[int | torch.Tensor] = []
+        for row, seg in zip(logits, (s for s in plan.segments if s.sample), strict=True):
+            if seg.banned:
+                row = row.clone()
+                row[list(seg.banned)] = float("-inf")
+            out.append(int(row.argmax()) if seg.greedy else row.cpu())
+        return out
 
 
 def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str, commands, results) -> None:
@@ -249,11 +224,6 @@ def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str
         while (command := commands.get()) is not None:
             name, args = command
             value = getattr(engine, name)(*args)
-            if name == "generate_steps":  # a generator: every rank steps it; rank 0 reports each step
-                for events in value:
-                    if tp_rank == 0:
-                        results.put(("step", 0, events))
-                value = None
             if tp_rank == 0:
                 results.put(("ok", 0, value))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -398,37 +368,51 @@ class ReferenceRuntime:
         logits, lengths = self._call("score", sequences, decode_tail, weights_only)
         return list(logits.split(lengths))
 
+    def engine(self, config):
+        """An ``EngineLoop`` (in-flight batching, paged KV, reuse) on this runtime, with ``config`` (``EngineConfig``)."""
+        from yitrt.reference.engine.loop import EngineLoop
+
+        return EngineLoop(self, config)
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, end_ids: tuple[int, ...] = ()) -> list[list[int]]:
-        """New tokens for each prompt (batched, KV-cached decoding)."""
-        if not prompts or any(not p for p in prompts):
-            raise UsageError("empty prompt", "give every prompt at least one token")
+        """New tokens for each prompt (the engine loop, every prompt admitted at once)."""
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive number")
-        self.check_tokens(prompts, max_new_tokens)
-        return self._call("generate", prompts, max_new_tokens, sampling or Sampling(), tuple(end_ids))
+        new: list[list[int]] = [[] for _ in prompts]
+        for events in self.generate_stream(prompts, [StopRule(max_new_tokens, tuple(end_ids))] * len(prompts), sampling):
+            for b, event in enumerate(events):
+                if event is not None:
+                    new[b].append(event[0])
+        return new
 
     def generate_stream(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling | None = None) -> Iterator[list[tuple[int, str | None] | None]]:
-        """``RankEngine.generate_steps`` across the ranks: yields each step's events as rank 0 decides them.
-        Consume it to the end (the ranks finish the batch either way)."""
+        """Decode the prompts together on an engine loop sized to hold them all, each under its own ``StopRule``
+        (every prompt gets ``sampling``; a sampled prompt gets its own generator, seeded with ``sampling.seed``).
+
+        Yields:
+            Per iteration, for each prompt: ``(token, finish_reason)`` (reason None while it goes on), or None when
+            it got no token in that iteration. A token that ends a sequence is yielded with its reason.
+        """
+        from yitrt.reference.engine.kv_pool import blocks_for
+        from yitrt.reference.engine.scheduler import EngineConfig
+
         if not prompts or any(not p for p in prompts) or len(rules) != len(prompts):
             raise UsageError("empty prompt or a stop rule missing", "give every prompt at least one token and a StopRule")
         if any(rule.max_new < 1 for rule in rules):
             raise UsageError("max_new must be >= 1", "pass a positive number of new tokens")
         for prompt, rule in zip(prompts, rules, strict=True):
             self.check_tokens([prompt], rule.max_new)
-        args = (prompts, rules, sampling or Sampling())
-        if self._local is not None:
-            yield from self._local.generate_steps(*args)
-            return
-        if not self._procs:
-            raise YitrtError("reference runtime is closed", "create a new ReferenceRuntime")
-        for q in self._commands:
-            q.put(("generate_steps", args))
-        while True:
-            kind, _, value = self._receive(float("inf"))
-            if kind != "step":
-                return
-            yield value
+        tpb = 32
+        blocks = sum(blocks_for(len(p) + r.max_new, tpb) for p, r in zip(prompts, rules, strict=True))
+        config = EngineConfig(max_batch_size=len(prompts), max_num_tokens=sum(len(p) for p in prompts) + len(prompts),
+                              tokens_per_block=tpb, primary_blocks=blocks, reuse=False)
+        loop = self.engine(config)
+        keys = [str(i) for i in range(len(prompts))]
+        for key, prompt, rule in zip(keys, prompts, rules, strict=True):
+            loop.add(key, prompt, rule, sampling or Sampling())
+        while not loop.idle:
+            events = {key: (token, reason) for key, token, reason in loop.step()}
+            yield [events.get(key) for key in keys]
 
     def close(self) -> None:
         """Stop the rank processes (idempotent)."""

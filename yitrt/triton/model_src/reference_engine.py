@@ -18,7 +18,10 @@ request semantics that the other models rely on:
   ids outside the vocab per request (the reference runtime's own check).
 Generation runs in a worker process (``python -m yitrt.triton.reference_worker``) started with the interpreter
 named by the ``python_executable`` parameter (or ``YITRT_REFERENCE_PYTHON``): Triton's Python stub embeds a Python
-without torch. The worker batches waiting requests together (static batching, not in-flight batching).
+without torch. The worker runs yitrt's model of TensorRT-LLM's batch manager (``yitrt.reference.engine``: in-flight
+batching, a paged KV pool, KV-block reuse), configured by this model's own parameters (``ENGINE_PARAMETERS``), and
+reports its numbers, which this model exports as the C++ backend's custom metrics (``nv_trt_llm_*``) on the server's
+metrics port.
 """
 
 import json
@@ -39,6 +42,16 @@ FAILED_LENGTH = -1
 _NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0}
 #: Outputs the slot does not compute: asking for them is refused (False, the stock clients' default, is fine).
 _NOT_RETURNED = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics")
+#: The tensorrt_llm parameters that configure the worker's batch manager (yitrt.reference.engine.parameters).
+ENGINE_PARAMETERS = ("max_num_tokens", "tokens_per_block", "max_tokens_in_paged_kv_cache", "yitrt_kv_cache_bytes",
+                     "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy")
+#: Metric families as the C++ backend names them (custom_metrics_reporter): family → (label key, description).
+METRIC_FAMILIES = {
+    "kv_cache_block": ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "TRT LLM KV cache block metrics"),
+    "request": ("nv_trt_llm_request_metrics", "request_type", "TRT LLM request metrics"),
+    "inflight_batcher": ("nv_trt_llm_inflight_batcher_metrics", "inflight_batcher_specific_metric", "TRT LLM inflight_batcher-specific metrics"),
+    "general": ("nv_trt_llm_general_metrics", "general_type", "General TRT LLM metrics"),
+}
 _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
                 "draft_input_ids", "guided_decoding_guide_type", "context_phase_params")
 
@@ -91,19 +104,44 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"reference engine slot: checkpoint folder {self.checkpoint!r} does not exist (parameter gpt_model_path)")
         if not python or not os.path.isfile(python):
             raise pb_utils.TritonModelException(f"reference engine slot: interpreter {python!r} not found; set YITRT_REFERENCE_PYTHON to a Python with yitrt installed")
-        argv = [python, "-m", "yitrt.triton.reference_worker", self.checkpoint,
-                "--max-batch-size", text.param(config, "max_batch_size", str(config.get("max_batch_size") or 8))]
+        params = {key: text.param(config, key) for key in ENGINE_PARAMETERS if text.param(config, key) is not None}
+        params["max_batch_size"] = text.param(config, "max_batch_size", str(config.get("max_batch_size") or 8))
+        argv = [python, "-m", "yitrt.triton.reference_worker", self.checkpoint, "--engine-params", json.dumps(params)]
         self.worker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                        preexec_fn=_die_with_stub())
         first = self.worker.stdout.readline()
         hello = json.loads(first) if first.strip() else {"ready": False, "error": f"worker exited with code {self.worker.poll()}"}
         if not hello.get("ready"):
             raise pb_utils.TritonModelException(f"reference engine slot: the worker did not start: {hello.get('error')}")
+        for warning in hello.get("warnings") or ():
+            sys.stderr.write(f"reference engine slot: {warning}\n")
+        self.model_name, self.model_version = args.get("model_name", "tensorrt_llm"), str(args.get("model_version", "1"))
+        self.metrics = self._metrics()
         self.pending = {}
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+
+    def _metrics(self):
+        """Gauges of every family and label the worker reports, labelled like the C++ backend's (model, version)."""
+        gauges = {}
+        self.families = []  # kept alive: a family's metrics go away with it
+        for group, (name, label, description) in METRIC_FAMILIES.items():
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+            self.families.append(family)
+            gauges[group] = (family, label, {})
+        return gauges
+
+    def _report(self, stats):
+        for group, values in stats.items():
+            if group not in self.metrics:
+                continue
+            family, label, metrics = self.metrics[group]
+            for key, value in values.items():
+                if key not in metrics:
+                    metrics[key] = family.Metric(labels={"model": self.model_name, "version": self.model_version, label: key})
+                metrics[key].set(float(value))
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _stop(self, request):
@@ -205,6 +243,12 @@ class TritonPythonModel:
             try:
                 message = json.loads(line)
             except ValueError:
+                continue
+            if "stats" in message:
+                try:
+                    self._report(message["stats"])
+                except Exception as exc:  # noqa: BLE001 - metrics never stop the answers
+                    sys.stderr.write(f"reference engine slot: metrics not updated: {exc}\n")
                 continue
             with self.lock:
                 item = self.pending.get(message.get("id"))

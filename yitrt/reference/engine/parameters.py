@@ -1,0 +1,90 @@
+"""The ``tensorrt_llm`` model's parameters → an ``EngineConfig`` for the reference slot.
+
+Read as the C++ backend reads them (reference/triton-repository.md §1.5): a key that is missing, empty or still a
+``${…}`` placeholder is unset and takes the backend's default; booleans are ``true/false`` in any case or ``1/0``;
+an unknown ``batch_scheduler_policy`` falls back to ``guaranteed_no_evict`` with a warning. The KV pool holds
+``max_tokens_in_paged_kv_cache`` tokens, bounded (as the GPU fraction bounds it on an engine) by the CPU byte budget
+``yitrt_kv_cache_bytes``; ``kv_cache_host_memory_bytes`` sizes the host pool. Engine limits that a real engine
+carries from its build (``max_num_tokens``, ``tokens_per_block``) are parameters of the slot's config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from yitrt.errors import UsageError
+from yitrt.reference.engine.scheduler import POLICIES, EngineConfig
+
+#: the slot's defaults for unset keys (TensorRT-LLM's where it has one: max_num_tokens 8192, tokens_per_block 32,
+#: reuse on in the 1.x backend, guaranteed_no_evict, no chunking, no host pool)
+DEFAULTS = {"max_batch_size": 8, "max_num_tokens": 8192, "tokens_per_block": 32, "yitrt_kv_cache_bytes": 1 << 30,
+            "kv_cache_host_memory_bytes": 0, "enable_kv_cache_reuse": True, "enable_chunked_context": False,
+            "batch_scheduler_policy": "guaranteed_no_evict"}
+KEYS = ("max_batch_size", "max_num_tokens", "tokens_per_block", "max_tokens_in_paged_kv_cache", "yitrt_kv_cache_bytes",
+        "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy")
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and (not value.strip() or value.strip().startswith("${")))
+
+
+def _int(key: str, value: str, low: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise UsageError(f"parameter {key} = {value!r} is not an integer", f"set {key} to a whole number in the tensorrt_llm config") from None
+    if number < low:
+        raise UsageError(f"parameter {key} = {number} must be >= {low}", f"set {key} to at least {low} in the tensorrt_llm config")
+    return number
+
+
+def bytes_per_block(spec, tokens_per_block: int, element_bytes: int) -> int:
+    """KV bytes of one block over all layers and KV heads (keys and values), as the slot stores them."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_size * element_bytes * tokens_per_block
+
+
+def engine_config(params: dict[str, Any], spec, element_bytes: int = 4) -> tuple[EngineConfig, list[str]]:
+    """The slot's ``EngineConfig`` from the model's parameter strings, and warnings to log.
+
+    Raises:
+        UsageError: a number that does not parse or is out of range (named, with the fix).
+    """
+    warnings: list[str] = []
+    raw = {k: params.get(k) for k in KEYS}
+    value = {k: DEFAULTS.get(k) if _unset(v) else v for k, v in raw.items()}
+    batch = _int("max_batch_size", value["max_batch_size"], 1)
+    tokens = _int("max_num_tokens", value["max_num_tokens"], 1)
+    tpb = _int("tokens_per_block", value["tokens_per_block"], 2)
+    budget = _int("yitrt_kv_cache_bytes", value["yitrt_kv_cache_bytes"], 1)
+    host = _int("kv_cache_host_memory_bytes", value["kv_cache_host_memory_bytes"], 0)
+    flags = {}
+    for key in ("enable_kv_cache_reuse", "enable_chunked_context"):
+        v = value[key]
+        text = str(v).strip().lower() if not isinstance(v, bool) else str(v).lower()
+        if text not in _TRUE + _FALSE:
+            raise UsageError(f"parameter {key} = {v!r} is not a boolean", f"set {key} to true or false in the tensorrt_llm config")
+        flags[key] = text in _TRUE
+    policy = str(value["batch_scheduler_policy"]).strip()
+    if policy not in POLICIES:
+        warnings.append(f"batch_scheduler_policy {policy!r} is not one of {', '.join(POLICIES)}: using guaranteed_no_evict (as the backend does)")
+        policy = "guaranteed_no_evict"
+    per_block = bytes_per_block(spec, tpb, element_bytes)
+    blocks = budget // per_block
+    if not _unset(raw["max_tokens_in_paged_kv_cache"]):
+        capped = -(-_int("max_tokens_in_paged_kv_cache", raw["max_tokens_in_paged_kv_cache"], 1) // tpb)
+        blocks = min(blocks, capped)  # effective = min(the cap, what the memory budget holds), as on an engine
+    if blocks < 1:
+        raise UsageError(f"the KV pool holds no block: yitrt_kv_cache_bytes {budget} is less than one {tpb}-token block ({per_block} bytes)",
+                         "raise yitrt_kv_cache_bytes or max_tokens_in_paged_kv_cache in the tensorrt_llm config")
+    reuse, chunked = flags["enable_kv_cache_reuse"], flags["enable_chunked_context"]
+    if spec.kv_cache_quant_algo and (reuse or chunked):
+        # an engine loses paged context FMHA with a quantized KV cache (§4.3) and then turns reuse off with a warning;
+        # the slot does the same for chunking too: its context phase reads its own keys unquantized
+        warnings.append(f"KV cache reuse and chunked context disabled: the checkpoint's KV cache is {spec.kv_cache_quant_algo}")
+        reuse = chunked = False
+    if tpb & (tpb - 1):
+        raise UsageError(f"parameter tokens_per_block = {tpb} is not a power of two", "use 16, 32, 64 or 128")
+    config = EngineConfig(max_batch_size=batch, max_num_tokens=tokens, tokens_per_block=tpb, primary_blocks=blocks,
+                          host_blocks=host // per_block, policy=policy, reuse=reuse, chunked_context=chunked)
+    return config, warnings
