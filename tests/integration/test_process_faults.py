@@ -138,26 +138,26 @@ def test_reference_worker_killed_under_a_request_fails_it_cleanly_and_stop_leave
     with _served_tree(repo) as (proc, watch, ports):
         _wait_ready(proc, ports[0])
         worker = watch.wait_for("yitrt.triton.reference_worker")
-        # "running": through the BLS, streaming (end_id -1: it runs to max_tokens); "waiting-bls" and "waiting-ensemble"
-        # wait in the worker for the running batch — when the worker dies, every one must end with a clean error
+        # "running": through the BLS, streaming (end_id -1: it runs to max_tokens); "joined-bls" and "joined-ensemble"
+        # join it in flight (in-flight batching) — when the worker dies, every one must end with a clean error
         urls = f"localhost:{ports[1]}"
         streaming = threading.Event()
         outcome: dict[str, str | None] = {}
         threads = [threading.Thread(target=_ask_until_final, args=(urls, model, key, outcome, event), daemon=True)
-                   for key, model, event in (("running", "tensorrt_llm_bls", streaming), ("waiting-bls", "tensorrt_llm_bls", None),
-                                             ("waiting-ensemble", "ensemble", None))]
+                   for key, model, event in (("running", "tensorrt_llm_bls", streaming), ("joined-bls", "tensorrt_llm_bls", None),
+                                             ("joined-ensemble", "ensemble", None))]
         threads[0].start()
         assert streaming.wait(120), "no token streamed"
         for thread in threads[1:]:
             thread.start()
-        time.sleep(2)  # both sent and waiting behind the running batch
+        time.sleep(2)  # both sent and generating beside the first
         os.kill(worker, signal.SIGKILL)  # in the middle of generating
         for thread in threads:
             thread.join(120)
         # the BLS cannot see an error response that follows streamed tokens (reference_engine.py, FAILED_LENGTH)
         assert "failed during the answer" in (outcome.get("running") or ""), outcome
-        assert "reference worker process exited" in (outcome.get("waiting-bls") or ""), outcome
-        assert "reference worker process exited" in (outcome.get("waiting-ensemble") or ""), outcome
+        assert "failed during the answer" in (outcome.get("joined-bls") or ""), outcome
+        assert "reference worker process exited" in (outcome.get("joined-ensemble") or ""), outcome
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "Traceback" not in err, err

@@ -7,7 +7,7 @@ torch) and talks to it over stdin/stdout, one JSON object per line:
     request  {"id": str, "input_ids": [int], "max_new": int, "min_new": int, "end_ids": [int], "stop_sequences": [[int]],
               "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int}}
              {"cancel": str}                                              stop that request (TensorRT-LLM's `stop`)
-    answer   {"ready": true, "tp": int, "engine": {...}, "warnings": [str]}  once, after the checkpoint loaded
+    answer   {"ready": true, "tp": int, "engine": {...}, "warnings": [str], "stats": {...}}  once, after the checkpoint loaded
              {"id": str, "token": int, "finish": null|"end_id"|"stop_words"|"length"}   one per generated token
              {"id": str, "token": null, "finish": "cancelled"}           the request was stopped (no more tokens)
              {"id": str, "error": str}                                    the request failed
@@ -33,9 +33,6 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-#: seconds between two stats lines while requests run (one more is sent when the loop goes idle)
-STATS_PERIOD_S = 0.1
-
 
 def _read(stream: IO[str], inbox: queue.Queue, out: _Writer) -> None:
     """Read protocol lines into ``inbox`` (None once stdin closes); a line that is not a request is answered here."""
@@ -54,10 +51,12 @@ def _read(stream: IO[str], inbox: queue.Queue, out: _Writer) -> None:
 
 
 def _message(exc: Exception) -> str:
-    """A request's error text: yitrt's own message (it names the fix), else the exception's type and text."""
+    """A request's error text: yitrt's own message and its fix, else the exception's type and text."""
     from yitrt.errors import YitrtError
 
-    return exc.message if isinstance(exc, YitrtError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, YitrtError):
+        return f"{exc.message}: {exc.hint}" if exc.hint else exc.message
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _Writer:
@@ -106,10 +105,10 @@ def serve(checkpoint: Path, params: dict[str, Any], device: str, compute_dtype: 
     with ReferenceRuntime(checkpoint, device, compute_dtype) as runtime:
         config, warnings = engine_config(params, runtime.spec, TORCH_DTYPES[compute_dtype].itemsize)
         loop = runtime.engine(config)
-        out.send({"ready": True, "tp": runtime.spec.tp, "engine": asdict(config), "warnings": warnings})
+        out.send({"ready": True, "tp": runtime.spec.tp, "engine": asdict(config), "warnings": warnings, "stats": loop.stats()})
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_read, args=(stdin, inbox, out), daemon=True).start()
-        last_stats, open_ = 0.0, True
+        open_ = True
         while open_:
             messages = [inbox.get()] if loop.idle else []  # idle: wait for work; busy: take what arrived meanwhile
             while True:
@@ -126,15 +125,15 @@ def serve(checkpoint: Path, params: dict[str, Any], device: str, compute_dtype: 
                 out.send({"stats": loop.stats()})
                 continue
             try:
-                for key, token, finish in loop.step():
+                events = loop.step()
+                # the numbers first: a client that has its answer sees metrics that include its request
+                out.send({"stats": loop.stats()})
+                for key, token, finish in events:
                     out.send({"id": key, "token": token, "finish": finish})
             except Exception as exc:  # noqa: BLE001 - reported per request; a fresh loop serves what comes next
                 for seq in list(loop.scheduler.running) + list(loop.scheduler.waiting):
                     out.send({"id": seq.key, "error": _message(exc)})
                 loop = runtime.engine(config)
-            if time.monotonic() - last_stats >= STATS_PERIOD_S or loop.idle:
-                out.send({"stats": loop.stats()})
-                last_stats = time.monotonic()
 
 
 def _exit_with_parent(poll_s: float = 0.5) -> None:

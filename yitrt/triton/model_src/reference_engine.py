@@ -117,6 +117,7 @@ class TritonPythonModel:
             sys.stderr.write(f"reference engine slot: {warning}\n")
         self.model_name, self.model_version = args.get("model_name", "tensorrt_llm"), str(args.get("model_version", "1"))
         self.metrics = self._metrics()
+        self._report(hello.get("stats") or {})  # every gauge exists (at its idle value) before the first request
         self.pending = {}
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
