@@ -2,9 +2,10 @@
 
 ``ReferenceRuntime`` checks the checkpoint against its config, then runs a ``RankEngine`` per tensor-parallel
 rank — in this process when tp = 1, else in tp spawned processes joined by a gloo process group, each loading
-only its own rank files (every pipeline stage of its TP slice, run in order). Batches are left-padded, so all
-sequences share one cache length; padding slots are masked out of attention and positions count real tokens
-only. Rank 0 samples and broadcasts the chosen tokens, so every rank feeds the same ids.
+only its own rank files (every pipeline stage of its TP slice, run in order). Scoring runs batches of equal-length
+sequences; generation runs on the engine loop (``yitrt.reference.engine``: packed iterations over a paged KV cache),
+whose plans every rank computes alike; rank 0 returns the chosen tokens (or a sampled row's logits), so every rank
+feeds the same ids.
 
 Rank processes are forked from a ``forkserver`` process that has imported torch and this module (``spawn`` where
 forkserver does not exist); the calling process is never forked, since a forked torch process is not safe. A script
