@@ -34,14 +34,21 @@ from yitrt.reference.spec import CheckpointSpec
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-#: GEMMs of a packed step never run with fewer rows: the CPU BLAS takes other kernel paths (another summation order)
-#: below 12 rows or columns — measured on torch 2.13's CPU build; tests/unit/test_engine_arithmetic.py re-measures it
-MIN_ROWS = 16
+#: the fewest columns a GEMM of a packed step runs with (the attention value GEMM pads a smaller head size)
+MIN_COLS = 16
 #: attention keys are padded to a multiple of this, and the probability-weighted values summed block by block: the
 #: BLAS picks its own blocking of a long reduction, so a reduction's length must not change what a row computes
 KEY_BLOCK = 64
 #: query rows per attention GEMM of a context segment (bounds the scores' memory)
 ROW_CHUNK = 1024
+
+
+def gemm_rows(m: int) -> int:
+    """Rows to run an ``m``-row GEMM of a packed step with. The CPU BLAS sums a row the same way whatever the row
+    count, except for 1-3, 5-7 and 9-11 rows (and fewer than 12 columns), where other kernels take another summation
+    order — measured on torch 2.13's CPU build for every shape tried; tests/unit/test_engine_arithmetic.py measures
+    it again. Padding to 4, 8 or 12 rows keeps a row's result independent of the batch it is in."""
+    return 4 if m <= 4 else 8 if m <= 8 else max(m, 12)
 
 
 def load_rank_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -138,7 +145,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos:
     only on its own query, its position and the keys/values up to that position.
 
     Args:
-        q: [P, R, d] query rows (R ≥ ``MIN_ROWS``), float32.
+        q: [P, R, d] query rows (R from ``gemm_rows``), float32.
         keys, values: [P, S, d] with S a multiple of ``KEY_BLOCK`` (rows past a problem's length are arbitrary).
         query_pos: [P, R] the last key position each row may see.
 
@@ -150,7 +157,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos:
     scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)
     visible = torch.arange(s, device=q.device)[None, None, :] <= query_pos[..., None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # invisible keys weigh exactly 0
-    width = max(d, MIN_ROWS)  # the value GEMM's columns: at least MIN_ROWS, like its rows
+    width = max(d, MIN_COLS)
     vals = values if width == d else torch.cat([values, values.new_zeros(p, s, width - d)], dim=-1)
     blocks = s // KEY_BLOCK
     parts = probs.view(p, r, blocks, KEY_BLOCK).transpose(1, 2) @ vals.view(p, blocks, KEY_BLOCK, width)  # [P, blocks, R, w]
@@ -343,7 +350,7 @@ class RankModel:
         """One iteration of the engine loop: the new tokens of every scheduled sequence as one packed batch (no
         padding between sequences), keys and values written to and read from the paged ``kv`` (``KvStorage``).
 
-        A row's arithmetic does not depend on the other rows: GEMMs run with at least ``MIN_ROWS`` rows, elementwise
+        A row's arithmetic does not depend on the other rows: GEMMs run with ``gemm_rows`` rows, elementwise
         functions avoid torch's scalar tail paths, cos/sin come from a fixed table and attention pads and sums keys in
         fixed blocks (``attend``). So a sequence's logits are bit-identical whatever it is batched with, however its
         prompt is chunked and whether its prefix was computed now or reused from the cache (for a float KV cache).
@@ -353,7 +360,7 @@ class RankModel:
         """
         spec = self.spec
         n = step.ids.numel()
-        rows = max(n, MIN_ROWS)
+        rows = gemm_rows(n)
         self.step.tokens = n  # the engine's GEMM m: real tokens (W4A8-AWQ picks its kernel by it, as the engine does)
         cos, sin = self.rope_table.rows(step.positions, step.seq_lens)
         h = self.embed(_pad_rows(step.ids, rows)[None])[0]
@@ -362,7 +369,7 @@ class RankModel:
             h = h + self._attention_packed(layer, index, x, cos, sin, step, kv, rows)
             h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon))
         k = step.logit_rows.numel()
-        h = rms_norm(_pad_rows(h[step.logit_rows], MIN_ROWS), self.ln_f, spec.norm_epsilon)
+        h = rms_norm(_pad_rows(h[step.logit_rows], gemm_rows(k)), self.ln_f, spec.norm_epsilon)
         logits = self.comm.all_gather(self._linear(self.lm_head, h), dim=-1)[:k, : spec.vocab_size]
         logits = logits.to(_DTYPES.get(spec.logits_dtype, torch.float32))
         return logits.to(torch.float32)
@@ -404,8 +411,8 @@ class RankModel:
             result = torch.empty_like(qh)
             for lo in range(0, group * t, ROW_CHUNK):
                 hi = min(lo + ROW_CHUNK, group * t)
-                chunk = _pad_rows(qh[:, lo:hi].transpose(0, 1), MIN_ROWS).transpose(0, 1)
-                cpos = _pad_rows(pos[lo:hi], MIN_ROWS)
+                chunk = _pad_rows(qh[:, lo:hi].transpose(0, 1), gemm_rows(hi - lo)).transpose(0, 1)
+                cpos = _pad_rows(pos[lo:hi], gemm_rows(hi - lo))
                 cpos[hi - lo :] = seg.past  # padding rows see a real key: finite, discarded
                 result[:, lo:hi] = attend(chunk.contiguous(), keys, values, cpos.expand(self.kv_heads, -1))[:, : hi - lo]
             out[seg.start : seg.start + t] = result.reshape(self.kv_heads, group, t, d).permute(2, 0, 1, 3).reshape(t, self.heads, d)
@@ -426,7 +433,7 @@ class RankModel:
         values = cache_v[index].to(torch.float32).permute(0, 2, 1, 3).reshape(len(segs) * kvh, length, d)
         starts = torch.tensor([seg.start for seg in segs], device=q.device)
         qh = q[starts].to(torch.float32).reshape(len(segs) * kvh, group, d)
-        width = max(group, MIN_ROWS)
+        width = gemm_rows(group)
         qh = torch.cat([qh, qh.new_zeros(len(segs) * kvh, width - group, d)], dim=1) if width > group else qh
         pos = torch.tensor([seg.past for seg in segs], device=q.device).repeat_interleave(kvh)[:, None].expand(-1, width)
         result = attend(qh.contiguous(), keys, values, pos)[:, :group]  # [segs*kvh, group, d]
