@@ -321,10 +321,10 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
     Returns:
         Every record (warmup included, flagged) and the client's measurements of itself.
     """
-    in_flight = int(load.value) if load.kind == "concurrency" else max(1, math.ceil(load.value * 2))
-    point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)))
     if sessions is not None and load.kind != "concurrency":
         raise UsageError("multi-turn sessions run at a concurrency (sessions in flight)", "pass --concurrency, not --request-rate")
+    in_flight = int(load.value) if load.kind == "concurrency" else max(1, math.ceil(load.value * 2))
+    point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)))
 
     def build(prompt: Prompt) -> Prepared:
         return prepare_one(target, prompt, ignore_eos)
