@@ -10,10 +10,11 @@ TORCH_INDEX ?=
 DEMO_WORK   := build/demo-run
 DEMO_REPO   := $(DEMO_WORK)/triton-repo
 DEMO_BENCH  := build/demo-bench
+DEMO_PREFIX := build/demo-bench-prefix
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
-.PHONY: setup demo test test-fast lint bench-convert bench-fidelity bench-gpu clean
+.PHONY: setup demo test test-fast lint bench-convert bench-fidelity bench-gpu bench-serving clean
 
 setup: $(STAMP)
 
@@ -35,7 +36,10 @@ demo: setup
 	$(BIN)/yitrt run recipes/demo.yaml --work-dir $(DEMO_WORK)
 	# the same recipe again: every stage is cached, nothing is redone
 	$(BIN)/yitrt run recipes/demo.yaml --work-dir $(DEMO_WORK)
-	# serve the repository the run deployed on a real tritonserver, chat over gRPC (streamed), benchmark it, stop
+	# serve the repository the run deployed on a real tritonserver, chat over gRPC (streamed), benchmark it, stop.
+	# The second bench shares a 128-token system prompt: the first request computes it (cold), the next ones find it
+	# in the KV cache; the hit rate is read from the server's metrics port. (Reuse is the served repository's setting:
+	# with it off the hit rate reads 0% and the TTFTs stay alike.)
 	@set -e; set -- $(DEMO_PORTS); \
 	$(BIN)/yitrt serve $(DEMO_REPO) --quiet --exit-timeout 5 --http-port $$1 --grpc-port $$2 --metrics-port $$3 > build/demo-serve.out & pid=$$!; \
 	trap 'echo "demo: stopping the server"; kill -TERM $$pid 2>/dev/null; wait $$pid || true' EXIT; \
@@ -46,8 +50,15 @@ demo: setup
 	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --system "Answer in one short sentence." --max-tokens 32 --json; \
 	echo "demo: yitrt bench localhost:$$2 (two concurrencies, synthetic 64-token prompts, 8 tokens out, SLO TTFT 2 s / TPOT 400 ms)"; \
 	$(BIN)/yitrt bench localhost:$$2 --tokenizer $(DEMO_REPO) --concurrency 1,4 --num-requests 4 --isl 64 --osl 8 \
-		--slo-ttft 2000 --slo-tpot 400 --out $(DEMO_BENCH)
-
+		--slo-ttft 2000 --slo-tpot 400 --out $(DEMO_BENCH); \
+	echo "demo: yitrt bench localhost:$$2 --prefix-tokens 128 (one shared 128-token prefix, 16-token suffixes, 4 tokens out, one at a time)"; \
+	$(BIN)/yitrt bench localhost:$$2 --tokenizer $(DEMO_REPO) --concurrency 1 --num-requests 5 --prefix-tokens 128 \
+		--num-prefixes 1 --isl 16 --osl 4 --metrics-url http://localhost:$$3/metrics --out $(DEMO_PREFIX); \
+	$(BIN)/python -c 'import json, statistics, sys; p = json.load(open(sys.argv[1]))["points"][0]; kv = p["kv_cache"]; \
+		t = [r["ttft_ms"] for r in p["requests"] if r["ok"]]; hit, r, a = kv["hit_rate"], kv["reused_blocks"], kv["alloc_total_blocks"]; \
+		print(f"demo: prefix reuse: TTFT cold (first request) {t[0]:.0f} ms, warm (the next {len(t) - 1}) p50 " \
+		f"{statistics.median(t[1:]):.0f} ms; KV hit rate " + ("-" if hit is None else f"{hit:.0%} ({r} of {a} blocks)"))' \
+		$(DEMO_PREFIX)/bench.json
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -70,6 +81,11 @@ bench-fidelity: setup
 # (needs a CUDA GPU and nvidia-modelopt)
 bench-gpu: setup
 	$(BIN)/python benchmarks/bench_gpu.py
+
+# KV-cache block reuse on vs off on the demo deployment (CPU reference slot): concurrency 1,4,16, one shared
+# 256-token prefix, 32-token suffixes, 16 tokens out → benchmarks/results/serving.json (+ yitrt bench compare)
+bench-serving: setup
+	$(BIN)/python benchmarks/bench_serving.py
 
 clean:
 	rm -rf build

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SERVED_MAX_INPUT
+from yitrt.bench import kvmetrics
 from yitrt.bench.loadgen import Load
 from yitrt.bench.metrics import Slo
 from yitrt.bench.runner import BenchRequest, run_bench
@@ -135,3 +136,32 @@ def test_cli_bench_json_and_compare(served, cli, concurrency_run, tmp_path):
     assert compared["points"][0]["load"] == "c=1" and (row["a"], row["b"]) == (a, b)
     assert row["change_pct"] == pytest.approx((b - a) / a * 100, abs=0.06) and row["better"] == ("b" if b > a else "a")
     assert compared["only_a"] == ["c=3"] and any("workload" in w for w in compared["warnings"])
+
+
+def test_prefix_prompts_and_sessions_against_the_real_server(served, tmp_path):
+    """Shared-prefix prompts are exact as the deployment's preprocessing counts them (the server's own count), and a
+    multi-turn session's later turn carries the earlier turn and its answer; the metrics port is scraped."""
+    server, url, repo = served
+    metrics_url = server.endpoints["metrics"]
+    req = BenchRequest(url, (Load("concurrency", 2),), tmp_path / "p", num_requests=4, isl=LengthSpec(6), osl=LengthSpec(3),
+                       tokenizer=repo, prefix_tokens=24, num_prefixes=2, metrics_url=metrics_url, seed=2)
+    report = run_bench(req).report
+    assert report["target"]["reports_token_counts"]  # the input counts below are the server's
+    point = report["points"][0]
+    assert point["counts"]["answered"] == 4 and all(r["input_tokens"] == 24 + 6 for r in _measured(point))
+    kv = point["kv_cache"]
+    assert kv["source"] == metrics_url
+    if kvmetrics.KV_FAMILY in kv["missing"]:  # a slot without KV-cache metrics: nothing invented
+        assert kv["hit_rate"] is None and kv["reused_blocks"] is None
+    elif kv["hit_rate"] is not None:
+        assert 0 <= kv["reused_blocks"] <= kv["alloc_total_blocks"] and kv["hit_rate"] == round(kv["reused_blocks"] / kv["alloc_total_blocks"], 4)
+    req = BenchRequest(url, (Load("concurrency", 2),), tmp_path / "m", num_requests=4, dataset="multiturn:synthetic", turns=2,
+                       isl=LengthSpec(8), osl=LengthSpec(3), tokenizer=repo, metrics_url=metrics_url, seed=2)
+    point = run_bench(req).report["points"][0]
+    measured = _measured(point)
+    assert point["counts"]["answered"] == 4 and point["sessions"]["count"] == 2
+    for session in {r["session"] for r in measured}:
+        first, second = sorted((r for r in measured if r["session"] == session), key=lambda r: r["turn"])
+        # turn 2 resends turn 1 (its 8 words and separator), its 3-token answer, then 8 new words: at least 8 + 3 + 8
+        assert second["input_tokens"] >= first["input_tokens"] + first["output_tokens"] + 8 - 1
+        assert second["sent_at_s"] * 1000 >= first["sent_at_s"] * 1000 + first["e2e_ms"] - 1e-3

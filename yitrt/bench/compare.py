@@ -16,6 +16,9 @@ METRICS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("TTFT p50 ms", ("ttft_ms", "p50"), False),
     ("TTFT p90 ms", ("ttft_ms", "p90"), False),
     ("TTFT p99 ms", ("ttft_ms", "p99"), False),
+    # beside TTFT: a reuse-on vs reuse-off comparison shows the TTFT change next to what the prefix cache served
+    ("KV hit rate", ("kv_cache", "hit_rate"), True),
+    ("KV reused blocks", ("kv_cache", "reused_blocks"), True),
     ("TPOT p50 ms", ("tpot_ms", "p50"), False),
     ("TPOT p90 ms", ("tpot_ms", "p90"), False),
     ("TPOT p99 ms", ("tpot_ms", "p99"), False),
@@ -62,7 +65,7 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for what, key in (("workload", "workload"), ("SLO", "slo")):
         left, right = a.get(key) or {}, b.get(key) or {}
         if key == "workload":
-            left, right = ({k: v for k, v in d.items() if k in ("dataset", "isl", "osl", "ignore_eos")} for d in (left, right))
+            left, right = ({k: v for k, v in d.items() if k in ("dataset", "isl", "osl", "ignore_eos", "prefix", "multiturn")} for d in (left, right))
         if left != right:
             warnings.append(f"the runs used different {what} settings: {left} vs {right}")
     by_label = {p["load"]["label"]: p for p in b["points"]}

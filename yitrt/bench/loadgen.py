@@ -6,7 +6,9 @@ Triton flags final (``triton_final_response``, set by the BLS model) or when its
 engine closes with an empty final response that Triton does not forward unless asked). Two load shapes:
 - fixed concurrency (closed loop): N workers, each sends its next request as soon as its previous one completed;
 - request rate (open loop): arrivals at exponential intervals (a Poisson process) from a seeded generator,
-  sent whatever is still in flight.
+  sent whatever is still in flight;
+- multi-turn sessions (closed loop over sessions): N workers, each runs one session at a time, turn after turn
+  (turn k+1 is built from turn k's answer and sent when it completed), so N sessions are in flight.
 The client measures itself while it runs: how late the event loop wakes (every timestamp can be that late), how late
 each request went out against its schedule, and the process's CPU time against the wall clock.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yitrt.bench.metrics import RequestRecord, distribution
-from yitrt.bench.workload import Prompt
+from yitrt.bench.workload import Prompt, Session, continue_history, render_turn
 from yitrt.errors import UsageError, require
 from yitrt.triton import client as triton_client
 
@@ -96,23 +98,30 @@ def prepare(target: Target, prompts: Sequence[Prompt], ignore_eos: bool) -> list
     Raises:
         UsageError: chat prompts for a model without ``messages``, or ``ignore_eos`` for one without ``end_id``.
     """
-    grpc = require("tritonclient.grpc", "bench")
     if any(p.messages for p in prompts) and "messages" not in target.inputs:
         raise UsageError(f"the dataset has chat messages but model {target.model} takes no messages input",
                          "ask the yitrt BLS model (--model tensorrt_llm_bls) or use plain prompts")
+    check_end_id(target, ignore_eos)
+    return [prepare_one(target, prompt, ignore_eos) for prompt in prompts]
+
+
+def check_end_id(target: Target, ignore_eos: bool) -> None:
+    """Raises UsageError when ``ignore_eos`` asks for ``end_id`` -1 and the model has no such input."""
     if ignore_eos and "end_id" not in target.inputs:
         raise UsageError(f"model {target.model} has no end_id input, so the end token cannot be ignored",
                          "pass --respect-eos (outputs may then stop before --osl)")
-    prepared = []
-    for prompt in prompts:
-        values: dict[str, Any] = {"text_input": prompt.text, "max_tokens": prompt.max_tokens}
-        if prompt.messages:
-            values["messages"] = json.dumps(list(prompt.messages))
-        optional = {"stream": target.decoupled, "end_id": -1 if ignore_eos else None, "exclude_input_in_output": True,
-                    "return_num_input_tokens": True, "return_num_output_tokens": True}
-        values.update({k: v for k, v in optional.items() if v is not None and k in target.inputs})
-        prepared.append(Prepared(prompt, triton_client.make_tensors(grpc, target.inputs, values)))
-    return prepared
+
+
+def prepare_one(target: Target, prompt: Prompt, ignore_eos: bool) -> Prepared:
+    """One prompt's request tensors (see :func:`prepare`; multi-turn sessions build each turn's when it is due)."""
+    grpc = require("tritonclient.grpc", "bench")
+    values: dict[str, Any] = {"text_input": prompt.text, "max_tokens": prompt.max_tokens}
+    if prompt.messages:
+        values["messages"] = json.dumps(list(prompt.messages))
+    optional = {"stream": target.decoupled, "end_id": -1 if ignore_eos else None, "exclude_input_in_output": True,
+                "return_num_input_tokens": True, "return_num_output_tokens": True}
+    values.update({k: v for k, v in optional.items() if v is not None and k in target.inputs})
+    return Prepared(prompt, triton_client.make_tensors(grpc, target.inputs, values))
 
 
 @dataclass
@@ -123,6 +132,7 @@ class PointRun:
     records: list[RequestRecord]
     client: dict[str, Any]
     server_counts: dict[str, int] | None
+    scraped: tuple[Any, Any] | None = None  # what ``scrape`` returned just before and just after the measured window
 
 
 class _LagProbe:
@@ -163,10 +173,12 @@ class _Point:
         self.records: list[RequestRecord] = []
         self.origin = time.perf_counter()
         self._next = itertools.count()
+        self._next_session = itertools.count()
 
-    def new_record(self, warmup: bool, scheduled: float) -> tuple[RequestRecord, Prepared]:
+    def new_record(self, warmup: bool, scheduled: float, item: Prepared | None = None) -> tuple[RequestRecord, Prepared]:
+        """A record for the next request: of ``item``, or else of the next prepared prompt (cyclically)."""
         index = next(self._next)
-        item = self.items[index % len(self.items)]
+        item = item if item is not None else self.items[index % len(self.items)]
         record = RequestRecord(index, uuid.uuid4().hex[:16], item.prompt.max_tokens, warmup=warmup, scheduled_at=scheduled)
         self.records.append(record)
         return record, item
@@ -231,6 +243,34 @@ class _Point:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
+    async def session_loop(self, concurrency: int, sessions: Sequence[Session], count: int | None, until: float | None,
+                           warmup: bool, build: Callable[[Prompt], Prepared],
+                           count_input: Callable[[str], int] | None) -> None:
+        """``concurrency`` workers, each running whole sessions one after another: a new session starts while fewer
+        than ``count`` turns were planned (a started session runs all its turns) and ``until`` has not passed. A
+        turn that fails ends its session: the next turn would need its answer. Sessions are taken in order and never
+        twice in a point (warmup included), so no session gets hits from an earlier copy of itself."""
+        planned = 0
+
+        async def worker() -> None:
+            nonlocal planned
+            while (count is None or planned < count) and (until is None or time.perf_counter() < until):
+                number = next(self._next_session)
+                session = sessions[number % len(sessions)]
+                planned += len(session.turns)
+                history = ""
+                for turn, (user, max_tokens) in enumerate(zip(session.turns, session.max_tokens, strict=True)):
+                    text = render_turn(history, user)
+                    prompt = Prompt(text, max_tokens, input_tokens=count_input(text) if count_input else None)
+                    record, item = self.new_record(warmup, time.perf_counter() - self.origin, build(prompt))
+                    record.session, record.turn = number, turn
+                    await self.send(record, item)
+                    if not record.ok:
+                        break
+                    history = continue_history(text, record.text)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
     async def open_loop(self, rate: float, count: int | None, until: float | None, seed: int) -> None:
         """Poisson arrivals at ``rate`` per second until ``count`` requests were sent or ``until`` passed."""
         rng = random.Random(seed)
@@ -263,28 +303,46 @@ def _take_counts(record: RequestRecord, result) -> None:
 
 async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, num_requests: int | None,
                     duration: float | None, warmup: int = 0, timeout: float = 600.0, seed: int = 0,
-                    count_tokens: Callable[[str], int] | None = None) -> PointRun:
+                    count_tokens: Callable[[str], int] | None = None, sessions: Sequence[Session] | None = None,
+                    ignore_eos: bool = True, count_input: Callable[[str], int] | None = None,
+                    scrape: Callable[[], Any] | None = None) -> PointRun:
     """Run one load point: ``warmup`` requests first (at the point's concurrency, or one at a time for a rate),
     then the measured ones until ``num_requests`` were sent or ``duration`` seconds passed; wait for every answer.
 
     Args:
         items: prepared requests, used in order and reused cyclically when the point sends more.
         count_tokens: counts output tokens from text when the server does not report them.
+        sessions: multi-turn sessions instead of ``items`` (concurrency points only): ``num_requests`` and ``warmup``
+            then count turns, rounded up to whole sessions; each turn's tensors are built when it is due
+            (``ignore_eos`` as in :func:`prepare`; ``count_input`` counts a turn's prompt tokens).
+        scrape: called just before and just after the measured window (the server's metrics); its results land
+            in ``PointRun.scraped``.
 
     Returns:
         Every record (warmup included, flagged) and the client's measurements of itself.
     """
+    if sessions is not None and load.kind != "concurrency":
+        raise UsageError("multi-turn sessions run at a concurrency (sessions in flight)", "pass --concurrency, not --request-rate")
     in_flight = int(load.value) if load.kind == "concurrency" else max(1, math.ceil(load.value * 2))
     point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)))
+
+    def build(prompt: Prompt) -> Prepared:
+        return prepare_one(target, prompt, ignore_eos)
+
     try:
-        if warmup:
+        if warmup and sessions is not None:
+            await point.session_loop(int(load.value), sessions, warmup, None, True, build, count_input)
+        elif warmup:
             await point.closed_loop(int(load.value) if load.kind == "concurrency" else 1, warmup, None, warmup=True)
+        scraped_before = scrape() if scrape else None
         before = server_counts(target)
         probe = _LagProbe()
         probe.start()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         until = wall0 + duration if duration else None
-        if load.kind == "concurrency":
+        if sessions is not None:
+            await point.session_loop(int(load.value), sessions, num_requests, until, False, build, count_input)
+        elif load.kind == "concurrency":
             await point.closed_loop(int(load.value), num_requests, until, warmup=False)
         else:
             await point.open_loop(load.value, num_requests, until, seed)
@@ -293,12 +351,13 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
     finally:
         await point.close()
     after = server_counts(target)
+    scraped = (scraped_before, scrape()) if scrape else None
     measured = [r for r in point.records if not r.warmup]
     client = {"cpu_fraction": round(cpu / wall, 4) if wall > 0 else None,
               "loop_lag_ms": distribution(probe.samples),
               "send_lag_ms": distribution([max(0.0, r.sent_at - r.scheduled_at) for r in measured])}
     counts = None if before is None or after is None else {k: after[k] - before[k] for k in after}
-    return PointRun(load, point.records, client, counts)
+    return PointRun(load, point.records, client, counts, scraped)
 
 
 def server_counts(target: Target) -> dict[str, int] | None:

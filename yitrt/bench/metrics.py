@@ -79,6 +79,7 @@ class RequestRecord:
         input_tokens / output_tokens: as the server reported them, else counted here (``token_source`` says which).
         text: the generated text, as received.
         error: the server's or the transport's message when the request failed.
+        session / turn: the multi-turn session (index within the load point) and the turn (0-based); None otherwise.
     """
 
     index: int
@@ -95,6 +96,8 @@ class RequestRecord:
     token_source: str = "server"
     text: str = ""
     error: str | None = None
+    session: int | None = None
+    turn: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -120,7 +123,8 @@ class RequestRecord:
                 "output_tokens": self.output_tokens, "token_source": self.token_source,
                 "scheduled_at_s": round(self.scheduled_at, 6), "sent_at_s": round(self.sent_at, 6),
                 "ttft_ms": ms(self.ttft), "e2e_ms": ms(self.e2e), "tpot_ms": ms(self.tpot),
-                "response_ms": [ms(t) for t in self.response_times], "text": self.text}
+                "response_ms": [ms(t) for t in self.response_times], "text": self.text,
+                "session": self.session, "turn": self.turn}
 
 
 def _ms(seconds: float | None) -> float | None:

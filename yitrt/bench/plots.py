@@ -1,6 +1,7 @@
 """The report's PNG plots (matplotlib, drawn off-screen): throughput against TTFT and TPOT with the SLO bounds, and
 the latency-throughput curve (output tokens/s against tokens/s each user sees, 1/TPOT) with the SLO bound marked.
-The best point meeting the SLO is starred on each."""
+The best point meeting the SLO is starred on each. When the server's metrics gave a KV-cache hit rate, TTFT (p50)
+against the prefix hit rate too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _LATENCY_PLOTS = {
     "throughput_vs_tpot.png": ("tpot_ms", "TPOT (ms)", "tpot_ms"),
 }
 CURVE_PLOT = "latency_throughput.png"
+HIT_RATE_PLOT = "ttft_vs_hit_rate.png"
 
 
 def write_plots(folder: Path, report: dict[str, Any]) -> list[str]:
@@ -54,7 +56,28 @@ def write_plots(folder: Path, report: dict[str, Any]) -> list[str]:
     ax.set(xlabel="output tokens/s per user", ylabel="output tokens/s (total)", title="Latency-throughput curve")
     _save(fig, ax, folder / CURVE_PLOT)
     written.append(CURVE_PLOT)
+    if _hit_rate_plot(folder / HIT_RATE_PLOT, report):
+        written.append(HIT_RATE_PLOT)
     return written
+
+
+def _hit_rate_plot(path: Path, report: dict[str, Any]) -> bool:
+    """TTFT p50 against the KV-cache prefix hit rate per point; False (nothing drawn) when no point measured one."""
+    import matplotlib.pyplot as plt
+
+    points = report["points"]
+    rates = [None if (p.get("kv_cache") or {}).get("hit_rate") is None else 100 * p["kv_cache"]["hit_rate"] for p in points]
+    if all(r is None for r in rates):
+        return False
+    ttft = [p["ttft_ms"]["p50"] for p in points]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _line(ax, rates, ttft, "o", "TTFT p50")
+    _annotate(ax, rates, ttft, [p["load"]["label"] for p in points])
+    ax.set_xlim(-5, 105)
+    ax.set(xlabel="KV-cache prefix hit rate (% of allocated blocks reused)", ylabel="TTFT p50 (ms)",
+           title=f"TTFT vs prefix hit rate ({report['target']['model']})")
+    _save(fig, ax, path)
+    return True
 
 
 def _line(ax, xs, ys, style, label) -> None:

@@ -17,15 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from yitrt import __version__
-from yitrt.bench import loadgen, metrics
+from yitrt.bench import kvmetrics, loadgen, metrics
 from yitrt.bench.loadgen import Load, PointRun, Target
 from yitrt.bench.workload import (
+    MULTITURN,
+    TURN_SEPARATOR,
     LengthSpec,
     Prompt,
     PromptFactory,
+    Session,
     load_dataset,
+    load_sessions,
+    prefix_prompts,
     resolve_tokenizer_dir,
     synthetic_prompts,
+    synthetic_sessions,
 )
 from yitrt.errors import UsageError, require
 
@@ -38,6 +44,10 @@ DURATION_POOL = 512
 CLIENT_CPU_LIMIT = 0.9
 #: ... or when the event loop wakes later than this share of the smallest latency it measures.
 TIMESTAMP_ERROR_SHARE = 0.1
+#: Turns of a synthetic multi-turn session when --turns is not given.
+DEFAULT_TURNS = 3
+#: ``--metrics-url`` value that turns the scrape off.
+NO_METRICS = "none"
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,12 @@ class BenchRequest:
         num_requests: measured requests per point (None with no ``duration``: 4 × concurrency or 10 s of arrivals,
             at least 16).
         duration: seconds to keep sending per point (the point then waits for its answers).
-        dataset: ``synthetic`` or a JSONL file.
+        dataset: ``synthetic``, a JSONL file of prompts, or ``multiturn:synthetic`` / ``multiturn:FILE`` (sessions).
+        prefix_tokens / num_prefixes: synthetic prompts start with one of ``num_prefixes`` (default 1) shared
+            prefixes of exactly ``prefix_tokens`` tokens (prompt i uses prefix i mod num_prefixes).
+        turns: user turns per ``multiturn:synthetic`` session (default 3).
+        metrics_url: Triton's metrics endpoint for the KV-cache figures (None: http://<gRPC host>:8002/metrics, a
+            warning if it does not answer; ``none``: not scraped; any other URL must answer).
         isl / osl: token lengths (synthetic prompts; ``osl`` also for dataset lines without max_tokens).
         slo: latency bounds for goodput and for judging points.
         warmup: requests sent before each point's measured window (recorded, not measured).
@@ -77,6 +92,15 @@ class BenchRequest:
     ignore_eos: bool = True
     timeout: float = 600.0
     seed: int = 0
+    prefix_tokens: int | None = None
+    num_prefixes: int | None = None
+    turns: int | None = None
+    metrics_url: str | None = None
+
+    @property
+    def multiturn(self) -> str | None:
+        """``synthetic`` or the sessions file of a multi-turn run; None otherwise."""
+        return self.dataset[len(MULTITURN):] if self.dataset.startswith(MULTITURN) else None
 
 
 @dataclass
@@ -116,13 +140,7 @@ def check_request(req: BenchRequest) -> None:
             problems.append(f"{name} must be a positive number of milliseconds, got {bound:g}")
     if not 0 < req.slo.percentile <= 100:
         problems.append(f"--slo-percentile must be in (0, 100], got {req.slo.percentile:g}")
-    if req.dataset != "synthetic":
-        from yitrt.userfiles import check_readable_file
-
-        try:
-            check_readable_file(Path(req.dataset), "dataset")
-        except UsageError as exc:
-            problems.append(f"{exc.message} (pass --dataset synthetic or a JSONL file)")
+    problems += _workload_problems(req)
     from yitrt.triton.client import parse_url
 
     try:
@@ -131,6 +149,44 @@ def check_request(req: BenchRequest) -> None:
         problems.append(exc.message)
     if problems:
         raise UsageError("; ".join(problems), "fix the options named")
+
+
+def _workload_problems(req: BenchRequest) -> list[str]:
+    """What is wrong with the dataset, prefix, multi-turn and metrics options (each problem names its fix)."""
+    from yitrt.userfiles import check_readable_file
+
+    problems = []
+    multiturn = req.multiturn
+    file = multiturn if multiturn is not None else req.dataset
+    if file == "":
+        problems.append("--dataset multiturn: needs a source: multiturn:synthetic or multiturn:FILE")
+    elif file != "synthetic":
+        try:
+            check_readable_file(Path(file), "dataset")
+        except UsageError as exc:
+            problems.append(f"{exc.message} (pass --dataset synthetic, multiturn:synthetic or a JSONL file)")
+    if req.prefix_tokens is not None:
+        if req.prefix_tokens < 1:
+            problems.append(f"--prefix-tokens must be >= 1, got {req.prefix_tokens}")
+        if req.dataset != "synthetic":
+            problems.append("--prefix-tokens applies to --dataset synthetic prompts: drop it or the --dataset")
+    if req.num_prefixes is not None:
+        if req.prefix_tokens is None:
+            problems.append("--num-prefixes needs --prefix-tokens N (the length of each shared prefix)")
+        if req.num_prefixes < 1:
+            problems.append(f"--num-prefixes must be >= 1, got {req.num_prefixes}")
+    if req.turns is not None:
+        if multiturn != "synthetic":
+            problems.append("--turns applies to --dataset multiturn:synthetic (a sessions file sets its own turns)")
+        if req.turns < 1:
+            problems.append(f"--turns must be >= 1, got {req.turns}")
+    if multiturn is not None and any(load.kind != "concurrency" for load in req.loads):
+        problems.append("multi-turn sessions run at a concurrency (sessions in flight): pass --concurrency, not --request-rate")
+    if req.metrics_url is not None and req.metrics_url != NO_METRICS:
+        problem = kvmetrics.check_metrics_url(req.metrics_url)
+        if problem:
+            problems.append(f"{problem}, or {NO_METRICS}")
+    return problems
 
 
 def requests_per_point(req: BenchRequest, load: Load) -> int | None:
@@ -163,10 +219,56 @@ def _prompts(req: BenchRequest, factory: PromptFactory | None, total: int, datas
         if factory is None:
             raise UsageError("synthetic prompts need the model's tokenizer to control their lengths",
                              "pass --tokenizer REPO (the folder yitrt deploy wrote, or the HF model folder)")
+        if req.prefix_tokens is not None:
+            return prefix_prompts(factory, total, req.prefix_tokens, req.num_prefixes or 1, req.isl, req.osl)
         return synthetic_prompts(factory, total, req.isl, req.osl)
     if factory is None:
         return dataset
     return [replace(p, input_tokens=factory.count(p.text)) if p.text else p for p in dataset]
+
+
+def _sessions(req: BenchRequest, factory: PromptFactory | None, counts: list[int | None],
+              loaded: list[Session] | None) -> list[Session]:
+    """The run's sessions: the file's, or enough synthetic ones that no point (warmup included) repeats one."""
+    if loaded is not None:
+        return loaded
+    if factory is None:
+        raise UsageError("synthetic sessions need the model's tokenizer to control their lengths",
+                         "pass --tokenizer REPO (the folder yitrt deploy wrote, or the HF model folder)")
+    turns = req.turns or DEFAULT_TURNS
+    per_point = [math.ceil((n if n is not None else DURATION_POOL) / turns) + math.ceil(req.warmup / turns) for n in counts]
+    return synthetic_sessions(factory, sum(per_point), turns, req.isl, req.osl)
+
+
+class _Scraper:
+    """Reads Triton's metrics around each measured window; a failed scrape is a warning, never a failed run."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.failures: list[str] = []
+
+    def __call__(self) -> kvmetrics.Snapshot | None:
+        try:
+            return kvmetrics.scrape(self.url)
+        except kvmetrics.MetricsError as exc:
+            self.failures.append(exc.message)
+            return None
+
+
+def _metrics_scraper(req: BenchRequest, warnings: list[str]) -> _Scraper | None:
+    """The scraper of the run, after one probe: an explicit URL must answer; the default one may not (warned)."""
+    if req.metrics_url == NO_METRICS:
+        return None
+    url = req.metrics_url or kvmetrics.default_metrics_url(req.url)
+    try:
+        kvmetrics.scrape(url)
+    except kvmetrics.MetricsError as exc:
+        if req.metrics_url is not None:
+            raise
+        warnings.append(f"{exc.message} (the default): the kv_cache figures are None; pass --metrics-url "
+                        "http://HOST:METRICS_PORT/metrics (yitrt serve --metrics-port), or none")
+        return None
+    return _Scraper(url)
 
 
 def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) -> BenchResult:
@@ -174,7 +276,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
 
     Raises:
         UsageError: bad options, or a dataset/model mismatch (nothing is sent).
-        YitrtError: the server cannot be reached.
+        YitrtError: the server cannot be reached; MetricsError: an explicit ``metrics_url`` does not answer.
         ArtifactError: ``out`` is a folder yitrt did not make.
     """
     from yitrt.manifest import ArtifactWriter, check_output_folder
@@ -182,9 +284,13 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     check_request(req)
     check_output_folder(req.out, "bench")
     # the dataset is read and checked whole before connecting to anything (its token counts come with the tokenizer)
-    dataset = None if req.dataset == "synthetic" else load_dataset(Path(req.dataset), req.osl, req.seed)
+    multiturn = req.multiturn
+    dataset = None if req.dataset == "synthetic" or multiturn is not None else load_dataset(Path(req.dataset), req.osl, req.seed)
+    loaded = None if multiturn in (None, "synthetic") else load_sessions(Path(multiturn), req.osl, req.seed)
     say = progress or (lambda line: None)
     target = loadgen.resolve_target(req.url, req.model)
+    warnings: list[str] = []
+    scraper = _metrics_scraper(req, warnings)
     tok_dir, add_special = _tokenizer(req, target)
     factory = None
     if tok_dir is not None:
@@ -192,21 +298,42 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
 
         factory = PromptFactory(load_tokenizer(tok_dir), add_special, req.seed)
     counts = [requests_per_point(req, load) for load in req.loads]
-    total = sum((n if n is not None else DURATION_POOL) + req.warmup for n in counts)
-    prompts = _prompts(req, factory, total, dataset)
-    items = loadgen.prepare(target, prompts, req.ignore_eos)
+    sessions: list[Session] | None = None
+    if multiturn is not None:
+        sessions = _sessions(req, factory, counts, loaded)
+        loadgen.check_end_id(target, req.ignore_eos)
+        prompts, items = [], []
+    else:
+        total = sum((n if n is not None else DURATION_POOL) + req.warmup for n in counts)
+        prompts = _prompts(req, factory, total, dataset)
+        items = loadgen.prepare(target, prompts, req.ignore_eos)
     count_tokens = (lambda text: len(factory.tokenizer(text, add_special_tokens=False)["input_ids"])) if factory else None
     runs: list[PointRun] = []
     offset = 0
     for load, n in zip(req.loads, counts, strict=True):
         say(f"{load.label}: {n if n is not None else 'up to ' + format(req.duration, 'g') + ' s of'} requests"
             + (f" after {req.warmup} warmup" if req.warmup else ""))
-        rotated = items[offset:] + items[:offset]  # every point starts on prompts it has not sent yet
-        run = asyncio.run(loadgen.run_point(target, load, rotated, num_requests=n, duration=req.duration, warmup=req.warmup,
-                                            timeout=req.timeout, seed=req.seed, count_tokens=count_tokens))
-        offset = (offset + len(run.records)) % len(items)
+        if sessions is not None:
+            rotated_sessions = sessions[offset:] + sessions[:offset]  # every point starts on sessions it has not run
+            run = asyncio.run(loadgen.run_point(target, load, [], num_requests=n, duration=req.duration, warmup=req.warmup,
+                                                timeout=req.timeout, seed=req.seed, count_tokens=count_tokens,
+                                                sessions=rotated_sessions, ignore_eos=req.ignore_eos,
+                                                count_input=factory.count if factory else None, scrape=scraper))
+            offset = (offset + len({r.session for r in run.records})) % len(sessions)
+        else:
+            rotated = items[offset:] + items[:offset]  # every point starts on prompts it has not sent yet
+            run = asyncio.run(loadgen.run_point(target, load, rotated, num_requests=n, duration=req.duration, warmup=req.warmup,
+                                                timeout=req.timeout, seed=req.seed, count_tokens=count_tokens, scrape=scraper))
+            offset = (offset + len(run.records)) % len(items)
         runs.append(run)
-    report = build_report(req, target, runs, prompts, tok_dir)
+    ran = sum(len({r.session for r in run.records}) for run in runs) if sessions is not None else 0
+    if sessions is not None and ran > len(sessions):
+        warnings.append(f"the run went through {ran} sessions and the dataset has {len(sessions)}: repeated sessions "
+                        "get prefix hits from their earlier copies (add sessions, or send fewer --num-requests)")
+    if scraper is not None and scraper.failures:
+        warnings.append(f"{len(scraper.failures)} metrics scrapes failed (first: {scraper.failures[0]}): those points' "
+                        "kv_cache figures are None")
+    report = build_report(req, target, runs, prompts, tok_dir, scraper.url if scraper else None, sessions, warnings)
     with ArtifactWriter(req.out, "bench", {"url": req.url, "model": target.model}, {}) as art:
         from yitrt.bench.plots import write_plots
 
@@ -217,16 +344,22 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
 
 
 def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompts: list[Prompt],
-                 tokenizer: Path | None) -> dict[str, Any]:
-    """bench.json's content: settings, every point (metrics, client and server measurements, requests), the best
-    point and the warnings."""
-    points, warnings = [], []
+                 tokenizer: Path | None, metrics_url: str | None = None, sessions: list[Session] | None = None,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
+    """bench.json's content: settings, the workload, every point (metrics, KV-cache reuse, client and server
+    measurements, requests), the best point and the warnings."""
+    points, warnings = [], list(warnings or [])
     for run in runs:
+        before, after = run.scraped or (None, None)
+        kv = kvmetrics.kv_point(before, after, metrics_url if before is not None and after is not None else None)
         point = {"load": run.load.to_json(), "model": target.model, **metrics.summarize(run.records, req.slo),
-                 "client": run.client, "server_counts": run.server_counts}
+                 "kv_cache": kv, "client": run.client, "server_counts": run.server_counts}
+        if sessions is not None:
+            point["sessions"] = session_summary(run.records)
         warnings += point_warnings(req, run.load, point)
         point["requests"] = [r.to_json() for r in run.records]
         points.append(point)
+    warnings += kv_warnings(points)
     best = metrics.best_point(points)
     if req.slo.given and best is None:
         warnings.append("no load point met the SLO: lower the load, or relax --slo-ttft/--slo-tpot")
@@ -236,12 +369,51 @@ def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompt
         "target": target.to_json(), "mode": req.loads[0].kind,
         "workload": {"dataset": req.dataset, "isl": req.isl.to_json(), "osl": req.osl.to_json(), "ignore_eos": req.ignore_eos,
                      "prompts": len(prompts), "prompt_tokens": metrics.distribution([float(n) for n in lengths], scale=1.0),
-                     "tokenizer": None if tokenizer is None else str(tokenizer)},
+                     "tokenizer": None if tokenizer is None else str(tokenizer),
+                     "prefix": None if req.prefix_tokens is None else {
+                         "tokens": req.prefix_tokens, "count": req.num_prefixes or 1,
+                         "assignment": "prompt i of the run's pool uses prefix i mod count"},
+                     "multiturn": None if sessions is None else {
+                         "source": req.multiturn, "sessions": len(sessions),
+                         "turns": sorted({len(s.turns) for s in sessions}),
+                         "rendering": f"turn k+1's text_input = turn k's text_input + its answer + {TURN_SEPARATOR!r} + "
+                                      f"the new user turn + {TURN_SEPARATOR!r}"}},
+        "metrics_url": metrics_url,
         "settings": {"num_requests": req.num_requests, "duration_s": req.duration, "warmup": req.warmup,
                      "timeout_s": req.timeout, "seed": req.seed},
         "slo": req.slo.to_json() if req.slo.given else None,
         "points": points, "best": best, "warnings": warnings, "plots": [],
     }
+
+
+def session_summary(records: list) -> dict[str, Any]:
+    """A multi-turn point's sessions: how many ran (measured), how many ended early on a failed turn, and TTFT p50
+    per turn number (later turns resend more, and reuse is what keeps their TTFT down)."""
+    measured = [r for r in records if not r.warmup]
+    by_session: dict[int, list] = {}
+    for r in measured:
+        by_session.setdefault(r.session, []).append(r)
+    by_turn: dict[int, list[float]] = {}
+    for r in measured:
+        if r.ok and r.ttft is not None:
+            by_turn.setdefault(r.turn, []).append(r.ttft)
+    return {"count": len(by_session), "ended_early": sum(1 for rs in by_session.values() if not rs[-1].ok),
+            "ttft_ms_p50_by_turn": {str(t): metrics.distribution(v)["p50"] for t, v in sorted(by_turn.items())}}
+
+
+def kv_warnings(points: list[dict[str, Any]]) -> list[str]:
+    """Once per run: what the metrics endpoint lacks, so that the missing figures are explained, not guessed."""
+    missing = sorted({m for p in points for m in p["kv_cache"]["missing"]})
+    if not missing:
+        return []
+    if kvmetrics.KV_FAMILY in missing:
+        return [f"the metrics endpoint exports no {kvmetrics.KV_FAMILY} (a tensorrt_llm model without KV-cache metrics): "
+                "no KV reuse figures"]
+    counters = [m for m in missing if m.split("=")[-1] in kvmetrics.KV_COUNTERS]
+    if counters:
+        return [f"the metrics endpoint lacks {', '.join(counters)} (an older TensorRT-LLM backend): "
+                "the figures that need them, the hit rate among them, are None"]
+    return [f"the metrics endpoint lacks {', '.join(missing)}: those kv_cache figures are None"]
 
 
 def point_warnings(req: BenchRequest, load: Load, point: dict[str, Any]) -> list[str]:

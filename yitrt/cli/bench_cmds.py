@@ -41,16 +41,23 @@ def _trio(dist: dict[str, Any]) -> str:
     return "/".join(_fmt(dist.get(k), 0 if (dist.get(k) or 0) >= 100 else 1) for k in ("p50", "p90", "p99"))
 
 
+def _hit(kv: dict[str, Any] | None) -> str:
+    """The KV hit rate with its blocks (reused/allocated), "-" when not measured."""
+    if not kv or kv.get("hit_rate") is None:
+        return "-"
+    return f"{kv['hit_rate']:.0%} ({kv['reused_blocks']}/{kv['alloc_total_blocks']})"
+
+
 def _render_report(report: dict[str, Any]) -> None:
     slo = report["slo"]
     columns = ["load", "ok/sent", "req/s", "out tok/s", "goodput/s", "TTFT ms p50/90/99", "TPOT ms p50/90/99",
-               "E2E ms p50/90/99", "SLO"]
+               "E2E ms p50/90/99", "KV hit", "SLO"]
     table = render.table(f"yitrt bench — {report['target']['model']} at {report['target']['url']}", columns, [])
     for i, p in enumerate(report["points"]):
         verdict = "-" if p["meets_slo"] is None else ("met" if p["meets_slo"] else "missed")
         row = [("★ " if i == report["best"] else "") + p["load"]["label"], f"{p['counts']['answered']}/{p['counts']['sent']}",
                _fmt(p["request_throughput"], 2), _fmt(p["output_token_throughput"]), _fmt(p["goodput"], 2),
-               _trio(p["ttft_ms"]), _trio(p["tpot_ms"]), _trio(p["e2e_ms"]), verdict]
+               _trio(p["ttft_ms"]), _trio(p["tpot_ms"]), _trio(p["e2e_ms"]), _hit(p.get("kv_cache")), verdict]
         table.add_row(*row, style="bold green" if i == report["best"] else None)
     render.print_wide(table)
     if slo:
@@ -79,7 +86,11 @@ def register(app: typer.Typer) -> None:
         request_rate: Annotated[str | None, typer.Option("--request-rate", help="Poisson arrival rates (requests/s), one load point each.", show_default=False)] = None,
         num_requests: Annotated[int | None, typer.Option("--num-requests", min=1, help="Measured requests per point [default: 4 × concurrency or 10 s of arrivals, at least 16].", show_default=False)] = None,
         duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="Seconds to keep sending per point (then its answers are awaited).", show_default=False)] = None,
-        dataset: Annotated[str, typer.Option("--dataset", help="synthetic, or a JSONL file of {\"text\"} or {\"messages\"} lines (optional max_tokens).")] = "synthetic",
+        dataset: Annotated[str, typer.Option("--dataset", help="synthetic, a JSONL file of {\"text\"} or {\"messages\"} lines (optional max_tokens), or multiturn:synthetic / multiturn:FILE (sessions: {\"turns\": [...]} lines; each turn resends the conversation so far).")] = "synthetic",
+        prefix_tokens: Annotated[int | None, typer.Option("--prefix-tokens", help="Synthetic prompts start with a shared prefix of exactly N tokens (then their own --isl suffix).", show_default=False)] = None,
+        num_prefixes: Annotated[int | None, typer.Option("--num-prefixes", help="Distinct shared prefixes (prompt i uses prefix i mod K) [default: 1].", show_default=False)] = None,
+        turns: Annotated[int | None, typer.Option("--turns", help="User turns per multiturn:synthetic session, --isl tokens each [default: 3].", show_default=False)] = None,
+        metrics_url: Annotated[str | None, typer.Option("--metrics-url", help="Triton's metrics endpoint for the KV-cache reuse figures [default: http://<gRPC host>:8002/metrics]; none: skip.", show_default=False)] = None,
         isl: Annotated[str, typer.Option("--isl", help="Prompt tokens MEAN[,STD] (synthetic prompts).")] = "128",
         osl: Annotated[str, typer.Option("--osl", help="Output tokens MEAN[,STD] (max_tokens; the end token is ignored unless --respect-eos).")] = "64",
         slo_ttft: Annotated[float | None, typer.Option("--slo-ttft", help="TTFT bound in ms (goodput, best point).", show_default=False)] = None,
@@ -107,7 +118,8 @@ def register(app: typer.Typer) -> None:
         req = BenchRequest(url, tuple(loads), folder, model=model, num_requests=num_requests, duration=duration, dataset=dataset,
                            isl=LengthSpec.parse(isl, "--isl"), osl=LengthSpec.parse(osl, "--osl"),
                            slo=Slo(slo_ttft, slo_tpot, slo_percentile), warmup=warmup, tokenizer=tokenizer,
-                           ignore_eos=not respect_eos, timeout=timeout, seed=seed)
+                           ignore_eos=not respect_eos, timeout=timeout, seed=seed, prefix_tokens=prefix_tokens,
+                           num_prefixes=num_prefixes, turns=turns, metrics_url=metrics_url)
         progress = None if json_ else (lambda line: render.err.print(f"bench {line}"))
         result = run_bench(req, progress)
         report = result.report

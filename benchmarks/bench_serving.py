@@ -1,0 +1,156 @@
+"""KV-cache block reuse on the demo deployment (issue #18, "Measured"): the same workload against the CPU reference
+slot with reuse on and with reuse off, side by side.
+
+The demo checkpoint (`make demo`'s `build/demo-run/checkpoint`, made with `yitrt run recipes/demo.yaml` when absent)
+is deployed twice with `--engine reference --kv-reuse` / `--no-kv-reuse`; each repository is served on a real
+tritonserver (`yitrt serve`, its metrics port scraped by the bench) and benchmarked at concurrency 1, 4 and 16 with
+prompts that share one 256-token prefix and end in their own 32-token suffix, 16 tokens out. The figures are the
+reference slot's on this CPU machine: they show what reuse changes (TTFT next to the prefix hit rate), never a GPU's
+speed. Results go to benchmarks/results/serving.json (per deployment and point: throughput, TTFT p50/p90, hit rate;
+the commands run; the machine), with the two bench reports and `yitrt bench compare`'s rows.
+
+    python benchmarks/bench_serving.py [--concurrency 1,4,16] [--prefix-tokens 256] [--isl 32] [--osl 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from yitrt import __version__
+from yitrt.pipeline import free_ports
+
+ROOT = Path(__file__).resolve().parent
+REPO_ROOT = ROOT.parent
+DEMO_WORK = REPO_ROOT / "build" / "demo-run"
+WORK = REPO_ROOT / "build" / "bench-serving"
+#: the CLI of the environment running this script (`make bench-serving` runs .venv/bin/python)
+YITRT = [str(Path(sys.executable).parent / "yitrt")]
+READY_TIMEOUT_S = 300
+#: (label, deploy flag)
+DEPLOYMENTS = (("reuse-off", "--no-kv-reuse"), ("reuse-on", "--kv-reuse"))
+
+
+def run(argv: list[str], commands: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run one yitrt command (recorded in ``commands``); stop the benchmark when it fails."""
+    commands.append(shlex.join(argv))
+    done = subprocess.run(argv, text=True, capture_output=True, **kwargs)
+    if done.returncode != 0:
+        raise SystemExit(f"bench-serving: `{shlex.join(argv)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return done
+
+
+def demo_checkpoint(commands: list[str]) -> Path:
+    """The demo run's converted checkpoint, running the recipe first when it is not there."""
+    checkpoint = DEMO_WORK / "checkpoint"
+    if not (checkpoint / "yitrt-manifest.json").is_file():
+        run([*YITRT, "run", str(REPO_ROOT / "recipes" / "demo.yaml"), "--work-dir", str(DEMO_WORK)], commands)
+    return checkpoint
+
+
+class Served:
+    """`yitrt serve REPO` on free ports until the context exits (SIGTERM, then wait)."""
+
+    def __init__(self, repo: Path, commands: list[str], log: Path) -> None:
+        self.http, self.grpc, self.metrics = free_ports(3)
+        argv = [*YITRT, "serve", str(repo), "--quiet", "--exit-timeout", "5", "--http-port", str(self.http),
+                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
+        commands.append(shlex.join(argv))
+        self.log = log
+        self.process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+    def __enter__(self) -> Served:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:  # `yitrt serve` prints a line starting with "ready" once it serves
+            if any(line.startswith("ready") for line in self.log.read_text().splitlines()):
+                return self
+            if self.process.poll() is not None:
+                raise SystemExit(f"bench-serving: yitrt serve exited {self.process.returncode}: {self.log.read_text()[-2000:]}")
+            time.sleep(1)
+        self.__exit__()
+        raise SystemExit(f"bench-serving: the server was not ready within {READY_TIMEOUT_S} s (log: {self.log})")
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--prefix-tokens", type=int, default=256)
+    parser.add_argument("--num-prefixes", type=int, default=1)
+    parser.add_argument("--isl", default="32")
+    parser.add_argument("--osl", default="16")
+    parser.add_argument("--num-requests", type=int, default=None, help="per point [default: yitrt bench's]")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "serving.json")
+    args = parser.parse_args()
+    commands: list[str] = []
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not Path(YITRT[0]).is_file():
+        raise SystemExit(f"bench-serving: no yitrt next to {sys.executable}: run it with the project's .venv/bin/python (make bench-serving)")
+    checkpoint = demo_checkpoint(commands)
+    deployments = {}
+    for label, flag in DEPLOYMENTS:
+        repo, report_dir = WORK / f"{label}-repo", WORK / f"{label}-bench"
+        # max batch 16: the highest concurrency is served in flight, not queued in Triton
+        run([*YITRT, "deploy", str(checkpoint), "--engine", "reference", flag, "--max-batch-size", "16",
+             "--max-seq-len", "512", "--out", str(repo), "--force"], commands)
+        with Served(repo, commands, WORK / f"{label}-serve.log") as served:
+            bench = [*YITRT, "bench", f"localhost:{served.grpc}", "--tokenizer", str(repo), "--concurrency", args.concurrency,
+                     "--prefix-tokens", str(args.prefix_tokens), "--num-prefixes", str(args.num_prefixes), "--isl", args.isl,
+                     "--osl", args.osl, "--warmup", str(args.warmup),
+                     *(["--num-requests", str(args.num_requests)] if args.num_requests else []),
+                     "--metrics-url", f"http://localhost:{served.metrics}/metrics", "--out", str(report_dir), "--json"]
+            summary = json.loads(run(bench, commands).stdout)
+        deployments[label] = {
+            "repository": str(repo), "report": summary["report"], "warnings": summary["warnings"],
+            "points": [{"load": p["load"]["label"], "output_token_throughput": p["output_token_throughput"],
+                        "request_throughput": p["request_throughput"], "ttft_ms_p50": p["ttft_ms"]["p50"],
+                        "ttft_ms_p90": p["ttft_ms"]["p90"], "tpot_ms_p50": p["tpot_ms"]["p50"],
+                        "kv_hit_rate": p["kv_cache"]["hit_rate"], "kv_reused_blocks": p["kv_cache"]["reused_blocks"],
+                        "kv_alloc_total_blocks": p["kv_cache"]["alloc_total_blocks"],
+                        "kv_missing": p["kv_cache"]["missing"], "errors": p["counts"]["errors"]} for p in summary["points"]],
+        }
+    compared = json.loads(run([*YITRT, "bench", "compare", deployments["reuse-off"]["report"],
+                               deployments["reuse-on"]["report"], "--json"], commands).stdout)
+    result = {
+        "benchmark": "serving: KV-cache block reuse on vs off, CPU reference slot (not a GPU engine's speed)",
+        "yitrt": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+        "workload": {"concurrency": args.concurrency, "prefix_tokens": args.prefix_tokens, "num_prefixes": args.num_prefixes,
+                     "isl": args.isl, "osl": args.osl, "warmup": args.warmup, "num_requests": args.num_requests},
+        "deployments": deployments,
+        "compare": {"a": "reuse-off", "b": "reuse-on",
+                    "points": [{"load": p["load"], "rows": [r for r in p["rows"] if r["metric"] in (
+                        "output tok/s", "TTFT p50 ms", "TTFT p90 ms", "KV hit rate", "KV reused blocks")]}
+                        for p in compared["points"]],
+                    "warnings": compared["warnings"]},
+        "commands": commands,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for label, data in deployments.items():
+        for p in data["points"]:
+            hit = "-" if p["kv_hit_rate"] is None else f"{p['kv_hit_rate']:.0%}"
+            print(f"{label:9} {p['load']:5}  TTFT p50 {p['ttft_ms_p50']} ms  p90 {p['ttft_ms_p90']} ms  "
+                  f"{p['output_token_throughput']} out tok/s  KV hit {hit}")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
