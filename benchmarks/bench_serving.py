@@ -1,8 +1,7 @@
 """KV-cache block reuse on the demo deployment (issue #18, "Measured"): the same workload against the CPU reference
 slot with reuse on and with reuse off, side by side.
 
-The demo checkpoint (`make demo`'s `build/demo-run/checkpoint`, made with `yitrt run recipes/demo.yaml` when absent)
-is deployed twice with `--engine reference --kv-reuse` / `--no-kv-reuse`; each repository is served on a real
+The demo model, converted at tp 1 under build/bench-serving, is deployed twice with `--engine reference --kv-reuse` / `--no-kv-reuse`; each repository is served on a real
 tritonserver (`yitrt serve`, its metrics port scraped by the bench) and benchmarked at concurrency 1, 4 and 16 with
 prompts that share one 256-token prefix and end in their own 32-token suffix, 16 tokens out. The figures are the
 reference slot's on this CPU machine: they show what reuse changes (TTFT next to the prefix hit rate), never a GPU's
@@ -29,7 +28,9 @@ from yitrt.pipeline import free_ports
 
 ROOT = Path(__file__).resolve().parent
 REPO_ROOT = ROOT.parent
-DEMO_WORK = REPO_ROOT / "build" / "demo-run"
+#: the same workload measured on the slot before in-flight batching (static batching, commit 409c3ac): unique
+#: 288-token prompts (as long as prefix + suffix here), 16 tokens out, same checkpoint and machine
+STATIC_BASELINE = ROOT / "results" / "serving-static-409c3ac.json"
 WORK = REPO_ROOT / "build" / "bench-serving"
 #: the CLI of the environment running this script (`make bench-serving` runs .venv/bin/python)
 YITRT = [str(Path(sys.executable).parent / "yitrt")]
@@ -48,10 +49,16 @@ def run(argv: list[str], commands: list[str], **kwargs) -> subprocess.CompletedP
 
 
 def demo_checkpoint(commands: list[str]) -> Path:
-    """The demo run's converted checkpoint, running the recipe first when it is not there."""
-    checkpoint = DEMO_WORK / "checkpoint"
+    """The demo model converted at tp 1 (the slot's fastest form on this machine, and the checkpoint the static-batching
+    baseline was measured on), made once under build/bench-serving."""
+    from yitrt.checkpoint.convert import ConvertRequest, convert
+    from yitrt.demo import materialize_demo_model
+
+    checkpoint = WORK / "checkpoint"
     if not (checkpoint / "yitrt-manifest.json").is_file():
-        run([*YITRT, "run", str(REPO_ROOT / "recipes" / "demo.yaml"), "--work-dir", str(DEMO_WORK)], commands)
+        model = materialize_demo_model(WORK / "hf")
+        commands.append(f"python: convert(ConvertRequest({model.path}, {checkpoint}))  # tp 1")
+        convert(ConvertRequest(model.path, checkpoint))
     return checkpoint
 
 
@@ -85,6 +92,19 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _baseline() -> dict | None:
+    """The static-batching numbers recorded before the change (the switch was not kept: it would cost a second
+    scheduler), per point."""
+    if not STATIC_BASELINE.is_file():
+        return None
+    report = json.loads(STATIC_BASELINE.read_text())
+    return {"source": str(STATIC_BASELINE.relative_to(REPO_ROOT)), "commit": "409c3ac",
+            "workload": "unique 288-token prompts, 16 tokens out, max batch 16",
+            "points": [{"load": p["load"]["label"], "output_token_throughput": p["output_token_throughput"],
+                        "request_throughput": p["request_throughput"], "ttft_ms_p50": p["ttft_ms"]["p50"],
+                        "ttft_ms_p90": p["ttft_ms"]["p90"], "tpot_ms_p50": p["tpot_ms"]["p50"]} for p in report["points"]]}
 
 
 def main() -> None:
@@ -135,6 +155,7 @@ def main() -> None:
         "workload": {"concurrency": args.concurrency, "prefix_tokens": args.prefix_tokens, "num_prefixes": args.num_prefixes,
                      "isl": args.isl, "osl": args.osl, "warmup": args.warmup, "num_requests": args.num_requests},
         "deployments": deployments,
+        "static_batching_before": _baseline(),
         "compare": {"a": "reuse-off", "b": "reuse-on",
                     "points": [{"load": p["load"], "rows": [r for r in p["rows"] if r["metric"] in (
                         "output tok/s", "TTFT p50 ms", "TTFT p90 ms", "KV hit rate", "KV reused blocks")]}

@@ -479,7 +479,9 @@ class _Run:
                                 tokenizer=self.artifacts["fetch"], engine=spec.target.engine, trtllm_version=spec.target.trtllm_version,
                                 streaming=s.streaming, max_batch_size=limits.get("max_batch_size") or s.max_batch_size,
                                 kv_fraction=s.kv_fraction, max_kv_tokens=s.max_kv_tokens, kv_reuse=s.kv_reuse,
-                                chunked_context=s.chunked_context, instances=s.instances, model_name=s.model_name,
+                                chunked_context=s.chunked_context, kv_host_cache=s.kv_host_cache, scheduler_policy=s.scheduler_policy,
+                                max_num_tokens=s.max_num_tokens, tokens_per_block=s.tokens_per_block, kv_cache_bytes=s.kv_cache_bytes,
+                                instances=s.instances, model_name=s.model_name,
                                 max_seq_len=limits.get("max_seq_len"), force=self.opts.force)
         result = deploy(request)
         return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": list(result.warnings),

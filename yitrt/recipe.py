@@ -191,8 +191,13 @@ class Serve(_Section):
     """The Triton repository (`yitrt deploy`)."""
 
     streaming: bool = Field(True, description="Decoupled models: tokens are streamed as generated.")
-    kv_reuse: bool = Field(False, description="enable_kv_cache_reuse (needs paged context FMHA).")
+    kv_reuse: bool | None = Field(None, description="enable_kv_cache_reuse (needs paged context FMHA; null: on where the engine allows it, as the 1.x backend).")
     chunked_context: bool = Field(False, description="enable_chunked_context (needs paged context FMHA).")
+    kv_host_cache: int = Field(0, ge=0, description="kv_cache_host_memory_bytes: host pool for evicted KV blocks, bytes (0: none).")
+    scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = Field("guaranteed_no_evict", description="batch_scheduler_policy.")
+    max_num_tokens: AutoInt = Field(None, description="Reference slot only: tokens per iteration (auto: 8192).")
+    tokens_per_block: AutoInt = Field(None, description="Reference slot only: tokens per KV block, a power of two (auto: 32).")
+    kv_cache_bytes: AutoInt = Field(None, description="Reference slot only: the KV pool's byte budget (auto: 1 GiB).")
     instances: PositiveInt = Field(1, le=MAX_INSTANCES, description=f"Instances of the Python models (each is a Python process; at most {MAX_INSTANCES}).")
     kv_fraction: AutoFraction = Field(None, description="kv_cache_free_gpu_mem_fraction (auto: the plan's).")
     max_kv_tokens: AutoInt = Field(None, description="max_tokens_in_paged_kv_cache (auto: the plan's).")
@@ -499,8 +504,16 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
             gpu = get_gpu(target.gpu)
         except UsageError as exc:
             problems.append(f"target.gpu: {exc.message} ({exc.hint})")
-        if target.engine == "reference" and serve is not None and (serve.kv_reuse or serve.chunked_context):
-            problems.append("serve.kv_reuse / serve.chunked_context: the reference slot emulates neither; set them false or use target.engine trtllm")
+        slot_only = [k for k in ("max_num_tokens", "tokens_per_block", "kv_cache_bytes") if serve is not None and getattr(serve, k) is not None]
+        if target.engine != "reference" and slot_only:
+            problems.append(f"serve.{', serve.'.join(slot_only)}: reference slot only (an engine's come from its build)")
+        tpb = serve.tokens_per_block if serve is not None else None
+        if tpb is not None and not (2 <= tpb <= 1024 and tpb & (tpb - 1) == 0):
+            problems.append(f"serve.tokens_per_block {tpb}: a power of two in 2..1024")
+        if (target.engine == "reference" and serve is not None and precision is not None and precision.kv_cache
+                and (serve.kv_reuse or serve.chunked_context)):
+            problems.append(f"serve.kv_reuse / serve.chunked_context: with a {precision.kv_cache} KV cache the reference slot, like an engine "
+                            "without paged context FMHA, does neither; leave kv_reuse unset (or false) and chunked_context false")
     if precision is not None:
         scheme = SCHEMES.get(precision.scheme)
         if scheme is None:

@@ -139,3 +139,16 @@ def test_kv_fraction_scales_the_pool(fraction):
     r = plan.ranks[0]
     assert r.kv_pool == int((get_gpu("H100").memory_bytes - r.weight_bytes - r.activations - r.overhead) * fraction)
     assert plan.max_tokens_in_paged_kv_cache <= plan.kv_tokens
+
+
+def test_prefix_cache_capacity_is_what_a_full_batch_leaves_in_the_pool():
+    plan = plan_memory(request(YI_6B, isl=1024, osl=256, max_batch_size=64, prefix_tokens=500))
+    cache = plan.prefix_cache()
+    assert cache["blocks_per_prefix"] == 500 // 32  # only full blocks are reused
+    assert cache["running_batch_blocks"] == 64 * plan.blocks_per_sequence
+    assert cache["spare_blocks"] == plan.kv_blocks - cache["running_batch_blocks"]
+    assert cache["resident_prefixes"] == cache["spare_blocks"] // 15
+    # the plan caps max_tokens_in_paged_kv_cache at the batch's need: nothing is left for cached prefixes there
+    assert plan.max_tokens_in_paged_kv_cache == 64 * plan.blocks_per_sequence * 32
+    assert cache["resident_prefixes_within_max_tokens"] == 0
+    assert plan.to_json()["prefix_cache"] == cache

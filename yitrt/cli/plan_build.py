@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         max_num_tokens: MaxTokensOpt = None,
         kv_fraction: Annotated[float, typer.Option("--kv-fraction", min=0.05, max=0.99, help="kv_cache_free_gpu_mem_fraction.")] = DEFAULT_KV_FRACTION,
         tokens_per_block: Annotated[int, typer.Option("--tokens-per-block", min=1, help="KV page size.")] = DEFAULT_TOKENS_PER_BLOCK,
+        prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", min=1, help="Shared system-prompt length for the prefix-cache capacity.")] = 256,
         trtllm_version: Annotated[str, typer.Option("--trtllm-version", help="TensorRT-LLM version the rules check.")] = "1.2",
         compare: Annotated[bool, typer.Option("--compare", help="Plan every tp × scheme candidate side by side.")] = False,
         slo_ttft: Annotated[float | None, typer.Option("--slo-ttft", min=0.1, help="Time-to-first-token bound, ms (needs yitrt[plan]).", show_default=False)] = None,
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
         if (slo_ttft is None) != (slo_tpot is None):
             raise UsageError("--slo-ttft and --slo-tpot go together", "give both bounds")
         workload = Workload(isl=isl, osl=osl, max_seq_len=max_seq_len, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-                            kv_fraction=kv_fraction, tokens_per_block=tokens_per_block)
+                            kv_fraction=kv_fraction, tokens_per_block=tokens_per_block, prefix_tokens=prefix_tokens)
         opts = PlanOptions(gpu=gpu, tp=tuple(tp or ()), pp=pp, schemes=tuple(scheme or ()), kv_cache=kv_cache.value if kv_cache else None,
                            workload=workload, trtllm_version=trtllm_version,
                            compare=compare or slo_ttft is not None)

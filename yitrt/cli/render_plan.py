@@ -35,6 +35,13 @@ def plan_report(data: dict[str, Any]) -> None:
                   f"{plan['blocks_per_sequence']} blocks per sequence")
     else:
         out.print("[bold red]does not fit[/bold red]: " + "; ".join(plan["problems"]), markup=True)
+    cache = plan.get("prefix_cache")
+    if plan["fits"] and cache:
+        copies = "-" if cache["resident_prefixes"] is None else cache["resident_prefixes"]
+        capped = "-" if cache["resident_prefixes_within_max_tokens"] is None else cache["resident_prefixes_within_max_tokens"]
+        out.print(f"prefix cache (KV reuse, needs use_paged_context_fmha): beside a full batch ({cache['running_batch_blocks']:,} blocks) the pool "
+                  f"keeps {cache['spare_blocks']:,} blocks = {copies} copies of a {cache['prefix_tokens']}-token system prompt "
+                  f"({cache['blocks_per_prefix']} full blocks each); within max_tokens_in_paged_kv_cache: {capped}")
     lim = plan["build_limits"]
     out.print(f"build limits: --max-batch-size {lim['max_batch_size']} --max-num-tokens {lim['max_num_tokens']} "
               f"--max-seq-len {lim['max_seq_len']} (max_input_len {lim['max_input_len']})")

@@ -27,8 +27,13 @@ def register(app: typer.Typer) -> None:
         max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", min=1, help="Triton batch size [default: the engine's].", show_default=False)] = None,
         kv_fraction: Annotated[float | None, typer.Option("--kv-fraction", min=0.01, max=1.0, help="kv_cache_free_gpu_mem_fraction [default: the plan's].", show_default=False)] = None,
         max_kv_tokens: Annotated[int | None, typer.Option("--max-kv-tokens", min=1, help="max_tokens_in_paged_kv_cache [default: the plan's].", show_default=False)] = None,
-        kv_reuse: Annotated[bool, typer.Option("--kv-reuse", help="Enable KV-cache reuse (needs paged context FMHA).")] = False,
+        kv_reuse: Annotated[bool | None, typer.Option("--kv-reuse/--no-kv-reuse", help="KV-cache block reuse (needs paged context FMHA) [default: on where the engine allows it].", show_default=False)] = None,
         chunked_context: Annotated[bool, typer.Option("--chunked-context", help="Enable chunked context (needs paged context FMHA).")] = False,
+        kv_host_cache: Annotated[int, typer.Option("--kv-host-cache", min=0, help="kv_cache_host_memory_bytes: host pool for evicted KV blocks, in bytes (0: none).")] = 0,
+        scheduler_policy: Annotated[str, typer.Option("--scheduler-policy", help="batch_scheduler_policy: guaranteed_no_evict or max_utilization.")] = "guaranteed_no_evict",
+        max_num_tokens: Annotated[int | None, typer.Option("--max-num-tokens", min=1, help="Reference slot only: tokens per iteration [default: 8192].", show_default=False)] = None,
+        tokens_per_block: Annotated[int | None, typer.Option("--tokens-per-block", min=2, help="Reference slot only: tokens per KV block, a power of two [default: 32].", show_default=False)] = None,
+        kv_cache_bytes: Annotated[int | None, typer.Option("--kv-cache-bytes", min=1, help="Reference slot only: the KV pool's byte budget [default: 1 GiB].", show_default=False)] = None,
         instances: Annotated[int, typer.Option("--instances", min=1, help="Instances of the Python models.")] = 1,
         model_name: Annotated[str, typer.Option("--model-name", help="Name of the BLS entry model.")] = "tensorrt_llm_bls",
         max_input_len: Annotated[int | None, typer.Option("--max-input-len", min=1, help="Reference slot only: longest prompt [default: context - 1].", show_default=False)] = None,
@@ -44,7 +49,9 @@ def register(app: typer.Typer) -> None:
         result = run_deploy(DeployRequest(
             engine_dir, out, tokenizer=tokenizer, engine=engine, trtllm_version=trtllm_version, streaming=streaming,
             max_batch_size=max_batch_size, kv_fraction=kv_fraction, max_kv_tokens=max_kv_tokens, kv_reuse=kv_reuse,
-            chunked_context=chunked_context, instances=instances, model_name=model_name, max_input_len=max_input_len,
+            chunked_context=chunked_context, kv_host_cache=kv_host_cache, scheduler_policy=scheduler_policy,
+            max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block, kv_cache_bytes=kv_cache_bytes,
+            instances=instances, model_name=model_name, max_input_len=max_input_len,
             max_seq_len=max_seq_len, words_encoding=words_encoding, force=force))
         data = result.to_json()
         if json_:
@@ -59,6 +66,8 @@ def register(app: typer.Typer) -> None:
         render.out.print(f"  TensorRT-LLM {result.line} contract; engine {data['engine']} {data['source']}; {ranks}")
         render.out.print(f"  entry model {data['entry_model']} (and ensemble); max batch {data['max_batch_size']}; streaming {data['streaming']}; "
                          f"end id {data['end_id']}, stop ids {data['stop_ids'] or 'none'}")
+        render.out.print(f"  KV reuse {'on' if data['kv_reuse'] else 'off'}; chunked context {'on' if data['chunked_context'] else 'off'}; "
+                         f"scheduler {data['scheduler_policy']}")
         render.out.print(f"  start: yitrt serve {result.out}   (or {result.out}/launch.sh)")
 
     @app.command()

@@ -57,6 +57,7 @@ class Workload:
         max_seq_len, max_batch_size, max_num_tokens: build limits.
         kv_fraction: ``kv_cache_free_gpu_mem_fraction``.
         tokens_per_block: KV page size.
+        prefix_tokens: length of a shared system prompt, for the prefix-cache capacity the plan reports.
     """
 
     isl: int = 1024
@@ -66,6 +67,7 @@ class Workload:
     max_num_tokens: int | None = None
     kv_fraction: float = DEFAULT_KV_FRACTION
     tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK
+    prefix_tokens: int = 256
 
     def __post_init__(self) -> None:
         """Refuse a workload no plan can be computed for (a zero, negative or NaN size would size the KV pool
@@ -75,7 +77,7 @@ class Workload:
             UsageError: every problem at once.
         """
         problems = []
-        for name in ("isl", "osl", "tokens_per_block", "max_seq_len", "max_batch_size", "max_num_tokens"):
+        for name in ("isl", "osl", "tokens_per_block", "max_seq_len", "max_batch_size", "max_num_tokens", "prefix_tokens"):
             value = getattr(self, name)
             if value is None and name.startswith("max_"):
                 continue
@@ -202,6 +204,25 @@ class MemoryPlan:
         that holds no KV token or no sequence, whatever ``problems`` says)."""
         return not self.problems and self.kv_tokens > 0 and self.max_concurrent >= 1
 
+    def prefix_cache(self) -> dict[str, Any]:
+        """What KV-cache reuse can keep beside a full running batch: the blocks the pool has left once
+        ``max_batch_size`` sequences of ISL+OSL tokens hold theirs, and how many copies of a ``prefix_tokens``-token
+        system prompt (its full blocks: only those are reused) fit there — in the whole pool, and within
+        ``max_tokens_in_paged_kv_cache`` as the plan sets it. Reuse needs paged context FMHA in the build
+        (reference trtllm-serving-features.md §3)."""
+        w = self.request.workload
+        tpb, batch = w.tokens_per_block, self.limits.max_batch_size
+        running = batch * self.blocks_per_sequence
+        per_prefix = w.prefix_tokens // tpb
+        spare = max(0, self.kv_blocks - running)
+        capped = max(0, self.max_tokens_in_paged_kv_cache // tpb - running)
+        return {"prefix_tokens": w.prefix_tokens, "blocks_per_prefix": per_prefix, "pool_blocks": self.kv_blocks,
+                "pool_tokens": self.kv_blocks * tpb, "running_batch_blocks": running, "spare_blocks": spare,
+                "resident_prefixes": spare // per_prefix if per_prefix else None,
+                "spare_blocks_within_max_tokens": capped,
+                "resident_prefixes_within_max_tokens": capped // per_prefix if per_prefix else None,
+                "needs": "use_paged_context_fmha enable (and enable_kv_cache_reuse true)"}
+
     def to_json(self) -> dict[str, Any]:
         """JSON object of the plan."""
         r, w = self.request, self.request.workload
@@ -212,7 +233,7 @@ class MemoryPlan:
             "tokens_per_block": w.tokens_per_block, "fits": self.fits, "problems": self.problems, "notes": self.notes,
             "ranks": [m.to_json() for m in self.ranks], "kv_tokens": self.kv_tokens, "kv_blocks": self.kv_blocks,
             "blocks_per_sequence": self.blocks_per_sequence, "max_concurrent_sequences": self.max_concurrent,
-            "build_limits": self.limits.to_json(),
+            "build_limits": self.limits.to_json(), "prefix_cache": self.prefix_cache(),
             "triton": {"kv_cache_free_gpu_mem_fraction": w.kv_fraction,
                        "max_tokens_in_paged_kv_cache": self.max_tokens_in_paged_kv_cache},
         }

@@ -10,6 +10,7 @@ plan recorded in the engine manifest (or the options), end and stop ids from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -56,7 +57,13 @@ class DeployRequest:
         streaming: decoupled models (streaming) or not.
         max_batch_size: Triton batch size (default and upper bound: the engine's).
         kv_fraction / max_kv_tokens: KV-cache settings (default: the plan in the engine manifest).
-        kv_reuse / chunked_context: serving features (checked against the engine's plugins).
+        kv_reuse: KV-cache block reuse; None: on where the engine keeps paged context FMHA (the 1.x backend's
+            default), which for the reference slot means unless its checkpoint quantizes the KV cache.
+        chunked_context: chunked context (checked against the engine's plugins).
+        kv_host_cache: ``kv_cache_host_memory_bytes``, the host pool evicted KV blocks move to (0: none).
+        scheduler_policy: ``batch_scheduler_policy`` (``guaranteed_no_evict`` or ``max_utilization``).
+        max_num_tokens / tokens_per_block / kv_cache_bytes: the reference slot's engine limits (an engine's are
+            its build's) and the CPU byte budget of its KV pool (``yitrt_kv_cache_bytes``).
         instances: instance count of the Python models.
         model_name: name of the BLS entry model.
         max_input_len / max_seq_len: limits of the reference slot (an engine's are its own).
@@ -73,8 +80,13 @@ class DeployRequest:
     max_batch_size: int | None = None
     kv_fraction: float | None = None
     max_kv_tokens: int | None = None
-    kv_reuse: bool = False
+    kv_reuse: bool | None = None
     chunked_context: bool = False
+    kv_host_cache: int = 0
+    scheduler_policy: str = "guaranteed_no_evict"
+    max_num_tokens: int | None = None
+    tokens_per_block: int | None = None
+    kv_cache_bytes: int | None = None
     instances: int = 1
     model_name: str = "tensorrt_llm_bls"
     max_input_len: int | None = None
@@ -220,6 +232,25 @@ def _line(req: DeployRequest, facts: EngineFacts) -> str:
     return contracts.resolve_line(req.trtllm_version or facts.version)
 
 
+def _plugins(facts: EngineFacts) -> dict[str, Any]:
+    # config.json writes plugin switches as booleans; the rules speak trtllm-build's enable/disable
+    return {k: ("enable" if v is True else "disable" if v is False else v) for k, v in facts.plugin_config.items()}
+
+
+def reuse_possible(facts: EngineFacts) -> bool:
+    """Whether KV-cache reuse works with this engine: it needs paged context FMHA, which the build leaves on unless
+    the KV cache is quantized without FP8 weights (reference trtllm-serving-features.md §3, checkpoint-and-build §4.3);
+    the reference slot turns reuse off for any quantized KV cache."""
+    if facts.kind == "reference":
+        return not facts.kv_cache_quant_algo
+    from yitrt.plan.planner import kv_of_algo, scheme_of_algo
+    from yitrt.plan.rules import effective_paged_context_fmha
+    from yitrt.quant.schemes import get_kv_cache, get_scheme
+
+    scheme, kv = get_scheme(scheme_of_algo(facts.quant_algo)), get_kv_cache(kv_of_algo(facts.kv_cache_quant_algo))
+    return effective_paged_context_fmha(_plugins(facts), scheme, kv)
+
+
 def _check_serving(req: DeployRequest, facts: EngineFacts, line: str) -> list[str]:
     """Every problem of the serving settings against the engine, at once (returns the warnings)."""
     from yitrt.plan.planner import kv_of_algo, scheme_of_algo
@@ -229,7 +260,27 @@ def _check_serving(req: DeployRequest, facts: EngineFacts, line: str) -> list[st
     problems = []
     if req.max_batch_size and facts.kind == "trtllm" and req.max_batch_size > facts.max_batch_size:
         problems.append(f"--max-batch-size {req.max_batch_size} exceeds the engine's max_batch_size {facts.max_batch_size}")
-    if req.max_kv_tokens is not None and req.max_kv_tokens < facts.max_seq_len:
+    from yitrt.reference.engine.scheduler import POLICIES
+
+    if req.scheduler_policy not in POLICIES:
+        problems.append(f"--scheduler-policy {req.scheduler_policy!r} is not one of {', '.join(POLICIES)}")
+    if not 0 <= req.kv_host_cache <= 1 << 50:
+        problems.append(f"--kv-host-cache {req.kv_host_cache} must be a byte count >= 0")
+    slot_only = [name for name, value in (("--max-num-tokens", req.max_num_tokens), ("--tokens-per-block", req.tokens_per_block),
+                                          ("--kv-cache-bytes", req.kv_cache_bytes)) if value is not None]
+    if facts.kind == "reference":
+        tpb = req.tokens_per_block
+        if tpb is not None and not (2 <= tpb <= 1024 and tpb & (tpb - 1) == 0):
+            problems.append(f"--tokens-per-block {tpb} must be a power of two in 2..1024 (TensorRT-LLM's KV block rule)")
+        for option, value in (("--max-num-tokens", req.max_num_tokens), ("--kv-cache-bytes", req.kv_cache_bytes)):
+            if value is not None and not 1 <= value <= (INT32_MAX if option == "--max-num-tokens" else 1 << 50):
+                problems.append(f"{option} {value} must be positive")
+        if facts.kv_cache_quant_algo and (req.kv_reuse or req.chunked_context):
+            problems.append(f"the checkpoint's KV cache is {facts.kv_cache_quant_algo}: the reference slot, like an engine without paged context "
+                            "FMHA, neither reuses KV blocks nor chunks the context (pass --no-kv-reuse, no --chunked-context)")
+    elif slot_only:
+        problems.append(f"{', '.join(slot_only)}: reference slot only (an engine's max_num_tokens and tokens_per_block are its build's)")
+    if facts.kind == "trtllm" and req.max_kv_tokens is not None and req.max_kv_tokens < facts.max_seq_len:
         problems.append(f"--max-kv-tokens {req.max_kv_tokens} cannot hold one {facts.max_seq_len}-token sequence (max_seq_len); "
                         "TensorRT-LLM refuses to start (maxTokensInPagedKvCache must be large enough to process at least 1 sequence)")
     if facts.max_input_len >= facts.max_seq_len or facts.max_input_len < 1:
@@ -240,8 +291,7 @@ def _check_serving(req: DeployRequest, facts: EngineFacts, line: str) -> list[st
         if value is not None and not 1 <= value <= INT32_MAX:
             problems.append(f"{option} {value} must be in 1..{INT32_MAX} (Triton and TensorRT-LLM hold it in 32 bits)")
     if facts.kind == "trtllm":
-        # config.json writes plugin switches as booleans; the rules speak trtllm-build's enable/disable
-        plugins = {k: ("enable" if v is True else "disable" if v is False else v) for k, v in facts.plugin_config.items()}
+        plugins = _plugins(facts)
         paged = facts.kv_cache_type.upper() == "PAGED" if facts.kv_cache_type else plugins.get("paged_kv_cache", "enable") == "enable"
         if not paged:
             problems.append(f"in-flight batching needs a paged KV cache; this engine has {facts.kv_cache_type or 'paged_kv_cache disabled'}")
@@ -358,6 +408,16 @@ def bls_wiring(models: dict[str, contracts.ModelContract]) -> dict[str, dict]:
     return {"yitrt_preprocessing_inputs": pre, "yitrt_engine_inputs": engine}
 
 
+def _slot_limits(req: DeployRequest) -> dict[str, str]:
+    """The reference slot's stand-ins for an engine's build limits, and its KV byte budget (read by
+    yitrt.reference.engine.parameters; their defaults apply when left out: 8192 tokens, 32-token blocks, 1 GiB)."""
+    from yitrt.reference.engine.parameters import DEFAULTS
+
+    return {"max_num_tokens": str(req.max_num_tokens or DEFAULTS["max_num_tokens"]),
+            "tokens_per_block": str(req.tokens_per_block or DEFAULTS["tokens_per_block"]),
+            "yitrt_kv_cache_bytes": str(req.kv_cache_bytes or DEFAULTS["yitrt_kv_cache_bytes"])}
+
+
 def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int]) -> dict[str, str]:
     """Every model's config.pbtxt text, by model name (the BLS under ``req.model_name``)."""
     models = contracts.contract(line)
@@ -369,7 +429,7 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
         "triton_max_batch_size": str(batch), "decoupled_mode": str(req.streaming).lower(),
         "triton_backend": "python" if reference else "tensorrtllm", "batching_strategy": "inflight_fused_batching",
         "engine_dir": str(facts.path), "tokenizer_dir": TOKENIZER_FOLDER, "max_beam_width": "1",
-        "exclude_input_in_output": "true", "enable_kv_cache_reuse": str(req.kv_reuse).lower(),
+        "exclude_input_in_output": "true", "enable_kv_cache_reuse": str(req.kv_reuse if req.kv_reuse is not None else reuse_possible(facts)).lower(),
         "enable_chunked_context": str(req.chunked_context).lower(), "add_special_tokens": "true", "skip_special_tokens": "true",
         "accumulate_tokens": "false", "tensorrt_llm_model_name": "tensorrt_llm", "max_queue_delay_microseconds": "0", "max_queue_size": "0",
         "preprocessing_instance_count": str(req.instances), "postprocessing_instance_count": str(req.instances),
@@ -379,6 +439,9 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
         fill["kv_cache_free_gpu_mem_fraction"] = f"{float(kv_fraction):g}"
     if kv_tokens is not None:
         fill["max_tokens_in_paged_kv_cache"] = str(int(kv_tokens))
+    fill["batch_scheduler_policy"] = req.scheduler_policy
+    if req.kv_host_cache:
+        fill["kv_cache_host_memory_bytes"] = str(int(req.kv_host_cache))
     # prompt_embedding_table: the ensemble declares TYPE_FP16 and Triton refuses an ensemble whose steps disagree
     # on a tensor's type (seen: "inconsistent data type"), so tensorrt_llm/BLS get FP16 too, as NVIDIA's docs fill it.
     types = {"logits_datatype": _DTYPES.get(facts.logits_dtype, "TYPE_FP32"), "encoder_input_features_data_type": "TYPE_FP16",
@@ -388,6 +451,7 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
         "preprocessing": {**limits, "yitrt_words_encoding": req.words_encoding, **({"end_id": str(end_id)} if end_id is not None else {}),
                           **({"stop_token_ids": ",".join(map(str, stops))} if stops else {})},
         "tensorrt_llm": ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable,
+                          **_slot_limits(req),
                           "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
                          if reference else {}),
         "tensorrt_llm_bls": {"tokenizer_dir": TOKENIZER_FOLDER, "skip_special_tokens": "true", "preprocessing_model_name": "preprocessing",
@@ -522,6 +586,8 @@ def deploy(req: DeployRequest) -> DeployResult:
         raise UsageError(f"--model-name {req.model_name} clashes with a model of the repository", "choose another name for the BLS model")
     facts = engine_facts(req)
     line = _line(req, facts)
+    if req.kv_reuse is None:
+        req = dataclasses.replace(req, kv_reuse=reuse_possible(facts))
     warnings = _check_serving(req, facts, line)
     tok_dir = _tokenizer_dir(req, facts)
     check_tokenizer_files(tok_dir)  # before the tokenizer is loaded from them
@@ -530,7 +596,9 @@ def deploy(req: DeployRequest) -> DeployResult:
         warnings.append(f"the tokenizer in {tok_dir} has no chat template: requests with chat messages will be refused")
     params = {"line": line, "engine": req.engine, "streaming": req.streaming, "max_batch_size": req.max_batch_size,
               "kv_fraction": req.kv_fraction, "max_kv_tokens": req.max_kv_tokens, "kv_reuse": req.kv_reuse,
-              "chunked_context": req.chunked_context, "instances": req.instances, "model_name": req.model_name,
+              "chunked_context": req.chunked_context, "kv_host_cache": req.kv_host_cache, "scheduler_policy": req.scheduler_policy,
+              "max_num_tokens": req.max_num_tokens, "tokens_per_block": req.tokens_per_block, "kv_cache_bytes": req.kv_cache_bytes,
+              "instances": req.instances, "model_name": req.model_name,
               "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "words_encoding": req.words_encoding, "python": sys.executable if req.engine == "reference" else None}
     source_files = [p.name for p in facts.path.iterdir() if p.name == "config.json" or p.suffix in (".engine", ".safetensors") or p.name == "yitrt-manifest.json"]
     inputs = {"source": fingerprint_files(facts.path, source_files) + ":" + str(facts.path),
@@ -538,7 +606,8 @@ def deploy(req: DeployRequest) -> DeployResult:
     out = Path(req.out).absolute()
     summary = {"max_batch_size": req.max_batch_size or facts.max_batch_size, "streaming": req.streaming, "end_id": end_id,
                "stop_ids": stops, "models": [m if m != "tensorrt_llm_bls" else req.model_name for m in MODEL_NAMES],
-               "entry_model": req.model_name, "tp": facts.tp, "pp": facts.pp, "world_size": facts.world_size}
+               "entry_model": req.model_name, "tp": facts.tp, "pp": facts.pp, "world_size": facts.world_size,
+               "kv_reuse": req.kv_reuse, "chunked_context": req.chunked_context, "scheduler_policy": req.scheduler_policy}
     if not req.force:
         reused = find_reusable(out, STAGE, _key(params, inputs))
         if reused is not None:

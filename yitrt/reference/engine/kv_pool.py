@@ -13,10 +13,12 @@ it. The counters are the C++ backend's ``nv_trt_llm_kv_cache_block_metrics``: ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from yitrt.reference.engine.prefix_tree import Node, PrefixTree
+
+if TYPE_CHECKING:
+    import torch
 
 #: a copy between the pools that every rank makes before the step's forward: (kind, source block, target block)
 Copy = tuple[str, int, int]
@@ -190,6 +192,8 @@ class KvStorage:
 
     def __init__(self, layers: int, primary_blocks: int, host_blocks: int, tokens_per_block: int, kv_heads: int,
                  head_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        import torch  # here: the block accounting above is imported by deploy, which has no torch to spare
+
         shape = (primary_blocks, tokens_per_block, kv_heads, head_size)
         host_shape = (host_blocks, tokens_per_block, kv_heads, head_size)
         # zeros: pages are committed only when written (a pool much larger than what runs costs address space only)

@@ -29,12 +29,11 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from yitrt.errors import UsageError
 from yitrt.reference.engine.kv_pool import BlockManager, Copy, NoFreeBlock, blocks_for
 from yitrt.reference.engine.prefix_tree import Node
 
+#: batch_scheduler_policy values (reference/triton-repository.md §1.5); this module imports no torch, so deploy can use it
 POLICIES = ("guaranteed_no_evict", "max_utilization")
 
 
@@ -86,7 +85,7 @@ class Sequence:
     rule: Any  # StopRule
     sampling: Any  # Sampling
     order: int
-    generator: torch.Generator | None = None
+    generator: Any = None  # a sampled request's own torch.Generator
     new: list[int] = field(default_factory=list)
     table: list[int] = field(default_factory=list)  # primary blocks, in token order
     nodes: list[Node] = field(default_factory=list)  # cached nodes of the table's first full blocks
