@@ -154,9 +154,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos:
     """
     p, r, d = q.shape
     s = keys.shape[1]
-    scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)
-    visible = torch.arange(s, device=q.device)[None, None, :] <= query_pos[..., None]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # invisible keys weigh exactly 0
+    scores = (q @ keys.transpose(-1, -2)).div_(math.sqrt(d))
+    hidden = torch.arange(s, device=q.device)[None, None, :] > query_pos[..., None]
+    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)  # invisible keys weigh exactly 0
     width = max(d, MIN_COLS)
     vals = values if width == d else torch.cat([values, values.new_zeros(p, s, width - d)], dim=-1)
     blocks = s // KEY_BLOCK
