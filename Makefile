@@ -50,7 +50,7 @@ demo: setup
 	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --system "Answer in one short sentence." --max-tokens 32 --json; \
 	echo "demo: yitrt bench localhost:$$2 (two concurrencies, synthetic 64-token prompts, 8 tokens out, SLO TTFT 2 s / TPOT 400 ms)"; \
 	$(BIN)/yitrt bench localhost:$$2 --tokenizer $(DEMO_REPO) --concurrency 1,4 --num-requests 4 --isl 64 --osl 8 \
-		--slo-ttft 2000 --slo-tpot 400 --out $(DEMO_BENCH); \
+		--slo-ttft 2000 --slo-tpot 400 --metrics-url http://localhost:$$3/metrics --out $(DEMO_BENCH); \
 	echo "demo: yitrt bench localhost:$$2 --prefix-tokens 128 (one shared 128-token prefix, 16-token suffixes, 4 tokens out, one at a time)"; \
 	$(BIN)/yitrt bench localhost:$$2 --tokenizer $(DEMO_REPO) --concurrency 1 --num-requests 5 --prefix-tokens 128 \
 		--num-prefixes 1 --isl 16 --osl 4 --metrics-url http://localhost:$$3/metrics --out $(DEMO_PREFIX); \
