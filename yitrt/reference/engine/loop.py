@@ -29,6 +29,8 @@ class EngineLoop:
         self.last: dict[str, Any] = {}
         #: the last step's speculation per request: key → (draft tokens accepted, draft tokens offered)
         self.speculation: dict[str, tuple[int, int]] = {}
+        #: the last step's logits row (float32 [vocab]) per request that asked for generation logits
+        self.logits: dict[str, torch.Tensor] = {}
 
     @property
     def records(self):
@@ -39,9 +41,11 @@ class EngineLoop:
     def idle(self) -> bool:
         return self.scheduler.idle
 
-    def add(self, key: str, prompt: list[int], rule, sampling, draft: DraftTokens | None = None, lookahead=None) -> None:
+    def add(self, key: str, prompt: list[int], rule, sampling, draft: DraftTokens | None = None, lookahead=None,
+            return_logits: bool = False) -> None:
         """Queue a request; ``draft``: a draft-target verification request (answered with one step), ``lookahead``:
-        the request's own (w, n, g) (``LookaheadSizes``; default: the model's, on a lookahead model).
+        the request's own (w, n, g) (``LookaheadSizes``; default: the model's, on a lookahead model);
+        ``return_logits``: keep each generated token's logits row (``logits``; a draft model's generation logits).
 
         Raises:
             UsageError: a token id outside the vocab, more than the context, more KV blocks than the pool holds, a
@@ -59,14 +63,16 @@ class EngineLoop:
             self.runtime.check_tokens([list(prompt) + list(draft.tokens)], 1)
         if lookahead is not None:
             if c.lookahead is None:  # T-utils getLookaheadDecodingFromTensors
-                raise UsageError("Cannot set the request lookahead decoding configuration when model instance lookahead parameters are not set.",
+                raise UsageError("Cannot set the request lookahead decoding configuration when model instance lookahead parameters are not set",
                                  "deploy with decoding_mode lookahead (yitrt deploy --speculative lookahead) or drop the lookahead inputs")
             if not c.lookahead.covers(lookahead):
                 raise UsageError(f"the request's lookahead ({lookahead.window}, {lookahead.ngram}, {lookahead.verification_set}) exceeds the model's "
                                  f"({c.lookahead.window}, {c.lookahead.ngram}, {c.lookahead.verification_set})", "send w <= W, n <= N, g <= G")
         self.runtime.check_tokens([prompt], rule.max_new)
         generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
-        seq = Sequence(key, list(prompt), rule, sampling, 0, generator, draft=draft)
+        if return_logits and draft is not None:
+            raise UsageError("generation logits of a verification request are not returned", "ask the draft model for its generation logits")
+        seq = Sequence(key, list(prompt), rule, sampling, 0, generator, draft=draft, want_logits=return_logits)
         sizes = lookahead or c.lookahead
         if sizes is not None and draft is None:
             seq.lookahead = LookaheadState.start(sizes, seq.prompt)
@@ -81,7 +87,7 @@ class EngineLoop:
         from yitrt.reference.runtime import pick_tokens
 
         plan = self.scheduler.plan()
-        self.speculation = {}
+        self.speculation, self.logits = {}, {}
         if plan is None:
             return []
         results = self.runtime._call("run_step", plan)
@@ -101,6 +107,8 @@ class EngineLoop:
                 emitted[seq.key] = result[:1]
             else:
                 emitted[seq.key] = [int(pick_tokens(result, seq.sampling, seq.generator)[0])]
+                if seq.want_logits:
+                    self.logits[seq.key] = result[0]
         events = self.scheduler.finish(emitted)
         self.iterations += 1
         record = self.scheduler.records[-1]

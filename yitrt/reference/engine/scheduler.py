@@ -112,6 +112,7 @@ class Sequence:
     partial: list = field(default_factory=list)  # a verification request's logits results from earlier chunks
     rows: list = field(default_factory=list)  # this iteration's lookahead tree rows (token, parent)
     candidates: list = field(default_factory=list)  # ... and the verification candidates among them
+    want_logits: bool = False  # return_generation_logits: the rank returns its logits rows
     accepted: int = 0  # draft tokens accepted so far
     drafted: int = 0  # draft tokens offered so far
 
@@ -336,7 +337,7 @@ class Scheduler:
             if budget < n:
                 break
             seq.rows, seq.candidates = [], []
-            if seq.lookahead is not None and seq.sampling.greedy and len(seq.new) >= seq.rule.min_new:
+            if seq.lookahead is not None and seq.sampling.greedy and not seq.want_logits and len(seq.new) >= seq.rule.min_new:
                 seq.rows, seq.candidates = seq.lookahead.rows(seq.tokens[-1], budget - n)
             chosen.append((seq, n))
             budget -= n + len(seq.rows)
@@ -412,4 +413,4 @@ class Scheduler:
         ban_rows = max(0, rule.min_new - len(seq.new) - done) if seq.draft is not None else 1
         banned = tuple(rule.end_ids) if logits and len(seq.new) < rule.min_new else ()
         return Segment(seq.key, tuple(feed[seq.computed:end]), seq.computed, tuple(seq.table), seq.in_context, logits > 0,
-                       banned, seq.sampling.greedy, max(logits, 1), tuple(seq.rows), scratch, ban_rows)
+                       banned, seq.sampling.greedy and not seq.want_logits, max(logits, 1), tuple(seq.rows), scratch, ban_rows)
