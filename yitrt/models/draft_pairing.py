@@ -32,7 +32,8 @@ SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 #: At most this many differing entries are quoted in one problem.
 _SHOWN = 3
-_FIX = "pick a draft with the target's tokenizer: a smaller checkpoint of the same family (Yi 1.0, Yi-1.5, Yi-Coder), chat for chat"
+#: The hint of a refused pair.
+PAIR_FIX = "pick a draft with the target's tokenizer: a smaller checkpoint of the same family (Yi 1.0, Yi-1.5, Yi-Coder), chat for chat"
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PairReport:
         problems: every difference, named (empty: the draft can draft for the target).
         checked: what was compared and found identical.
         notes: facts that do not stop the pair (e.g. a file only one side has).
+        sizes: parameters and decoder layers of each side (``{"target": {...}, "draft": {...}}``).
     """
 
     target: str
@@ -52,6 +54,7 @@ class PairReport:
     problems: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -61,7 +64,7 @@ class PairReport:
     def to_json(self) -> dict[str, Any]:
         """The ``draft_pair`` object of ``yitrt inspect --draft --json``."""
         return {"target": self.target, "draft": self.draft, "ok": self.ok, "problems": self.problems,
-                "checked": self.checked, "notes": self.notes}
+                "checked": self.checked, "notes": self.notes, "sizes": self.sizes}
 
 
 def check_draft_pair(target_dir: Path, draft_dir: Path, *, target_repo: str | None = None, draft_repo: str | None = None) -> list[str]:
@@ -89,7 +92,7 @@ def require_draft_pair(target_dir: Path, draft_dir: Path, *, target_repo: str | 
     """
     report = compare_tokenizers(target_dir, draft_dir, target_repo=target_repo, draft_repo=draft_repo)
     if not report.ok:
-        raise UsageError(pair_error_message(report, what), _FIX)
+        raise UsageError(pair_error_message(report, what), PAIR_FIX)
     return report
 
 
@@ -111,6 +114,10 @@ def compare_tokenizers(target_dir: Path, draft_dir: Path, *, target_repo: str | 
     """
     target, draft = _Side.read(Path(target_dir), target_repo), _Side.read(Path(draft_dir), draft_repo)
     report = PairReport(str(target_repo or target_dir), str(draft_repo or draft_dir))
+    report.sizes = {name: {"params": side.cfg.param_count(), "num_layers": side.cfg.num_layers} for name, side in (("target", target), ("draft", draft))}
+    if report.sizes["draft"]["params"] >= report.sizes["target"]["params"]:
+        report.notes.append(f"the draft ({report.sizes['draft']['params']:,} parameters) is not smaller than the target "
+                            f"({report.sizes['target']['params']:,}): drafting saves nothing unless it runs only some of its layers")
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         report.problems.append(f"vocab_size differs: {target.cfg.vocab_size} in the target's config.json, {draft.cfg.vocab_size} in the draft's")
     else:
