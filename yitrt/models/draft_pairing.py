@@ -24,7 +24,7 @@ from yitrt.errors import CheckpointError, UsageError
 from yitrt.models.config import load_config
 from yitrt.models.registry import load_registry
 from yitrt.models.summary import find_chat_end_id
-from yitrt.userfiles import read_bytes, read_json_if_present, read_text, show_name
+from yitrt.userfiles import read_bytes, read_json_if_present, read_text
 
 #: Special tokens compared by role (their text and id).
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
@@ -259,7 +259,7 @@ def _id_text(side: _Side, token_id: int | None) -> str:
     if token_id is None:
         return "no id"
     names = [t for t, i in side.table.items() if i == token_id]
-    return f"id {token_id} ({show_name(names[0], 40)!r})" if names else f"id {token_id}"
+    return f"id {token_id} ({_shown(names[0])})" if names else f"id {token_id}"
 
 
 # -- comparisons -----------------------------------------------------------------------------------------------------
@@ -326,7 +326,11 @@ def _merges_txt(path: Path) -> list[str]:
 
 
 def _shown(token: str | None) -> str:
-    return "nothing" if token is None else repr(show_name(token, 40))
+    """A token as one line can quote it: repr (control characters escaped, printable text as it is), cut short."""
+    if token is None:
+        return "nothing"
+    text = repr(token)
+    return text if len(text) <= 42 else text[:40] + "…" + text[0]
 
 
 def _compare_sentencepiece(t_path: Path, d_path: Path, report: PairReport) -> None:
@@ -357,7 +361,7 @@ def _compare_sentencepiece(t_path: Path, d_path: Path, report: PairReport) -> No
         return
 
     def piece(p: list, i: int) -> str:
-        return f"{show_name(p[i][0], 40)!r} (score {p[i][1]:g}, {p[i][2]})" if i < len(p) else "nothing"
+        return f"{_shown(p[i][0])} (score {p[i][1]:g}, {p[i][2]})" if i < len(p) else "nothing"
 
     sizes = f", {len(t_pieces)} pieces in the target and {len(d_pieces)} in the draft" if len(t_pieces) != len(d_pieces) else ""
     first = differ[0]
@@ -400,4 +404,4 @@ def _special_text(value: tuple[str | None, int | None]) -> str:
     text, token_id = value
     if text is None:
         return "none" if token_id is None else f"id {token_id} (config.json)"
-    return f"{show_name(text, 40)!r} (id {token_id if token_id is not None else 'unknown'})"
+    return f"{_shown(text)} (id {token_id if token_id is not None else 'unknown'})"
