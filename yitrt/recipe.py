@@ -4,9 +4,11 @@ A *recipe* is the file; the validated object is its *spec* (:class:`Recipe`). Ev
 with ``extra="forbid"``, so a typo'd key is an error (with the nearest valid name), never a silently ignored
 setting. :func:`load_recipe` reports every schema problem at once; :func:`check_recipe` then runs the
 cross-checks yitrt's stages would run later — sharding against the model's heads, scheme and KV format against
-the GPU and TensorRT-LLM line (``yitrt/plan/rules.yaml``), serving features against the plugin profile, and
-whether the configuration fits the GPU — using only what is known without downloading weights (the registry's
-dims for known Yi repos, a local folder's config.json, the demo GGUF's header).
+the GPU and TensorRT-LLM line (``yitrt/plan/rules.yaml``), serving features against the plugin profile, the
+``speculative:`` section (``yitrt/recipe_speculative.py``: its mode's fields, the draft against its heads, layers,
+vocabulary and the target's tokenizer), and whether the configuration fits the GPU — using only what is known
+without downloading weights (the registry's dims for known Yi repos, a local folder's config.json, the demo GGUF's
+header).
 """
 
 from __future__ import annotations
