@@ -114,9 +114,16 @@ def test_kv_fractions_split_the_plan_and_keep_what_is_given(pair):
     assert (spec.kv_fraction, spec.draft_kv_fraction) == (0.6, 0.2)
     spec, _, _ = resolve(dataclasses.replace(req, gpu_ids=(0, 1), draft_gpu_ids=(2,)), facts)  # own GPUs: no split
     assert (spec.kv_fraction, spec.draft_kv_fraction) == (0.8, None) and spec.orchestrator_gpus == [0, 1, 2]
-    facts.plan["draft_kv_cache_free_gpu_mem_fraction"] = 0.3  # a plan made for both engines already split it
+    # a pair plan (yitrt build of the target with its draft) recorded both models' KV parameters: they win
+    facts.plan["pair"] = {"triton": {"tensorrt_llm": {"kv_cache_free_gpu_mem_fraction": 0.7123, "max_tokens_in_paged_kv_cache": 90000},
+                                     DRAFT_MODEL: {"kv_cache_free_gpu_mem_fraction": 0.3011, "max_tokens_in_paged_kv_cache": 40000}}}
     spec, _, _ = resolve(req, facts)
-    assert (spec.kv_fraction, spec.draft_kv_fraction) == (0.8, 0.3)
+    assert (spec.kv_fraction, spec.draft_kv_fraction, spec.kv_tokens, spec.draft_kv_tokens) == (0.7123, 0.3011, 90000, 40000)
+    _, cfg = _configs(facts, spec)
+    assert _params(cfg["tensorrt_llm"])["max_tokens_in_paged_kv_cache"] == "90000"
+    assert _params(cfg[DRAFT_MODEL])["max_tokens_in_paged_kv_cache"] == "40000"
+    spec, _, _ = resolve(dataclasses.replace(req, kv_fraction=0.5, max_kv_tokens=50000), facts)
+    assert (spec.kv_fraction, spec.draft_kv_fraction, spec.kv_tokens) == (0.5, 0.3011, 50000)
 
 
 # -- draft-target: every refusal names its fix ----------------------------------------------------------------------
@@ -279,7 +286,7 @@ def _draft_target() -> tuple[EngineFacts, Speculation]:
     target = _facts(speculative_mode="draft_tokens_external", max_draft_len=8)
     draft = _facts(path=Path("/DRAFT"), tp=1, max_batch_size=16, plan={"max_tokens_in_paged_kv_cache": 100000},
                    gather_generation_logits=True)
-    return target, Speculation("draft-target", 8, 4, True, None, draft, 0.45, 0.45, (0, 1), (0,))
+    return target, Speculation("draft-target", 8, 4, True, None, draft, 0.45, 0.45, (0, 1), (0,), None, 100000)
 
 
 def _lookahead() -> tuple[EngineFacts, Speculation]:

@@ -525,7 +525,7 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
     whats = {}
     if spec is not None and spec.draft_target:
         draft = spec.draft
-        draft_fill = {**fill, **spec_mod.draft_fill(spec, req.max_kv_tokens)}
+        draft_fill = {**fill, **spec_mod.draft_fill(spec)}
         fills[DRAFT_MODEL] = {k: v for k, v in draft_fill.items() if v is not None}
         if draft.kind == "trtllm":  # Triton's batch bound must not exceed the draft engine's own
             headers[DRAFT_MODEL] = dataclasses.replace(engine_header, max_batch_size=min(batch, draft.max_batch_size))

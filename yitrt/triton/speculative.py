@@ -63,6 +63,8 @@ class Speculation:
         draft: the draft engine's (or checkpoint's) facts (draft-target).
         kv_fraction / draft_kv_fraction: ``kv_cache_free_gpu_mem_fraction`` of target and draft (None: unset).
         gpu_ids / draft_gpu_ids: ``gpu_device_ids`` of target and draft (engines in orchestrator mode; else None).
+        kv_tokens / draft_kv_tokens: ``max_tokens_in_paged_kv_cache`` of target and draft (None: the target's usual
+            value, the draft's unset).
     """
 
     mode: str
@@ -75,6 +77,8 @@ class Speculation:
     draft_kv_fraction: float | None = None
     gpu_ids: tuple[int, ...] | None = None
     draft_gpu_ids: tuple[int, ...] | None = None
+    kv_tokens: int | None = None
+    draft_kv_tokens: int | None = None
 
     @property
     def draft_target(self) -> bool:
@@ -126,9 +130,9 @@ class Speculation:
             d = self.draft
             out.update({"num_draft_tokens": self.num_draft_tokens, "use_draft_logits": self.use_draft_logits,
                         "draft": {"model": DRAFT_MODEL, "source": str(d.path) if d else None, "tp": d.tp if d else None,
-                                  "pp": d.pp if d else None, "kv_fraction": self.draft_kv_fraction,
+                                  "pp": d.pp if d else None, "kv_fraction": self.draft_kv_fraction, "kv_tokens": self.draft_kv_tokens,
                                   "gpu_device_ids": list(self.draft_gpu_ids) if self.draft_gpu_ids is not None else None},
-                        "kv_fraction": self.kv_fraction,
+                        "kv_fraction": self.kv_fraction, "kv_tokens": self.kv_tokens,
                         "gpu_device_ids": list(self.gpu_ids) if self.gpu_ids is not None else None,
                         "launch": "orchestrator" if self.orchestrator else "single"})
         else:
@@ -281,8 +285,8 @@ def _draft_target(req: DeployRequest, facts: EngineFacts, built: str | None, pro
     if engine and draft is not None:
         gpus = _gpu_ids(req.gpu_ids, facts.world_size, "--gpu-ids", "target", problems)
         draft_gpus = _gpu_ids(req.draft_gpu_ids, draft.world_size, "--draft-gpu-ids", "draft", problems)
-    kv, draft_kv = _fractions(req, facts, draft, gpus, draft_gpus, problems)
-    return Speculation("draft-target", limit, k, req.use_draft_logits, None, draft, kv, draft_kv, gpus, draft_gpus)
+    kv, draft_kv, tokens, draft_tokens = _kv_settings(req, facts, draft, gpus, draft_gpus, problems)
+    return Speculation("draft-target", limit, k, req.use_draft_logits, None, draft, kv, draft_kv, gpus, draft_gpus, tokens, draft_tokens)
 
 
 def _check_draft(req, facts: EngineFacts, draft: EngineFacts, problems: list[str], warnings: list[str], reuse_possible) -> None:
@@ -333,28 +337,43 @@ def _gpu_ids(given: tuple[int, ...] | None, world: int, option: str, what: str, 
     return ids
 
 
-def _fractions(req: DeployRequest, facts: EngineFacts, draft: EngineFacts | None, gpus, draft_gpus,
-               problems: list[str]) -> tuple[float | None, float | None]:
-    """KV fractions of target and draft: as given; else the plan's split when it records one; else, when both share
-    GPUs, half each of the plan's fraction (the backend's 0.9 when there is none: DTM uses 0.5 each on one GPU)."""
+def _pair_plan(facts: EngineFacts, draft: EngineFacts) -> dict[str, Any] | None:
+    """The two models' KV parameters a pair plan recorded (``yitrt build`` of a target with its draft, or of a draft
+    with its target: the engine manifest's ``plan.pair.triton``), the target's record first."""
+    for plan in (facts.plan, draft.plan):
+        triton = (plan.get("pair") or {}).get("triton") if isinstance(plan.get("pair"), dict) else None
+        if isinstance(triton, dict) and isinstance(triton.get("tensorrt_llm"), dict) and isinstance(triton.get(DRAFT_MODEL), dict):
+            return triton
+    return None
+
+
+def _kv_settings(req: DeployRequest, facts: EngineFacts, draft: EngineFacts | None, gpus, draft_gpus,
+                 problems: list[str]) -> tuple[float | None, float | None, int | None, int | None]:
+    """(target fraction, draft fraction, target token cap, draft token cap). Given options win; else a pair plan's
+    values (fractions that reach each pool's cap in either load order); else, when both share GPUs, half each of
+    the plan's fraction (the backend's 0.9 when there is none: DTM uses 0.5 each on one GPU) and each engine's own
+    token cap."""
     for option, value in (("--kv-fraction", req.kv_fraction), ("--draft-kv-fraction", req.draft_kv_fraction)):
         if value is not None and not 0 < value <= 1:
             problems.append(f"{option} {value} must be in (0, 1]")
     if facts.kind != "trtllm" or draft is None:  # the slot's KV pool is a byte budget: fractions only as given
-        return req.kv_fraction, req.draft_kv_fraction
+        return req.kv_fraction, req.draft_kv_fraction, req.max_kv_tokens, req.max_kv_tokens
+
+    def given(option, planned):
+        return option if option is not None else planned
+
+    pair = _pair_plan(facts, draft)
+    if pair is not None:
+        t, d = pair["tensorrt_llm"], pair[DRAFT_MODEL]
+        return (given(req.kv_fraction, t.get("kv_cache_free_gpu_mem_fraction")), given(req.draft_kv_fraction, d.get("kv_cache_free_gpu_mem_fraction")),
+                given(req.max_kv_tokens, t.get("max_tokens_in_paged_kv_cache")), d.get("max_tokens_in_paged_kv_cache"))
     planned = facts.plan.get("kv_cache_free_gpu_mem_fraction")
-    planned_draft = facts.plan.get("draft_kv_cache_free_gpu_mem_fraction")
-    if planned_draft is not None:  # a plan made for both engines already split the memory
-        return (req.kv_fraction if req.kv_fraction is not None else planned,
-                req.draft_kv_fraction if req.draft_kv_fraction is not None else float(planned_draft))
-    shared = bool(set(gpus or ()) & set(draft_gpus or ()))
-    if shared:
+    tokens = given(req.max_kv_tokens, facts.plan.get("max_tokens_in_paged_kv_cache"))
+    draft_tokens = draft.plan.get("max_tokens_in_paged_kv_cache")
+    if set(gpus or ()) & set(draft_gpus or ()):
         half = round(float(planned if planned is not None else BACKEND_KV_FRACTION) * SHARED_SPLIT, 4)
-        return (req.kv_fraction if req.kv_fraction is not None else half,
-                req.draft_kv_fraction if req.draft_kv_fraction is not None else half)
-    own = draft.plan.get("kv_cache_free_gpu_mem_fraction")
-    return (req.kv_fraction if req.kv_fraction is not None else planned,
-            req.draft_kv_fraction if req.draft_kv_fraction is not None else own)
+        return given(req.kv_fraction, half), given(req.draft_kv_fraction, half), tokens, draft_tokens
+    return given(req.kv_fraction, planned), given(req.draft_kv_fraction, draft.plan.get("kv_cache_free_gpu_mem_fraction")), tokens, draft_tokens
 
 
 # -- what the settings write ---------------------------------------------------------------------------------------
@@ -374,14 +393,14 @@ def target_fill(spec: Speculation) -> dict[str, str]:
         w = spec.lookahead
         return {"decoding_mode": "lookahead", "lookahead_window_size": str(w.window), "lookahead_ngram_size": str(w.ngram),
                 "lookahead_verification_set_size": str(w.verification_set)}
+    tokens = {"max_tokens_in_paged_kv_cache": str(int(spec.kv_tokens))} if spec.kv_tokens is not None else {}
     return {"enable_kv_cache_reuse": "true", "exclude_input_in_output": "false", "tensorrt_llm_draft_model_name": DRAFT_MODEL,
-            **_fraction(spec.kv_fraction), **_ids(spec.gpu_ids)}
+            **_fraction(spec.kv_fraction), **tokens, **_ids(spec.gpu_ids)}
 
 
-def draft_fill(spec: Speculation, max_kv_tokens: int | None) -> dict[str, str | None]:
+def draft_fill(spec: Speculation) -> dict[str, str | None]:
     """The draft model's template variables over the target's (None: leave the key unfilled)."""
-    draft = spec.draft
-    tokens = max_kv_tokens if draft.kind == "reference" else draft.plan.get("max_tokens_in_paged_kv_cache")
+    draft, tokens = spec.draft, spec.draft_kv_tokens
     return {"engine_dir": str(draft.path), "enable_kv_cache_reuse": "true", "exclude_input_in_output": "false",
             "kv_cache_free_gpu_mem_fraction": f"{float(spec.draft_kv_fraction):g}" if spec.draft_kv_fraction is not None else None,
             "max_tokens_in_paged_kv_cache": str(int(tokens)) if tokens is not None else None,
