@@ -168,7 +168,8 @@ def test_every_problem_is_reported_at_once_with_the_serving_ones(tmp_path):
 def test_missing_or_wrong_draft_folders_are_problems(pair, tmp_path):
     target, _ = pair
     assert "needs --draft: the draft engine folder" in _problems(target, speculative="draft-target")
-    assert "is the target itself" in _problems(target, speculative="draft-target", draft=target)
+    _, problems, warnings = _resolve(target, speculative="draft-target", draft=target)
+    assert "the draft is the target itself" in warnings[0] and not any("is the target" in p for p in problems)
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
