@@ -167,7 +167,8 @@ def speculative_build(
         given = [flag for flag, value in (("--max-draft-len", max_draft_len), ("--lookahead", lookahead),
                                           ("--use-draft-logits", use_draft_logits or None), ("--draft/--target", pair)) if value is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} need --speculative draft-target|lookahead (or --draft-engine)",
+            raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --speculative draft-target|lookahead "
+                             "(or --draft-engine)",
                              "add --speculative draft-target --max-draft-len K, or --speculative lookahead --lookahead W,N,G")
         return None
     if mode in UNSUPPORTED_MODES:
