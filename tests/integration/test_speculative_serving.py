@@ -122,12 +122,14 @@ def _stream(port: int, model: str, values: dict[str, np.ndarray]) -> list:
         client.close()
 
 
-def _bls(port: int, prompt: str, max_tokens: int, stream: bool, k: int | None = None) -> list:
+def _bls(port: int, prompt: str, max_tokens: int, stream: bool, k: int | None = None, draft_logits: bool = False) -> list:
     values = {"text_input": np.array([[prompt.encode()]], dtype=np.object_), "max_tokens": np.array([[max_tokens]], dtype=np.int32),
               "min_tokens": np.array([[max_tokens]], dtype=np.int32),  # no early end: every round is a full round
               "stream": np.array([[stream]], dtype=np.bool_), "return_num_output_tokens": np.array([[True]], dtype=np.bool_)}
     if k is not None:
         values["num_draft_tokens"] = np.array([[k]], dtype=np.int32)
+    if draft_logits:  # the draft returns generation_logits, the BLS forwards them as draft_logits: probabilistic acceptance
+        values["use_draft_logits"] = np.array([[True]], dtype=np.bool_)
     return _stream(port, "tensorrt_llm_bls", values)
 
 
@@ -144,6 +146,9 @@ def test_bls_draft_target_answers_equal_the_target_without_speculation(draft_tar
         plain = _text(_bls(port, prompt, 14, stream=False, k=0))
         assert _text(_bls(port, prompt, 14, stream=False)) == plain, prompt  # the deployment's K
         assert _text(_bls(port, prompt, 14, stream=False, k=1)) == plain, prompt
+        with_logits = _bls(port, prompt, 14, stream=False, draft_logits=True)
+        assert _text(with_logits) == plain, prompt  # greedy: p_target is one-hot, the answer cannot change
+        assert int(with_logits[-1].as_numpy("total_draft_tokens").reshape(-1)[0]) > 0
 
 
 def test_bls_streams_one_response_per_target_step_with_its_acceptance(draft_target):
