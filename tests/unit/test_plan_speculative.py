@@ -179,3 +179,18 @@ def test_plan_cli_json_and_render(cli):
     assert la.returncode == 0 and "--max_draft_len 15" in la.stdout and "decoding_mode lookahead" in la.stdout
     bad = cli("plan", "01-ai/Yi-1.5-9B-Chat", "--gpu", "L40S", "--lookahead", "4,3")
     assert bad.returncode == 2 and "W,N,G" in bad.stderr
+
+
+def test_a_truncated_self_draft_is_planned_with_its_kept_layers():
+    opts = PlanOptions(gpu="H100-SXM", tp=(2,), schemes=("fp8",), draft="01-ai/Yi-34B-Chat", max_draft_len=4, draft_layers=12)
+    spec = plan("01-ai/Yi-34B-Chat", opts).to_json()["speculative"]
+    assert spec["draft_model"]["num_layers"] == 12
+    # 12 of 60 layers: a fifth of the linears, the same embedding and lm_head, a fifth of the KV per token
+    assert spec["kv_bytes_per_token"]["draft"] == spec["kv_bytes_per_token"]["target"] * 12 // 60
+    full = rank_weight_bytes(request(YI_34B, kv=None), 0)
+    kept = {k: v * 12 // 60 if k in ("linear", "scales", "bias") else v for k, v in full.items()}
+    kept["norms"] = 2 * 12 * YI_34B.hidden_size * 2 + YI_34B.hidden_size * 2
+    assert spec["weight_bytes_per_gpu"]["draft"] == sum(kept.values())
+    with pytest.raises(UsageError, match="exceeds the model's 60"):
+        plan("01-ai/Yi-34B-Chat", PlanOptions(gpu="H100-SXM", tp=(2,), schemes=("fp8",), draft="01-ai/Yi-34B-Chat",
+                                              max_draft_len=4, draft_layers=61))

@@ -97,7 +97,7 @@ class BuildRequest:
     #: ``lookahead``; K; "W,N,G"; build the pair's draft; the draft's logits are used; the other model's checkpoint
     speculative: str | None = None
     max_draft_len: int | None = None
-    lookahead: str | None = None
+    lookahead: str | tuple[int, int, int] | None = None
     draft_engine: bool = False
     use_draft_logits: bool = False
     pair_checkpoint: Path | None = None

@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         draft_tp: Annotated[int | None, typer.Option("--draft-tp", min=1, help="The draft's tensor-parallel size [default: the target's].", show_default=False)] = None,
         draft_scheme: Annotated[str | None, typer.Option("--draft-scheme", help="The draft's quantization scheme [default: the target's].", show_default=False)] = None,
         draft_kv_cache: Annotated[str | None, typer.Option("--draft-kv-cache", help="The draft's KV-cache format [default: the target's].", show_default=False)] = None,
+        draft_layers: Annotated[int | None, typer.Option("--draft-layers", min=1, help="Plan the draft's first N decoder layers only (a truncated self-draft: `yitrt truncate`, `convert --keep-layers`).", show_default=False)] = None,
         lookahead: LookaheadOpt = None,
         revision: RevisionOpt = None,
         json_: JsonOpt = False,
@@ -73,7 +74,8 @@ def register(app: typer.Typer) -> None:
         opts = PlanOptions(gpu=gpu, tp=tuple(tp or ()), pp=pp, schemes=tuple(scheme or ()), kv_cache=kv_cache.value if kv_cache else None,
                            workload=workload, trtllm_version=trtllm_version,
                            compare=compare or slo_ttft is not None, draft=draft, max_draft_len=max_draft_len, draft_tp=draft_tp,
-                           draft_scheme=draft_scheme, draft_kv_cache=draft_kv_cache, lookahead=parse_lookahead(lookahead))
+                           draft_scheme=draft_scheme, draft_kv_cache=draft_kv_cache, draft_layers=draft_layers,
+                           lookahead=parse_lookahead(lookahead))
         report = run_plan(model, opts, revision)
         if slo_ttft is not None:
             from yitrt.plan.perf import choose_under_slo

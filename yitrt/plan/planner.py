@@ -10,13 +10,14 @@ the changes that would fit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from yitrt.build.profiles import pick_profile, resolve_flags
 from yitrt.checkpoint.sharding import pp_problems, tp_problems
 from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM, resolve_dtype
+from yitrt.checkpoint.truncate import keep_layers_problems
 from yitrt.errors import UsageError, ValidationError
 from yitrt.models.config import ModelConfig, load_config, parse_config
 from yitrt.models.registry import load_registry, request_pitfalls
@@ -143,12 +144,15 @@ class PlanOptions:
     trtllm_version: str = TARGET_TRTLLM
     compare: bool = False
     #: draft-target: the draft (checkpoint, HF folder or repo id), K, and the draft's tp/scheme/KV where it is not a
-    #: checkpoint (default: the target's); lookahead: (W, N, G). At most one of the two.
+    #: checkpoint (default: the target's), its first N layers only (a truncated self-draft) and an already resolved
+    #: draft input (``draft_source``, like ``plan(source=)``); lookahead: (W, N, G). At most one of the two.
     draft: str | None = None
     max_draft_len: int | None = None
     draft_tp: int | None = None
     draft_scheme: str | None = None
     draft_kv_cache: str | None = None
+    draft_layers: int | None = None
+    draft_source: PlanSource | None = None
     lookahead: LookaheadSizes | None = None
 
     @property
@@ -375,7 +379,7 @@ def _check_speculative_options(opts: PlanOptions) -> None:
         except UsageError as exc:
             problems.append(exc.message)
     unused = [f for f, v in (("--draft-tp", opts.draft_tp), ("--draft-scheme", opts.draft_scheme),
-                             ("--draft-kv-cache", opts.draft_kv_cache)) if v is not None]
+                             ("--draft-kv-cache", opts.draft_kv_cache), ("--draft-layers", opts.draft_layers)) if v is not None]
     if unused and not opts.draft:
         problems.append(f"{', '.join(unused)} describe the draft: pass --draft DRAFT")
     if opts.compare and opts.speculative:
@@ -389,7 +393,11 @@ def _check_speculative_options(opts: PlanOptions) -> None:
 def _plan_draft_target(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme: str, kv: str | None, tp: int, pp: int) -> PlanReport:
     """A draft-target pair: the target and the draft validated each, then planned together on the same GPUs."""
     k = opts.max_draft_len or 0
-    draft = load_source(opts.draft or "")
+    draft = opts.draft_source or load_source(opts.draft or "")
+    if opts.draft_layers is not None:
+        if problems := keep_layers_problems(draft.cfg.num_layers, opts.draft_layers):
+            raise UsageError("--draft-layers: " + "; ".join(problems), f"keep 1..{draft.cfg.num_layers} of the draft's layers")
+        draft = replace(draft, cfg=replace(draft.cfg, num_layers=opts.draft_layers))
     if draft.origin == "checkpoint" and any(v is not None and v != fixed for v, fixed in
                                             ((opts.draft_scheme, draft.scheme), (opts.draft_tp, draft.tp), (opts.draft_kv_cache, draft.kv))):
         raise UsageError(f"{draft.name} is a checkpoint: its scheme, tp and KV format are fixed", "drop --draft-scheme/--draft-tp/--draft-kv-cache")
