@@ -11,6 +11,7 @@ DEMO_WORK   := build/demo-run
 DEMO_REPO   := $(DEMO_WORK)/triton-repo
 DEMO_BENCH  := build/demo-bench
 DEMO_PREFIX := build/demo-bench-prefix
+DEMO_SPEC   := build/demo-spec
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
@@ -59,6 +60,24 @@ demo: setup
 		print(f"demo: prefix reuse: TTFT cold (first request) {t[0]:.0f} ms, warm (the next {len(t) - 1}) p50 " \
 		f"{statistics.median(t[1:]):.0f} ms; KV hit rate " + ("-" if hit is None else f"{hit:.0%} ({r} of {a} blocks)"))' \
 		$(DEMO_PREFIX)/bench.json
+	# draft-target speculative decoding (recipes/demo-spec.yaml): the demo model's own first 24 of 30 layers draft for it.
+	# The same question with speculation off (num_draft_tokens 0) and on: the answers must be identical, and the BLS
+	# reports how many draft tokens each target step accepted (below 100%: a truncated draft is a weaker model).
+	$(BIN)/yitrt run recipes/demo-spec.yaml --work-dir $(DEMO_SPEC)
+	@set -e; set -- $(DEMO_PORTS); \
+	$(BIN)/yitrt serve $(DEMO_SPEC)/triton-repo --quiet --exit-timeout 5 --http-port $$1 --grpc-port $$2 --metrics-port $$3 > build/demo-spec-serve.out & pid=$$!; \
+	trap 'echo "demo: stopping the server"; kill -TERM $$pid 2>/dev/null; wait $$pid || true' EXIT; \
+	for i in $$(seq 1 300); do grep -q '^ready' build/demo-spec-serve.out && break; kill -0 $$pid 2>/dev/null || exit 1; sleep 1; done; \
+	cat build/demo-spec-serve.out; \
+	echo "demo: yitrt chat localhost:$$2 \"What is the capital of France?\" --num-draft-tokens 0 (speculation off), then with the deployment's 4"; \
+	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --max-tokens 32 --num-draft-tokens 0 --json > build/demo-spec-off.json; \
+	$(BIN)/yitrt chat localhost:$$2 "What is the capital of France?" --max-tokens 32 --json > build/demo-spec-on.json; \
+	$(BIN)/python -c 'import json, sys; off, on = (json.load(open(p)) for p in sys.argv[1:]); s = on["speculation"]; \
+		plain, spec = off["text"], on["text"]; print(f"demo: speculation off: {plain!r}"); print(f"demo: speculation on:  {spec!r}"); \
+		a, d, r, per, n = (s[k] for k in ("accepted_draft_tokens", "draft_tokens", "acceptance_rate", "accepted_per_step", "target_steps")); \
+		print(f"demo: {a} of {d} draft tokens accepted ({r:.0%}), {per} per target step over {n} steps"); \
+		sys.exit(0 if spec == plain and d > 0 else "demo: the speculative answer differs from the plain one")' \
+		build/demo-spec-off.json build/demo-spec-on.json
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

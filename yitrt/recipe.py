@@ -532,17 +532,17 @@ def model_checks(sections: dict[str, Any]) -> tuple[dict[str, Any] | None, list[
                             parallel_embedding=par.parallel_embedding)
         workload = PlanWorkload(isl=work.isl, osl=work.osl, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
                                 max_num_tokens=build.max_num_tokens, kv_fraction=serve.kv_fraction or DEFAULT_KV_FRACTION)
-        spec = sections.get("speculative")
-        extra = {}
-        if spec is not None and spec.mode == "lookahead":
-            extra = {"lookahead": spec.lookahead}
-        elif spec is not None and spec.draft is not None:
-            d = spec.draft
-            extra = {"draft": d.model.ref, "max_draft_len": spec.max_draft_len, "draft_tp": d.tp or par.tp,
-                     "draft_scheme": d.precision.scheme, "draft_kv_cache": d.precision.kv_cache, "draft_layers": d.layers}
-        opts = PlanOptions(gpu=target.gpu, tp=(par.tp,), pp=par.pp, schemes=(precision.scheme,), kv_cache=precision.kv_cache,
-                           workload=workload, trtllm_version=target.trtllm_version, **extra)
-        report = plan(model.ref, opts, source=source)
+        options = {"gpu": target.gpu, "tp": (par.tp,), "pp": par.pp, "schemes": (precision.scheme,), "kv_cache": precision.kv_cache,
+                   "workload": workload, "trtllm_version": target.trtllm_version}
+        report = None
+        try:  # with the speculative section: the pair's (or lookahead's) figures
+            extra = _speculative_plan_options(sections.get("speculative"), par.tp)
+            if extra:
+                report = plan(model.ref, PlanOptions(**options, **extra), source=source)
+        except (ValidationError, YitrtError):
+            report = None  # the section's own problems are reported by its checks; the model is planned alone
+        if report is None:
+            report = plan(model.ref, PlanOptions(**options), source=source)
     except ValidationError as exc:
         return None, exc.problems, []
     except YitrtError as exc:
@@ -554,6 +554,25 @@ def model_checks(sections: dict[str, Any]) -> tuple[dict[str, Any] | None, list[
         fits = f"; what fits: {' | '.join(report.suggestions)}" if report.suggestions else ""
         problems.append(f"does not fit {report.gpu.name} at tp {par.tp} × pp {par.pp}: {why}{fits}")
     return report.to_json(), problems, report.warnings
+
+
+def _speculative_plan_options(spec, tp: int) -> dict[str, Any]:
+    """PlanOptions fields for a recipe's speculative section (empty without one)."""
+    from yitrt.checkpoint.trtllm_config import resolve_dtype
+    from yitrt.plan.planner import PlanSource
+
+    if spec is None:
+        return {}
+    if spec.mode == "lookahead":
+        return {"lookahead": spec.lookahead}
+    d = spec.draft
+    if d is None:
+        return {}
+    cfg = model_config_of(d.model)  # the registry's, the demo's or the local folder's config: no download
+    dtype = d.precision.dtype if d.precision.dtype != "auto" else resolve_dtype("auto", cfg)
+    return {"draft": d.model.ref, "max_draft_len": spec.max_draft_len, "draft_tp": d.tp or tp, "draft_scheme": d.precision.scheme,
+            "draft_kv_cache": d.precision.kv_cache, "draft_layers": d.layers,
+            "draft_source": PlanSource(cfg, "registry" if d.model.repo else "model", d.model.ref, d.model.repo, dtype)}
 
 
 # -- built-in recipes ---------------------------------------------------------------------------------------------

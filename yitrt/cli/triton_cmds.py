@@ -153,6 +153,7 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int | None, typer.Option("--top-k", min=0, show_default=False)] = None,
         top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, show_default=False)] = None,
         seed: Annotated[int | None, typer.Option("--seed", min=0, show_default=False)] = None,
+        num_draft_tokens: Annotated[int | None, typer.Option("--num-draft-tokens", min=0, help="Draft-target deployments: draft tokens per round [default: the deployment's]; 0 turns speculation off.", show_default=False)] = None,
         timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the answer.")] = 300.0,
         json_: JsonOpt = False,
     ) -> None:
@@ -162,7 +163,7 @@ def register(app: typer.Typer) -> None:
 
         req = ChatRequest(url, message, model=model, system=system, max_tokens=max_tokens, stop_words=tuple(stop or ()),
                           stream=False if no_stream else None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          timeout=timeout)
+                          num_draft_tokens=num_draft_tokens, timeout=timeout)
         printer = None if json_ else (lambda piece: (render.out.file.write(piece), render.out.file.flush()))
         result = run_chat(req, printer)
         if json_:
@@ -172,3 +173,7 @@ def register(app: typer.Typer) -> None:
         data = result.to_json()
         render.err.print(f"[{data['output_tokens'] or '?'} tokens, first {data['ttft_ms']} ms, total {data['total_ms']} ms, "
                          f"{'streamed' if result.streamed else 'not streamed'}]")
+        if data["speculation"]:
+            s = data["speculation"]
+            render.err.print(f"[speculation: {s['accepted_draft_tokens']} of {s['draft_tokens']} draft tokens accepted "
+                             f"({s['acceptance_rate']:.0%}), {s['accepted_per_step']} per target step over {s['target_steps']} steps]")

@@ -30,6 +30,8 @@ class ChatRequest:
         stop_words: strings that end the answer.
         stream: stream when the model is decoupled (None: whenever it is).
         temperature / top_k / top_p / seed: sampling (default greedy).
+        num_draft_tokens: draft-target speculation through yitrt's BLS: draft tokens per round (None: the
+            deployment's default; 0: off).
         timeout: seconds to wait for the whole answer.
     """
 
@@ -44,7 +46,12 @@ class ChatRequest:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    num_draft_tokens: int | None = None
     timeout: float = 300.0
+
+
+#: what a speculative answer reports (TensorRT-LLM's perf-metric outputs, yitrt's BLS per-step counts)
+SPEC_OUTPUTS = ("accepted_draft_tokens", "total_accepted_draft_tokens", "total_draft_tokens")
 
 
 @dataclass
@@ -59,6 +66,18 @@ class ChatResult:
     output_tokens: int | None = None
     ttft_s: float | None = None
     total_s: float = 0.0
+    steps: list[int] = field(default_factory=list)  # draft tokens accepted per target step (speculative answers)
+    accepted: int | None = None
+    drafted: int | None = None
+
+    @property
+    def speculation(self) -> dict[str, Any] | None:
+        """Acceptance of a speculative answer (None: no draft tokens were offered)."""
+        if not self.drafted:
+            return None
+        return {"target_steps": len(self.steps), "accepted_draft_tokens": self.accepted, "draft_tokens": self.drafted,
+                "acceptance_rate": round(self.accepted / self.drafted, 4),
+                "accepted_per_step": round(self.accepted / len(self.steps), 3) if self.steps else None}
 
     def to_json(self) -> dict[str, Any]:
         """JSON summary (the chunks counted, not repeated)."""
@@ -66,7 +85,7 @@ class ChatResult:
         return {"text": self.text, "model": self.model, "streamed": self.streamed, "chunks": len(self.chunks),
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1), "total_ms": round(self.total_s * 1000, 1),
-                "output_tokens_per_s": None if tps is None else round(tps, 1)}
+                "output_tokens_per_s": None if tps is None else round(tps, 1), "speculation": self.speculation}
 
 
 def model_info(client, model: str) -> tuple[dict[str, str], bool]:
@@ -166,7 +185,7 @@ def build_inputs(grpc, inputs: dict[str, str], req: ChatRequest, stream: bool, m
     else:
         values["text_input"] = req.message
     asked = {"temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p, "seed": req.seed,
-             "stop_words": list(req.stop_words) or None}
+             "stop_words": list(req.stop_words) or None, "num_draft_tokens": req.num_draft_tokens}
     missing = [name for name, value in asked.items() if value is not None and name not in inputs]
     if missing:
         raise UsageError(f"model {model} has no input {', '.join(missing)}", "drop those options, or ask a model that takes them")
@@ -224,6 +243,8 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
     names, decoupled = model_info(client, model)
     stream = decoupled if req.stream is None else req.stream and decoupled
     outputs = [grpc.InferRequestedOutput(n) for n in ("text_output", "num_input_tokens", "num_output_tokens") if n == "text_output" or f"return_{n}" in names]
+    if "num_draft_tokens" in names:  # the BLS of a draft-target deployment reports acceptance
+        outputs += [grpc.InferRequestedOutput(n) for n in SPEC_OUTPUTS]
     inputs = build_inputs(grpc, names, req, stream, model)
     result = ChatResult("", model, stream)
     start = time.perf_counter()
@@ -248,10 +269,14 @@ def _take(result: ChatResult, answer, start: float, on_text) -> None:
         result.chunks.append(piece)
         if on_text is not None:
             on_text(piece)
-    for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens")):
+    for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens"),
+                       ("total_accepted_draft_tokens", "accepted"), ("total_draft_tokens", "drafted")):
         value = response_count(answer, name)
         if value is not None:
             setattr(result, attr, value)
+    steps = answer.as_numpy("accepted_draft_tokens")
+    if steps is not None:
+        result.steps += [int(v) for v in steps.reshape(-1)]
 
 
 def _stream(client, model: str, timeout: float, inputs, outputs, result: ChatResult, start: float, on_text) -> None:
