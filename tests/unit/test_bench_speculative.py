@@ -36,19 +36,22 @@ def tok_dir(tmp_path_factory):
     return folder
 
 
-def spec_stream(steps, k, tokens=None, ids=False, rate=None):
+def spec_stream(steps, k, tokens=None, ids=False, rate=None, per_step=True):
     """The responses of one request that ran ``steps`` (accepted draft tokens per target step), drafting ``k``
     tokens per step: one response per step holding ``tokens[i]`` tokens (default: accepted + 1), each with the
     cumulative totals, then an empty final response. ``ids``: as token ids (tensorrt_llm, which was not asked for
     token counts), else as text with the cumulative num_output_tokens on every response (a yitrt BLS asked for
-    them); ``rate``: the acceptance_rate to report (default accepted / drafted)."""
+    them); ``rate``: the acceptance_rate to report (default accepted / drafted); ``per_step``: with yitrt's
+    accepted_draft_tokens (else only TensorRT-LLM's cumulative perf metrics, as a stock engine)."""
     replies, accepted, drafted, count, next_id = [], 0, 0, 0, 100
     for i, a in enumerate(steps):
         accepted, drafted = accepted + a, drafted + k
         n = tokens[i] if tokens is not None else a + 1
         count += n
-        outputs = {PER_STEP: ("INT32", [a]), TOTAL_ACCEPTED: ("INT32", [accepted]), TOTAL_DRAFT: ("INT32", [drafted]),
+        outputs = {TOTAL_ACCEPTED: ("INT32", [accepted]), TOTAL_DRAFT: ("INT32", [drafted]),
                    RATE: ("FP32", [rate if rate is not None else accepted / drafted])}
+        if per_step:
+            outputs[PER_STEP] = ("INT32", [a])
         if not ids:
             outputs["num_output_tokens"] = ("INT32", [count])
         if ids:
@@ -152,6 +155,24 @@ def test_counts_without_every_response_counted_are_not_checked():
     assert point_figures([record])["server_rate_disagrees"] == 1
 
 
+def test_stream_steps_need_the_count_on_every_step():
+    """A streamed tensorrt_llm answer: one step per response, accepted = the change of the cumulative count; one
+    step without the count and the steps come from the totals instead (nothing is checked then)."""
+    def steps(missing):
+        a = Acceptance()
+        a.take(None, {TOTAL_ACCEPTED: 2, TOTAL_DRAFT: 4, RATE: 0.5}, 3, one_step=True)
+        if missing:
+            a.take(None, {TOTAL_ACCEPTED: None, TOTAL_DRAFT: None, RATE: None}, 1, one_step=True)
+        a.take(None, {TOTAL_ACCEPTED: 3, TOTAL_DRAFT: 8, RATE: 3 / 8}, 2, one_step=True)
+        a.take(None, {TOTAL_ACCEPTED: None, TOTAL_DRAFT: None, RATE: None}, 0, one_step=True)  # the empty final response
+        return a.figures(6 if missing else 5)
+
+    whole = steps(missing=False)
+    assert (whole["steps_source"], whole["accepted_per_step"], whole["responses_checked"], whole["mismatches"]) == ("stream", [2, 1], 2, 0)
+    gap = steps(missing=True)
+    assert (gap["steps_source"], gap["steps"], gap["accepted"], gap["responses_checked"]) == ("totals", 3, 3, 0)
+
+
 def test_stock_totals_give_steps_from_the_output_tokens():
     """A stock engine reports only the totals: steps = output tokens − accepted; a failed or warmup request is left out."""
     records = []
@@ -170,7 +191,10 @@ def test_lookahead_asks_tensorrt_llm_with_token_ids(tmp_path, tok_dir):
     from yitrt.reference.verify import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
-    with TritonDouble({ENGINE: ENGINE_INPUTS}, lambda n, model, inputs: spec_stream([2, 1], 15, ids=True)) as double:
+    # as a stock engine answers: no per-step output, the cumulative perf metrics on every streamed step's response
+    scripts = {0: spec_stream([2, 1], 15, ids=True, per_step=False),
+               1: spec_stream([1, 0, 3], 15, tokens=[2, 2, 4], ids=True, per_step=False)}  # the 2nd step's 2 tokens: 1 expected
+    with TritonDouble({ENGINE: ENGINE_INPUTS}, lambda n, model, inputs: scripts[n]) as double:
         report = _bench(double, tmp_path, tok_dir, model=ENGINE, lookahead=LookaheadSizes(4, 3, 4))
     assert len(double.received) == 2
     for r in double.received:
@@ -180,13 +204,17 @@ def test_lookahead_asks_tensorrt_llm_with_token_ids(tmp_path, tok_dir):
         assert sent["request_output_len"] == [8] and sent["streaming"] == [True] and sent["end_id"] == [-1]
         assert (sent["lookahead_window_size"], sent["lookahead_ngram_size"], sent["lookahead_verification_set_size"]) == ([4], [3], [4])
         assert sent["return_perf_metrics"] == [True] and sent["exclude_input_in_output"] == [True]
-    record = report["points"][0]["requests"][0]
+    by_n = {r["request_id"]: n for n, r in enumerate(double.received)}
+    record = next(r for r in report["points"][0]["requests"] if by_n[r["request_id"]] == 0)
     assert record["output_tokens"] == 5 and record["token_source"] == "output_ids"
     assert record["text"] == tokenizer.decode(list(range(100, 105)), skip_special_tokens=True)
     assert len(record["response_ms"]) == 2  # the two responses with tokens; the empty final one is no arrival
+    assert record["speculation"]["accepted_per_step"] == [2, 1] and record["speculation"]["steps_source"] == "stream"
     spec = report["points"][0]["speculation"]
-    assert (spec["target_steps"], spec["accepted_draft_tokens"], spec["draft_tokens"]) == (4, 6, 60)
-    assert spec["cross_check"] == {"responses_checked": 4, "mismatches": 0, "cut_at_end": 0}
+    # 2 + 3 steps (one per streamed response), 3 + 4 accepted (the changes of the cumulative count), 30 + 45 drafted
+    assert (spec["target_steps"], spec["accepted_draft_tokens"], spec["draft_tokens"]) == (5, 7, 75)
+    assert spec["steps_source"] == {"stream": 2} and spec["mean_accepted_per_step"] == 1.4
+    assert spec["cross_check"] == {"responses_checked": 5, "mismatches": 1, "cut_at_end": 0}
     assert report["target"]["entry"] == "tokens" and report["speculation"]["lookahead"] == [4, 3, 4]
 
 

@@ -6,10 +6,13 @@ the request sets ``return_perf_metrics`` — ``total_accepted_draft_tokens`` and
 cumulative for the request) and ``acceptance_rate`` (FP32 [1]) — and yitrt's ``accepted_draft_tokens`` (INT32 [-1]:
 per target step in this response, the draft tokens that step accepted; the yitrt BLS streams one response per step).
 
-Definitions, per request:
-- target steps: the number of per-step entries of ``accepted_draft_tokens`` over all its responses; without that
-  output (a stock engine), derived as output tokens − accepted draft tokens (every step yields its accepted draft
-  tokens plus one token of the target's own); ``steps_source`` says which.
+Definitions, per request (``steps_source`` says which way its steps were found):
+- ``responses``: the per-step entries of yitrt's ``accepted_draft_tokens`` over all its responses;
+- ``stream``: without that output (a stock engine, the slot's ``tensorrt_llm``), a streamed ``tensorrt_llm`` answers
+  one response per target step, so each response with tokens is a step that accepted the change of the cumulative
+  ``total_accepted_draft_tokens`` since the previous response (every response with tokens must carry it);
+- ``totals``: otherwise steps = output tokens − ``total_accepted_draft_tokens`` (every step yields its accepted
+  draft tokens plus one token of the target's own).
 - accepted: the sum of the per-step entries, else ``total_accepted_draft_tokens``; drafted: ``total_draft_tokens``.
 Per load point (answered, measured requests; sums over requests, never means of per-request means):
 - mean accepted draft tokens per target step = Σ accepted / Σ steps;
@@ -130,15 +133,29 @@ class Acceptance:
             per-step accepted counts or None when it had no ``accepted_draft_tokens``).
         total_accepted / total_draft / rate: the last ``total_accepted_draft_tokens``, ``total_draft_tokens``,
             ``acceptance_rate`` (cumulative, so the last one is the request's).
+        stream: per response of a streamed ``tensorrt_llm`` answer (one target step each), (its tokens, [the change
+            of total_accepted_draft_tokens] — [] for a response without tokens —, the total); ``stream_ok`` turns
+            False when a response with tokens came without the total (its step's acceptance is unknown).
     """
 
     responses: list[tuple[int | None, list[int] | None]] = field(default_factory=list)
     total_accepted: int | None = None
     total_draft: int | None = None
     rate: float | None = None
+    stream: list[tuple[int, list[int], int]] = field(default_factory=list)
+    stream_ok: bool = True
 
-    def take(self, per_step: list[int] | None, totals: dict[str, float | None], tokens: int | None) -> None:
-        """Record one response: its per-step entries, its perf-metric outputs (None when absent) and its tokens."""
+    def take(self, per_step: list[int] | None, totals: dict[str, float | None], tokens: int | None,
+             one_step: bool = False) -> None:
+        """Record one response: its per-step entries, its perf-metric outputs (None when absent) and its tokens;
+        ``one_step``: the response is one target step's (a streamed ``tensorrt_llm`` answer)."""
+        if one_step and per_step is None and tokens is not None:
+            total = totals.get(TOTAL_ACCEPTED)
+            if total is None:
+                self.stream_ok = self.stream_ok and tokens == 0  # a step without the count: no stream steps
+            else:
+                before = self.stream[-1][2] if self.stream else 0
+                self.stream.append((tokens, [int(total) - before] if tokens else [], int(total)))
         if per_step is None and all(v is None for v in totals.values()):
             return
         self.responses.append((tokens, per_step))
@@ -162,15 +179,21 @@ class Acceptance:
     def figures(self, output_tokens: int | None) -> dict[str, Any]:
         """This request's steps, accepted, drafted (each None when unknown), how steps were found, and the checks."""
         steps = self.steps
+        pairs: list[tuple[int | None, list[int] | None]] = self.responses
+        stream = [a for _, s, _ in self.stream for a in s]
+        if steps is None and self.stream_ok and stream:
+            steps, pairs, source = stream, [(t, s) for t, s, _ in self.stream], "stream"
+        elif steps is not None:
+            source = "responses"
         if steps is not None:
-            accepted, n_steps, source = sum(steps), len(steps), "responses"
+            accepted, n_steps = sum(steps), len(steps)
         else:
-            accepted = self.total_accepted
+            accepted, pairs = self.total_accepted, []
             n_steps = output_tokens - accepted if accepted is not None and output_tokens is not None and output_tokens > accepted else None
             source = "totals" if n_steps is not None else None
         checked = mismatches = cut = 0
-        last = max((i for i, (_, s) in enumerate(self.responses) if s), default=None)
-        for i, (tokens, step_list) in enumerate(self.responses):
+        last = max((i for i, (_, s) in enumerate(pairs) if s), default=None)
+        for i, (tokens, step_list) in enumerate(pairs):
             if tokens is None or step_list is None:
                 continue
             checked += 1
@@ -201,7 +224,7 @@ def point_figures(records: list) -> dict[str, Any]:
     with_steps = [f for f in usable if f["steps"] is not None]
     with_draft = [f for f in usable if f["drafted"] is not None]
     drafted = sum(f["drafted"] for f in with_draft)
-    measured = drafted > 0 or any(f["drafted"] is None and f["steps_source"] == "responses" for f in usable)
+    measured = drafted > 0 or any(f["drafted"] is None and f["steps_source"] in ("responses", "stream") for f in usable)
     steps = sum(f["steps"] for f in with_steps)
     accepted_in_steps = sum(f["accepted"] for f in with_steps)
     checked = sum(f["responses_checked"] for f in rows)
@@ -220,7 +243,7 @@ def point_figures(records: list) -> dict[str, Any]:
         "cross_check": {"responses_checked": checked,
                         "mismatches": sum(f["mismatches"] for f in rows) if checked else None,
                         "cut_at_end": sum(f["cut_at_end"] for f in rows) if checked else None},
-        "totals_disagree": sum(1 for f in rows if f["steps_source"] == "responses" and f["total_accepted_draft_tokens"] is not None
+        "totals_disagree": sum(1 for f in rows if f["steps_source"] in ("responses", "stream") and f["total_accepted_draft_tokens"] is not None
                                and f["total_accepted_draft_tokens"] != f["accepted"]),
         "server_rate_disagrees": sum(1 for f in rows if f["server_acceptance_rate"] is not None and f["drafted"]
                                      and abs(f["server_acceptance_rate"] - f["accepted"] / f["drafted"]) > RATE_TOLERANCE),

@@ -259,7 +259,9 @@ class _Point:
                         tokens = None if count is None or counted is None else count - counted
                     counted = None if count is None or counted is None else count
                     _take_counts(record, result)
-                    record.acceptance.take(_ints(result, acceptance.PER_STEP), _totals(result), tokens)
+                    # a streamed tensorrt_llm answer is one target step per response
+                    record.acceptance.take(_ints(result, acceptance.PER_STEP), _totals(result), tokens,
+                                           one_step=tokens_entry and self.target.decoupled)
                     final = result.get_response().parameters.get("triton_final_response")
                     final = final is not None and final.bool_param
                     # an arrival is a response with output; an empty one counts only when nothing came before it
