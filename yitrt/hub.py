@@ -213,6 +213,7 @@ def resolve_model(
     *,
     revision: str | None = None,
     metadata_only: bool = False,
+    tokenizer: bool = False,
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ResolvedModel:
@@ -223,6 +224,8 @@ def resolve_model(
         revision: branch, tag or commit sha for a Hub repo (ignored for a folder).
         metadata_only: for a Hub repo, download only config, generation config, tokenizer config and the
             safetensors index (missing optional files are fine) — enough to describe the model, no weights.
+        tokenizer: with ``metadata_only``, the tokenizer files too (``TOKENIZER_FILES``: what comparing two
+            models' tokenizers reads, e.g. ``yitrt inspect --draft``).
         allow_pickle: see :func:`fetch_model`.
         progress: see :func:`fetch_model`.
 
@@ -247,7 +250,7 @@ def resolve_model(
             "give an existing model folder or a repo id such as 01-ai/Yi-1.5-6B-Chat",
         )
     if metadata_only:
-        return _resolve_metadata(ref, revision)
+        return _resolve_metadata(ref, revision, TOKENIZER_FILES if tokenizer else ())
     result = fetch_model(ref, revision=revision, allow_pickle=allow_pickle, progress=progress)
     return ResolvedModel(result.path, ref, result.revision)
 
@@ -382,7 +385,7 @@ def _reused_result(out: Path, repo_id: str, sha: str, manifest: Any, start: floa
     return FetchResult(out, repo_id, sha, True, files, sum(f["size"] for f in manifest.files), time.monotonic() - start)
 
 
-def _resolve_metadata(repo_id: str, revision: str | None) -> ResolvedModel:
+def _resolve_metadata(repo_id: str, revision: str | None, extra: tuple[str, ...] = ()) -> ResolvedModel:
     hf = _hf()
     silent = _ByteProgress(None, 0).tqdm_class()
     with _hub_errors(repo_id, revision):
@@ -390,7 +393,7 @@ def _resolve_metadata(repo_id: str, revision: str | None) -> ResolvedModel:
         # huggingface_hub resolves the revision through the cache's refs/ folder.
         config = Path(hf.hf_hub_download(repo_id, "config.json", revision=revision, tqdm_class=silent))
         sha = config.parent.name
-        for name in METADATA_FILES[1:]:
+        for name in dict.fromkeys((*METADATA_FILES[1:], *extra)):
             try:
                 hf.hf_hub_download(repo_id, name, revision=sha, tqdm_class=silent)
             except hf.errors.EntryNotFoundError as exc:

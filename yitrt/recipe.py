@@ -4,17 +4,21 @@ A *recipe* is the file; the validated object is its *spec* (:class:`Recipe`). Ev
 with ``extra="forbid"``, so a typo'd key is an error (with the nearest valid name), never a silently ignored
 setting. :func:`load_recipe` reports every schema problem at once; :func:`check_recipe` then runs the
 cross-checks yitrt's stages would run later — sharding against the model's heads, scheme and KV format against
-the GPU and TensorRT-LLM line (``yitrt/plan/rules.yaml``), serving features against the plugin profile, and
-whether the configuration fits the GPU — using only what is known without downloading weights (the registry's
-dims for known Yi repos, a local folder's config.json, the demo GGUF's header).
+the GPU and TensorRT-LLM line (``yitrt/plan/rules.yaml``), serving features against the plugin profile, the
+``speculative:`` section (``yitrt/recipe_speculative.py``: its mode's fields, the draft against its heads, layers,
+vocabulary and the target's tokenizer), and whether the configuration fits the GPU — using only what is known
+without downloading weights (the registry's dims for known Yi repos, a local folder's config.json, the demo GGUF's
+header).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -213,6 +217,76 @@ class Slo(_Section):
     tpot_ms: Annotated[float, Field(gt=0)] = Field(..., description="Time per output token, ms.")
 
 
+def _speculative_mode(value: Any) -> Any:
+    """A speculative mode yitrt builds (``yitrt.speculation.BUILD_MODES``); EAGLE/Medusa/ReDrafter are refused with
+    the reason (``UNSUPPORTED_MODES``)."""
+    from yitrt.speculation import BUILD_MODES, UNSUPPORTED_MODES
+
+    if isinstance(value, str) and value in UNSUPPORTED_MODES:
+        raise ValueError(f"{value} is not supported: {UNSUPPORTED_MODES[value]}")
+    if value not in BUILD_MODES:
+        named = next((mode for mode, flag in BUILD_MODES.items() if flag == value), None)
+        also = f"; {value} is trtllm-build's name for {named}" if named else ""
+        raise ValueError(f"unknown mode {value!r} (known: {', '.join(BUILD_MODES)}{also})")
+    return value
+
+
+StrictInt = Annotated[int, Field(strict=True)]
+
+
+class Draft(_Section):
+    """The draft model of draft-target speculative decoding: an ordinary engine with the target's tokenizer."""
+
+    model: ModelSource = Field(..., description="The draft's weights, like the top-level `model:` (repo/revision/path/demo).")
+    precision: Precision = Field(Precision(), description="The draft's scheme, dtype and KV cache, like the top-level `precision:`.")
+    tp: PositiveInt | None = Field(None, description="Draft tensor-parallel size (null: the target's tp); must divide the draft's heads.")
+    layers: PositiveInt | None = Field(None, description="Keep only the first N decoder layers (a truncated self-draft, e.g. of the "
+                                       "demo); fewer than the draft's own (null: all).")
+    kv_fraction: AutoFraction = Field(None, description="The draft's kv_cache_free_gpu_mem_fraction (auto: the plan's split).")
+
+
+class Speculative(_Section):
+    """Speculative decoding: a small draft model proposes tokens the target checks in one step (draft-target), or
+    the target drafts for itself from n-grams (lookahead). EAGLE/Medusa are refused (no trained heads for Yi)."""
+
+    mode: Annotated[str, BeforeValidator(_speculative_mode)] = Field(..., description="draft-target or lookahead.")
+    max_draft_len: StrictInt | None = Field(None, description="draft-target: draft tokens per round, K (1..64; required); "
+                                            "lookahead: not set (derived from window, ngram, verification_set).")
+    use_draft_logits: bool = Field(False, description="draft-target: accept probabilistically with the draft's logits "
+                                   "(the draft returns generation logits) instead of by exact match.")
+    draft: Draft | None = Field(None, description="draft-target: the draft model (required); lookahead: not set.")
+    window: StrictInt | None = Field(None, description="lookahead: window size W (default 4).")
+    ngram: StrictInt | None = Field(None, description="lookahead: n-gram size N (default 3).")
+    verification_set: StrictInt | None = Field(None, description="lookahead: verification set size G (default 4).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lookahead_defaults(cls, data: Any) -> Any:
+        # the resolved recipe records the sizes the engine is built with (TensorRT-LLM's executor defaults)
+        if isinstance(data, dict) and data.get("mode") == "lookahead":
+            from yitrt.speculation import DEFAULT_LOOKAHEAD
+
+            data = {**data, **{k: v for k, v in zip(("window", "ngram", "verification_set"), DEFAULT_LOOKAHEAD, strict=True)
+                               if data.get(k) is None}}
+        return data
+
+    @property
+    def lookahead(self):
+        """The lookahead sizes as ``yitrt.speculation.LookaheadSizes`` (None for draft-target).
+
+        Raises:
+            UsageError: sizes TensorRT-LLM refuses (``load_recipe`` reports them first).
+        """
+        from yitrt.speculation import LookaheadSizes
+
+        return LookaheadSizes(self.window, self.ngram, self.verification_set) if self.mode == "lookahead" else None
+
+    @property
+    def engine_max_draft_len(self) -> int:
+        """The target engine's ``--max_draft_len``: K for draft-target, the formula of (W, N, G) for lookahead."""
+        return self.lookahead.max_draft_len if self.mode == "lookahead" else int(self.max_draft_len or 0)
+
+
 class Recipe(_Section):
     """A deployment: model × target × precision × parallelism, with build limits and serving settings."""
 
@@ -227,30 +301,44 @@ class Recipe(_Section):
     verify: Verify = Verify()
     serve: Serve = Serve()
     slo: Slo | None = None
+    speculative: Speculative | None = None
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in (what every artifact records)."""
         return self.model_dump(mode="json")
 
+    @property
+    def draft_tp(self) -> int | None:
+        """The draft's tensor-parallel size (its own, else the target's); None without a draft."""
+        draft = self.speculative.draft if self.speculative is not None else None
+        return None if draft is None else (draft.tp or self.parallelism.tp)
+
 
 # -- loading ------------------------------------------------------------------------------------------------------
 
-SECTIONS: dict[str, type[BaseModel]] = {name: info.annotation for name, info in Recipe.model_fields.items()
-                                        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
-SECTIONS["slo"] = Slo
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model of a field's annotation (``X`` or ``X | None``), or None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+SECTIONS: dict[str, type[BaseModel]] = {name: model for name, info in Recipe.model_fields.items()
+                                        if (model := _section_type(info.annotation)) is not None}
+#: Sections that may be absent (null: the feature is off); the others default to their defaults.
+OPTIONAL_SECTIONS = ("slo", "speculative")
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model whose field ``loc[-1]`` is (for typo suggestions)."""
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
-        if part == "slo":
-            model = Slo
-            continue
         info = model.model_fields.get(str(part))
-        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+        found = _section_type(info.annotation) if info is not None else None
+        if found is None:
             return None
-        model = info.annotation
+        model = found
     return model
 
 
@@ -363,7 +451,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, *, check_mo
     except PydanticValidationError as exc:
         problems += schema_problems(exc)
         for name, model in SECTIONS.items():  # the sections that parse on their own still get their cross-checks
-            raw = data.get(name, None if name == "slo" else {})
+            raw = data.get(name, None if name in OPTIONAL_SECTIONS else {})
             if isinstance(raw, dict):
                 try:
                     sections[name] = model.model_validate(raw)
@@ -375,6 +463,12 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, *, check_mo
         # a section that did not parse is planned with its defaults, so the model's own problems still show
         plan, more, warnings = model_checks({k: sections.get(k) or SECTIONS[k]() for k in _MODEL_CHECK_SECTIONS})
         problems += more
+    if check_model and sections.get("speculative") is not None:
+        from yitrt.recipe_speculative import draft_model_checks
+
+        more, draft_warnings = draft_model_checks(sections)
+        problems += more
+        warnings = [*warnings, *draft_warnings]
     problems = list(dict.fromkeys(problems))
     if problems:
         raise ValidationError(problems, f"fix every problem in {path} (`yitrt recipe show demo` is a complete example)")
@@ -388,6 +482,14 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, *, check_mo
 _MODEL_CHECK_SECTIONS = ("model", "target", "precision", "parallelism", "workload", "build", "serve")
 
 
+@functools.lru_cache(maxsize=1)
+def _demo_config():
+    """The demo's dims, read once per process (the GGUF header takes seconds; a recipe with a demo draft asks twice)."""
+    from yitrt.demo import demo_config
+
+    return demo_config()
+
+
 def model_config_of(model: ModelSource):
     """The model's dims without weights: the registry for known Yi repos, config.json for other repos (a small
     download) and folders, the GGUF header for the demo model.
@@ -399,9 +501,7 @@ def model_config_of(model: ModelSource):
     from yitrt.models.registry import load_registry
 
     if model.demo:
-        from yitrt.demo import demo_config
-
-        return demo_config()
+        return _demo_config()
     if model.path is not None:
         return load_config(model.path)
     cfg = load_registry().config_of(model.repo)
@@ -491,10 +591,9 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
     serving features against the profile's attention flags). Sections missing from ``sections`` (they did not
     parse) leave their checks silent."""
     from yitrt.build.profiles import load_profile, pick_profile, resolve_flags
-    from yitrt.checkpoint.trtllm_config import DTYPES
     from yitrt.plan.gpus import get_gpu
     from yitrt.plan.rules import check, rule_context
-    from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
+    from yitrt.quant.schemes import KV_CACHE_FORMATS
 
     problems: list[str] = []
     target, precision, build, serve, parallelism = (sections.get(k) for k in ("target", "precision", "build", "serve", "parallelism"))
@@ -515,25 +614,8 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
             problems.append(f"serve.kv_reuse / serve.chunked_context: with a {precision.kv_cache} KV cache the reference slot, like an engine "
                             "without paged context FMHA, does neither; leave kv_reuse unset (or false) and chunked_context false")
     if precision is not None:
-        scheme = SCHEMES.get(precision.scheme)
-        if scheme is None:
-            problems.append(f"precision.scheme: unknown scheme {precision.scheme!r} (known: {', '.join(SCHEMES)})")
-        elif not scheme.calibrated and precision.calibration != Calibration():
-            problems.append(f"precision.calibration: {scheme.name} is data-free; remove the calibration settings or pick a calibrated scheme")
-        elif (size := precision.calibration.awq_block_size) is not None and size not in scheme.group_sizes:
-            problems.append(f"precision.calibration.awq_block_size {size}: {scheme.name} takes "
-                            + (f"{' or '.join(map(str, scheme.group_sizes))}" if scheme.group_sizes else "none (it is not an AWQ scheme)"))
-        if precision.dtype not in DTYPES:
-            problems.append(f"precision.dtype: unknown dtype {precision.dtype!r} (known: {', '.join(DTYPES)})")
-        if precision.kv_cache is not None and precision.kv_cache not in KV_CACHE_FORMATS:
-            problems.append(f"precision.kv_cache: unknown KV-cache format {precision.kv_cache!r} (known: {', '.join(KV_CACHE_FORMATS)}, or null)")
-    if precision is not None and precision.calibration.data is not None:  # a missing file found after convert is a wasted run
-        from yitrt.userfiles import check_readable_file
-
-        try:
-            check_readable_file(precision.calibration.data, "precision.calibration.data")
-        except UsageError as exc:
-            problems.append(exc.message)
+        scheme, found = precision_problems(precision)
+        problems += found
     if parallelism is not None and scheme is not None and scheme.calibrated and not parallelism.parallel_embedding:
         problems.append("parallelism.parallel_embedding: false applies to data-free schemes (ModelOpt's exporter splits the embedding)")
     if build is not None and build.plugins is not None:
@@ -551,4 +633,36 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
                                plugins=flags if target.engine == "trtllm" else None,
                                serve={"kv_reuse": serve.kv_reuse, "chunked_context": serve.chunked_context} if serve is not None else None)
         problems += [str(f) for f in check(context) if f.severity == "error"]
-    return problems
+    from yitrt.recipe_speculative import speculative_problems
+
+    return problems + speculative_problems(sections)
+
+
+def precision_problems(precision: Precision, where: str = "precision") -> tuple[Any, list[str]]:
+    """The checks of a ``precision:`` section (the top-level one, or the draft's at ``where``): the scheme, dtype and
+    KV format exist, calibration settings only for calibrated schemes (with a group size the scheme takes), the
+    calibration file is readable. Returns (the scheme or None, problems)."""
+    from yitrt.checkpoint.trtllm_config import DTYPES
+    from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES
+
+    problems: list[str] = []
+    scheme = SCHEMES.get(precision.scheme)
+    if scheme is None:
+        problems.append(f"{where}.scheme: unknown scheme {precision.scheme!r} (known: {', '.join(SCHEMES)})")
+    elif not scheme.calibrated and precision.calibration != Calibration():
+        problems.append(f"{where}.calibration: {scheme.name} is data-free; remove the calibration settings or pick a calibrated scheme")
+    elif (size := precision.calibration.awq_block_size) is not None and size not in scheme.group_sizes:
+        problems.append(f"{where}.calibration.awq_block_size {size}: {scheme.name} takes "
+                        + (f"{' or '.join(map(str, scheme.group_sizes))}" if scheme.group_sizes else "none (it is not an AWQ scheme)"))
+    if precision.dtype not in DTYPES:
+        problems.append(f"{where}.dtype: unknown dtype {precision.dtype!r} (known: {', '.join(DTYPES)})")
+    if precision.kv_cache is not None and precision.kv_cache not in KV_CACHE_FORMATS:
+        problems.append(f"{where}.kv_cache: unknown KV-cache format {precision.kv_cache!r} (known: {', '.join(KV_CACHE_FORMATS)}, or null)")
+    if precision.calibration.data is not None:  # a missing file found after convert is a wasted run
+        from yitrt.userfiles import check_readable_file
+
+        try:
+            check_readable_file(precision.calibration.data, f"{where}.calibration.data")
+        except UsageError as exc:
+            problems.append(exc.message)
+    return scheme, problems

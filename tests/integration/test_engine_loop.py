@@ -124,8 +124,8 @@ def _logits_by_position(runtime: ReferenceRuntime, config: EngineConfig, request
         sampled = {}
         for seg, row in zip((s for s in plan.segments if s.sample), rank.run_step(plan), strict=True):
             count = sum(1 for k in out if k[0] == seg.key)
-            out[(seg.key, count)] = row
-            sampled[seg.key] = int(row.argmax())
+            out[(seg.key, count)] = row[0]
+            sampled[seg.key] = [int(row[0].argmax())]
         sched.finish(sampled)
     return out
 

@@ -176,6 +176,16 @@ def test_metadata_only_downloads_no_weights(hub, source_repo, tmp_path):
     assert offline.get("error") == "HubError" and "HF_HUB_OFFLINE" in offline["message"]
 
 
+def test_metadata_with_tokenizer_brings_the_tokenizer_files_and_no_weights(hub, source_repo, tmp_path):
+    # what `yitrt inspect TARGET --draft DRAFT` resolves: enough to compare two tokenizers, no weights
+    hub.add_repo(REPO, source_repo)
+    meta = call(hub, tmp_path / "hf", call="resolve", ref=REPO, metadata_only=True, tokenizer=True)["ok"]
+    assert {p.name for p in Path(meta["path"]).iterdir()} == {
+        "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", INDEX, "tokenizer.model",
+    }
+    assert not any(name.endswith((".safetensors", ".bin", ".pth")) for name in hub.downloaded())
+
+
 @pytest.mark.parametrize(
     ("damage", "error", "words"),
     [

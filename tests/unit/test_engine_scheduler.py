@@ -23,7 +23,7 @@ def _run(sched: Scheduler, arrivals: dict[int, list[Sequence]] | None = None, li
             sched.add(seq)
         plan = sched.plan()
         if plan is not None:
-            for key, token, _ in sched.finish({s.key: 7 for s in plan.segments if s.sample}):
+            for key, token, _ in sched.finish({s.key: [7] for s in plan.segments if s.sample}):
                 out.setdefault(key, []).append(token)
         step += 1
     assert sched.idle, "the scheduler did not finish"

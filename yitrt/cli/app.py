@@ -80,24 +80,48 @@ def _root(
     """yitrt: fetch → quantize/convert → verify → plan → build → deploy → serve, for Yi on TensorRT-LLM + Triton."""
 
 
-def _resolve(model: str, revision: str | None, *, metadata_only: bool = False, allow_pickle: bool = False, progress=None):
+def _resolve(model: str, revision: str | None, *, metadata_only: bool = False, tokenizer: bool = False, allow_pickle: bool = False,
+             progress=None):
     from yitrt.hub import resolve_model
 
-    return resolve_model(model, revision=revision, metadata_only=metadata_only, allow_pickle=allow_pickle, progress=progress)
+    return resolve_model(model, revision=revision, metadata_only=metadata_only, tokenizer=tokenizer, allow_pickle=allow_pickle,
+                         progress=progress)
 
 
 @app.command()
-def inspect(model: ModelArg, revision: RevisionOpt = None, json_: JsonOpt = False) -> None:
-    """Show a model's shape, sizes, KV-cache bytes per token, valid TP/PP sizes and known pitfalls."""
+def inspect(
+    model: ModelArg,
+    revision: RevisionOpt = None,
+    draft: Annotated[str | None, typer.Option("--draft", help="A draft model (repo id or folder): check that it can draft for MODEL "
+                                              "(same vocab size, tokenizer, special ids, chat end id); exit 2 if not.", show_default=False)] = None,
+    draft_revision: Annotated[str | None, typer.Option("--draft-revision", help="Branch, tag or commit of the draft's Hub repo.", show_default=False)] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show a model's shape, sizes, KV-cache bytes per token, valid TP/PP sizes and known pitfalls (and, with --draft, whether
+    a draft model's tokenizer is the model's)."""
     from yitrt.models.summary import describe_model
 
-    resolved = _resolve(model, revision, metadata_only=True)
+    resolved = _resolve(model, revision, metadata_only=True, tokenizer=draft is not None)
     report = describe_model(resolved.path, resolved.repo_id)
     data = report.to_json()
+    pair = None
+    if draft is not None:
+        from yitrt.models.draft_pairing import compare_tokenizers
+
+        drafted = _resolve(draft, draft_revision, metadata_only=True, tokenizer=True)
+        pair = compare_tokenizers(resolved.path, drafted.path, target_repo=resolved.repo_id, draft_repo=drafted.repo_id)
+        data["draft_pair"] = pair.to_json()
     if json_:
         render.emit_json(data)
-        return
-    render.inspect_report(data)
+    else:
+        render.inspect_report(data)
+        if pair is not None:
+            render.draft_pair_report(data["draft_pair"])
+    if pair is not None and not pair.ok:
+        from yitrt.models.draft_pairing import PAIR_FIX, pair_error_message
+
+        sys.stderr.write(render.error_line(UsageError(pair_error_message(pair), PAIR_FIX)) + "\n")  # the problems are on stdout
+        sys.exit(UsageError.exit_code)
 
 
 @app.command()

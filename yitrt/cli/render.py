@@ -198,6 +198,27 @@ def inspect_report(data: dict) -> None:
         out.print(f"  pp {pp}: " + "; ".join(reasons))
     for pit in data["pitfalls"]:
         out.print(f"pitfall: {pit['text']} [{pit['source']}]")
+    if yi.get("draft_candidates"):
+        out.print(f"drafts (speculative decoding, same tokenizer): {', '.join(yi['draft_candidates'])}")
+
+
+def draft_pair_report(pair: dict) -> None:
+    """Print the draft pairing of `yitrt inspect --draft` from its JSON object."""
+    sizes = pair.get("sizes") or {}
+
+    def params(n: int) -> str:
+        return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+    size = (f" ({params(sizes['draft']['params'])} parameters, {sizes['draft']['num_layers']} layers, for the target's "
+            f"{params(sizes['target']['params'])}, {sizes['target']['num_layers']} layers)") if sizes else ""
+    verdict = "ok: it can draft for the target" if pair["ok"] else f"refused: {len(pair['problems'])} difference(s)"
+    out.print(f"draft {pair['draft']}{size}: {verdict}", markup=False, highlight=False)
+    for problem in pair["problems"]:
+        out.print(f"  ✗ {problem}", markup=False, highlight=False)
+    for item in pair["checked"]:
+        out.print(f"  ✓ {item}", markup=False, highlight=False)
+    for note in pair["notes"]:
+        out.print(f"  note: {note}", markup=False, highlight=False)
 
 
 @contextlib.contextmanager

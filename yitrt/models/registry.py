@@ -35,11 +35,21 @@ class YiCheckpoint:
     repo_id: str
     shape: str
     series: str
+    tokenizer: str  # the tokenizer group: checkpoints of one group draft for each other (speculative decoding)
     chat: bool
     context: int
     rope_theta: float
     end_id: int
     pitfalls: tuple[Pitfall, ...]
+
+
+@dataclass(frozen=True)
+class TokenizerGroup:
+    """Checkpoints that ship one tokenizer (same pieces, merges and special ids), with the source of the fact."""
+
+    id: str
+    text: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,19 @@ class Registry:
     pitfalls: dict[str, Pitfall]
     checkpoints: dict[str, YiCheckpoint]
     unsupported: dict[str, str]
+    tokenizers: dict[str, TokenizerGroup] = field(default_factory=dict)
+
+    def draft_candidates(self, repo_id: str) -> list[YiCheckpoint]:
+        """Known checkpoints that can draft for ``repo_id`` (speculative decoding): the same tokenizer group, the
+        same turn end id (a chat draft for a chat target), fewer parameters; those with the target's context
+        first, then the smallest. Empty for an unknown repo."""
+        target = self.by_repo_id(repo_id)
+        if target is None:
+            return []
+        params = {c.repo_id: self.config_of(c.repo_id).param_count() for c in self.checkpoints.values() if c.tokenizer == target.tokenizer}
+        found = [c for c in self.checkpoints.values() if c.tokenizer == target.tokenizer and c.end_id == target.end_id
+                 and params[c.repo_id] < params[target.repo_id]]
+        return sorted(found, key=lambda c: (c.context < target.context, c.context != target.context, params[c.repo_id], c.repo_id))
 
     def by_repo_id(self, repo_id: str) -> YiCheckpoint | None:
         """Exact (case-insensitive) repo id lookup."""
@@ -161,6 +184,7 @@ def load_registry() -> Registry:
         for key, val in raw["pitfalls"].items()
     }
     shapes = {name: dict(dims) for name, dims in raw["shapes"].items()}
+    tokenizers = {key: TokenizerGroup(id=key, text=val["text"], source=val["source"]) for key, val in raw["tokenizers"].items()}
     checkpoints: dict[str, YiCheckpoint] = {}
     for repo_id, val in raw["checkpoints"].items():
         if val["shape"] not in shapes:
@@ -168,10 +192,13 @@ def load_registry() -> Registry:
         unknown = [p for p in val["pitfalls"] if p not in pitfalls]
         if unknown:
             raise ValueError(f"registry: {repo_id} names unknown pitfalls {unknown}")
+        if val["tokenizer"] not in tokenizers:
+            raise ValueError(f"registry: {repo_id} names unknown tokenizer group {val['tokenizer']}")
         checkpoints[repo_id.lower()] = YiCheckpoint(
             repo_id=repo_id,
             shape=val["shape"],
             series=val["series"],
+            tokenizer=val["tokenizer"],
             chat=bool(val["chat"]),
             context=int(val["context"]),
             rope_theta=float(val["rope_theta"]),
@@ -179,4 +206,4 @@ def load_registry() -> Registry:
             pitfalls=tuple(pitfalls[p] for p in val["pitfalls"]),
         )
     unsupported = {k.lower(): v for k, v in raw["unsupported"].items()}
-    return Registry(shapes=shapes, pitfalls=pitfalls, checkpoints=checkpoints, unsupported=unsupported)
+    return Registry(shapes=shapes, pitfalls=pitfalls, checkpoints=checkpoints, unsupported=unsupported, tokenizers=tokenizers)

@@ -100,6 +100,9 @@ class ModelReport:
                 "series": ckpt.series if ckpt else None,
                 "shape": self.match.shape,
                 "candidates": [c.repo_id for c in self.match.candidates],
+                "tokenizer": ckpt.tokenizer if ckpt else None,
+                # known checkpoints that can draft for this one (speculative decoding; `yitrt inspect --draft` checks a pair)
+                "draft_candidates": [c.repo_id for c in load_registry().draft_candidates(ckpt.repo_id)] if ckpt else [],
             },
             "pitfalls": [{"id": p.id, "text": p.text, "source": p.source} for p in self.pitfalls()],
             "weights": self.weights,

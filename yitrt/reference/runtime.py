@@ -96,11 +96,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """Next token per row of float32 logits [B, V]."""
+def filtered_scores(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """float32 logits [B, V] → the scores a sampled request draws from (temperature, then top-k, then top-p; removed
+    tokens −inf), on CPU. Greedy: the logits with everything but each row's argmax removed (a one-hot distribution)."""
+    scores = logits.to(torch.float32).cpu()
     if sampling.greedy:
-        return logits.argmax(dim=-1)
-    scores = logits.to(torch.float32).cpu() / max(sampling.temperature, 1e-6)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.argmax(dim=-1, keepdim=True), True)
+        return scores.masked_fill(~keep, float("-inf"))
+    scores = scores / max(sampling.temperature, 1e-6)
     if sampling.top_k > 0:
         kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -109,6 +112,14 @@ def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         probs = sorted_scores.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > sampling.top_p  # keep the smallest prefix reaching top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return scores
+
+
+def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row of float32 logits [B, V]."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    scores = filtered_scores(logits, sampling)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
@@ -169,18 +180,21 @@ class RankEngine:
         return list(logits.unbind(0))
 
     # ---- the engine loop's rank side (yitrt/reference/engine) ----
-    def init_pool(self, primary_blocks: int, host_blocks: int, tokens_per_block: int) -> None:
-        """Allocate this rank's paged KV cache (its KV heads), replacing any earlier one."""
+    def init_pool(self, primary_blocks: int, host_blocks: int, tokens_per_block: int, scratch_tokens: int = 0) -> None:
+        """Allocate this rank's paged KV cache (its KV heads), replacing any earlier one; ``scratch_tokens`` slots past
+        the pool hold lookahead's tree rows."""
         from yitrt.reference.engine.kv_pool import KvStorage
 
         m = self.model
         self.kv = None
         self.kv = KvStorage(len(m.layers), primary_blocks, host_blocks, tokens_per_block, m.kv_heads, m.spec.head_size,
-                            m.compute, self.device)
+                            m.compute, self.device, scratch_tokens)
+        self.scratch_base = primary_blocks * tokens_per_block
 
-    def run_step(self, plan) -> list[int | torch.Tensor]:
-        """Compute one ``StepPlan``: block copies, then the packed forward. Returns, per sampling segment, the greedy
-        token or (sampled segments) its float32 logits row on CPU, banned ids already masked."""
+    def run_step(self, plan) -> list[list[int] | torch.Tensor]:
+        """Compute one ``StepPlan``: block copies, then the packed forward. Returns, per sampling segment, its greedy
+        tokens (one per returned row: its last ``logits`` positions, then its forks) or (sampled segments) their float32
+        logits rows [logits, vocab] on CPU, banned ids already masked in the first ``ban_rows`` rows."""
         from yitrt.reference.model import PackedSegment, PackedStep
 
         kv, dev = self.kv, self.device
@@ -196,17 +210,31 @@ class RankEngine:
             seq_lens.extend([end] * count)
             segments.append(PackedSegment(start, count, seg.past, slots.to(dev), seg.context))
             if seg.sample:
-                logit_rows.append(start + count - 1)
+                logit_rows.extend(range(start + count - seg.logits, start + count))
             start += count
+            chains: list[torch.Tensor] = []
+            for i, (token, parent) in enumerate(seg.forks):  # lookahead's tree: one-token rows on their own chains
+                own = torch.tensor([self.scratch_base + seg.scratch + i], dtype=torch.long)
+                chain = torch.cat([slots if parent < 0 else chains[parent], own])
+                chains.append(chain)
+                ids.append(token)
+                positions.append(chain.numel() - 1)
+                seq_lens.append(chain.numel())
+                segments.append(PackedSegment(start, 1, chain.numel() - 1, chain.to(dev), False))
+                logit_rows.append(start)
+                start += 1
         step = PackedStep(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
                           torch.tensor(seq_lens), tuple(segments), torch.tensor(logit_rows, dtype=torch.long, device=dev))
         logits = self.model.forward_packed(step, kv)
-        out: list[int | torch.Tensor] = []
-        for row, seg in zip(logits, (s for s in plan.segments if s.sample), strict=True):
-            if seg.banned:
-                row = row.clone()
-                row[list(seg.banned)] = float("-inf")
-            out.append(int(row.argmax()) if seg.greedy else row.cpu())
+        out: list[list[int] | torch.Tensor] = []
+        at = 0
+        for seg in (s for s in plan.segments if s.sample):
+            rows = logits[at : at + seg.logits + len(seg.forks)]
+            at += seg.logits + len(seg.forks)
+            if seg.banned and seg.ban_rows:
+                rows = rows.clone()
+                rows[: seg.ban_rows, list(seg.banned)] = float("-inf")
+            out.append([int(t) for t in rows.argmax(dim=-1)] if seg.greedy else rows.cpu())
         return out
 
 

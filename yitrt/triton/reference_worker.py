@@ -5,10 +5,14 @@ that starts this module with yitrt's own interpreter (Triton's Python stub embed
 torch) and talks to it over stdin/stdout, one JSON object per line:
 
     request  {"id": str, "input_ids": [int], "max_new": int, "min_new": int, "end_ids": [int], "stop_sequences": [[int]],
-              "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int}}
+              "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int},
+              optional: "draft": [int] (draft_input_ids: one verification step), "draft_logits": base64 float32 [K, vocab],
+              "draft_threshold": float, "lookahead": [w, n, g], "return_logits": bool (generation logits)}
              {"cancel": str}                                              stop that request (TensorRT-LLM's `stop`)
     answer   {"ready": true, "tp": int, "engine": {...}, "warnings": [str], "stats": {...}}  once, after the checkpoint loaded
              {"id": str, "token": int, "finish": null|"end_id"|"stop_words"|"length"}   one per generated token
+             {"id": str, "tokens": [int], "finish": ..., "accepted": int, "drafted": int}  a speculative step's tokens
+             ... with "logits": base64 float32 [vocab] on a token event of a return_logits request
              {"id": str, "token": null, "finish": "cancelled"}           the request was stopped (no more tokens)
              {"id": str, "error": str}                                    the request failed
              {"stats": {...}}                                             the batch manager's numbers (EngineLoop.stats)
@@ -24,6 +28,7 @@ machines without a GPU, not for speed.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import queue
@@ -80,7 +85,28 @@ def _add(loop, request: dict[str, Any]) -> None:
         raise ValueError("empty prompt or max_new < 1")
     rule = StopRule(max_new, tuple(map(int, request.get("end_ids") or ())),
                     tuple(tuple(map(int, s)) for s in request.get("stop_sequences") or () if s), int(request.get("min_new") or 0))
-    loop.add(request["id"], list(prompt), rule, Sampling(**(request.get("sampling") or {})))  # add() checks the ids
+    draft = lookahead = None
+    if request.get("draft"):
+        import numpy as np
+        import torch
+
+        from yitrt.reference.engine.speculative import DraftTokens
+
+        tokens = tuple(int(t) for t in request["draft"])
+        logits = None
+        if request.get("draft_logits"):
+            flat = np.frombuffer(base64.b64decode(request["draft_logits"]), dtype=np.float32)
+            if flat.size % max(len(tokens), 1):
+                raise ValueError(f"draft_logits holds {flat.size} values, not a multiple of the {len(tokens)} draft tokens")
+            logits = torch.from_numpy(flat.copy()).reshape(len(tokens), -1)
+        threshold = request.get("draft_threshold")
+        draft = DraftTokens(tokens, logits, None if threshold is None else float(threshold))
+    if request.get("lookahead"):
+        from yitrt.speculation import LookaheadSizes
+
+        lookahead = LookaheadSizes(*(int(v) for v in request["lookahead"]))
+    loop.add(request["id"], list(prompt), rule, Sampling(**(request.get("sampling") or {})), draft=draft,
+             lookahead=lookahead, return_logits=bool(request.get("return_logits")))  # add() checks the ids
 
 
 def _handle(loop, message: dict[str, Any], out: _Writer) -> None:
@@ -128,12 +154,28 @@ def serve(checkpoint: Path, params: dict[str, Any], device: str, compute_dtype: 
                 events = loop.step()
                 # the numbers first: a client that has its answer sees metrics that include its request
                 out.send({"stats": loop.stats()})
-                for key, token, finish in events:
-                    out.send({"id": key, "token": token, "finish": finish})
+                _send_events(loop, events, out)
             except Exception as exc:  # noqa: BLE001 - reported per request; a fresh loop serves what comes next
                 for seq in list(loop.scheduler.running) + list(loop.scheduler.waiting):
                     out.send({"id": seq.key, "error": _message(exc)})
                 loop = runtime.engine(config)
+
+
+def _send_events(loop, events: list[tuple[str, int, str | None]], out: _Writer) -> None:
+    """One step's tokens: one line per token, or one line per request for a speculative step (its accepted run)."""
+    grouped: dict[str, list[tuple[int, str | None]]] = {}
+    for key, token, finish in events:
+        grouped.setdefault(key, []).append((token, finish))
+    for key, items in grouped.items():
+        if key in loop.speculation:
+            accepted, drafted = loop.speculation[key]
+            out.send({"id": key, "tokens": [t for t, _ in items], "finish": items[-1][1], "accepted": accepted, "drafted": drafted})
+            continue
+        for token, finish in items:
+            message = {"id": key, "token": token, "finish": finish}
+            if key in loop.logits:
+                message["logits"] = base64.b64encode(loop.logits[key].float().numpy().tobytes()).decode()
+            out.send(message)
 
 
 def _exit_with_parent(poll_s: float = 0.5) -> None:

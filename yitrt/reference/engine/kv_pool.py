@@ -69,12 +69,13 @@ class BlockManager:
         """Blocks referenced by sequences."""
         return self.primary_blocks - self.free_blocks()
 
-    def match(self, tokens: list[int]) -> list[Node]:
-        """Cached blocks a sequence with ``tokens`` can reuse: its full blocks, the last token excepted (its logits
-        must be computed). Empty when reuse is off."""
+    def match(self, tokens: list[int], logits_from: int | None = None) -> list[Node]:
+        """Cached blocks a sequence with ``tokens`` can reuse: its full blocks before the first position whose logits
+        must be computed (``logits_from``; default the last token). Empty when reuse is off."""
         if not self.reuse:
             return []
-        return self.tree.match(tokens, (len(tokens) - 1) // self.tokens_per_block)
+        first = len(tokens) - 1 if logits_from is None else logits_from
+        return self.tree.match(tokens, first // self.tokens_per_block)
 
     def resident_idle(self, nodes: list[Node]) -> tuple[int, int]:
         """(nodes in the primary pool, of which unreferenced): what reusing ``nodes`` costs in free blocks."""
@@ -191,10 +192,11 @@ class KvStorage:
     """One rank's KV blocks: per layer, keys and values of ``[blocks, tokens_per_block, kv_heads, head_size]``."""
 
     def __init__(self, layers: int, primary_blocks: int, host_blocks: int, tokens_per_block: int, kv_heads: int,
-                 head_size: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_size: int, dtype: torch.dtype, device: torch.device, scratch_tokens: int = 0) -> None:
         import torch  # here: the block accounting above is imported by deploy, which has no torch to spare
 
-        shape = (primary_blocks, tokens_per_block, kv_heads, head_size)
+        # scratch slots (lookahead's tree rows) follow the pool's blocks: slot primary_blocks × tokens_per_block + i
+        shape = (primary_blocks + blocks_for(scratch_tokens, tokens_per_block), tokens_per_block, kv_heads, head_size)
         host_shape = (host_blocks, tokens_per_block, kv_heads, head_size)
         # zeros: pages are committed only when written (a pool much larger than what runs costs address space only)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]

@@ -1,8 +1,9 @@
 """The engine loop: a ``Scheduler`` deciding iterations and a ``ReferenceRuntime``'s ranks computing them.
 
 ``EngineLoop.add`` queues a request (checked at once: token ids, context length, what the pool and the token budget
-can ever hold), ``step`` runs one iteration and returns the tokens it produced, ``stats`` gives the numbers the C++
-backend reports as ``nv_trt_llm_*`` metrics.
+can ever hold, a draft or lookahead configuration the model takes), ``step`` runs one iteration and returns the tokens
+it produced (several for a speculative step: ``speculative.py``), ``stats`` gives the numbers the C++ backend reports as
+``nv_trt_llm_*`` metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 import torch
 
+from yitrt.errors import UsageError
 from yitrt.reference.engine.scheduler import EngineConfig, Scheduler, Sequence
+from yitrt.reference.engine.speculative import DraftTokens, LookaheadState, accept_greedy, accept_sampled
 
 
 class EngineLoop:
@@ -21,9 +24,13 @@ class EngineLoop:
     def __init__(self, runtime, config: EngineConfig) -> None:
         self.runtime, self.config = runtime, config
         self.scheduler = Scheduler(config)
-        runtime._call("init_pool", config.primary_blocks, config.host_blocks, config.tokens_per_block)
+        runtime._call("init_pool", config.primary_blocks, config.host_blocks, config.tokens_per_block, config.scratch_tokens)
         self.iterations = 0
         self.last: dict[str, Any] = {}
+        #: the last step's speculation per request: key → (draft tokens accepted, draft tokens offered)
+        self.speculation: dict[str, tuple[int, int]] = {}
+        #: the last step's logits row (float32 [vocab]) per request that asked for generation logits
+        self.logits: dict[str, torch.Tensor] = {}
 
     @property
     def records(self):
@@ -34,16 +41,42 @@ class EngineLoop:
     def idle(self) -> bool:
         return self.scheduler.idle
 
-    def add(self, key: str, prompt: list[int], rule, sampling) -> None:
-        """Queue a request.
+    def add(self, key: str, prompt: list[int], rule, sampling, draft: DraftTokens | None = None, lookahead=None,
+            return_logits: bool = False) -> None:
+        """Queue a request; ``draft``: a draft-target verification request (answered with one step), ``lookahead``:
+        the request's own (w, n, g) (``LookaheadSizes``; default: the model's, on a lookahead model);
+        ``return_logits``: keep each generated token's logits row (``logits``; a draft model's generation logits).
 
         Raises:
-            UsageError: a token id outside the vocab, more than the context, more KV blocks than the pool holds, or a
-                prompt over ``max_num_tokens`` without chunked context.
+            UsageError: a token id outside the vocab, more than the context, more KV blocks than the pool holds, a
+                prompt over ``max_num_tokens`` without chunked context, a draft longer than ``max_draft_len`` (or on a
+                model built without draft tokens), lookahead sizes on a model without lookahead or above its own.
         """
+        c = self.config
+        if draft is not None:
+            if len(draft.tokens) > c.max_draft_len:  # the executor's check (tensorrtllm_backend #473's message)
+                raise UsageError(f"Number of draft tokens ({len(draft.tokens)}) is larger than maximum number of draft tokens ({c.max_draft_len})",
+                                 "send at most max_draft_len draft tokens (the target is built/deployed with it)")
+            if draft.logits is not None and tuple(draft.logits.shape) != (len(draft.tokens), self.runtime.spec.vocab_size):
+                raise UsageError(f"draft_logits has shape {list(draft.logits.shape)}, expected [{len(draft.tokens)}, {self.runtime.spec.vocab_size}]",
+                                 "send the draft model's generation_logits for exactly the draft tokens")
+            self.runtime.check_tokens([list(prompt) + list(draft.tokens)], 1)
+        if lookahead is not None:
+            if c.lookahead is None:  # T-utils getLookaheadDecodingFromTensors
+                raise UsageError("Cannot set the request lookahead decoding configuration when model instance lookahead parameters are not set",
+                                 "deploy with decoding_mode lookahead (yitrt deploy --speculative lookahead) or drop the lookahead inputs")
+            if not c.lookahead.covers(lookahead):
+                raise UsageError(f"the request's lookahead ({lookahead.window}, {lookahead.ngram}, {lookahead.verification_set}) exceeds the model's "
+                                 f"({c.lookahead.window}, {c.lookahead.ngram}, {c.lookahead.verification_set})", "send w <= W, n <= N, g <= G")
         self.runtime.check_tokens([prompt], rule.max_new)
         generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
-        self.scheduler.add(Sequence(key, list(prompt), rule, sampling, 0, generator))
+        if return_logits and draft is not None:
+            raise UsageError("generation logits of a verification request are not returned", "ask the draft model for its generation logits")
+        seq = Sequence(key, list(prompt), rule, sampling, 0, generator, draft=draft, want_logits=return_logits)
+        sizes = lookahead or c.lookahead
+        if sizes is not None and draft is None:
+            seq.lookahead = LookaheadState.start(sizes, seq.prompt)
+        self.scheduler.add(seq)
 
     def cancel(self, key: str) -> bool:
         """Stop a request (waiting or running); False when it is not known (finished or never added)."""
@@ -54,18 +87,29 @@ class EngineLoop:
         from yitrt.reference.runtime import pick_tokens
 
         plan = self.scheduler.plan()
+        self.speculation, self.logits = {}, {}
         if plan is None:
             return []
         results = self.runtime._call("run_step", plan)
-        sampled: dict[str, int] = {}
+        emitted: dict[str, list[int]] = {}
         seqs = {s.key: s for s in self.scheduler.running}
         for seg, result in zip((s for s in plan.segments if s.sample), results, strict=True):
-            if isinstance(result, int):
-                sampled[seg.key] = result
+            seq = seqs[seg.key]
+            if seq.draft is not None:
+                seq.partial.append(result)
+                if seg.past + len(seg.tokens) == len(seq.feed):
+                    emitted[seq.key] = self._verify(seq)
+            elif seq.rows and isinstance(result, list):
+                tokens, accepted = seq.lookahead.advance(seq.tokens[-1], result[0], seq.rows, result[1:], seq.candidates)
+                emitted[seq.key] = tokens
+                self._count(seq, accepted, seq.lookahead.sizes.ngram - 1 if seq.candidates else 0)
+            elif isinstance(result, list):
+                emitted[seq.key] = result[:1]
             else:
-                seq = seqs[seg.key]
-                sampled[seg.key] = int(pick_tokens(result[None], seq.sampling, seq.generator)[0])
-        events = self.scheduler.finish(sampled)
+                emitted[seq.key] = [int(pick_tokens(result, seq.sampling, seq.generator)[0])]
+                if seq.want_logits:
+                    self.logits[seq.key] = result[0]
+        events = self.scheduler.finish(emitted)
         self.iterations += 1
         record = self.scheduler.records[-1]
         self.last = {"context_tokens": sum(n for _, n, phase in record.segments if phase == "context"),
@@ -74,6 +118,20 @@ class EngineLoop:
                      "context_requests": sum(1 for _, _, phase in record.segments if phase == "context"),
                      "paused": len(record.paused)}
         return events
+
+    def _verify(self, seq: Sequence) -> list[int]:
+        """A verification request's tokens from its K + 1 rows (gathered over its chunks)."""
+        if isinstance(seq.partial[0], list):
+            tokens = accept_greedy([t for rows in seq.partial for t in rows], seq.draft.tokens)
+        else:
+            tokens = accept_sampled(torch.cat(seq.partial), seq.draft, seq.sampling, seq.generator)
+        self._count(seq, len(tokens) - 1, len(seq.draft.tokens))
+        return tokens
+
+    def _count(self, seq: Sequence, accepted: int, offered: int) -> None:
+        seq.accepted += accepted
+        seq.drafted += offered
+        self.speculation[seq.key] = (accepted, offered)
 
     def stats(self) -> dict[str, Any]:
         """The batch manager's numbers under the C++ backend's metric labels (reference §3 Metrics)."""

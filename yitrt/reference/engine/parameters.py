@@ -5,7 +5,9 @@ Read as the C++ backend reads them (reference/triton-repository.md §1.5): a key
 an unknown ``batch_scheduler_policy`` falls back to ``guaranteed_no_evict`` with a warning. The KV pool holds
 ``max_tokens_in_paged_kv_cache`` tokens, bounded (as the GPU fraction bounds it on an engine) by the CPU byte budget
 ``yitrt_kv_cache_bytes``; ``kv_cache_host_memory_bytes`` sizes the host pool. Engine limits that a real engine
-carries from its build (``max_num_tokens``, ``tokens_per_block``) are parameters of the slot's config.
+carries from its build (``max_num_tokens``, ``tokens_per_block``, ``--max_draft_len`` as ``yitrt_max_draft_len``) are
+parameters of the slot's config. ``decoding_mode: lookahead`` with the three ``lookahead_*`` sizes turns on lookahead
+decoding (trtllm-serving-features.md §1.2, T-mis); a draft-target target needs KV-cache reuse, as the executor does.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from typing import Any
 
 from yitrt.errors import UsageError
 from yitrt.reference.engine.scheduler import POLICIES, EngineConfig
+from yitrt.speculation import LookaheadSizes
 
 #: the slot's defaults for unset keys (TensorRT-LLM's where it has one: max_num_tokens 8192, tokens_per_block 32,
 #: reuse on in the 1.x backend, guaranteed_no_evict, no chunking, no host pool)
 DEFAULTS = {"max_batch_size": 8, "max_num_tokens": 8192, "tokens_per_block": 32, "yitrt_kv_cache_bytes": 1 << 30,
             "kv_cache_host_memory_bytes": 0, "enable_kv_cache_reuse": True, "enable_chunked_context": False,
-            "batch_scheduler_policy": "guaranteed_no_evict"}
+            "batch_scheduler_policy": "guaranteed_no_evict", "yitrt_max_draft_len": 0}
 KEYS = ("max_batch_size", "max_num_tokens", "tokens_per_block", "max_tokens_in_paged_kv_cache", "yitrt_kv_cache_bytes",
-        "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy")
+        "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy",
+        "yitrt_max_draft_len", "decoding_mode", "lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size")
+#: decoding_mode values the backend knows (T-mis); the slot runs the sampling ones and lookahead
+_SAMPLING_MODES = ("auto", "top_k", "top_p", "top_k_top_p", "beam_search")
+_HEAD_MODES = ("medusa", "eagle", "explicit_draft_tokens")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
@@ -85,6 +92,32 @@ def engine_config(params: dict[str, Any], spec, element_bytes: int = 4) -> tuple
         reuse = chunked = False
     if tpb & (tpb - 1):
         raise UsageError(f"parameter tokens_per_block = {tpb} is not a power of two", "use 16, 32, 64 or 128")
+    draft_len = _int("yitrt_max_draft_len", value["yitrt_max_draft_len"], 0)
+    lookahead = _lookahead(raw)
+    if draft_len and not reuse:  # the executor's check (IFB constructor)
+        raise UsageError("KV cache block reuse must be enabled for speculative decoding target model",
+                         "set enable_kv_cache_reuse true (and keep the KV cache unquantized on the slot)")
+    if draft_len and lookahead:
+        raise UsageError("yitrt_max_draft_len and decoding_mode lookahead are both set", "a model is a draft-target target or a lookahead model: drop one")
     config = EngineConfig(max_batch_size=batch, max_num_tokens=tokens, tokens_per_block=tpb, primary_blocks=blocks,
-                          host_blocks=host // per_block, policy=policy, reuse=reuse, chunked_context=chunked)
+                          host_blocks=host // per_block, policy=policy, reuse=reuse, chunked_context=chunked,
+                          max_draft_len=draft_len, lookahead=lookahead)
     return config, warnings
+
+
+def _lookahead(raw: dict[str, Any]) -> LookaheadSizes | None:
+    """``decoding_mode`` and the lookahead sizes → LookaheadSizes (None: not lookahead)."""
+    mode = "" if _unset(raw["decoding_mode"]) else str(raw["decoding_mode"]).strip().lower()
+    if mode in _HEAD_MODES:
+        raise UsageError(f"decoding_mode {mode} needs trained heads the reference slot does not have",
+                         "use decoding_mode lookahead, or draft-target through tensorrt_llm_bls")
+    if mode != "lookahead":
+        if mode and mode not in _SAMPLING_MODES:
+            raise UsageError(f"parameter decoding_mode = {mode!r} is not one of {', '.join(_SAMPLING_MODES + ('lookahead',) + _HEAD_MODES)}",
+                             "fix decoding_mode in the tensorrt_llm config")
+        return None
+    keys = ("lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size")
+    if any(_unset(raw[k]) for k in keys):  # T-mis
+        raise UsageError("Decoding mode is set to lookahead but lookahead parameters are not specified",
+                         "set lookahead_window_size, lookahead_ngram_size and lookahead_verification_set_size")
+    return LookaheadSizes(*(_int(k, raw[k], 0) for k in keys))

@@ -49,6 +49,9 @@ class EngineConfig:
         policy: ``guaranteed_no_evict`` or ``max_utilization``.
         reuse: KV-cache block reuse (``enable_kv_cache_reuse``).
         chunked_context: ``enable_chunked_context``.
+        max_draft_len: draft-target — the most draft tokens a request may carry (the engine's ``--max_draft_len``;
+            0: the model takes none).
+        lookahead: lookahead decoding's model-level (W, N, G) (``decoding_mode: lookahead``), or None.
     """
 
     max_batch_size: int = 8
@@ -59,6 +62,13 @@ class EngineConfig:
     policy: str = "guaranteed_no_evict"
     reuse: bool = True
     chunked_context: bool = False
+    max_draft_len: int = 0
+    lookahead: Any = None  # LookaheadSizes
+
+    @property
+    def scratch_tokens(self) -> int:
+        """KV slots outside the pool for the rows of lookahead's tree (every running request's, at most)."""
+        return self.max_batch_size * (self.lookahead.decoding_tokens - 1) if self.lookahead else 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +80,10 @@ class EngineConfig:
             problems.append(f"tokens_per_block must be a power of two greater than 1, got {tpb}")  # §3 (KV-doc)
         if not isinstance(self.host_blocks, int) or self.host_blocks < 0:
             problems.append(f"host_blocks must be >= 0, got {self.host_blocks!r}")
+        if not isinstance(self.max_draft_len, int) or self.max_draft_len < 0:
+            problems.append(f"max_draft_len must be >= 0, got {self.max_draft_len!r}")
+        if self.lookahead is not None and self.max_draft_len:
+            problems.append("a model is either draft-target (max_draft_len) or lookahead, not both")
         if self.policy not in POLICIES:
             problems.append(f"batch_scheduler_policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if problems:
@@ -93,15 +107,33 @@ class Sequence:
     context_end: int = 0  # the context phase ends here (prompt, or prompt + generated for a resumed request)
     admitted: int = -1  # admission counter (the most recent is paused first)
     resumed: bool = False
+    draft: Any = None  # DraftTokens: a draft-target verification request (one step over prompt + draft, then it ends)
+    lookahead: Any = None  # LookaheadState: a lookahead request
+    partial: list = field(default_factory=list)  # a verification request's logits results from earlier chunks
+    rows: list = field(default_factory=list)  # this iteration's lookahead tree rows (token, parent)
+    candidates: list = field(default_factory=list)  # ... and the verification candidates among them
+    want_logits: bool = False  # return_generation_logits: the rank returns its logits rows
+    accepted: int = 0  # draft tokens accepted so far
+    drafted: int = 0  # draft tokens offered so far
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.new
 
     @property
+    def feed(self) -> list[int]:
+        """The tokens whose keys and values this sequence computes: its tokens, then a verification request's draft."""
+        return self.prompt + self.new + list(self.draft.tokens) if self.draft else self.prompt + self.new
+
+    @property
+    def logits_from(self) -> int:
+        """The first position whose logits this sequence needs (a verification request: its last prompt position)."""
+        return len(self.feed) - 1 - (len(self.draft.tokens) if self.draft else 0)
+
+    @property
     def final_len(self) -> int:
         """The most tokens this sequence can ever hold in the cache (the last generated one is never fed back)."""
-        return len(self.prompt) + self.rule.max_new - 1
+        return max(len(self.prompt) + self.rule.max_new - 1, len(self.feed))
 
     @property
     def in_context(self) -> bool:
@@ -111,7 +143,13 @@ class Sequence:
 @dataclass(frozen=True)
 class Segment:
     """One sequence's part of an iteration: ``tokens`` at positions ``past .. past+len-1`` with the block table that
-    holds (after the forward) all ``past + len`` cached tokens; ``sample``: its last position's logits pick a token."""
+    holds (after the forward) all ``past + len`` cached tokens; ``sample``: its last ``logits`` positions' logits are
+    returned (1: the next token; a verification request: the last prompt position and every draft position).
+
+    ``forks``: lookahead's tree rows after the last token, ``(token, parent)`` with parent −1 for the last token, else an
+    earlier fork; fork *i* keeps its keys and values in scratch slot ``scratch + i`` and attends to the sequence's
+    cached tokens and its own chain of parents; each returns its logits. ``ban_rows``: ``banned`` applies to the first
+    this many returned rows (end ids under ``min_tokens``)."""
 
     key: str
     tokens: tuple[int, ...]
@@ -121,6 +159,10 @@ class Segment:
     sample: bool
     banned: tuple[int, ...] = ()  # token ids masked before choosing (end ids under min_tokens)
     greedy: bool = True
+    logits: int = 1
+    forks: tuple[tuple[int, int], ...] = ()
+    scratch: int = 0
+    ban_rows: int = 1
 
 
 @dataclass(frozen=True)
@@ -184,9 +226,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a checked request."""
         self.check(len(seq.prompt), seq.rule.max_new)
+        if seq.draft is not None:
+            self.check(len(seq.feed), 1)
         seq.order = self._orders
         self._orders += 1
-        seq.context_end = len(seq.prompt)
+        seq.context_end = len(seq.feed)
         self.waiting.append(seq)
 
     def cancel(self, key: str) -> bool:
@@ -217,13 +261,19 @@ class Scheduler:
         if not chosen:
             self._last = None
             return None
-        segments = tuple(self._segment(seq, n) for seq, n in chosen)
+        segments, scratch = [], 0
+        for seq, n in chosen:
+            segments.append(self._segment(seq, n, scratch))
+            scratch += len(seq.rows)
+        segments = tuple(segments)
         self._last = (chosen, paused)
         return StepPlan(segments, tuple(copies))
 
-    def finish(self, sampled: dict[str, int]) -> list[tuple[str, int, str | None]]:
-        """Apply the iteration's results: ``sampled`` token per sampling segment. Returns (key, token, finish reason)
-        events, in segment order; finished requests leave the running set and release their blocks."""
+    def finish(self, emitted: dict[str, list[int]]) -> list[tuple[str, int, str | None]]:
+        """Apply the iteration's results: the tokens each sequence whose segment sampled emits (one; a speculative
+        step's accepted run). Returns (key, token, finish reason) events, in segment order — a run is cut at its first
+        finishing token; finished requests (and verification requests, after their one step) leave the running set and
+        release their blocks."""
         assert self._last is not None, "finish() without a plan"
         chosen, paused = self._last
         self._last = None
@@ -231,12 +281,17 @@ class Scheduler:
         for seq, n in chosen:
             seq.computed += n
             self._commit(seq)
-            if seq.computed < len(seq.tokens):
+            if seq.computed < len(seq.feed):
                 continue  # a context chunk: no token yet
-            token = sampled[seq.key]
-            seq.new.append(token)
-            reason = seq.rule.finish_reason(seq.new)
-            events.append((seq.key, token, reason))
+            reason = None
+            for token in emitted[seq.key]:
+                seq.new.append(token)
+                reason = seq.rule.finish_reason(seq.new)
+                if reason is None and seq.draft is not None and len(seq.new) == len(emitted[seq.key]):
+                    reason = "length"  # a verification request answers its one step
+                events.append((seq.key, token, reason))
+                if reason is not None:
+                    break
             if reason is not None:
                 self._release(seq)
                 self.running.remove(seq)
@@ -252,7 +307,7 @@ class Scheduler:
         c = self.config
         while self.waiting and len(self.running) < c.max_batch_size:
             seq = self.waiting[0]
-            nodes = self.blocks.match(seq.tokens)
+            nodes = self.blocks.match(seq.feed, seq.logits_from)
             resident, idle = self.blocks.resident_idle(nodes)
             free = self.blocks.free_blocks() - idle  # idle matched blocks stop being free once referenced
             if c.policy == "guaranteed_no_evict":
@@ -267,7 +322,7 @@ class Scheduler:
             seq.table = self.blocks.acquire(nodes, copies)
             seq.nodes = list(nodes)
             seq.computed = len(nodes) * c.tokens_per_block
-            seq.context_end = len(seq.tokens)
+            seq.context_end = len(seq.feed)
             seq.admitted = self._admissions
             self._admissions += 1
             self.running.append(seq)
@@ -278,12 +333,16 @@ class Scheduler:
         generation = [s for s in self.running if not s.in_context]
         context = [s for s in self.running if s.in_context]
         for seq in generation:
-            if budget < 1:
+            n = len(seq.tokens) - seq.computed  # 1, or a lookahead step's accepted run fed back
+            if budget < n:
                 break
-            chosen.append((seq, 1))
-            budget -= 1
+            seq.rows, seq.candidates = [], []
+            if seq.lookahead is not None and seq.sampling.greedy and not seq.want_logits and len(seq.new) >= seq.rule.min_new:
+                seq.rows, seq.candidates = seq.lookahead.rows(seq.tokens[-1], budget - n)
+            chosen.append((seq, n))
+            budget -= n + len(seq.rows)
         for seq in context:
-            remaining = len(seq.tokens) - seq.computed
+            remaining = len(seq.feed) - seq.computed
             if remaining <= budget:
                 n = remaining
             elif c.chunked_context or seq.resumed:
@@ -331,20 +390,27 @@ class Scheduler:
         seq.table, seq.nodes = [], []
 
     def _commit(self, seq: Sequence) -> None:
-        """Cache the sequence's blocks that became full."""
+        """Cache the sequence's blocks that became full (a verification request's draft included: a block's keys and
+        values are those of its tokens, whether or not the draft is accepted)."""
         if not self.config.reuse:
             return
         b = self.config.tokens_per_block
-        tokens = seq.tokens
+        tokens = seq.feed
         while len(seq.nodes) < seq.computed // b:
             i = len(seq.nodes)
             parent = seq.nodes[-1] if seq.nodes else None
             seq.nodes.append(self.blocks.commit(parent, tuple(tokens[i * b : (i + 1) * b]), seq.table[i]))
 
-    def _segment(self, seq: Sequence, n: int) -> Segment:
-        end = seq.computed + n
-        sample = end == len(seq.tokens)
+    def _segment(self, seq: Sequence, n: int, scratch: int) -> Segment:
+        feed, end = seq.feed, seq.computed + n
         rule = seq.rule
-        banned = tuple(rule.end_ids) if sample and len(seq.new) < rule.min_new else ()
-        return Segment(seq.key, tuple(seq.tokens[seq.computed:end]), seq.computed, tuple(seq.table), seq.in_context, sample,
-                       banned, seq.sampling.greedy)
+        if seq.draft is not None:  # logits of the last prompt position and every draft position
+            first = seq.logits_from
+            logits = end - max(seq.computed, first) if end > first else 0
+        else:
+            logits = 1 if end == len(feed) else 0
+        done = sum(len(rows) for rows in seq.partial)  # rows an earlier chunk returned
+        ban_rows = max(0, rule.min_new - len(seq.new) - done) if seq.draft is not None else 1
+        banned = tuple(rule.end_ids) if logits and len(seq.new) < rule.min_new else ()
+        return Segment(seq.key, tuple(feed[seq.computed:end]), seq.computed, tuple(seq.table), seq.in_context, logits > 0,
+                       banned, seq.sampling.greedy and not seq.want_logits, max(logits, 1), tuple(seq.rows), scratch, ban_rows)

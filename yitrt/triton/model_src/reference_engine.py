@@ -24,11 +24,13 @@ reports its numbers, which this model exports as the C++ backend's custom metric
 metrics port.
 """
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -41,10 +43,15 @@ FAILED_LENGTH = -1
 #: Sampling inputs the slot does not emulate, with the value that means "off".
 _NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "len_penalty": 1.0}
 #: Outputs the slot does not compute: asking for them is refused (False, the stock clients' default, is fine).
-_NOT_RETURNED = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics")
+_NOT_RETURNED = ("return_log_probs", "return_context_logits")
 #: The tensorrt_llm parameters that configure the worker's batch manager (yitrt.reference.engine.parameters).
 ENGINE_PARAMETERS = ("max_num_tokens", "tokens_per_block", "max_tokens_in_paged_kv_cache", "yitrt_kv_cache_bytes",
-                     "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy")
+                     "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy",
+                     "yitrt_max_draft_len", "decoding_mode", "lookahead_window_size", "lookahead_ngram_size",
+                     "lookahead_verification_set_size")
+#: per-request lookahead inputs: all three or none (T-utils getLookaheadDecodingFromTensors)
+_LOOKAHEAD_INPUTS = ("lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size")
+_NP_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_BF16": np.float32}
 #: Metric families as the C++ backend names them (custom_metrics_reporter): family → (label key, description).
 METRIC_FAMILIES = {
     "kv_cache_block": ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "TRT LLM KV cache block metrics"),
@@ -53,7 +60,7 @@ METRIC_FAMILIES = {
     "general": ("nv_trt_llm_general_metrics", "general_type", "General TRT LLM metrics"),
 }
 _UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
-                "draft_input_ids", "guided_decoding_guide_type", "context_phase_params")
+                "guided_decoding_guide_type", "context_phase_params")
 
 
 class _Pending:
@@ -64,6 +71,10 @@ class _Pending:
         self.request_id = request_id  # the client's Triton request id: what a stop request names
         self.counts = counts  # which of num_input_tokens / num_output_tokens the request asked for
         self.tokens = []
+        self.perf = False  # return_perf_metrics: timing and speculation outputs
+        self.logits = None  # return_generation_logits: one float32 row per generated token
+        self.accepted = self.drafted = 0
+        self.times = {"arrival_time_ns": time.time_ns()}
         self.error = None
         self.done = threading.Event()
         self.response = None
@@ -106,6 +117,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"reference engine slot: interpreter {python!r} not found; set YITRT_REFERENCE_PYTHON to a Python with yitrt installed")
         params = {key: text.param(config, key) for key in ENGINE_PARAMETERS if text.param(config, key) is not None}
         params["max_batch_size"] = text.param(config, "max_batch_size", str(config.get("max_batch_size") or 8))
+        logits_type = next((o.get("data_type") for o in config.get("output", []) if o.get("name") == "generation_logits"), "TYPE_FP32")
+        self.logits_dtype = _NP_DTYPES.get(logits_type, np.float32)
         argv = [python, "-m", "yitrt.triton.reference_worker", self.checkpoint, "--engine-params", json.dumps(params)]
         self.worker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                        preexec_fn=_die_with_stub())
@@ -224,20 +237,63 @@ class TritonPythonModel:
             raise ValueError("Streaming is only supported if model is deployed using decoupled mode.")
         exclude = text.scalar(request, "exclude_input_in_output", bool)
         counts = {name for name in ("num_input_tokens", "num_output_tokens") if text.scalar(request, f"return_{name}", bool)}
+        message = {"input_ids": prompt, "max_new": int(max_new), "min_new": int(min_new or 0), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
+                   "stop_sequences": sequences, "sampling": sampling}
+        message.update(self._speculation(request))
         item = _Pending(sender, prompt, streaming, self.exclude_input if exclude is None else exclude, counts, request.request_id())
+        item.perf = bool(text.scalar(request, "return_perf_metrics", bool))
+        if text.scalar(request, "return_generation_logits", bool):
+            item.logits, message["return_logits"] = [], True
         key = uuid.uuid4().hex
         with self.lock:
             self.pending[key] = item
-        self._send({"id": key, "input_ids": prompt, "max_new": int(max_new), "min_new": int(min_new or 0), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
-                    "stop_sequences": sequences, "sampling": sampling})
+        self._send({"id": key, **message})
         return item
+
+    @staticmethod
+    def _speculation(request):
+        """The request's draft (draft_input_ids, draft_logits, draft_acceptance_threshold) or lookahead sizes, as
+        worker fields (the worker checks them against the model)."""
+        out = {}
+        draft = text.array(request, "draft_input_ids")
+        if draft is not None and np.asarray(draft).size:
+            out["draft"] = [int(t) for t in np.asarray(draft).reshape(-1)]
+            logits = text.array(request, "draft_logits")
+            if logits is not None and np.asarray(logits).size:
+                rows = np.asarray(logits, dtype=np.float32).reshape(-1, np.asarray(logits).shape[-1])
+                if rows.shape[0] != len(out["draft"]):
+                    raise ValueError(f"draft_logits has {rows.shape[0]} rows for {len(out['draft'])} draft tokens")
+                out["draft_logits"] = base64.b64encode(np.ascontiguousarray(rows).tobytes()).decode()
+            threshold = text.scalar(request, "draft_acceptance_threshold", float)
+            if threshold is not None:
+                out["draft_threshold"] = float(threshold)
+        sizes = [text.scalar(request, name) for name in _LOOKAHEAD_INPUTS]
+        if any(v is not None for v in sizes):
+            if any(v is None for v in sizes):
+                raise ValueError("lookahead_window_size, lookahead_ngram_size and lookahead_verification_set_size must be sent together")
+            out["lookahead"] = [int(v) for v in sizes]
+        return out
 
     def _tensors(self, item, tokens):
         ids = tokens if item.exclude_input or item.streaming else item.prompt + tokens
         tensors = [pb_utils.Tensor("output_ids", np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids))),
                    pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32))]
         counts = {"num_input_tokens": len(item.prompt), "num_output_tokens": len(item.tokens)}  # generated so far
-        return tensors + [pb_utils.Tensor(name, np.array([[counts[name]]], dtype=np.int32)) for name in sorted(item.counts)]
+        tensors += [pb_utils.Tensor(name, np.array([[counts[name]]], dtype=np.int32)) for name in sorted(item.counts)]
+        if item.logits is not None:
+            rows = item.logits[-len(tokens):] if tokens and item.streaming else item.logits
+            vocab = rows[0].size if rows else 0
+            block = np.stack(rows).astype(self.logits_dtype) if rows else np.zeros((0, vocab), dtype=self.logits_dtype)
+            tensors.append(pb_utils.Tensor("generation_logits", block.reshape(1, 1, len(rows), vocab)))
+        if item.perf:
+            item.times.setdefault("last_token_time_ns", time.time_ns())
+            tensors += [pb_utils.Tensor(name, np.array([[item.times.get(name, 0)]], dtype=np.int64))
+                        for name in ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")]
+            rate = item.accepted / item.drafted if item.drafted else 0.0
+            tensors += [pb_utils.Tensor("acceptance_rate", np.array([[rate]], dtype=np.float32)),
+                        pb_utils.Tensor("total_accepted_draft_tokens", np.array([[item.accepted]], dtype=np.int32)),
+                        pb_utils.Tensor("total_draft_tokens", np.array([[item.drafted]], dtype=np.int32))]
+        return tensors
 
     def _read(self):
         for line in self.worker.stdout:
@@ -259,8 +315,20 @@ class TritonPythonModel:
                 item.error = message["error"]
                 self._finish(message["id"], item)
                 continue
-            token, finish = message["token"], message["finish"]
-            new = [] if finish in ("end_id", "cancelled") else [token]
+            finish = message["finish"]
+            new = list(message["tokens"]) if "tokens" in message else [message["token"]]
+            if finish in ("end_id", "cancelled"):
+                new = new[:-1]  # the end id is not part of the output, as on the engine
+            if "accepted" in message:
+                item.accepted += message["accepted"]
+                item.drafted += message["drafted"]
+            if item.logits is not None and message.get("logits") and new:
+                item.logits.append(np.frombuffer(base64.b64decode(message["logits"]), dtype=np.float32))
+            now = time.time_ns()
+            item.times.setdefault("first_scheduled_time_ns", now)
+            if new:
+                item.times.setdefault("first_token_time_ns", now)
+                item.times["last_token_time_ns"] = now
             item.tokens.extend(new)
             if item.streaming and new:
                 item.sender.send(pb_utils.InferenceResponse(output_tensors=self._tensors(item, new)))
