@@ -461,7 +461,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, *, check_mo
     plan, warnings = None, []
     if check_model and all(sections.get(k) is not None for k in _MODEL_CHECK_SECTIONS[:4]):
         # a section that did not parse is planned with its defaults, so the model's own problems still show
-        plan, more, warnings = model_checks({k: sections.get(k) or SECTIONS[k]() for k in _MODEL_CHECK_SECTIONS})
+        plan, more, warnings = model_checks({k: sections.get(k) or SECTIONS[k]() for k in _MODEL_CHECK_SECTIONS} | {"speculative": sections.get("speculative")})
         problems += more
     if check_model and sections.get("speculative") is not None:
         from yitrt.recipe_speculative import draft_model_checks
@@ -532,8 +532,16 @@ def model_checks(sections: dict[str, Any]) -> tuple[dict[str, Any] | None, list[
                             parallel_embedding=par.parallel_embedding)
         workload = PlanWorkload(isl=work.isl, osl=work.osl, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
                                 max_num_tokens=build.max_num_tokens, kv_fraction=serve.kv_fraction or DEFAULT_KV_FRACTION)
+        spec = sections.get("speculative")
+        extra = {}
+        if spec is not None and spec.mode == "lookahead":
+            extra = {"lookahead": spec.lookahead}
+        elif spec is not None and spec.draft is not None:
+            d = spec.draft
+            extra = {"draft": d.model.ref, "max_draft_len": spec.max_draft_len, "draft_tp": d.tp or par.tp,
+                     "draft_scheme": d.precision.scheme, "draft_kv_cache": d.precision.kv_cache, "draft_layers": d.layers}
         opts = PlanOptions(gpu=target.gpu, tp=(par.tp,), pp=par.pp, schemes=(precision.scheme,), kv_cache=precision.kv_cache,
-                           workload=workload, trtllm_version=target.trtllm_version)
+                           workload=workload, trtllm_version=target.trtllm_version, **extra)
         report = plan(model.ref, opts, source=source)
     except ValidationError as exc:
         return None, exc.problems, []

@@ -95,3 +95,53 @@ def check_draft_len(k: int, what: str = "max_draft_len") -> int:
         raise UsageError(f"{what} must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {k!r}",
                          "draft 3-8 tokens per round for a small Yi draft (acceptance falls off after that)")
     return k
+
+
+#: an engine's ``config.json`` ``build_config.speculative_decoding_mode``: TensorRT-LLM's ``SpeculativeDecodingMode``
+#: IntFlag (``tensorrt_llm/models/modeling_utils.py``, kept in sync with ``speculativeDecodingMode.h``), read by the
+#: C++ runtime as an integer (``gptJsonConfig.cpp`` ``parseBuilderConfig``) → the trtllm-build mode name (None: none)
+ENGINE_MODE_FLAGS = {1: None, 2: "draft_tokens_external", 4: "medusa", 8: "lookahead_decoding", 16: "explicit_draft_tokens",
+                     32: "eagle"}
+
+
+def engine_mode(value: object) -> str | None:
+    """The trtllm-build mode name of an engine's ``speculative_decoding_mode`` (None: no speculation).
+
+    Accepts the integer flag config.json holds, and (for engines written by other tools) the mode's name as
+    trtllm-build spells it or as ``SpeculativeDecodingMode.NAME``.
+
+    Raises:
+        ValueError: a value that names no mode.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in ENGINE_MODE_FLAGS:
+            return ENGINE_MODE_FLAGS[value]
+    elif isinstance(value, str):
+        name = value.strip().rpartition(".")[2].lower()
+        if name == "none":
+            return None
+        if name in ENGINE_MODE_FLAGS.values():
+            return name
+    raise ValueError(f"speculative_decoding_mode {value!r} names no TensorRT-LLM mode")
+
+
+def unsupported_reason(build_mode: str) -> str | None:
+    """Why yitrt refuses an engine built with this trtllm-build mode (None: a mode yitrt serves)."""
+    return UNSUPPORTED_MODES.get(build_mode.replace("_", "-"))
+
+
+def parse_lookahead(text: str) -> LookaheadSizes:
+    """``"W,N,G"`` (e.g. ``"4,3,4"``) → checked ``LookaheadSizes``.
+
+    Raises:
+        UsageError: not three integers, or sizes ``LookaheadSizes`` refuses.
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        window, ngram, verification_set = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"lookahead sizes {text!r} are not three integers W,N,G",
+                         "write window,ngram,verification_set, e.g. 4,3,4 (TensorRT-LLM's defaults)") from None
+    return LookaheadSizes(window, ngram, verification_set)

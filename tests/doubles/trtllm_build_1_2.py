@@ -5,7 +5,9 @@ It tests yitrt's side of the boundary: the argv is parsed by an argparse parser 
 so an unknown flag or a bad value fails the way the real command fails (argparse, exit 2). It then prints the
 1.x banner and progress lines like the real builder, writes the engine folder *layout* (config.json and
 rank{N}.engine files whose bytes say they are not engines) and the timing cache, or fails with a known error
-text chosen by ``YITRT_DOUBLE_FAIL`` (oom, mpi, version, arch). ``YITRT_DOUBLE_ARGV`` names a file where each
+text chosen by ``YITRT_DOUBLE_FAIL`` (oom, mpi, version, arch). Like the real command it refuses context-logit
+gathering with ``--max_draft_len`` > 0 and writes the speculative mode (as its integer flag), ``max_draft_len`` and
+the limits the builder derives from them (max_seq_len + max_draft_len, max_num_tokens ≥ batch·(draft + 1)). ``YITRT_DOUBLE_ARGV`` names a file where each
 call's argv is appended as a JSON line.
 """
 
@@ -28,6 +30,8 @@ FAILURES = {
                "stdVersionRead == kSERIALIZATION_VERSION failed.Version tag does not match.)",
     "arch": "RuntimeError: SmoothQuant is not supported on SM>=100.",
 }
+#: SpeculativeDecodingMode (IntFlag, auto() from 1; tensorrt_llm/models/modeling_utils.py) as config.json holds it
+SPEC_MODES = {None: 1, "draft_tokens_external": 2, "medusa": 4, "lookahead_decoding": 8, "explicit_draft_tokens": 16, "eagle": 32}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,6 +79,12 @@ def main() -> None:
             fh.write(json.dumps(sys.argv) + "\n")
     print(f"[TensorRT-LLM] TensorRT LLM version: {VERSION}", flush=True)
     args = parser().parse_args()
+    if args.gather_all_token_logits:
+        args.gather_context_logits = args.gather_generation_logits = True
+    if args.gather_context_logits and args.max_draft_len > 0:  # commands/build.py main()
+        print("RuntimeError: Gather context logits is not support with draft len > 0. If want to get the accepted tokens' "
+              "logits from target model, please just enable gather_generation_logits", flush=True)
+        sys.exit(1)
     failure = os.environ.get("YITRT_DOUBLE_FAIL")
     if failure:
         print("[TensorRT-LLM] [I] Set gpt_attention_plugin to auto.\n" + FAILURES[failure], flush=True)
@@ -88,7 +98,12 @@ def main() -> None:
         print("[TRT] [I] Global timing cache in use. Profiling results in this builder pass will be stored.", flush=True)
         (out / f"rank{rank}.engine").write_bytes(f"yitrt test double: not a TensorRT engine (rank {rank})\n".encode())
         print(f"[TensorRT-LLM] [I] Total time of building Unnamed Network {rank}: 00:00:00", flush=True)
-    build_config = {k: getattr(args, k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width")}
+    build_config = {k: getattr(args, k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
+                                                  "max_draft_len", "gather_context_logits", "gather_generation_logits")}
+    build_config["speculative_decoding_mode"] = SPEC_MODES[args.speculative_decoding_mode]
+    if args.speculative_decoding_mode is not None:  # builder.py build(): the derived limits
+        build_config["max_seq_len"] += args.max_draft_len
+        build_config["max_num_tokens"] = max(build_config["max_num_tokens"], args.max_batch_size * (args.max_draft_len + 1))
     build_config["kv_cache_type"] = args.kv_cache_type or "PAGED"
     build_config["plugin_config"] = {k: getattr(args, k) for k in ("gpt_attention_plugin", "gemm_plugin", "tokens_per_block",
                                                                    "use_paged_context_fmha", "remove_input_padding", "context_fmha")}

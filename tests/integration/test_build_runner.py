@@ -119,3 +119,47 @@ def test_cli_build_without_trtllm_and_dry_run_anywhere(tool_doubles, checkpoint,
     bad = run_cli("build", str(checkpoint), "--out", str(tmp_path / "e"), "--dry-run", "--gpu", "L4", "--plugins", "low-latency",
                   "--trtllm-version", "1.3", env=env)
     assert bad.returncode == 3 and "problems" in bad.stderr and "1.3" in bad.stderr and "low_latency_gemm_plugin" in bad.stderr
+
+
+def test_speculative_builds_through_the_double_carry_mode_and_draft_len(tool_doubles, checkpoint, tmp_path):
+    """Target, its truncated self-draft (with logits) and a lookahead engine: the engines' config.json says what
+    deploy reads (speculative_decoding_mode as TensorRT-LLM's integer flag, max_draft_len, the derived limits)."""
+    from yitrt.build.speculative import ENGINE_MODE_VALUES
+    from yitrt.checkpoint.truncate import truncate_checkpoint
+
+    tool_doubles()
+    draft_ckpt = tmp_path / "draft-ckpt"
+    truncate_checkpoint(checkpoint, draft_ckpt, 2)
+    target = build_engine(BuildRequest(checkpoint, tmp_path / "target", speculative="draft-target", max_draft_len=3,
+                                       pair_checkpoint=draft_ckpt))
+    draft = build_engine(BuildRequest(draft_ckpt, tmp_path / "draft", draft_engine=True, use_draft_logits=True,
+                                      max_draft_len=3, pair_checkpoint=checkpoint))
+    t_cfg = json.loads((tmp_path / "target" / "config.json").read_text())["build_config"]
+    d_cfg = json.loads((tmp_path / "draft" / "config.json").read_text())["build_config"]
+    assert t_cfg["speculative_decoding_mode"] == ENGINE_MODE_VALUES["draft_tokens_external"] and t_cfg["max_draft_len"] == 3
+    limits = target.spec.limits
+    assert t_cfg["max_seq_len"] == limits["max_seq_len"] + 3  # what the real builder derives
+    assert t_cfg["max_num_tokens"] >= limits["max_batch_size"] * 4
+    assert t_cfg["plugin_config"]["use_paged_context_fmha"] == "enable"
+    assert d_cfg["speculative_decoding_mode"] == ENGINE_MODE_VALUES[None] and d_cfg["max_draft_len"] == 0
+    assert d_cfg["gather_generation_logits"] is True and not t_cfg["gather_generation_logits"]
+    assert t_cfg["max_batch_size"] == d_cfg["max_batch_size"]  # both halves of the pair planned together
+    assert target.engine["build_config"]["speculative"]["role"] == "target"
+    assert draft.engine["build_config"]["speculative"]["role"] == "draft"
+    la = build_engine(BuildRequest(checkpoint, tmp_path / "la", speculative="lookahead", lookahead="4,3,4"))
+    la_cfg = json.loads((tmp_path / "la" / "config.json").read_text())["build_config"]
+    assert la_cfg["speculative_decoding_mode"] == ENGINE_MODE_VALUES["lookahead_decoding"] and la_cfg["max_draft_len"] == 15
+    assert la.spec.argv(tmp_path)[la.spec.argv(tmp_path).index("--max_draft_len") + 1] == "15"
+
+
+def test_context_logits_with_a_draft_len_fail_like_trtllm_build(tool_doubles, checkpoint, tmp_path):
+    """The double refuses as the real command does; yitrt refuses earlier, so this reaches the double only by hand."""
+    import subprocess
+
+    bin_dir = tool_doubles()
+    proc = subprocess.run([str(bin_dir / "trtllm-build"), "--checkpoint_dir", str(checkpoint), "--output_dir", str(tmp_path / "o"),
+                           "--max_draft_len", "4", "--speculative_decoding_mode", "draft_tokens_external", "--gather_all_token_logits"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Gather context logits is not support with draft len > 0" in proc.stdout
+    found = diagnose(proc.stdout)
+    assert found is not None and found.id == "speculative-logits"

@@ -4,6 +4,7 @@ folder layout and config.json a 1.2 build writes — no engine is built or serve
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -160,3 +161,107 @@ def test_serve_gives_up_on_a_server_that_never_becomes_ready(engine, tmp_path, m
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # SIGTERM to the group ended the double's sleep (exec'd under the same pid)
+
+
+# -- speculative decoding ----------------------------------------------------------------------------------------------
+
+
+def _edit_build_config(engine, **keys):
+    """Give an engine folder of the trtllm-build TEST DOUBLE the build_config keys a real speculative build writes
+    (the double does not model speculation: config.json is our side of the boundary)."""
+    config = json.loads((engine / "config.json").read_text())
+    config["build_config"].update(keys)
+    (engine / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture
+def draft_engine(tool_doubles, model, tmp_path):
+    """A tp 1 draft engine (the same tiny model, so the same tokenizer and vocab) with generation logits."""
+    tool_doubles()
+    ckpt = tmp_path / "draft-ckpt"
+    convert(ConvertRequest(model, ckpt, tp=1))
+    out = tmp_path / "draft-engine"
+    build_engine(BuildRequest(ckpt, out))
+    _edit_build_config(out, gather_generation_logits=True)
+    return out
+
+
+def test_deploy_draft_target_engines(engine, draft_engine, tmp_path, monkeypatch):
+    _edit_build_config(engine, speculative_decoding_mode=2, max_draft_len=4)  # DRAFT_TOKENS_EXTERNAL
+    repo = tmp_path / "repo"
+    result = deploy(DeployRequest(engine, repo, speculative="draft-target", draft=draft_engine, num_draft_tokens=3, use_draft_logits=True))
+    spec = result.summary["speculative"]
+    assert (spec["mode"], spec["num_draft_tokens"], spec["max_draft_len"], spec["draft"]["model"]) == ("draft-target", 3, 4, "tensorrt_llm_draft")
+    assert result.summary["models"] == ["ensemble", "preprocessing", "tensorrt_llm", "tensorrt_llm_draft", "postprocessing", "tensorrt_llm_bls"]
+    assert result.summary["world_size"] == 1 and result.summary["orchestrator"] and result.summary["kv_reuse"] is True
+    draft = parse_config((repo / "tensorrt_llm_draft" / "config.pbtxt").read_text())
+    params = {k: v.string_value for k, v in draft.parameters.items()}
+    assert draft.name == "tensorrt_llm_draft" and params["gpt_model_path"] == str(draft_engine) and params["gpu_device_ids"] == "0"
+    assert not list((repo / "tensorrt_llm_draft" / "1").iterdir())  # the C++ backend needs no model.py
+    bls = {k: v.string_value for k, v in parse_config((repo / "tensorrt_llm_bls" / "config.pbtxt").read_text()).parameters.items()}
+    assert bls["tensorrt_llm_draft_model_name"] == "tensorrt_llm_draft" and bls["yitrt_num_draft_tokens"] == "3"
+    launch = (repo / "launch.sh").read_text()
+    assert "export TRTLLM_ORCHESTRATOR=1" in launch and "mpirun --allow-run-as-root -n 1" in launch and "prefix1_" not in launch
+    assert "no streaming" in (repo / "README.md").read_text()
+    assert read_manifest(repo).extra["deploy"]["orchestrator_gpus"] == [0, 1]
+    assert deploy(DeployRequest(engine, repo, speculative="draft-target", draft=draft_engine, num_draft_tokens=3, use_draft_logits=True)).reused
+    assert not deploy(DeployRequest(engine, repo, speculative="draft-target", draft=draft_engine, num_draft_tokens=2)).reused
+    # serve: one tritonserver under mpirun -n 1 in orchestrator mode (a TEST DOUBLE of mpirun records argv and env)
+    from yitrt.errors import ServerError
+    from yitrt.triton.server import Ports, ServeRequest, start_server
+
+    record = tmp_path / "mpirun.argv"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mpirun").write_text(f"#!/bin/sh\n# TEST DOUBLE of mpirun\nprintf '%s\\n' \"$@\" \"ORCH=$TRTLLM_ORCHESTRATOR\" > {record}\nexit 3\n")
+    (bin_dir / "mpirun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(ServerError, match="exited with code 3"):
+        start_server(ServeRequest(repo, Ports(18941, 18942, 18943), tritonserver="/bin/true", ready_timeout=30))
+    argv = record.read_text().split("\n")
+    assert argv[:3] == ["--allow-run-as-root", "-n", "1"] and argv.count("/bin/true") == 1 and ":" not in argv
+    assert "--cuda-memory-pool-byte-size=1:0" in argv and "ORCH=1" in argv
+
+
+def test_deploy_draft_target_refusals_reach_the_cli_in_one_line(engine, draft_engine, tmp_path, cli):
+    done = cli("deploy", str(engine), "--out", str(tmp_path / "r"), "--speculative", "draft-target", "--draft", str(draft_engine),
+               "--no-kv-reuse")
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert "not built for draft-target speculation" in done.stderr and "KV cache block reuse must be enabled" in done.stderr
+    assert not (tmp_path / "r").exists()
+    done = cli("deploy", str(engine), "--out", str(tmp_path / "r"), "--speculative", "medusa")
+    assert done.returncode == 2 and "Medusa needs trained Medusa heads" in done.stderr
+    done = cli("deploy", str(engine), "--out", str(tmp_path / "r"), "--speculative", "lookahead", "--lookahead", "4,x,4")
+    assert done.returncode == 2 and "not three integers" in done.stderr
+
+
+def test_cli_deploy_lookahead_shows_the_speculation(engine, tmp_path, cli):
+    _edit_build_config(engine, speculative_decoding_mode=8, max_draft_len=39)  # LOOKAHEAD_DECODING for (7, 5, 3)
+    done = cli("deploy", str(engine), "--out", str(tmp_path / "r"), "--speculative", "lookahead", "--lookahead", "7,5,3")
+    assert done.returncode == 0, done.stderr
+    assert "speculation: lookahead decoding, window 7, ngram 5, verification set 3 (max_draft_len 39)" in done.stdout
+    assert "note: per-request lookahead inputs" in done.stdout
+    data = json.loads(cli("deploy", str(engine), "--out", str(tmp_path / "r"), "--speculative", "lookahead", "--lookahead", "7,5,3",
+                          "--json").stdout)
+    assert data["speculative"]["lookahead"] == {"window": 7, "ngram": 5, "verification_set": 3} and data["reused"]
+
+
+def test_deploy_draft_target_on_the_reference_slot(model, make_model, tmp_path, cli):
+    """The draft slot is the same reference slot over the draft checkpoint (a shallower model, same tokenizer)."""
+    draft_model = make_model("draft", tokenizer=True, layers=1)
+    ckpt, draft_ckpt = tmp_path / "ckpt", tmp_path / "draft-ckpt"
+    convert(ConvertRequest(model, ckpt))
+    convert(ConvertRequest(draft_model, draft_ckpt))
+    repo = tmp_path / "repo"
+    done = cli("deploy", str(ckpt), "--out", str(repo), "--engine", "reference", "--tokenizer", str(model), "--speculative", "draft-target",
+               "--draft", str(draft_ckpt), "--num-draft-tokens", "3")
+    assert done.returncode == 0, done.stderr
+    assert "speculation: draft-target, 3 draft tokens per round" in done.stdout and "note: NVIDIA's stock tensorrt_llm_bls" in done.stdout
+    for name in ("tensorrt_llm", "tensorrt_llm_draft"):
+        assert (repo / name / "1" / "model.py").read_text() == (repo / "tensorrt_llm" / "1" / "model.py").read_text()
+        assert (repo / name / "1" / "yitrt_text.py").is_file()
+    target, draft = ({k: v.string_value for k, v in parse_config((repo / n / "config.pbtxt").read_text()).parameters.items()}
+                     for n in ("tensorrt_llm", "tensorrt_llm_draft"))
+    assert target["yitrt_max_draft_len"] == "3" and target["gpt_model_path"] == str(ckpt) and draft["gpt_model_path"] == str(draft_ckpt)
+    assert target["enable_kv_cache_reuse"] == draft["enable_kv_cache_reuse"] == "true"
+    assert "TRTLLM_ORCHESTRATOR" not in (repo / "launch.sh").read_text()

@@ -22,6 +22,10 @@ def ctx(gpu="H100", scheme="none", kv=None, dtype="bfloat16", tp=1, pp=1, trtllm
                         serve=serve or {}, context_length=context_length)
 
 
+TARGET = {"speculative_decoding_mode": "draft_tokens_external", "max_draft_len": 4, "speculative_role": "target"}
+DRAFT = {"speculative_role": "draft"}
+LOOKAHEAD = {"speculative_decoding_mode": "lookahead_decoding", "max_draft_len": 15, "speculative_role": "lookahead"}
+
 #: rule id → (a context that breaks it, the closest context that does not)
 CASES = {
     "scheme-sm-min": (dict(gpu="A100", scheme="fp8"), dict(gpu="L40S", scheme="fp8")),
@@ -65,6 +69,14 @@ CASES = {
                          dict(build={"speculative_decoding_mode": "draft_tokens_external", "max_draft_len": 4})),
     "draft-len-without-mode": (dict(build={"max_draft_len": 4}), dict(build={"max_draft_len": 0})),
     "mode-without-draft-len": (dict(build={"speculative_decoding_mode": "draft_tokens_external"}), dict(build={"speculative_decoding_mode": "draft_tokens_external", "max_draft_len": 3})),
+    "speculative-gather-context-logits": (dict(build={**TARGET, "max_draft_len": 4}, plugins={"gather_context_logits": True}),
+                                          dict(build={**TARGET, "max_draft_len": 4}, plugins={"gather_generation_logits": True})),
+    "speculative-gather-all-token-logits": (dict(build={**LOOKAHEAD}, plugins={"gather_all_token_logits": True}),
+                                            dict(build={"max_draft_len": 0}, plugins={"gather_all_token_logits": True})),
+    "speculative-needs-paged-context-fmha": (dict(scheme="int8-sq", kv="int8", build={**DRAFT}), dict(scheme="fp8", kv="fp8", build={**DRAFT})),
+    "speculative-sm": (dict(gpu="T4", build={**LOOKAHEAD}), dict(gpu="A10G", build={**LOOKAHEAD})),
+    "speculative-format": (dict(scheme="int4-awq", build={**TARGET}), dict(scheme="fp8", build={**TARGET})),
+    "speculative-pp": (dict(tp=2, pp=2, build={**LOOKAHEAD}), dict(tp=4, pp=1, build={**LOOKAHEAD})),
     "tp-over-pcie": (dict(gpu="L40S", tp=2), dict(gpu="H100", tp=2)),
     "tp-beyond-nvlink-domain": (dict(gpu="H100-PCIe", tp=4), dict(gpu="H100-PCIe", tp=2)),
 }

@@ -28,6 +28,7 @@ import yaml
 from yitrt.build import environment as env
 from yitrt.build.argv import TIMING_CACHE, BuildSpec, assemble
 from yitrt.build.flags import banner_version, release_line
+from yitrt.build.speculative import engine_speculation, speculative_build
 from yitrt.errors import BuildError, MissingToolError, UsageError, ValidationError
 from yitrt.manifest import ArtifactWriter, artifact_digest, artifact_key, find_reusable, fingerprint_files
 from yitrt.plan.gpus import Gpu, get_gpu, match_gpu
@@ -92,6 +93,15 @@ class BuildRequest:
     isl: int = 1024
     osl: int = 512
     kv_fraction: float | None = None  # None: DEFAULT_KV_FRACTION
+    #: speculative decoding (``yitrt.build.speculative.speculative_build`` checks them together): ``draft-target`` or
+    #: ``lookahead``; K; "W,N,G"; build the pair's draft; the draft's logits are used; the other model's checkpoint
+    speculative: str | None = None
+    max_draft_len: int | None = None
+    lookahead: str | tuple[int, int, int] | None = None
+    draft_engine: bool = False
+    use_draft_logits: bool = False
+    pair_checkpoint: Path | None = None
+    max_beam_width: int = 1
 
 
 @dataclass
@@ -189,7 +199,13 @@ def _engine_facts(folder: Path, spec: BuildSpec) -> dict[str, Any]:
     mapping = pretrained.get("mapping", {})
     if mapping and int(mapping.get("world_size", spec.world_size)) != spec.world_size:
         raise BuildError(f"the engine's mapping says world size {mapping.get('world_size')}, the checkpoint {spec.world_size}", "see the build log", cause_id="incomplete")
-    return {"version": config.get("version"), "build_config": config.get("build_config", {})}
+    build_config = config.get("build_config", {})
+    if spec.speculation is not None and build_config:
+        mode, draft = engine_speculation(build_config)
+        if (mode, draft) != (spec.speculation.mode, spec.speculation.engine_draft_len):
+            raise BuildError(f"the engine says speculative_decoding_mode {mode}, max_draft_len {draft}; the argv asked for "
+                             f"{spec.speculation.mode}, {spec.speculation.engine_draft_len}", "see the build log", cause_id="incomplete")
+    return {"version": config.get("version"), "build_config": build_config}
 
 
 def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
@@ -200,6 +216,9 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
         MissingToolError: no trtllm-build or no GPU (never a fake engine).
         BuildError: trtllm-build failed; names the likely cause and the log.
     """
+    speculation = speculative_build(req.speculative, max_draft_len=req.max_draft_len, lookahead=req.lookahead,
+                                    draft_engine=req.draft_engine, use_draft_logits=req.use_draft_logits,
+                                    pair=req.pair_checkpoint, max_beam_width=req.max_beam_width)
     visible = [] if req.dry_run and req.gpu else env.detect_gpus()
     install = env.TrtllmInstall(None, None, None, None) if req.dry_run else env.find_trtllm()
     if not req.dry_run:
@@ -215,9 +234,10 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
                               "drop --trtllm-version to build for the installed one")
     spec = assemble(req.checkpoint, gpu, plugins=req.plugins, trtllm_version=version, max_batch_size=req.max_batch_size,
                     max_seq_len=req.max_seq_len, max_num_tokens=req.max_num_tokens, workers=req.workers,
-                    isl=req.isl, osl=req.osl, kv_fraction=req.kv_fraction or DEFAULT_KV_FRACTION)
+                    isl=req.isl, osl=req.osl, kv_fraction=req.kv_fraction or DEFAULT_KV_FRACTION,
+                    speculation=speculation, max_beam_width=req.max_beam_width)
     warnings += [str(f) for f in spec.findings if f.severity == "warning"]
-    warnings += [f"plan: {n}" for n in spec.plan.notes]
+    warnings += [f"plan: {n}" for n in spec.plan.notes] + spec.notes
     out = Path(req.out).absolute()
     if req.dry_run:
         return BuildResult(spec, spec.argv(out), out, True, warnings=warnings)

@@ -24,6 +24,7 @@ from yitrt.checkpoint.sharding import Mapping, local_shape, pp_problems, tp_prob
 from yitrt.checkpoint.source import INDEX_NAME, SourceCheckpoint
 from yitrt.checkpoint.streaming import copy_pieces, keep_freed_memory_for_reuse, stream_pieces
 from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM, build_config, resolve_dtype
+from yitrt.checkpoint.truncate import keep_layers_problems
 from yitrt.errors import ArtifactError, CheckpointError, UnsupportedModelError, ValidationError
 from yitrt.manifest import ArtifactWriter, artifact_key, check_output_folder, find_reusable, fingerprint_files
 from yitrt.models.config import ModelConfig, load_config
@@ -65,6 +66,8 @@ class ConvertRequest:
         force: redo the work even when an identical artifact exists.
         model_ref: the HF repo id the folder came from, if any (registry lookup, manifest).
         gpu: the target GPU (checked against the scheme and KV format), or None.
+        keep_layers: write only the first N decoder layers (with the embedding, final norm and lm_head): a truncated
+            self-draft for draft-target decoding (``num_hidden_layers`` = N); None: all.
     """
 
     model_dir: Path
@@ -80,6 +83,7 @@ class ConvertRequest:
     model_ref: str | None = None
     gpu: str | None = None
     allow_nonfinite: bool = False
+    keep_layers: int | None = None
 
 
 @dataclass
@@ -131,8 +135,17 @@ def check_source(cfg: ModelConfig, model_dir: Path, model_ref: str | None) -> No
         )
 
 
+def kept_config(cfg: ModelConfig, keep_layers: int | None) -> ModelConfig:
+    """The config of the checkpoint written: ``num_layers`` = ``keep_layers`` when layers are dropped."""
+    from dataclasses import replace
+
+    return cfg if keep_layers is None else replace(cfg, num_layers=keep_layers)
+
+
 def validate_request(req: ConvertRequest, cfg: ModelConfig) -> tuple[Scheme, Any, Mapping, list[str]]:
     """Check everything about a request that needs only the config; raise with every problem at once.
+
+    ``cfg`` is the source's config; with ``keep_layers`` the checks run on the truncated model's (``kept_config``).
 
     Returns:
         (scheme, kv format or None, mapping, warnings).
@@ -145,7 +158,10 @@ def validate_request(req: ConvertRequest, cfg: ModelConfig) -> tuple[Scheme, Any
     scheme = get_scheme(req.scheme)
     kv = get_kv_cache(req.kv_cache)
     mapping = Mapping(req.tp, req.pp)
-    problems = tp_problems(cfg, req.tp) + pp_problems(cfg, req.pp)
+    problems = keep_layers_problems(cfg.num_layers, req.keep_layers)
+    if not problems:
+        cfg = kept_config(cfg, req.keep_layers)
+    problems += tp_problems(cfg, req.tp) + pp_problems(cfg, req.pp)
     hints = ["valid tp/pp sizes are listed by `yitrt inspect MODEL`"] if problems else []
     if scheme.calibrated:
         problems.append(f"scheme {scheme.name} needs calibration: run `yitrt quantize MODEL --scheme {scheme.name}`")
@@ -214,14 +230,16 @@ def convert(req: ConvertRequest, progress: ProgressFn | None = None) -> ConvertR
             (CheckpointError also for NaN/Inf in a weight, or a cast that overflows, unless ``allow_nonfinite``).
     """
     started = time.perf_counter()
-    cfg = load_config(req.model_dir)
-    scheme, kv, mapping, warnings = validate_request(req, cfg)
+    source_cfg = load_config(req.model_dir)
+    scheme, kv, mapping, warnings = validate_request(req, source_cfg)
+    cfg = kept_config(source_cfg, req.keep_layers)
     check_output_folder(req.out, STAGE)
     if Path(req.out).resolve() == Path(req.model_dir).resolve():
         raise ArtifactError(f"{req.out} is the model folder itself", "write the checkpoint to another --out")
     with SourceCheckpoint(req.model_dir, allow_pickle=req.allow_pickle) as source:
         available = {n: t.shape for n, t in source.tensors.items()}
-        resolved = resolve_tensors(cfg, available)
+        # every source tensor is checked against the whole model; only the kept layers are then read
+        resolved = [t for t in resolve_tensors(source_cfg, available) if t.layer is None or t.layer < cfg.num_layers]
         non_float = sorted({source.tensors[p.name].dtype for t in resolved for p in t.parts} - _FLOAT_CODES)
         if non_float:
             raise CheckpointError(f"{req.model_dir}: weights of dtype {', '.join(non_float)} are not floating point", "convert a full-precision checkpoint")
@@ -242,6 +260,8 @@ def convert(req: ConvertRequest, progress: ProgressFn | None = None) -> ConvertR
         }
         if req.allow_nonfinite:  # part of the key: an artifact that kept NaN/Inf is never reused by a strict run
             params["allow_nonfinite"] = True
+        if req.keep_layers is not None:
+            params["keep_layers"] = req.keep_layers
         names = ["config.json", *source.files] + ([INDEX_NAME] if (req.model_dir / INDEX_NAME).is_file() else [])
         inputs = {"model": fingerprint_files(req.model_dir, names, source.header_bytes)}
         key = artifact_key(STAGE, params, inputs)

@@ -33,6 +33,7 @@ from yitrt.cli.options import (
     ForceOpt,
     GpuOpt,
     JsonOpt,
+    KeepLayersOpt,
     KvCacheOpt,
     ModelArg,
     OutOpt,
@@ -161,14 +162,14 @@ def _artifact_result(result, out: Path, json_: bool, same: str) -> dict | None:
 
 
 def _convert(model, out, dtype, tp, pp, scheme, kv_cache, parallel_embedding, revision, allow_pickle, force, json_, gpu=None,
-             allow_nonfinite: bool = False) -> None:
+             allow_nonfinite: bool = False, keep_layers: int | None = None) -> None:
     from yitrt.checkpoint.convert import ConvertRequest, convert
 
     resolved = _resolve(model, revision, allow_pickle=allow_pickle)
     request = ConvertRequest(
         model_dir=resolved.path, out=out, dtype=dtype, tp=tp, pp=pp, scheme=scheme, kv_cache=kv_cache,
         parallel_embedding=parallel_embedding, allow_pickle=allow_pickle, force=force, model_ref=resolved.repo_id, gpu=gpu,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, keep_layers=keep_layers,
     )
     with render.byte_progress("convert", not json_) as progress:
         result = convert(request, progress)
@@ -195,12 +196,33 @@ def convert(
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
+    keep_layers: KeepLayersOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Convert an HF model to a TensorRT-LLM checkpoint (bf16/fp16), sharded for TP × PP, streaming."""
     _convert(model, out, dtype.value, tp, pp, "none", kv_cache.value if kv_cache else None, parallel_embedding, revision, allow_pickle, force, json_,
-             allow_nonfinite=allow_nonfinite)
+             allow_nonfinite=allow_nonfinite, keep_layers=keep_layers)
+
+
+@app.command()
+def truncate(
+    checkpoint: CheckpointArg,
+    out: OutOpt,
+    layers: Annotated[int, typer.Option("--layers", min=1, help="Decoder layers to keep (the first N), with the embedding, final norm and lm_head.", show_default=False)],
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Write a TensorRT-LLM checkpoint of the first N decoder layers of another: a truncated self-draft for draft-target decoding."""
+    from yitrt.checkpoint.truncate import truncate_checkpoint
+
+    result = truncate_checkpoint(checkpoint, out, layers, force=force)
+    data = _artifact_result(result, out, json_, "same checkpoint and layers")
+    if data is None:
+        return
+    render.out.print(f"{out}: TensorRT-LLM checkpoint of the first {data['layers']} of {data['source_layers']} decoder layers, "
+                     f"{data['world_size']} rank(s), {render.human_bytes(data['bytes_written'])} "
+                     f"({data['dropped_tensors']} tensors dropped) in {data['seconds']:.1f}s")
 
 
 def _calibrated_help() -> str:

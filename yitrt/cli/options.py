@@ -77,3 +77,7 @@ AllowNonfiniteOpt = Annotated[
     bool,
     typer.Option("--allow-nonfinite", help="Keep NaN/Inf weights (and casts that overflow to Inf) instead of refusing them; each is reported as a warning."),
 ]
+KeepLayersOpt = Annotated[
+    int | None,
+    typer.Option("--keep-layers", min=1, help="Keep only the first N decoder layers (with embedding, final norm and lm_head): a truncated self-draft.", show_default=False),
+]

@@ -18,6 +18,8 @@ GpuRequired = Annotated[str, typer.Option("--gpu", help="Target GPU (e.g. H100, 
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch-size", min=1, help="Build limit [default: the sequences the KV pool holds].", show_default=False)]
 MaxSeqOpt = Annotated[int | None, typer.Option("--max-seq-len", min=2, help="Longest sequence, prompt + output [default: the model's context, shortened to fit].", show_default=False)]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-num-tokens", min=1, help="Tokens per engine step [default: 8192].", show_default=False)]
+MaxDraftLenOpt = Annotated[int | None, typer.Option("--max-draft-len", help="Draft-target: K, draft tokens per round (the target's --max_draft_len; 1-64).", show_default=False)]
+LookaheadOpt = Annotated[str | None, typer.Option("--lookahead", help="Lookahead decoding: W,N,G (window, ngram, verification set), e.g. 4,3,4; max_draft_len is derived.", show_default=False)]
 VersionOpt = Annotated[str | None, typer.Option("--trtllm-version", help="TensorRT-LLM version the argv is for [default: the installed one, else 1.2].", show_default=False)]
 
 
@@ -44,10 +46,22 @@ def register(app: typer.Typer) -> None:
         compare: Annotated[bool, typer.Option("--compare", help="Plan every tp × scheme candidate side by side.")] = False,
         slo_ttft: Annotated[float | None, typer.Option("--slo-ttft", min=0.1, help="Time-to-first-token bound, ms (needs yitrt[plan]).", show_default=False)] = None,
         slo_tpot: Annotated[float | None, typer.Option("--slo-tpot", min=0.01, help="Time-per-output-token bound, ms (needs yitrt[plan]).", show_default=False)] = None,
+        draft: Annotated[str | None, typer.Option("--draft", help="Draft-target: the draft model (checkpoint, HF folder or repo id), planned beside the target on the same GPUs.", show_default=False)] = None,
+        max_draft_len: MaxDraftLenOpt = None,
+        draft_tp: Annotated[int | None, typer.Option("--draft-tp", min=1, help="The draft's tensor-parallel size [default: the target's].", show_default=False)] = None,
+        draft_scheme: Annotated[str | None, typer.Option("--draft-scheme", help="The draft's quantization scheme [default: the target's].", show_default=False)] = None,
+        draft_kv_cache: Annotated[str | None, typer.Option("--draft-kv-cache", help="The draft's KV-cache format [default: the target's].", show_default=False)] = None,
+        draft_layers: Annotated[int | None, typer.Option("--draft-layers", min=1, help="Plan the draft's first N decoder layers only (a truncated self-draft: `yitrt truncate`, `convert --keep-layers`).", show_default=False)] = None,
+        lookahead: LookaheadOpt = None,
         revision: RevisionOpt = None,
         json_: JsonOpt = False,
     ) -> None:
-        """Plan GPU memory: weights, KV bytes/token, KV capacity, concurrent sequences, build limits, Triton KV settings."""
+        """Plan GPU memory: weights, KV bytes/token, KV capacity, concurrent sequences, build limits, Triton KV settings.
+
+        With --draft and --max-draft-len: a draft-target pair on the same GPUs (both weights, two KV pools, the two
+        models' Triton KV settings). With --lookahead W,N,G: a lookahead engine (its max_draft_len, D+1 tokens per step).
+        """
+        from yitrt.build.speculative import parse_lookahead
         from yitrt.errors import UsageError
         from yitrt.plan.memory import Workload
         from yitrt.plan.planner import PlanOptions
@@ -59,7 +73,9 @@ def register(app: typer.Typer) -> None:
                             kv_fraction=kv_fraction, tokens_per_block=tokens_per_block, prefix_tokens=prefix_tokens)
         opts = PlanOptions(gpu=gpu, tp=tuple(tp or ()), pp=pp, schemes=tuple(scheme or ()), kv_cache=kv_cache.value if kv_cache else None,
                            workload=workload, trtllm_version=trtllm_version,
-                           compare=compare or slo_ttft is not None)
+                           compare=compare or slo_ttft is not None, draft=draft, max_draft_len=max_draft_len, draft_tp=draft_tp,
+                           draft_scheme=draft_scheme, draft_kv_cache=draft_kv_cache, draft_layers=draft_layers,
+                           lookahead=parse_lookahead(lookahead))
         report = run_plan(model, opts, revision)
         if slo_ttft is not None:
             from yitrt.plan.perf import choose_under_slo
@@ -74,7 +90,7 @@ def register(app: typer.Typer) -> None:
                 render_plan.slo_report(report.slo)
         else:
             render_plan.plan_report(data)
-        if not opts.compare and not report.primary.ok:
+        if not opts.compare and not report.fits:
             sys.exit(PLAN_DOES_NOT_FIT_EXIT)
 
     @app.command()
@@ -88,16 +104,39 @@ def register(app: typer.Typer) -> None:
         max_num_tokens: MaxTokensOpt = None,
         workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ranks built in parallel (one GPU each) [default: 1].", show_default=False)] = None,
         trtllm_version: VersionOpt = None,
+        speculative: Annotated[str | None, typer.Option("--speculative", help="Speculative decoding: draft-target (this checkpoint is the target; with --draft-engine, the draft) or lookahead.", show_default=False)] = None,
+        max_draft_len: MaxDraftLenOpt = None,
+        lookahead: LookaheadOpt = None,
+        draft_engine: Annotated[bool, typer.Option("--draft-engine", help="Build the draft of a draft-target pair (an ordinary engine with paged context FMHA).")] = False,
+        use_draft_logits: Annotated[bool, typer.Option("--use-draft-logits", help="With --draft-engine: the draft returns its logits (probabilistic acceptance): adds --gather_generation_logits.")] = False,
+        draft: Annotated[Path | None, typer.Option("--draft", help="Target build: the draft's checkpoint, to plan both engines on the same GPUs.", show_default=False, exists=True, file_okay=False)] = None,
+        target: Annotated[Path | None, typer.Option("--target", help="Draft build: the target's checkpoint (with its --max-draft-len), to plan both engines on the same GPUs.", show_default=False, exists=True, file_okay=False)] = None,
+        max_beam_width: Annotated[int, typer.Option("--max-beam-width", min=1, help="Beams per request (speculative decoding needs 1).")] = 1,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the argv and resolved build config; run nothing (any machine).")] = False,
         force: ForceOpt = False,
         json_: JsonOpt = False,
     ) -> None:
-        """Build TensorRT-LLM engines with trtllm-build: argv from the checkpoint, the plan and a plugin profile."""
-        from yitrt.build.runner import BuildRequest, build_engine
+        """Build TensorRT-LLM engines with trtllm-build: argv from the checkpoint, the plan and a plugin profile.
 
+        Speculative decoding: `--speculative draft-target --max-draft-len K [--draft DRAFT_CKPT]` builds the target,
+        `--draft-engine [--use-draft-logits] [--target TARGET_CKPT --max-draft-len K]` its draft, `--speculative
+        lookahead --lookahead W,N,G` a lookahead engine.
+        """
+        from yitrt.build.runner import BuildRequest, build_engine
+        from yitrt.errors import UsageError
+
+        if draft is not None and target is not None:
+            raise UsageError("--draft and --target name the other model of the pair: a target build takes --draft, a draft build --target",
+                             "pass one of them")
+        if draft is not None and draft_engine:
+            raise UsageError("--draft-engine builds the draft; its other model is --target TARGET_CKPT", "use --target")
+        if target is not None and not draft_engine:
+            raise UsageError("--target is for the draft build (--draft-engine); a target build takes --draft DRAFT_CKPT", "use --draft")
         req = BuildRequest(checkpoint=checkpoint, out=out, gpu=gpu, plugins=plugins, max_batch_size=max_batch_size,
                            max_seq_len=max_seq_len, max_num_tokens=max_num_tokens, workers=workers,
-                           trtllm_version=trtllm_version, dry_run=dry_run, force=force)
+                           trtllm_version=trtllm_version, dry_run=dry_run, force=force, speculative=speculative,
+                           max_draft_len=max_draft_len, lookahead=lookahead, draft_engine=draft_engine,
+                           use_draft_logits=use_draft_logits, pair_checkpoint=draft or target, max_beam_width=max_beam_width)
         with render.stage_progress(not json_ and not dry_run) as progress:
             result = build_engine(req, progress)
         data = result.to_json()

@@ -52,10 +52,47 @@ def plan_report(data: dict[str, Any]) -> None:
         out.print(f"note: {note}")
     for s in data["suggestions"]:
         out.print(f"would fit: {s}")
+    if data.get("speculative"):
+        speculative_report(data["speculative"], plan)
     for w in data["warnings"]:
         warn(w)
     if data.get("slo"):
         slo_report(data["slo"])
+
+
+def speculative_report(spec: dict[str, Any], target_plan: dict[str, Any]) -> None:
+    """Print what speculative decoding adds: a lookahead engine's sizes, or a draft-target pair's memory split."""
+    engine = (target_plan.get("speculative") or {}).get("engine_limits") or {}
+    if spec["mode"] == "lookahead":
+        la = spec["triton"]["tensorrt_llm"]
+        out.print(f"lookahead (W, N, G) = ({spec['window']}, {spec['ngram']}, {spec['verification_set']}): --max_draft_len "
+                  f"{spec['max_draft_len']}, {spec['decoding_tokens']} tokens per sequence per step; the engine holds "
+                  f"max_seq_len {engine.get('max_seq_len')}, max_num_tokens {engine.get('max_num_tokens')}")
+        out.print("Triton tensorrt_llm: " + ", ".join(f"{k} {v}" for k, v in la.items()))
+        return
+    d = spec["draft_model"]
+    out.print(f"draft-target: draft {d['name']} ({d['params'] / 1e9:.2f}B params, {d['num_layers']} layers), scheme {d['scheme']}, "
+              f"KV {d['kv_cache'] or d['dtype']}, tp {d['tp']} on {spec['shared_gpus']} of the {spec['gpus']} GPUs, "
+              f"K = {spec['max_draft_len']} draft tokens per round")
+    w, a, r = spec["weight_bytes_per_gpu"], spec["activation_bytes_per_gpu"], spec["runtime_bytes_per_gpu"]
+    pools, share, tokens, bpt = spec["kv_pool_bytes"], spec["kv_share_of_free"], spec["kv_tokens"], spec["kv_bytes_per_token"]
+    rows = [[who, _gb(w[who]), _gb(a[who]), _gb(r[who]), _gb(pools[who]), f"{share[who]:.1%}", f"{bpt[who]:,}", f"{tokens[who]:,}"]
+            for who in ("target", "draft")]
+    rows.append(["both", _gb(w["total"]), _gb(a["total"]), _gb(r["total"]), _gb(pools["target"] + pools["draft"]),
+                 f"{share['target'] + share['draft']:.1%}", "", ""])
+    out.print(table(f"Two engines per GPU ({_gb(spec['free_bytes_per_gpu'])} free after both engines load)",
+                    ["engine", "weights", "activations", "runtime", "KV pool", "share of free", "KV B/token", "KV tokens"], rows))
+    state = "fits" if spec["fits"] else "[bold red]does not fit[/bold red]"
+    out.print(f"pair {state}: {spec['max_concurrent_sequences']} concurrent sequences in both pools; both engines built with "
+              f"max_batch_size {spec['max_batch_size']}; the target holds max_seq_len {engine.get('max_seq_len')} and "
+              f"max_num_tokens {engine.get('max_num_tokens')} (+{spec['max_draft_len']} draft tokens)", markup=True)
+    for problem in spec["problems"]:
+        out.print(f"problem: {problem}")
+    for model, params in spec["triton"].items():
+        out.print(f"Triton {model}: kv_cache_free_gpu_mem_fraction {params['kv_cache_free_gpu_mem_fraction']}, "
+                  f"max_tokens_in_paged_kv_cache {params['max_tokens_in_paged_kv_cache']:,}")
+    for note in spec["notes"] + spec["draft"].get("notes", []):
+        out.print(f"note: {note}")
 
 
 def compare_report(data: dict[str, Any]) -> None:
@@ -110,6 +147,17 @@ def build_report(data: dict[str, Any]) -> None:
         out.print(f"# TensorRT-LLM {cfg['trtllm_version']} ({cfg['release_line']}) on {cfg['gpu']['name']} (SM {cfg['gpu']['sm']}), "
                   f"profile {' + '.join(cfg['profiles'])}, {cfg['world_size']} rank(s); limits {lim}; "
                   f"plan: {cfg['plan']['max_concurrent_sequences']} sequences of {cfg['plan']['isl'] + cfg['plan']['osl']} tokens")
+        spec = cfg.get("speculative")
+        if spec:
+            eng = cfg["engine_limits"]
+            out.print(f"# speculative: {spec['role']} (speculative_decoding_mode {spec['speculative_decoding_mode'] or 'none'}, "
+                      f"max_draft_len {spec['max_draft_len']}); the engine will hold max_seq_len {eng['max_seq_len']}, "
+                      f"max_num_tokens {eng['max_num_tokens']}")
+            pair = cfg["plan"].get("pair")
+            if pair:
+                out.print(f"# pair: {pair['max_concurrent_sequences']} sequences in both pools; Triton " + "; ".join(
+                    f"{m}: fraction {t['kv_cache_free_gpu_mem_fraction']}, max_tokens {t['max_tokens_in_paged_kv_cache']}"
+                    for m, t in pair["triton"].items()))
         return
     if data["reused"]:
         out.print(f"{data['out']}: up to date (same checkpoint, argv, GPU and TensorRT-LLM; --force rebuilds)")

@@ -13,6 +13,18 @@ from yitrt.cli import render
 from yitrt.cli.options import EXISTING_DIR, ForceOpt, JsonOpt, check_distinct_ports, port_option
 
 
+def _ids(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"0,1"`` → (0, 1)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        from yitrt.errors import UsageError
+
+        raise UsageError(f"{option} {text!r} is not a list of GPU ids", f"write {option} 0,1") from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the Triton commands to ``app``."""
 
@@ -39,10 +51,19 @@ def register(app: typer.Typer) -> None:
         max_input_len: Annotated[int | None, typer.Option("--max-input-len", min=1, help="Reference slot only: longest prompt [default: context - 1].", show_default=False)] = None,
         max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", min=2, help="Reference slot only: longest sequence [default: the model's context].", show_default=False)] = None,
         words_encoding: Annotated[str, typer.Option("--words-encoding", help="Stop/bad words: with_space (each word also after a space) or stock (alone, as NVIDIA's preprocessing).")] = "with_space",
+        speculative: Annotated[str | None, typer.Option("--speculative", help="Speculative decoding: draft-target (with --draft) or lookahead; checked against the engines.", show_default=False)] = None,
+        draft: Annotated[Path | None, typer.Option("--draft", help="Draft-target: the draft engine folder (the draft checkpoint with --engine reference).", show_default=False, **EXISTING_DIR)] = None,
+        num_draft_tokens: Annotated[int | None, typer.Option("--num-draft-tokens", min=1, help="Draft-target: draft tokens per round when a request names none [default: the target engine's max_draft_len; required for --engine reference].", show_default=False)] = None,
+        use_draft_logits: Annotated[bool, typer.Option("--use-draft-logits", help="Draft-target: accept with the draft's logits by default (the draft engine needs generation logits).")] = False,
+        lookahead: Annotated[str | None, typer.Option("--lookahead", help="Lookahead: window,ngram,verification_set, e.g. 4,3,4 [default: 4,3,4]; an engine's max_draft_len must be theirs.", show_default=False)] = None,
+        draft_kv_fraction: Annotated[float | None, typer.Option("--draft-kv-fraction", min=0.01, max=1.0, help="Draft-target: the draft's kv_cache_free_gpu_mem_fraction [default: half the plan's when both share GPUs].", show_default=False)] = None,
+        gpu_ids: Annotated[str | None, typer.Option("--gpu-ids", help="Draft-target engines: the target's GPUs, one per rank, e.g. 0,1 [default: the first tp×pp].", show_default=False)] = None,
+        draft_gpu_ids: Annotated[str | None, typer.Option("--draft-gpu-ids", help="Draft-target engines: the draft's GPUs, one per rank [default: the first tp×pp, shared with the target].", show_default=False)] = None,
         force: ForceOpt = False,
         json_: JsonOpt = False,
     ) -> None:
         """Write a Triton model repository (in-flight batching) for an engine, checked against the engine."""
+        from yitrt.speculation import parse_lookahead
         from yitrt.triton.repository import DeployRequest
         from yitrt.triton.repository import deploy as run_deploy
 
@@ -52,7 +73,10 @@ def register(app: typer.Typer) -> None:
             chunked_context=chunked_context, kv_host_cache=kv_host_cache, scheduler_policy=scheduler_policy,
             max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block, kv_cache_bytes=kv_cache_bytes,
             instances=instances, model_name=model_name, max_input_len=max_input_len,
-            max_seq_len=max_seq_len, words_encoding=words_encoding, force=force))
+            max_seq_len=max_seq_len, words_encoding=words_encoding, speculative=speculative, draft=draft,
+            num_draft_tokens=num_draft_tokens, use_draft_logits=use_draft_logits,
+            lookahead=parse_lookahead(lookahead) if lookahead is not None else None, draft_kv_fraction=draft_kv_fraction,
+            gpu_ids=_ids(gpu_ids, "--gpu-ids"), draft_gpu_ids=_ids(draft_gpu_ids, "--draft-gpu-ids"), force=force))
         data = result.to_json()
         if json_:
             render.emit_json(data)
@@ -61,13 +85,20 @@ def register(app: typer.Typer) -> None:
             render.warn(warning)
         verb = "unchanged (same inputs)" if result.reused else "written"
         render.out.print(f"repository {result.out}: {verb}")
+        spec = data.get("speculative")
         ranks = (f"world size {data['world_size']} (tp {data['tp']} × pp {data['pp']})" if data["engine"] == "trtllm" else
                  f"one tritonserver; the reference worker runs tp {data['tp']} × pp {data['pp']} in its own processes")
+        if data.get("orchestrator"):
+            ranks = f"orchestrator mode (--multi-model): one tritonserver, each engine model spawns its ranks (target tp {data['tp']} × pp {data['pp']})"
         render.out.print(f"  TensorRT-LLM {result.line} contract; engine {data['engine']} {data['source']}; {ranks}")
         render.out.print(f"  entry model {data['entry_model']} (and ensemble); max batch {data['max_batch_size']}; streaming {data['streaming']}; "
                          f"end id {data['end_id']}, stop ids {data['stop_ids'] or 'none'}")
         render.out.print(f"  KV reuse {'on' if data['kv_reuse'] else 'off'}; chunked context {'on' if data['chunked_context'] else 'off'}; "
                          f"scheduler {data['scheduler_policy']}")
+        if spec is not None:
+            render.out.print(f"  speculation: {result.speculation.describe()}")
+            for note in spec["notes"]:
+                render.out.print(f"  note: {note}")
         render.out.print(f"  start: yitrt serve {result.out}   (or {result.out}/launch.sh)")
 
     @app.command()

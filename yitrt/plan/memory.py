@@ -20,6 +20,14 @@ Per rank (reference/trtllm-checkpoint-and-build.md §2, §5, §6):
 - **KV pool**: ``(memory − weights − activations − overhead) × kv_cache_free_gpu_mem_fraction`` (default 0.9),
   in blocks of ``tokens_per_block``; every rank uses the smallest rank's block count.
 - **concurrency**: ``blocks // ceil((ISL + OSL) / tokens_per_block)`` sequences at once.
+- **speculative decoding** (``max_draft_len`` D > 0: a draft-target target's K, lookahead's D; reference §4.3 and
+  trtllm-serving-features.md §1): trtllm-build adds D to ``max_seq_len`` and raises ``max_num_tokens`` to at
+  least ``max_batch_size × (D + 1)`` (every sequence feeds D + 1 tokens per step); the plan mirrors both, sizes the
+  activations for the raised ``max_num_tokens`` and each sequence's KV blocks for ISL + OSL + D (the draft tokens
+  a step writes beyond the sequence).
+- **another engine on the same GPUs** (``reserved_bytes``: a draft beside its target): its weights, activations,
+  runtime and KV pool are taken from the memory before this engine's free memory is computed — the free memory
+  this engine's executor sees when it is created after the other (``yitrt.plan.speculative``).
 """
 
 from __future__ import annotations
@@ -106,6 +114,8 @@ class PlanRequest:
         workload: requests and limits.
         parallel_embedding: embedding rows split across TP ranks.
         group_size: AWQ group size (None: the scheme's).
+        max_draft_len: the engine's speculative ``--max_draft_len`` (draft-target K, lookahead D; 0: none).
+        reserved_bytes: bytes per GPU another engine on the same GPUs holds (weights, activations, runtime, KV pool).
     """
 
     cfg: ModelConfig
@@ -118,6 +128,8 @@ class PlanRequest:
     workload: Workload = Workload()
     parallel_embedding: bool = True
     group_size: int | None = None
+    max_draft_len: int = 0
+    reserved_bytes: int = 0
 
     @property
     def dtype_bytes(self) -> int:
@@ -181,6 +193,17 @@ class BuildLimits:
         return {"max_batch_size": self.max_batch_size, "max_num_tokens": self.max_num_tokens,
                 "max_seq_len": self.max_seq_len, "max_input_len": self.max_input_len}
 
+    def engine(self, max_draft_len: int) -> dict[str, int]:
+        """The limits the engine's ``build_config`` will hold when built with these (``--max_seq_len`` etc.) and a
+        speculative ``max_draft_len``: trtllm-build adds it to ``max_seq_len`` and raises ``max_num_tokens`` to
+        ``max_batch_size × (max_draft_len + 1)`` (reference §4.3; ``builder.py`` ``build()``)."""
+        out = self.to_json()
+        if max_draft_len > 0:
+            out["max_seq_len"] += max_draft_len
+            out["max_num_tokens"] = max(out["max_num_tokens"], self.max_batch_size * (max_draft_len + 1))
+        out["max_draft_len"] = max_draft_len
+        return out
+
 
 @dataclass
 class MemoryPlan:
@@ -223,6 +246,16 @@ class MemoryPlan:
                 "resident_prefixes_within_max_tokens": capped // per_prefix if per_prefix else None,
                 "needs": "use_paged_context_fmha enable (and enable_kv_cache_reuse true)"}
 
+    def speculative(self) -> dict[str, Any] | None:
+        """What speculative decoding adds to this engine's plan (None without it): the tokens each sequence feeds a
+        step, the extra KV each sequence's blocks hold, and the limits the engine will hold after trtllm-build's
+        own adjustments."""
+        d = self.request.max_draft_len
+        if d <= 0:
+            return None
+        return {"max_draft_len": d, "tokens_per_sequence_step": d + 1, "kv_tokens_per_sequence": self.request.workload.isl
+                + self.request.workload.osl + d, "engine_limits": self.limits.engine(d)}
+
     def to_json(self) -> dict[str, Any]:
         """JSON object of the plan."""
         r, w = self.request, self.request.workload
@@ -234,6 +267,7 @@ class MemoryPlan:
             "ranks": [m.to_json() for m in self.ranks], "kv_tokens": self.kv_tokens, "kv_blocks": self.kv_blocks,
             "blocks_per_sequence": self.blocks_per_sequence, "max_concurrent_sequences": self.max_concurrent,
             "build_limits": self.limits.to_json(), "prefix_cache": self.prefix_cache(),
+            "speculative": self.speculative(), "reserved_bytes": r.reserved_bytes,
             "triton": {"kv_cache_free_gpu_mem_fraction": w.kv_fraction,
                        "max_tokens_in_paged_kv_cache": self.max_tokens_in_paged_kv_cache},
         }
@@ -312,6 +346,12 @@ def overhead_bytes(req: PlanRequest, max_batch_size: int, max_seq_len: int) -> i
     return RUNTIME_BASE_BYTES + (MULTI_GPU_BYTES if req.tp > 1 else 0) + max_batch_size * per_sequence
 
 
+def speculative_num_tokens(max_batch_size: int, max_draft_len: int) -> int:
+    """The least ``max_num_tokens`` of a speculative engine: ``max_batch_size × (max_draft_len + 1)`` (trtllm-build
+    raises a smaller value to it, reference §4.3); 0 without speculation."""
+    return max_batch_size * (max_draft_len + 1) if max_draft_len > 0 else 0
+
+
 def _round_down(value: int, multiple: int) -> int:
     return value // multiple * multiple
 
@@ -324,7 +364,7 @@ def _budget(req: PlanRequest, max_batch: int, max_num_tokens: int, max_seq_len: 
         per_token = kv_bytes_per_token(req.cfg, req.tp, layers, req.kv_bytes)
         act = activation_bytes(req, max_num_tokens, max_batch)
         over = overhead_bytes(req, max_batch, max_seq_len)
-        free = req.gpu.memory_bytes - sum(weights.values()) - act - over
+        free = req.gpu.memory_bytes - sum(weights.values()) - act - over - req.reserved_bytes
         pool = max(0, int(free * req.workload.kv_fraction))
         tokens = pool // per_token
         blocks = tokens // req.workload.tokens_per_block  # whole blocks only: a partial block cannot be allocated
@@ -354,8 +394,9 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
                          "pass a GPU from the table (`yitrt gpus`), e.g. --gpu L40S")
     w = req.workload
     tpb = w.tokens_per_block
+    draft = req.max_draft_len
     seq = w.isl + w.osl
-    blocks_per_seq = -(-seq // tpb)
+    blocks_per_seq = -(-(seq + draft) // tpb)
     max_seq_len = w.max_seq_len or req.context_length
     max_num_tokens = w.max_num_tokens or DEFAULT_MAX_NUM_TOKENS
     batch = w.max_batch_size or 256
@@ -363,6 +404,7 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
     ranks: list[RankMemory] = []
     for _ in range(3):  # batch → buffers → capacity → batch; converges in two passes, a third confirms
         tokens_cap = max(max_num_tokens if w.max_num_tokens else min(max_num_tokens, batch * max_seq_len), tpb)
+        tokens_cap = max(tokens_cap, speculative_num_tokens(batch, draft))
         ranks = _budget(req, batch, tokens_cap, max_seq_len)
         blocks = min(r.kv_blocks for r in ranks)
         concurrent = blocks // blocks_per_seq
@@ -378,32 +420,43 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
     problems: list[str] = []
     worst = max(ranks, key=lambda r: r.weight_bytes + r.activations + r.overhead)
     need = worst.weight_bytes + worst.activations + worst.overhead
-    if need >= req.gpu.memory_bytes:
+    if need + req.reserved_bytes >= req.gpu.memory_bytes:
+        beside = f" beside the other engine's {req.reserved_bytes / 1e9:.2f} GB" if req.reserved_bytes else ""
         problems.append(
             f"rank {worst.rank} needs {need / 1e9:.2f} GB before any KV cache (weights {worst.weight_bytes / 1e9:.2f} GB, "
-            f"activations {worst.activations / 1e9:.2f} GB, runtime {worst.overhead / 1e9:.2f} GB); {req.gpu.name} has {req.gpu.memory_gb:.2f} GB"
+            f"activations {worst.activations / 1e9:.2f} GB, runtime {worst.overhead / 1e9:.2f} GB){beside}; "
+            f"{req.gpu.name} has {req.gpu.memory_gb:.2f} GB"
         )
     elif concurrent < 1:
-        problems.append(f"the KV pool holds {kv_tokens} tokens per rank, less than one {seq}-token sequence (ISL {w.isl} + OSL {w.osl})")
+        what = f"{seq}-token sequence (ISL {w.isl} + OSL {w.osl})" if not draft else \
+            f"{seq + draft}-token sequence (ISL {w.isl} + OSL {w.osl} + {draft} draft tokens)"
+        problems.append(f"the KV pool holds {kv_tokens} tokens per rank, less than one {what}")
     if seq > max_seq_len:
         problems.append(f"ISL {w.isl} + OSL {w.osl} = {seq} exceeds max_seq_len {max_seq_len}")
-    if not problems and kv_tokens < max_seq_len:
+    if not problems and kv_tokens < max_seq_len + draft:
         if w.max_seq_len:
             notes.append(f"one max_seq_len ({max_seq_len}) sequence needs more KV than the pool's {kv_tokens} tokens; "
                          "the runtime will cap its attention window")
         else:
-            shorter = max(_round_down(kv_tokens, tpb), seq)
+            shorter = max(_round_down(kv_tokens - draft, tpb), seq)
             notes.append(f"max_seq_len shortened from the model's {max_seq_len} to {shorter}: a longer sequence would not fit the KV pool")
             max_seq_len = shorter
     max_num_tokens = max(min(max_num_tokens, batch * max_seq_len), tpb)
+    if (raised := speculative_num_tokens(batch, draft)) > max_num_tokens:
+        notes.append(f"max_num_tokens raised from {max_num_tokens} to max_batch_size × (max_draft_len + 1) = {batch} × {draft + 1} "
+                     f"= {raised}: every sequence feeds {draft + 1} tokens per step (trtllm-build raises it the same way)")
+        max_num_tokens = raised
+    if draft:
+        notes.append(f"the engine will hold max_seq_len {max_seq_len} + {draft} = {max_seq_len + draft}: trtllm-build adds "
+                     f"max_draft_len to --max_seq_len {max_seq_len} (the longest answer stays the same)")
     if w.isl > max_num_tokens:
         notes.append(f"prompts of {w.isl} tokens exceed max_num_tokens {max_num_tokens}: serve with chunked context "
                      "(the long-context plugin profile) or raise --max-num-tokens")
     if w.max_batch_size and concurrent < w.max_batch_size and not problems:
-        notes.append(f"max_batch_size {w.max_batch_size} exceeds the {concurrent} sequences of {seq} tokens the KV pool holds")
+        notes.append(f"max_batch_size {w.max_batch_size} exceeds the {concurrent} sequences of {seq + draft} tokens the KV pool holds")
     limits = BuildLimits(max_batch_size=batch, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                          max_input_len=max(1, max_seq_len - 1))
     max_tokens = min(kv_tokens, batch * blocks_per_seq * tpb)
     return MemoryPlan(req, ranks, limits, kv_tokens, blocks, blocks_per_seq, concurrent, max_tokens, problems, notes,
-                      weights_fit=need < req.gpu.memory_bytes)
+                      weights_fit=need + req.reserved_bytes < req.gpu.memory_bytes)
 

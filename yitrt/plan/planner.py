@@ -10,21 +10,24 @@ the changes that would fit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from yitrt.build.profiles import pick_profile, resolve_flags
 from yitrt.checkpoint.sharding import pp_problems, tp_problems
 from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM, resolve_dtype
+from yitrt.checkpoint.truncate import keep_layers_problems
 from yitrt.errors import UsageError, ValidationError
 from yitrt.models.config import ModelConfig, load_config, parse_config
 from yitrt.models.registry import load_registry, request_pitfalls
 from yitrt.plan.gpus import Gpu, get_gpu
 from yitrt.plan.memory import MemoryPlan, PlanRequest, Workload, plan_memory
 from yitrt.plan.rules import Finding, check, rule_context
+from yitrt.plan.speculative import pair_problems, plan_pair
 from yitrt.quant.rules import padding_problems
 from yitrt.quant.schemes import KV_CACHE_FORMATS, SCHEMES, KvCacheFormat, Scheme, get_kv_cache, get_scheme
+from yitrt.speculation import BUILD_MODES, LookaheadSizes, check_draft_len
 
 #: Candidates `--compare` and the suggestions try (a single node holds at most 8 GPUs).
 TP_CHOICES = (1, 2, 4, 8)
@@ -140,6 +143,22 @@ class PlanOptions:
     workload: Workload = Workload()
     trtllm_version: str = TARGET_TRTLLM
     compare: bool = False
+    #: draft-target: the draft (checkpoint, HF folder or repo id), K, and the draft's tp/scheme/KV where it is not a
+    #: checkpoint (default: the target's), its first N layers only (a truncated self-draft) and an already resolved
+    #: draft input (``draft_source``, like ``plan(source=)``); lookahead: (W, N, G). At most one of the two.
+    draft: str | None = None
+    max_draft_len: int | None = None
+    draft_tp: int | None = None
+    draft_scheme: str | None = None
+    draft_kv_cache: str | None = None
+    draft_layers: int | None = None
+    draft_source: PlanSource | None = None
+    lookahead: LookaheadSizes | None = None
+
+    @property
+    def speculative(self) -> str | None:
+        """``draft-target``, ``lookahead`` or None."""
+        return "draft-target" if self.draft else "lookahead" if self.lookahead else None
 
 
 @dataclass
@@ -178,11 +197,17 @@ class PlanReport:
     suggestions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     slo: dict[str, Any] | None = None
+    speculative: dict[str, Any] | None = None
 
     @property
     def primary(self) -> Candidate:
         """The single plan (no --compare)."""
         return self.candidates[0]
+
+    @property
+    def fits(self) -> bool:
+        """The single plan fits (a draft-target pair: both engines with at least one sequence)."""
+        return self.primary.ok and (self.speculative is None or bool(self.speculative.get("fits")))
 
     def to_json(self) -> dict[str, Any]:
         """JSON object of `yitrt plan --json`."""
@@ -195,7 +220,7 @@ class PlanReport:
                        "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings},
             "gpu": self.gpu.to_json(), "trtllm_version": self.options.trtllm_version, "compare": self.options.compare,
             "candidates": [c.to_json() for c in self.candidates], "suggestions": self.suggestions,
-            "warnings": self.warnings, "slo": self.slo,
+            "warnings": self.warnings, "slo": self.slo, "speculative": self.speculative,
         }
 
 
@@ -207,13 +232,28 @@ def planned_dtype(source: PlanSource, scheme: Scheme) -> str:
     return source.dtype
 
 
-def _request(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme: Scheme, kv: KvCacheFormat | None, tp: int, pp: int) -> PlanRequest:
+def _request(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme: Scheme, kv: KvCacheFormat | None, tp: int, pp: int,
+             max_draft_len: int = 0) -> PlanRequest:
     return PlanRequest(cfg=source.cfg, dtype=planned_dtype(source, scheme), scheme=scheme, kv=kv, tp=tp, pp=pp, gpu=gpu,
-                       workload=opts.workload, parallel_embedding=source.parallel_embedding, group_size=source.group_size)
+                       workload=opts.workload, parallel_embedding=source.parallel_embedding, group_size=source.group_size,
+                       max_draft_len=max_draft_len)
 
 
-def evaluate(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme_name: str, kv_name: str | None, tp: int, pp: int) -> Candidate:
-    """Validate and size one configuration (never raises for an invalid one: the reasons are in ``invalid``)."""
+def _role_fields(role: str | None, draft_len: int) -> dict[str, Any]:
+    """The ``build.*`` rule fields of a speculative role (see ``yitrt.build.speculative.SpeculativeBuild``)."""
+    if role is None:
+        return {}
+    mode = {"target": BUILD_MODES["draft-target"], "lookahead": BUILD_MODES["lookahead"]}.get(role)
+    return {"speculative_decoding_mode": mode, "max_draft_len": draft_len if mode else 0, "speculative_role": role}
+
+
+def evaluate(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme_name: str, kv_name: str | None, tp: int, pp: int,
+             role: str | None = None, draft_len: int = 0) -> Candidate:
+    """Validate and size one configuration (never raises for an invalid one: the reasons are in ``invalid``).
+
+    ``role`` (``target``, ``draft`` or ``lookahead``) and ``draft_len`` (K or D) plan a speculative engine: its
+    ``max_draft_len`` in the memory plan (not the draft's) and the speculative rules.
+    """
     scheme, kv = get_scheme(scheme_name), get_kv_cache(kv_name)
     cfg = source.cfg
     invalid = tp_problems(cfg, tp) + pp_problems(cfg, pp) + padding_problems(cfg, scheme, tp, source.group_size)
@@ -224,9 +264,10 @@ def evaluate(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme_name: str, 
     flags, limits, _ = resolve_flags(profile, gpu, scheme, tp)
     flags["tokens_per_block"] = opts.workload.tokens_per_block
     plan = None
+    engine_draft = draft_len if role in ("target", "lookahead") else 0
     if not tp_problems(cfg, tp) and not pp_problems(cfg, pp):
-        plan = plan_memory(_request(source, opts, gpu, scheme, kv, tp, pp))
-    build = plan.limits.to_json() if plan else {}
+        plan = plan_memory(_request(source, opts, gpu, scheme, kv, tp, pp, engine_draft))
+    build = {**(plan.limits.to_json() if plan else {}), **_role_fields(role, draft_len)}
     findings = check(rule_context(gpu=gpu, scheme=scheme, kv=kv, dtype=dtype, tp=tp, pp=pp,
                                   trtllm=opts.trtllm_version, plugins=flags, build=build,
                                   context_length=plan.request.context_length if plan else None))
@@ -276,6 +317,7 @@ def plan(model_or_ckpt: str, opts: PlanOptions, revision: str | None = None, sou
     """
     source = source or load_source(model_or_ckpt, revision)
     gpu = get_gpu(opts.gpu)
+    _check_speculative_options(opts)
     fixed = {"--scheme": (opts.schemes, source.scheme), "--tp": (opts.tp, source.tp)}
     for flag, (given, fixed_value) in fixed.items():
         if fixed_value is not None and given and any(g != fixed_value for g in given):
@@ -295,10 +337,95 @@ def plan(model_or_ckpt: str, opts: PlanOptions, revision: str | None = None, sou
         raise UsageError("several --tp or --scheme values need --compare", "add --compare, or give one of each")
     scheme = source.scheme or (opts.schemes[0] if opts.schemes else "none")
     tp = source.tp or (opts.tp[0] if opts.tp else 1)
-    cand = evaluate(source, opts, gpu, scheme, kv, tp, pp)
+    if opts.speculative == "draft-target":
+        return _plan_draft_target(source, opts, gpu, scheme, kv, tp, pp)
+    if opts.lookahead is not None:
+        cand = evaluate(source, opts, gpu, scheme, kv, tp, pp, role="lookahead", draft_len=opts.lookahead.max_draft_len)
+    else:
+        cand = evaluate(source, opts, gpu, scheme, kv, tp, pp)
     if cand.invalid:
         raise ValidationError(cand.invalid, "fix every problem listed; `yitrt plan --compare` shows what is valid")
     warnings += [str(f) for f in cand.findings if f.severity == "warning"]
     warnings += request_pitfalls(source.cfg, source.repo_id, {"pp": pp, "kv_cache": kv, "scheme": scheme})
-    suggestions = _suggest(source, opts, gpu, cand) if not cand.ok else []
-    return PlanReport(source, gpu, opts, [cand], suggestions, warnings)
+    suggestions = _suggest(source, opts, gpu, cand) if not cand.ok and opts.lookahead is None else []
+    report = PlanReport(source, gpu, opts, [cand], suggestions, warnings)
+    if opts.lookahead is not None:
+        la = opts.lookahead
+        report.speculative = {"mode": "lookahead", "window": la.window, "ngram": la.ngram, "verification_set": la.verification_set,
+                              "max_draft_len": la.max_draft_len, "decoding_tokens": la.decoding_tokens, "fits": cand.ok,
+                              "max_concurrent_sequences": cand.plan.max_concurrent if cand.plan else 0,
+                              "triton": {"tensorrt_llm": {"decoding_mode": "lookahead", "lookahead_window_size": la.window,
+                                                          "lookahead_ngram_size": la.ngram,
+                                                          "lookahead_verification_set_size": la.verification_set}}}
+    return report
+
+
+def _check_speculative_options(opts: PlanOptions) -> None:
+    """Refuse speculative plan options that contradict each other (all at once).
+
+    Raises:
+        UsageError: the problems.
+    """
+    problems = []
+    if opts.draft and opts.lookahead is not None:
+        problems.append("--draft (draft-target) and --lookahead are two kinds of speculative decoding: pick one")
+    if opts.max_draft_len is not None and not opts.draft:
+        problems.append("--max-draft-len is the draft-target K and needs --draft DRAFT (lookahead derives it from --lookahead)")
+    if opts.draft and opts.max_draft_len is None:
+        problems.append("--draft needs --max-draft-len K (draft tokens per round)")
+    if opts.max_draft_len is not None:
+        try:
+            check_draft_len(opts.max_draft_len, "--max-draft-len")
+        except UsageError as exc:
+            problems.append(exc.message)
+    unused = [f for f, v in (("--draft-tp", opts.draft_tp), ("--draft-scheme", opts.draft_scheme),
+                             ("--draft-kv-cache", opts.draft_kv_cache), ("--draft-layers", opts.draft_layers)) if v is not None]
+    if unused and not opts.draft:
+        problems.append(f"{', '.join(unused)} describe the draft: pass --draft DRAFT")
+    if opts.compare and opts.speculative:
+        problems.append("--compare plans one model; plan a speculative deployment without it")
+    if opts.lookahead is not None and opts.lookahead.max_draft_len < 1:
+        problems.append("--lookahead 1,1,0 drafts nothing (plain decoding): use sizes with ngram >= 2")
+    if problems:
+        raise UsageError("; ".join(problems), "e.g. `yitrt plan TARGET --gpu H100 --draft DRAFT --max-draft-len 4` or `--lookahead 4,3,4`")
+
+
+def _plan_draft_target(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme: str, kv: str | None, tp: int, pp: int) -> PlanReport:
+    """A draft-target pair: the target and the draft validated each, then planned together on the same GPUs."""
+    k = opts.max_draft_len or 0
+    draft = opts.draft_source or load_source(opts.draft or "")
+    if opts.draft_layers is not None:
+        if problems := keep_layers_problems(draft.cfg.num_layers, opts.draft_layers):
+            raise UsageError("--draft-layers: " + "; ".join(problems), f"keep 1..{draft.cfg.num_layers} of the draft's layers")
+        draft = replace(draft, cfg=replace(draft.cfg, num_layers=opts.draft_layers))
+    if draft.origin == "checkpoint" and any(v is not None and v != fixed for v, fixed in
+                                            ((opts.draft_scheme, draft.scheme), (opts.draft_tp, draft.tp), (opts.draft_kv_cache, draft.kv))):
+        raise UsageError(f"{draft.name} is a checkpoint: its scheme, tp and KV format are fixed", "drop --draft-scheme/--draft-tp/--draft-kv-cache")
+    d_scheme = draft.scheme or opts.draft_scheme or scheme
+    d_kv = draft.kv if draft.origin == "checkpoint" else (opts.draft_kv_cache if opts.draft_kv_cache is not None else kv)
+    d_tp = draft.tp or opts.draft_tp or tp
+    cand = evaluate(source, opts, gpu, scheme, kv, tp, pp, role="target", draft_len=k)
+    d_cand = evaluate(draft, opts, gpu, d_scheme, d_kv, d_tp, draft.pp or 1, role="draft", draft_len=k)
+    invalid = cand.invalid + [f"draft {draft.name}: {p}" for p in d_cand.invalid]
+    if not invalid:
+        target_req = _request(source, opts, gpu, get_scheme(scheme), get_kv_cache(kv), tp, pp, k)
+        draft_req = _request(draft, opts, gpu, get_scheme(d_scheme), get_kv_cache(d_kv), d_tp, draft.pp or 1)
+        invalid += pair_problems(target_req, draft_req)
+    if invalid:
+        raise ValidationError(invalid, "fix every problem listed; plan each model alone to see what is valid")
+    pair = plan_pair(target_req, draft_req)
+    cand.plan, d_cand.plan = pair.target, pair.draft
+    warnings = [str(f) for f in cand.findings if f.severity == "warning"]
+    warnings += [f"draft: {f}" for f in d_cand.findings if f.severity == "warning"]
+    warnings += request_pitfalls(source.cfg, source.repo_id, {"pp": pp, "kv_cache": kv, "scheme": scheme})
+    warnings += [f"draft: {w}" for w in request_pitfalls(draft.cfg, draft.repo_id, {"pp": 1, "kv_cache": d_kv, "scheme": d_scheme})]
+    report = PlanReport(source, gpu, opts, [cand], [], warnings)
+    cfg = draft.cfg
+    report.speculative = {
+        **pair.to_json(),
+        "draft_model": {"name": draft.name, "origin": draft.origin, "repo_id": draft.repo_id, "dtype": draft.dtype,
+                        "params": cfg.param_count(), "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+                        "vocab_size": cfg.vocab_size, "scheme": d_scheme, "kv_cache": d_kv, "tp": d_tp, "profile": d_cand.profile,
+                        "rules": [f.to_json() for f in d_cand.findings]},
+    }
+    return report

@@ -23,9 +23,12 @@ from yitrt import __version__
 from yitrt.errors import CheckpointError, UsageError, ValidationError
 from yitrt.limits import INT32_MAX, MAX_INSTANCES
 from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
+from yitrt.speculation import LookaheadSizes
 from yitrt.triton import contract as contracts
+from yitrt.triton import speculative as spec_mod
 from yitrt.triton.model_src.yitrt_text import WORDS_ENCODINGS
 from yitrt.triton.pbtxt import Header, build_config, to_text
+from yitrt.triton.speculative import DRAFT_MODEL, Speculation
 from yitrt.userfiles import check_name, copy_into, read_json, read_json_if_present, source_file
 
 STAGE = "deploy"
@@ -69,6 +72,15 @@ class DeployRequest:
         max_input_len / max_seq_len: limits of the reference slot (an engine's are its own).
         words_encoding: how preprocessing encodes stop/bad words: ``with_space`` (each word and its leading-space
             variant) or ``stock`` (the word alone, as NVIDIA's preprocessing does).
+        speculative: ``draft-target``, ``lookahead`` or None (yitrt.triton.speculative checks it against the engines).
+        draft: the draft engine folder (``trtllm``) or the draft checkpoint (``reference``) of draft-target.
+        num_draft_tokens: K, draft tokens per round when a request names none (default: the target engine's
+            max_draft_len; required for the reference slot, whose ``yitrt_max_draft_len`` it becomes).
+        use_draft_logits: accept with the draft's logits by default (the draft engine needs generation logits).
+        lookahead: (W, N, G) of lookahead decoding (default: TensorRT-LLM's 4, 3, 4); an engine's max_draft_len must
+            be theirs.
+        draft_kv_fraction: the draft's kv_cache_free_gpu_mem_fraction (default: half of the plan's when both share GPUs).
+        gpu_ids / draft_gpu_ids: ``gpu_device_ids`` of target and draft engines (default: the first tp×pp GPUs each).
     """
 
     source: Path
@@ -92,6 +104,14 @@ class DeployRequest:
     max_input_len: int | None = None
     max_seq_len: int | None = None
     words_encoding: str = "with_space"
+    speculative: str | None = None
+    draft: Path | None = None
+    num_draft_tokens: int | None = None
+    use_draft_logits: bool = False
+    lookahead: LookaheadSizes | None = None
+    draft_kv_fraction: float | None = None
+    gpu_ids: tuple[int, ...] | None = None
+    draft_gpu_ids: tuple[int, ...] | None = None
     force: bool = False
 
 
@@ -115,6 +135,11 @@ class EngineFacts:
     plan: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     kv_cache_type: str | None = None
+    vocab_size: int | None = None
+    speculative_mode: str | None = None
+    max_draft_len: int = 0
+    gather_generation_logits: bool = False
+    max_beam_width: int = 1
 
     @property
     def world_size(self) -> int:
@@ -132,6 +157,7 @@ class DeployResult:
     engine: EngineFacts
     summary: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    speculation: Speculation | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON summary."""
@@ -196,7 +222,7 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
         quant = _section(config, "quantization", cfg_path)
         return EngineFacts("reference", path, None, config.get("dtype", "float16"), config.get("logits_dtype", "float32"), tp, pp,
                            req.max_batch_size or 8, req.max_input_len or seq - 1, seq, {}, quant.get("quant_algo"),
-                           quant.get("kv_cache_quant_algo"), {}, path)
+                           quant.get("kv_cache_quant_algo"), {}, path, vocab_size=_count(config, "vocab_size", 0, cfg_path, low=0, high=1 << 24) or None)
     if req.max_input_len or req.max_seq_len:
         raise UsageError("--max-input-len/--max-seq-len apply to the reference slot only", "an engine's limits are the ones it was built with")
     cfg_path = path / "config.json"
@@ -216,11 +242,21 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
     engine_extra = (manifest.extra or {}).get("engine", {}) if manifest else {}
     quant = _section(pretrained, "quantization", cfg_path)
     seq = _count(build, "max_seq_len", _count(pretrained, "max_position_embeddings", 2048, cfg_path, high=1 << 24), cfg_path, high=1 << 24)
+    from yitrt.speculation import engine_mode
+
+    try:
+        mode = engine_mode(build.get("speculative_decoding_mode"))
+    except ValueError as exc:
+        raise CheckpointError(f"{cfg_path}: {exc}", "rebuild the engine (yitrt build)") from None
     return EngineFacts("trtllm", path, config.get("version"), pretrained.get("dtype", "float16"), pretrained.get("logits_dtype", "float32"),
                        tp, pp, _count(build, "max_batch_size", 256, cfg_path), _count(build, "max_input_len", seq - 1, cfg_path, high=1 << 24), seq,
                        dict(build.get("plugin_config") or {}), quant.get("quant_algo"), quant.get("kv_cache_quant_algo"),
                        dict((engine_extra.get("build_config") or {}).get("plan") or {}),
-                       Path(engine_extra["checkpoint"]) if engine_extra.get("checkpoint") else None, build.get("kv_cache_type"))
+                       Path(engine_extra["checkpoint"]) if engine_extra.get("checkpoint") else None, build.get("kv_cache_type"),
+                       vocab_size=_count(pretrained, "vocab_size", 0, cfg_path, low=0, high=1 << 24) or None, speculative_mode=mode,
+                       max_draft_len=_count(build, "max_draft_len", 0, cfg_path, low=0, high=1 << 16),
+                       gather_generation_logits=build.get("gather_generation_logits") is True or build.get("gather_all_token_logits") is True,
+                       max_beam_width=_count(build, "max_beam_width", 1, cfg_path, high=1024))
 
 
 def _line(req: DeployRequest, facts: EngineFacts) -> str:
@@ -251,13 +287,14 @@ def reuse_possible(facts: EngineFacts) -> bool:
     return effective_paged_context_fmha(_plugins(facts), scheme, kv)
 
 
-def _check_serving(req: DeployRequest, facts: EngineFacts, line: str) -> list[str]:
-    """Every problem of the serving settings against the engine, at once (returns the warnings)."""
+def _check_serving(req: DeployRequest, facts: EngineFacts, line: str, more: list[str] | None = None) -> list[str]:
+    """Every problem of the serving settings against the engine, at once, with ``more`` found before (returns the
+    warnings)."""
     from yitrt.plan.planner import kv_of_algo, scheme_of_algo
     from yitrt.plan.rules import check, raise_errors, rule_context
     from yitrt.quant.schemes import get_kv_cache, get_scheme
 
-    problems = []
+    problems = list(more or [])
     if req.max_batch_size and facts.kind == "trtllm" and req.max_batch_size > facts.max_batch_size:
         problems.append(f"--max-batch-size {req.max_batch_size} exceeds the engine's max_batch_size {facts.max_batch_size}")
     from yitrt.reference.engine.scheduler import POLICIES
@@ -418,8 +455,21 @@ def _slot_limits(req: DeployRequest) -> dict[str, str]:
             "yitrt_kv_cache_bytes": str(req.kv_cache_bytes or DEFAULTS["yitrt_kv_cache_bytes"])}
 
 
-def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int]) -> dict[str, str]:
-    """Every model's config.pbtxt text, by model name (the BLS under ``req.model_name``)."""
+def repository_models(req: DeployRequest, spec: Speculation | None = None) -> list[tuple[str, str]]:
+    """(folder name, contract model) of every model the repository holds: the BLS under ``req.model_name``, and the
+    draft of draft-target speculation, a second ``tensorrt_llm`` under its own name."""
+    out = []
+    for model in MODEL_NAMES:
+        out.append((req.model_name if model == "tensorrt_llm_bls" else model, model))
+        if model == "tensorrt_llm" and spec is not None and spec.draft_target:
+            out.append((DRAFT_MODEL, model))
+    return out
+
+
+def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int],
+                      spec: Speculation | None = None) -> dict[str, str]:
+    """Every model's config.pbtxt text, by model name (the BLS under ``req.model_name``; the draft of draft-target
+    speculation as ``tensorrt_llm_draft``)."""
     models = contracts.contract(line)
     reference = facts.kind == "reference"
     batch = req.max_batch_size or facts.max_batch_size
@@ -442,37 +492,53 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
     fill["batch_scheduler_policy"] = req.scheduler_policy
     if req.kv_host_cache:
         fill["kv_cache_host_memory_bytes"] = str(int(req.kv_host_cache))
+    if spec is not None:
+        fill.update(spec_mod.target_fill(spec))
     # prompt_embedding_table: the ensemble declares TYPE_FP16 and Triton refuses an ensemble whose steps disagree
     # on a tensor's type (seen: "inconsistent data type"), so tensorrt_llm/BLS get FP16 too, as NVIDIA's docs fill it.
     types = {"logits_datatype": _DTYPES.get(facts.logits_dtype, "TYPE_FP32"), "encoder_input_features_data_type": "TYPE_FP16",
              "prompt_embedding_table_data_type": "TYPE_FP16"}
     limits = {"max_input_len": str(facts.max_input_len)}
+    slot = ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable, **_slot_limits(req),
+             "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
+            if reference else {})
     extra = {
         "preprocessing": {**limits, "yitrt_words_encoding": req.words_encoding, **({"end_id": str(end_id)} if end_id is not None else {}),
                           **({"stop_token_ids": ",".join(map(str, stops))} if stops else {})},
-        "tensorrt_llm": ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable,
-                          **_slot_limits(req),
-                          "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
-                         if reference else {}),
+        "tensorrt_llm": {**slot, **(spec_mod.target_parameters(spec, facts.kind) if spec else {})},
+        DRAFT_MODEL: slot,  # the draft slot stands in for an engine with the target's limits
         "tensorrt_llm_bls": {"tokenizer_dir": TOKENIZER_FOLDER, "skip_special_tokens": "true", "preprocessing_model_name": "preprocessing",
-                             **{key: json.dumps(value, sort_keys=True) for key, value in bls_wiring(models).items()}},
+                             **{key: json.dumps(value, sort_keys=True) for key, value in bls_wiring(models).items()},
+                             **(spec_mod.bls_parameters(spec) if spec else {})},
     }
+    engine_header = Header(backend=fill["triton_backend"], max_batch_size=batch, decoupled=req.streaming, dynamic_batching="queue")
     headers = {
         "ensemble": Header(platform="ensemble", max_batch_size=batch, instance_count=None),
         "preprocessing": Header(backend="python", max_batch_size=batch, dynamic_batching="queue", instance_count=req.instances),
-        "tensorrt_llm": Header(backend=fill["triton_backend"], max_batch_size=batch, decoupled=req.streaming, dynamic_batching="queue"),
+        "tensorrt_llm": engine_header,
         "postprocessing": Header(backend="python", max_batch_size=batch, dynamic_batching="plain", instance_count=req.instances),
         "tensorrt_llm_bls": Header(backend="python", max_batch_size=batch, decoupled=req.streaming, instance_count=req.instances),
     }
+    fills = {}
     what = (f"TensorRT-LLM {line} engine {facts.path}" if not reference else
             f"CPU REFERENCE ENGINE SLOT (tests and the demo only, not TensorRT-LLM): checkpoint {facts.path}")
+    whats = {}
+    if spec is not None and spec.draft_target:
+        draft = spec.draft
+        draft_fill = {**fill, **spec_mod.draft_fill(spec)}
+        fills[DRAFT_MODEL] = {k: v for k, v in draft_fill.items() if v is not None}
+        if draft.kind == "trtllm":  # Triton's batch bound must not exceed the draft engine's own
+            headers[DRAFT_MODEL] = dataclasses.replace(engine_header, max_batch_size=min(batch, draft.max_batch_size))
+        whats[DRAFT_MODEL] = (f"TensorRT-LLM {line} engine {draft.path} (the draft)" if not reference else
+                              f"CPU REFERENCE ENGINE SLOT (tests and the demo only, not TensorRT-LLM): draft checkpoint {draft.path}")
     out = {}
-    for model in MODEL_NAMES:
-        name = req.model_name if model == "tensorrt_llm_bls" else model
+    for name, model in repository_models(req, spec):
+        note = spec_mod.model_note(spec, name) if model == "tensorrt_llm" else None
         comment = (f"Written by yitrt {__version__} (yitrt deploy) for the TensorRT-LLM {line} inflight_batcher_llm contract.\n"
-                   f"Serves: {what}." + _NOTES.get(model, ""))
-        cfg = build_config(name, models[model], headers[model], types=types,
-                           parameters=_parameters(model, models[model], fill, extra.get(model, {})))
+                   f"Serves: {whats.get(name, what)}." + (note if note is not None else _NOTES.get(model, "")))
+        key = name if name == DRAFT_MODEL else model
+        cfg = build_config(name, models[model], headers.get(key, headers[model]), types=types,
+                           parameters=_parameters(model, models[model], fills.get(name, fill), extra.get(key, {})))
         out[name] = to_text(cfg, comment)
     return out
 
@@ -497,23 +563,32 @@ def _install_sources(model_dir: Path, source: str | None, with_text: bool) -> No
         (version / "yitrt_text.py").write_text(src.joinpath("yitrt_text.py").read_text())
 
 
-def _launch_script(facts: EngineFacts) -> str:
-    from yitrt.triton.server import Ports, launch_argv, shell_line
+def _launch_script(facts: EngineFacts, spec: Speculation | None = None) -> str:
+    from yitrt.triton.server import ORCHESTRATOR_ENV, Ports, launch_argv, shell_line
 
-    argv = launch_argv("$REPO", facts.world_size, "$TRITONSERVER", Ports("$HTTP_PORT", "$GRPC_PORT", "$METRICS_PORT"))
-    if facts.world_size > 1:  # mpirun, then one line per rank's app context
+    gpus = spec.orchestrator_gpus if spec is not None and spec.orchestrator else None
+    world = 1 if gpus is not None else facts.world_size
+    argv = launch_argv("$REPO", world, "$TRITONSERVER", Ports("$HTTP_PORT", "$GRPC_PORT", "$METRICS_PORT"), orchestrator_gpus=gpus)
+    if world > 1:  # mpirun, then one line per rank's app context
         contexts = [shell_line(list(group)) for sep, group in groupby(argv[2:], key=lambda a: a == ":") if not sep]
         body = shell_line(argv[:2]) + " \\\n    " + " : \\\n    ".join(contexts)
+    elif gpus is not None:  # mpirun -n 1, then the server's line
+        body = shell_line(argv[:4]) + " \\\n    " + shell_line(argv[4:])
     else:
         body = shell_line(argv)
-    ranks = (f"{facts.world_size} ranks through mpirun, exactly tp×pp = {facts.tp}×{facts.pp}: one tritonserver per GPU"
-             if facts.world_size > 1 else "one tritonserver process (world size 1)")
+    if gpus is not None:
+        ranks = ("TensorRT-LLM's orchestrator mode (launch_triton_server.py --multi-model): one tritonserver under mpirun -n 1;\n"
+                 f"# each engine model spawns its own ranks (tensorrt_llm: {facts.tp}×{facts.pp}, {DRAFT_MODEL}: {spec.draft.tp}×{spec.draft.pp})")
+    else:
+        ranks = (f"{facts.world_size} ranks through mpirun, exactly tp×pp = {facts.tp}×{facts.pp}: one tritonserver per GPU"
+                 if facts.world_size > 1 else "one tritonserver process (world size 1)")
+    env = "".join(f"export {key}={value}\n" for key, value in ORCHESTRATOR_ENV.items()) if gpus is not None else ""
     return f"""#!/usr/bin/env bash
 # Start Triton for this repository: {ranks}.
 # Written by yitrt {__version__}. `yitrt serve REPO` does the same and also waits for readiness and stops cleanly.
 # Override: TRITONSERVER (binary), HTTP_PORT, GRPC_PORT, METRICS_PORT.
 set -euo pipefail
-REPO="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+{env}REPO="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 TRITONSERVER="${{TRITONSERVER:-tritonserver}}"
 HTTP_PORT="${{HTTP_PORT:-8000}}"
 GRPC_PORT="${{GRPC_PORT:-8001}}"
@@ -522,18 +597,28 @@ exec {body}
 """
 
 
-def _readme(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int]) -> str:
+def _readme(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int], spec: Speculation | None = None) -> str:
     bls = req.model_name
     stream = "true" if req.streaming else "false"
     reference = ("\n**This repository serves a CPU reference engine slot** (yitrt's reference runtime over the checkpoint "
                  f"`{facts.path}`): for tests and the demo only, not TensorRT-LLM.\n" if facts.kind == "reference" else "")
+    draft_target = spec is not None and spec.draft_target
+    world = ("orchestrator mode, each engine model spawns its own ranks" if spec is not None and spec.orchestrator
+             else f"world size {facts.world_size}")
+    models = f"`preprocessing`, `tensorrt_llm`{f', `{DRAFT_MODEL}` (the draft)' if draft_target else ''}, `postprocessing`"
+    echo = ("the BLS never echoes the prompt; the ensemble does (see Speculative decoding)" if draft_target else "the prompt is never echoed")
+    exclude = ("`exclude_input_in_output: false` on `tensorrt_llm` and the draft, as the stock BLS expects in a draft-target repository "
+               "(yitrt's BLS asks for new tokens per request; send `exclude_input_in_output` true to the ensemble to drop the prompt)"
+               if draft_target else
+               "`exclude_input_in_output: true`, so answers hold only new tokens (send `exclude_input_in_output` false to get the prompt back\n"
+               "from `tensorrt_llm`)")
     return f"""# Triton repository (yitrt {__version__}, TensorRT-LLM {line} `inflight_batcher_llm` contract)
 {reference}
-- engine: `{facts.path}` (tp {facts.tp} × pp {facts.pp}; world size {facts.world_size}), max batch {req.max_batch_size or facts.max_batch_size},
+- engine: `{facts.path}` (tp {facts.tp} × pp {facts.pp}; {world}), max batch {req.max_batch_size or facts.max_batch_size},
   max input {facts.max_input_len} tokens, max sequence {facts.max_seq_len} tokens
 - models: `ensemble` (stock wiring) and `{bls}` (recommended: chat template, incremental streaming, stop words);
-  `preprocessing`, `tensorrt_llm`, `postprocessing` behind them; decoupled (streaming): {stream}
-- end id {end_id}, extra stop ids {stops or 'none'} (from the model's generation_config.json); the prompt is never echoed
+  {models} behind them; decoupled (streaming): {stream}
+- end id {end_id}, extra stop ids {stops or 'none'} (from the model's generation_config.json); {echo}
 
 ## Start
 
@@ -564,9 +649,8 @@ model's chat template (`text_input`, if not empty, is appended as the last user 
 
 Differences from NVIDIA's templates, on purpose: stop/bad words are encoded alone and after a space
 (`preprocessing` parameter `yitrt_words_encoding`: `{req.words_encoding}`; `stock` encodes them alone); `tensorrt_llm` has
-`exclude_input_in_output: true`, so answers hold only new tokens (send `exclude_input_in_output` false to get the prompt back
-from `tensorrt_llm`). Shapes are the stock ones: `text_output` is 1-D `[1]` per response (`as_numpy("text_output")[0]`).
-"""
+{exclude}. Shapes are the stock ones: `text_output` is 1-D `[1]` per response (`as_numpy("text_output")[0]`).
+{spec_mod.readme_section(spec)}"""
 
 
 def deploy(req: DeployRequest) -> DeployResult:
@@ -582,13 +666,15 @@ def deploy(req: DeployRequest) -> DeployResult:
         raise UsageError(f"unknown words encoding {req.words_encoding!r}", f"use one of: {', '.join(WORDS_ENCODINGS)}")
     check_name(req.model_name, "--model-name")  # it becomes a folder of the repository: never a path out of it
     # compared without case: the repository must also work on a case-insensitive file system
-    if req.model_name.lower() in {m.lower() for m in MODEL_NAMES} - {"tensorrt_llm_bls"}:
+    if req.model_name.lower() in {m.lower() for m in (*MODEL_NAMES, DRAFT_MODEL)} - {"tensorrt_llm_bls"}:
         raise UsageError(f"--model-name {req.model_name} clashes with a model of the repository", "choose another name for the BLS model")
     facts = engine_facts(req)
     line = _line(req, facts)
-    if req.kv_reuse is None:
-        req = dataclasses.replace(req, kv_reuse=reuse_possible(facts))
-    warnings = _check_serving(req, facts, line)
+    spec, problems, spec_warnings = spec_mod.resolve(req, facts)
+    if req.kv_reuse is None:  # a speculative target must reuse KV blocks (checked against the engine below)
+        needed = (spec is not None and spec.draft_target) or facts.speculative_mode == "draft_tokens_external"
+        req = dataclasses.replace(req, kv_reuse=True if needed else reuse_possible(facts))
+    warnings = _check_serving(req, facts, line, problems) + spec_warnings
     tok_dir = _tokenizer_dir(req, facts)
     check_tokenizer_files(tok_dir)  # before the tokenizer is loaded from them
     end_id, stops, chat = stop_ids(tok_dir)
@@ -599,35 +685,45 @@ def deploy(req: DeployRequest) -> DeployResult:
               "chunked_context": req.chunked_context, "kv_host_cache": req.kv_host_cache, "scheduler_policy": req.scheduler_policy,
               "max_num_tokens": req.max_num_tokens, "tokens_per_block": req.tokens_per_block, "kv_cache_bytes": req.kv_cache_bytes,
               "instances": req.instances, "model_name": req.model_name,
-              "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "words_encoding": req.words_encoding, "python": sys.executable if req.engine == "reference" else None}
-    source_files = [p.name for p in facts.path.iterdir() if p.name == "config.json" or p.suffix in (".engine", ".safetensors") or p.name == "yitrt-manifest.json"]
-    inputs = {"source": fingerprint_files(facts.path, source_files) + ":" + str(facts.path),
+              "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "words_encoding": req.words_encoding, "python": sys.executable if req.engine == "reference" else None,
+              "speculative": spec.to_json() if spec else None}
+    inputs = {"source": _source_fingerprint(facts.path),
               "tokenizer": fingerprint_files(tok_dir, [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()])}
+    if spec is not None and spec.draft is not None:
+        inputs["draft"] = _source_fingerprint(spec.draft.path)
     out = Path(req.out).absolute()
+    orchestrator = spec is not None and spec.orchestrator
     summary = {"max_batch_size": req.max_batch_size or facts.max_batch_size, "streaming": req.streaming, "end_id": end_id,
-               "stop_ids": stops, "models": [m if m != "tensorrt_llm_bls" else req.model_name for m in MODEL_NAMES],
-               "entry_model": req.model_name, "tp": facts.tp, "pp": facts.pp, "world_size": facts.world_size,
-               "kv_reuse": req.kv_reuse, "chunked_context": req.chunked_context, "scheduler_policy": req.scheduler_policy}
+               "stop_ids": stops, "models": [name for name, _ in repository_models(req, spec)],
+               "entry_model": req.model_name, "tp": facts.tp, "pp": facts.pp, "world_size": 1 if orchestrator else facts.world_size,
+               "kv_reuse": req.kv_reuse, "chunked_context": req.chunked_context, "scheduler_policy": req.scheduler_policy,
+               "speculative": spec.to_json() if spec else None,
+               **({"orchestrator": True, "orchestrator_gpus": spec.orchestrator_gpus} if orchestrator else {})}
     if not req.force:
         reused = find_reusable(out, STAGE, _key(params, inputs))
         if reused is not None:
-            return DeployResult(out, True, line, facts, summary, warnings)
-    configs = render_repository(req, facts, line, end_id, stops)
+            return DeployResult(out, True, line, facts, summary, warnings, spec)
+    configs = render_repository(req, facts, line, end_id, stops, spec)
     with ArtifactWriter(out, STAGE, params, inputs, {"yitrt": __version__}) as art:
-        for model in MODEL_NAMES:
-            name = req.model_name if model == "tensorrt_llm_bls" else model
+        for name, model in repository_models(req, spec):
             folder = art.path / name
             source = _SOURCES.get(model) or ("reference_engine.py" if model == "tensorrt_llm" and facts.kind == "reference" else None)
             _install_sources(folder, source, with_text=source is not None)
             (folder / "config.pbtxt").write_text(configs[name])
         _copy_tokenizer(tok_dir, art.path / TOKENIZER_FOLDER)
         launch = art.path / "launch.sh"
-        launch.write_text(_launch_script(facts))
+        launch.write_text(_launch_script(facts, spec))
         launch.chmod(0o755)
-        (art.path / "README.md").write_text(_readme(req, facts, line, end_id, stops))
+        (art.path / "README.md").write_text(_readme(req, facts, line, end_id, stops, spec))
         art.extra["deploy"] = {**summary, "line": line, "engine": facts.kind, "source": str(facts.path), "tokenizer": str(tok_dir),
                                "max_input_len": facts.max_input_len, "max_seq_len": facts.max_seq_len}
-    return DeployResult(out, False, line, facts, summary, warnings)
+    return DeployResult(out, False, line, facts, summary, warnings, spec)
+
+
+def _source_fingerprint(path: Path) -> str:
+    """Identity of an engine or checkpoint folder: its config, rank files and manifest, and where it is."""
+    files = [p.name for p in path.iterdir() if p.name == "config.json" or p.suffix in (".engine", ".safetensors") or p.name == "yitrt-manifest.json"]
+    return fingerprint_files(path, files) + ":" + str(path)
 
 
 def _key(params: dict[str, Any], inputs: dict[str, str]) -> str:

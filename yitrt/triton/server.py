@@ -43,10 +43,22 @@ class Ports:
     metrics: int | str = 8002
 
 
+#: The environment of TensorRT-LLM's orchestrator mode (``launch_triton_server.py --multi-model``, spawning on):
+#: each engine model spawns its own executor worker ranks (reference/triton-repository.md §5).
+ORCHESTRATOR_ENV = {"TRTLLM_ORCHESTRATOR": "1", "TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES": "1"}
+
+
 def launch_argv(repo: Path | str, world_size: int, tritonserver: str, ports: Ports, *, mpirun: str = "mpirun",
-                backend_dir: Path | None = None, engine_model: str = "tensorrt_llm", extra: tuple[str, ...] = ()) -> list[str]:
+                backend_dir: Path | None = None, engine_model: str = "tensorrt_llm", extra: tuple[str, ...] = (),
+                orchestrator_gpus: list[int] | None = None) -> list[str]:
     """The command that starts Triton for a repository: tritonserver alone for world size 1, else mpirun with
-    exactly ``world_size`` ranks (``extra`` arguments go to every rank)."""
+    exactly ``world_size`` ranks (``extra`` arguments go to every rank).
+
+    ``orchestrator_gpus`` (the GPUs the engine models use): TensorRT-LLM's orchestrator mode, as
+    ``launch_triton_server.py --multi-model`` starts it — one tritonserver under ``mpirun -n 1`` (run with
+    ``ORCHESTRATOR_ENV``) that gives CUDA memory pools to nobody (``--pinned-memory-pool-byte-size=0
+    --enable-peer-access=false --cuda-memory-pool-byte-size=ID:0`` per GPU), since the spawned ranks use the GPUs.
+    """
 
     def rank(i: int) -> list[str]:
         args = [tritonserver, f"--model-repository={repo}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
@@ -59,6 +71,11 @@ def launch_argv(repo: Path | str, world_size: int, tritonserver: str, ports: Por
             args += ["--model-control-mode=explicit", f"--load-model={engine_model}"]
         return args
 
+    if orchestrator_gpus is not None:
+        if world_size != 1:
+            raise ValueError("orchestrator mode runs one tritonserver (world size 1)")
+        pools = [f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in orchestrator_gpus]
+        return [mpirun, "--allow-run-as-root", "-n", "1", *rank(0), "--pinned-memory-pool-byte-size=0", "--enable-peer-access=false", *pools]
     if world_size <= 1:
         return rank(0)
     argv = [mpirun, "--allow-run-as-root"]
@@ -237,19 +254,23 @@ def start_server(req: ServeRequest, on_log: Callable[[str], None] | None = None)
         raise MissingToolError("no tritonserver found (option --tritonserver, TRITONSERVER, PATH, /opt/tritonserver/bin, nvidia-pytriton)",
                                "run inside the Triton TRT-LLM container, or `pip install --no-deps nvidia-pytriton==0.7.0` for CPU tests")
     world = int(facts.get("world_size", 1))
+    orchestrator = [int(g) for g in facts.get("orchestrator_gpus", [])] if facts.get("orchestrator") else None
     mpirun = "mpirun"
-    if world > 1:
+    if world > 1 or orchestrator is not None:
         mpirun = env.mpirun_path() or ""  # serving needs the path only; doctor reports the version
         if not mpirun:
-            raise MissingToolError(f"this repository needs {world} ranks (tp×pp) and there is no mpirun", "install Open MPI (the Triton TRT-LLM container has it)")
+            need = f"{world} ranks (tp×pp)" if orchestrator is None else "TensorRT-LLM's orchestrator mode (two engine models) under mpirun -n 1"
+            raise MissingToolError(f"this repository needs {need} and there is no mpirun", "install Open MPI (the Triton TRT-LLM container has it)")
     busy = [f"{name} port {port}" for name, port in (("HTTP", req.ports.http), ("gRPC", req.ports.grpc), ("metrics", req.ports.metrics))
             if not _port_free(int(port))]
     if busy:
         raise UsageError(f"{', '.join(busy)} already in use (another tritonserver?)", "pass free ports: --http-port/--grpc-port/--metrics-port")
     stub = cpu_stub.prepare(binary) if cpu_stub.is_wheel_server(binary) else None
     argv = launch_argv(repo, world, binary, req.ports, mpirun=mpirun, backend_dir=stub.backend_dir if stub else None,
-                       extra=(f"--exit-timeout-secs={req.exit_timeout}",))
+                       extra=(f"--exit-timeout-secs={req.exit_timeout}",), orchestrator_gpus=orchestrator)
     environ = dict(os.environ)
+    if orchestrator is not None:
+        environ.update(ORCHESTRATOR_ENV)
     if stub is not None:
         environ.update(stub.env)
     log_file = Path(req.log_file) if req.log_file else repo.parent / f"{repo.name}.server.log"
