@@ -8,6 +8,12 @@ whose key matches, and whose artifact is still complete with the recorded digest
 calling anything ("cached"). So a second run with nothing changed does no work, a changed build limit re-runs
 build and what consumes the engine, and a run that was killed resumes at the stage it was in: the stages before
 it are cached, and the killed stage's half-written ``<artifact>.partial-<pid>`` is removed when it runs again.
+
+The stages are one table (``STAGE_TABLE``). A recipe whose ``speculative:`` section has a draft-target draft adds
+three rows — ``fetch-draft``, ``convert-draft`` (the draft's own precision and tp, optionally its first
+``layers``) and ``build-draft`` — whose artifacts plan, build and deploy then consume (the pair is planned and
+built for the same GPUs, and deployed as ``tensorrt_llm_draft``); lookahead passes its (W, N, G) to plan, build and
+deploy. A recipe without speculation has the stages, and the keys, it always had.
 """
 
 from __future__ import annotations
@@ -48,10 +54,42 @@ from yitrt.manifest import (
 )
 from yitrt.recipe import LoadedRecipe, Recipe
 
-STAGES = ("fetch", "convert", "verify", "plan", "build", "deploy", "smoke")
+
+@dataclass(frozen=True)
+class StageRow:
+    """One stage of a run.
+
+    Attributes:
+        name: the stage (``--from``/``--until`` take it; ``_stage_<name>`` runs it).
+        folder: its artifact folder under the work folder.
+        inputs: the stages whose artifacts it consumes (their digests enter its key).
+        draft: only recipes with a draft-target draft have it (the draft model's fetch, convert and build); other
+            recipes neither run nor report it, and no key reads it.
+    """
+
+    name: str
+    folder: str
+    inputs: tuple[str, ...] = ()
+    draft: bool = False
+
+
+#: the stages in run order: one row each (the draft of draft-target speculation is three more rows)
+STAGE_TABLE = (
+    StageRow("fetch", "model"),
+    StageRow("convert", "checkpoint", ("fetch",)),
+    StageRow("verify", "verify", ("fetch", "convert")),
+    StageRow("fetch-draft", "draft-model", (), draft=True),
+    StageRow("convert-draft", "draft-checkpoint", ("fetch-draft",), draft=True),
+    StageRow("plan", "plan", ("convert", "convert-draft")),
+    StageRow("build-draft", "draft-engine", ("convert-draft", "convert"), draft=True),
+    StageRow("build", "engine", ("convert", "convert-draft")),
+    StageRow("deploy", "triton-repo", ("fetch", "convert", "plan", "build", "convert-draft", "build-draft")),
+    StageRow("smoke", "smoke", ("deploy",)),
+)
+STAGES = tuple(row.name for row in STAGE_TABLE)
+_ROWS = {row.name: row for row in STAGE_TABLE}
 #: artifact folder of each stage, under the work folder
-FOLDERS = {"fetch": "model", "convert": "checkpoint", "verify": "verify", "plan": "plan", "build": "engine",
-           "deploy": "triton-repo", "smoke": "smoke"}
+FOLDERS = {row.name: row.folder for row in STAGE_TABLE}
 STATE_DIR = ".yitrt-run"
 #: progress(stage, kind) → a context manager yielding the stage function's progress callback (or None);
 #: kind is "bytes" (fetch, convert), "steps" (quantize, build) or "phase" (verify).
@@ -175,29 +213,51 @@ def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[int, i
 # -- stage keys ------------------------------------------------------------------------------------------------------
 
 
+def has_draft(spec: Recipe) -> bool:
+    """Whether the recipe's speculative decoding has a draft model (draft-target)."""
+    return spec.speculative is not None and spec.speculative.mode == "draft-target" and spec.speculative.draft is not None
+
+
+def recipe_stages(spec: Recipe) -> tuple[str, ...]:
+    """The stages a recipe runs, in order (the draft's rows only with a draft)."""
+    return tuple(row.name for row in STAGE_TABLE if not row.draft or has_draft(spec))
+
+
+def stage_inputs(spec: Recipe, stage: str) -> tuple[str, ...]:
+    """The stages whose artifacts ``stage`` consumes in this recipe."""
+    present = recipe_stages(spec)
+    return tuple(s for s in _ROWS[stage].inputs if s in present)
+
+
 def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
-    """The recipe settings a stage reads: only these (and its inputs' digests) enter its key."""
+    """The recipe settings a stage reads: only these (and its inputs' digests) enter its key. A recipe without
+    speculation reads what it always did (so its keys, and its cached stages, do not change)."""
     r = spec.resolved()
-    target, serve = r["target"], r["serve"]
+    target, serve, speculative = r["target"], r["serve"], r.get("speculative")
+    spec_keys = {"speculative": speculative} if speculative is not None else {}
     limits_source = {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "workload": r["workload"],
                      "kv_fraction": serve["kv_fraction"]}
+    draft = (speculative or {}).get("draft") or {}
     by_stage = {
         "fetch": r["model"],
         "convert": {"precision": r["precision"], "parallelism": r["parallelism"]},
         "verify": r["verify"],
-        "plan": {**limits_source, "slo": r["slo"]},
-        "build": {**limits_source, "build": r["build"]},
+        "fetch-draft": draft.get("model") or {},
+        "convert-draft": ({"precision": draft.get("precision"), "tp": spec.draft_tp, "layers": draft.get("layers"),
+                           "gpu": target["gpu"], "parallel_embedding": r["parallelism"]["parallel_embedding"]} if draft else {}),
+        "plan": {**limits_source, "slo": r["slo"], **spec_keys},
+        "build-draft": {**limits_source, "build": r["build"], **spec_keys} if draft else {},
+        "build": {**limits_source, "build": r["build"], **spec_keys},
         # the reference slot takes its limits from the recipe's build section (an engine has its own)
         "deploy": {"target": target, "serve": {k: v for k, v in serve.items() if k != "smoke"},
-                   **({"build": r["build"]} if target["engine"] == "reference" else {})},
+                   **({"build": r["build"]} if target["engine"] == "reference" else {}), **spec_keys},
         "smoke": serve["smoke"],
     }
     return by_stage[stage]
 
 
-#: the artifacts each stage consumes (by producing stage)
-STAGE_INPUTS = {"fetch": (), "convert": ("fetch",), "verify": ("fetch", "convert"), "plan": ("convert",),
-                "build": ("convert",), "deploy": ("fetch", "convert", "plan", "build"), "smoke": ("deploy",)}
+#: the artifacts each stage may consume (by producing stage); ``stage_inputs`` says which a recipe has
+STAGE_INPUTS = {row.name: row.inputs for row in STAGE_TABLE}
 
 
 def folder_digest(folder: Path) -> str:
@@ -254,7 +314,7 @@ class _Run:
 
     # stages --------------------------------------------------------------------------------------------------------
     def key(self, stage: str) -> str:
-        inputs = {s: self.digests.get(s) or "" for s in STAGE_INPUTS[stage]}
+        inputs = {s: self.digests.get(s) or "" for s in stage_inputs(self.spec, stage)}
         return artifact_key(f"run:{stage}", stage_parameters(self.spec, stage), inputs)
 
     def progress(self, stage: str, kind: str) -> contextlib.AbstractContextManager:
@@ -266,9 +326,12 @@ class _Run:
     def execute(self) -> RunReport:
         start = time.monotonic()
         first, last = stage_range(self.opts.from_stage, self.opts.until_stage)
+        present = recipe_stages(self.spec)
         report = RunReport(self.spec.name, str(self.loaded.path), self.work, self.reports)
         try:
             for index, stage in enumerate(STAGES):
+                if stage not in present:
+                    continue
                 if index < first:
                     self._take_earlier(stage)
                 elif index > last:
@@ -320,11 +383,11 @@ class _Run:
             self.opts.on_stage(running)
         started = time.monotonic()
         try:
-            outcome = getattr(self, f"_stage_{stage}")()
+            outcome = getattr(self, f"_stage_{stage.replace('-', '_')}")()
         except (YitrtError, OSError) as exc:
             if isinstance(exc, OSError):  # the environment refused a write outside an artifact (a log, a record)
                 exc = os_error(exc, self.work, f"run the {stage} stage in")
-            status = "blocked" if isinstance(exc, MissingToolError) and stage == "build" else "failed"
+            status = "blocked" if isinstance(exc, MissingToolError) and stage in ("build", "build-draft") else "failed"
             self._emit(StageReport(stage, status, time.monotonic() - started, key=key, detail=exc.message))
             raise exc from None
         artifact = outcome.pop("artifact", None)
@@ -338,12 +401,20 @@ class _Run:
 
     # one function per stage: each returns {"artifact", "status", "detail", "warnings", "data"} -----------------------
     def _stage_fetch(self) -> dict[str, Any]:
-        model = self.spec.model
-        out = self.out("fetch")
+        return self._fetch("fetch", self.spec.model)
+
+    def _stage_fetch_draft(self) -> dict[str, Any]:
+        draft = self.spec.speculative.draft.model
+        if draft.model_dump() == self.spec.model.model_dump():  # a truncated self-draft: the target's own folder
+            return {"artifact": self.artifacts["fetch"], "detail": "the target's model (the draft keeps its first layers)"}
+        return self._fetch("fetch-draft", draft)
+
+    def _fetch(self, stage: str, model) -> dict[str, Any]:
+        out = self.out(stage)
         if model.demo:
             from yitrt.demo import materialize_demo_model
 
-            with self.progress("fetch", "bytes") as cb:
+            with self.progress(stage, "bytes") as cb:
                 result = materialize_demo_model(out, force=self.opts.force, progress=cb)
             return {"artifact": out, "status": "reused" if result.reused else "ran",
                     "detail": f"demo model {'up to date' if result.reused else 'materialised'} from {result.gguf.name}"}
@@ -354,40 +425,60 @@ class _Run:
             return {"artifact": folder, "detail": f"local folder {folder} (used in place)"}
         from yitrt.hub import fetch_model
 
-        with self.progress("fetch", "bytes") as cb:
+        with self.progress(stage, "bytes") as cb:
             result = fetch_model(model.repo, revision=model.revision, out=out, allow_pickle=model.allow_pickle,
                                  force=self.opts.force, progress=cb)
         return {"artifact": out, "status": "reused" if result.reused else "ran",
                 "detail": f"{model.repo}@{result.revision[:12]}", "data": {"revision": result.revision, "bytes": result.bytes}}
 
     def _stage_convert(self) -> dict[str, Any]:
+        par = self.spec.parallelism
+        return self._convert("convert", self.artifacts["fetch"], self.spec.model, self.spec.precision, par.tp, par.pp)
+
+    def _stage_convert_draft(self) -> dict[str, Any]:
+        draft = self.spec.speculative.draft
+        return self._convert("convert-draft", self.artifacts["fetch-draft"], draft.model, draft.precision, self.spec.draft_tp, 1,
+                             keep_layers=draft.layers)
+
+    def _convert(self, stage: str, model_dir: Path, model, prec, tp: int, pp: int, keep_layers: int | None = None) -> dict[str, Any]:
+        """Convert (data-free schemes) or quantize (calibrated) one model; ``keep_layers``: its first N layers only."""
         from yitrt.quant.schemes import SCHEMES
 
-        prec, par, model = self.spec.precision, self.spec.parallelism, self.spec.model
-        out = self.out("convert")
-        common = {"model_dir": self.artifacts["fetch"], "out": out, "dtype": prec.dtype, "tp": par.tp, "pp": par.pp,
+        par = self.spec.parallelism
+        out = self.out(stage)
+        calibrated = SCHEMES[prec.scheme].calibrated
+        # quantize has no layer selection: a truncated calibrated draft is quantized whole, then truncated
+        written = self.work / f"{FOLDERS[stage]}-full" if calibrated and keep_layers else out
+        common = {"model_dir": model_dir, "out": written, "dtype": prec.dtype, "tp": tp, "pp": pp,
                   "kv_cache": prec.kv_cache, "allow_pickle": model.allow_pickle, "force": self.opts.force,
                   "model_ref": model.repo, "gpu": self.spec.target.gpu}
-        if SCHEMES[prec.scheme].calibrated:
+        if calibrated:
             from yitrt.quant.calibrate import QuantizeRequest, quantize
 
             cal = prec.calibration
             request = QuantizeRequest(scheme=prec.scheme, calib=cal.data, calib_size=cal.size, calib_seq_len=cal.seq_len,
                                       calib_batch_size=cal.batch_size or 0, awq_block_size=cal.awq_block_size, seed=cal.seed,
                                       device=cal.device, **common)
-            with self.progress("convert", "steps") as cb:
+            with self.progress(stage, "steps") as cb:
                 result = quantize(request, cb)
         else:
             from yitrt.checkpoint.convert import ConvertRequest, convert
 
-            request = ConvertRequest(scheme=prec.scheme, parallel_embedding=par.parallel_embedding, **common)
-            with self.progress("convert", "bytes") as cb:
+            request = ConvertRequest(scheme=prec.scheme, parallel_embedding=par.parallel_embedding, keep_layers=keep_layers, **common)
+            with self.progress(stage, "bytes") as cb:
                 result = convert(request, cb)
-        cfg = result.config
+        cfg, warnings, reused = result.config, list(result.warnings), result.reused
+        if written != out:
+            from yitrt.checkpoint.truncate import truncate_checkpoint
+
+            cut = truncate_checkpoint(written, out, keep_layers, force=self.opts.force)
+            warnings += cut.warnings
+            reused = reused and cut.reused
         quant = cfg.get("quantization") or {}
-        return {"artifact": out, "status": "reused" if result.reused else "ran", "warnings": list(result.warnings),
+        layers = f", first {keep_layers} layers" if keep_layers else ""
+        return {"artifact": out, "status": "reused" if reused else "ran", "warnings": warnings,
                 "detail": f"{cfg.get('dtype')}, quant {quant.get('quant_algo') or 'none'}, KV {quant.get('kv_cache_quant_algo') or cfg.get('dtype')}, "
-                          f"tp {par.tp} × pp {par.pp}"}
+                          f"tp {tp} × pp {pp}{layers}"}
 
     def _stage_verify(self) -> dict[str, Any]:
         v = self.spec.verify
@@ -423,7 +514,10 @@ class _Run:
 
         spec = self.spec
         workload = Workload(isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction or DEFAULT_KV_FRACTION)
-        opts = PlanOptions(gpu=spec.target.gpu, workload=workload, trtllm_version=spec.target.trtllm_version)
+        sp = spec.speculative
+        speculative = ({"draft": str(self.artifacts["convert-draft"]), "max_draft_len": sp.max_draft_len} if has_draft(spec) else
+                       {"lookahead": sp.lookahead} if sp is not None and sp.mode == "lookahead" else {})
+        opts = PlanOptions(gpu=spec.target.gpu, workload=workload, trtllm_version=spec.target.trtllm_version, **speculative)
         report = plan(str(self.artifacts["convert"]), opts)
         warnings = list(report.warnings)
         data = report.to_json()
@@ -434,7 +528,8 @@ class _Run:
             raise ValidationError([f"the checkpoint does not fit {report.gpu.name}: " + "; ".join(cand.plan.problems if cand.plan else [])]
                                   + report.suggestions, "change the recipe's parallelism or precision (`yitrt plan --compare`)")
         out = self.out("plan")
-        with ArtifactWriter(out, "plan", {"plan": stage_parameters(spec, "plan")}, {"checkpoint": self.digests["convert"]}) as art:
+        inputs = {"checkpoint": self.digests["convert"], **({"draft": self.digests["convert-draft"]} if has_draft(spec) else {})}
+        with ArtifactWriter(out, "plan", {"plan": stage_parameters(spec, "plan")}, inputs) as art:
             _write_json(art.path / "plan.json", data)
         p = cand.plan
         return {"artifact": out, "warnings": warnings, "data": {"limits": p.limits.to_json(), "max_concurrent": p.max_concurrent,
@@ -443,23 +538,44 @@ class _Run:
                           f"auto limits {p.limits.to_json()} (the recipe's build limits override them)"}
 
     def _stage_build(self) -> dict[str, Any]:
+        return self._build("build")
+
+    def _stage_build_draft(self) -> dict[str, Any]:
+        return self._build("build-draft")
+
+    def _speculative_build(self, stage: str) -> dict[str, Any]:
+        """The BuildRequest fields of speculative decoding: the target with its draft's checkpoint (the pair is planned
+        on the same GPUs), the draft with its target's, a lookahead engine with its (W, N, G)."""
+        sp = self.spec.speculative
+        if sp is None:
+            return {}
+        if sp.mode == "lookahead":
+            w = sp.lookahead
+            return {"speculative": "lookahead", "lookahead": f"{w.window},{w.ngram},{w.verification_set}"}
+        pair = self.artifacts["convert" if stage == "build-draft" else "convert-draft"]
+        return {"speculative": "draft-target", "max_draft_len": sp.max_draft_len, "pair_checkpoint": pair,
+                "draft_engine": stage == "build-draft", "use_draft_logits": sp.use_draft_logits and stage == "build-draft"}
+
+    def _build(self, stage: str) -> dict[str, Any]:
         spec = self.spec
         if spec.target.engine == "reference":
             return {"status": "not-applicable", "detail": "target.engine is reference: the checkpoint is served by the reference runtime"}
         from yitrt.build.runner import BuildRequest, build_engine
 
         b = spec.build
-        request = BuildRequest(checkpoint=self.artifacts["convert"], out=self.out("build"), gpu=spec.target.gpu, plugins=b.plugins,
+        checkpoint = self.artifacts["convert-draft" if stage == "build-draft" else "convert"]
+        request = BuildRequest(checkpoint=checkpoint, out=self.out(stage), gpu=spec.target.gpu, plugins=b.plugins,
                                max_batch_size=b.max_batch_size, max_seq_len=b.max_seq_len, max_num_tokens=b.max_num_tokens,
                                workers=b.workers, trtllm_version=spec.target.trtllm_version, force=self.opts.force,
-                               isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction)
+                               isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction,
+                               **self._speculative_build(stage))
         try:
-            with self.progress("build", "steps") as cb:
+            with self.progress(stage, "steps") as cb:
                 result = build_engine(request, cb)
         except MissingToolError as exc:  # build_engine refuses before any work: say what this run has done
             done = ", ".join(s.stage for s in self.reports if s.status in ("ran", "cached", "reused"))
-            raise MissingToolError(f"stopped before build: {exc.message}; the stages before it are done ({done}) in {self.work}",
-                                   exc.hint + "; the done stages are cached there (or copy the work folder and use --from build)") from None
+            raise MissingToolError(f"stopped before {stage}: {exc.message}; the stages before it are done ({done}) in {self.work}",
+                                   exc.hint + f"; the done stages are cached there (or copy the work folder and use --from {stage})") from None
         limits = result.spec.build_config()
         return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": result.warnings,
                 "detail": f"trtllm-build {result.engine.get('trtllm_version', '')} for {result.engine.get('gpu', spec.target.gpu)}",
@@ -482,11 +598,24 @@ class _Run:
                                 chunked_context=s.chunked_context, kv_host_cache=s.kv_host_cache, scheduler_policy=s.scheduler_policy,
                                 max_num_tokens=s.max_num_tokens, tokens_per_block=s.tokens_per_block, kv_cache_bytes=s.kv_cache_bytes,
                                 instances=s.instances, model_name=s.model_name,
-                                max_seq_len=limits.get("max_seq_len"), force=self.opts.force)
+                                max_seq_len=limits.get("max_seq_len"), force=self.opts.force, **self._speculative_deploy(reference))
         result = deploy(request)
+        speculation = f"; {result.speculation.describe()}" if result.speculation else ""
         return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": list(result.warnings),
-                "detail": f"Triton repository ({result.engine.kind} slot, TensorRT-LLM {result.line} contract, entry model {s.model_name})",
+                "detail": f"Triton repository ({result.engine.kind} slot, TensorRT-LLM {result.line} contract, entry model {s.model_name}"
+                          f"{speculation})",
                 "data": result.summary}
+
+    def _speculative_deploy(self, reference: bool) -> dict[str, Any]:
+        """The DeployRequest fields of speculative decoding: the draft's engine (its checkpoint for the reference slot),
+        K and draft logits; lookahead's (W, N, G)."""
+        sp = self.spec.speculative
+        if sp is None:
+            return {}
+        if sp.mode == "lookahead":
+            return {"speculative": "lookahead", "lookahead": sp.lookahead}
+        return {"speculative": "draft-target", "draft": self.artifacts["convert-draft" if reference else "build-draft"],
+                "num_draft_tokens": sp.max_draft_len, "use_draft_logits": sp.use_draft_logits, "draft_kv_fraction": sp.draft.kv_fraction}
 
     def _stage_smoke(self) -> dict[str, Any]:
         smoke = self.spec.serve.smoke
@@ -629,6 +758,11 @@ def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
             the cause's; a machine without TensorRT-LLM stops before build with MissingToolError's).
     """
     stage_range(opts.from_stage, opts.until_stage)
+    present = recipe_stages(loaded.spec)
+    for option, name in (("--from", opts.from_stage), ("--until", opts.until_stage)):
+        if name is not None and name not in present:
+            raise UsageError(f"{option} {name}: recipe {loaded.spec.name} has no {name} stage (it has no draft-target draft)",
+                             "its stages: " + ", ".join(present))
     work = Path(os.path.normpath(Path(opts.work_dir).absolute()))
     created = not os.path.lexists(work)
     prepare_work_dir(work)

@@ -245,6 +245,8 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
     params = {"argv": spec.argv(Path("ENGINE_DIR")), "gpu": gpu.name, "gpu_sm": gpu.sm,
               "trtllm_version": install.trtllm_version, "tensorrt_version": install.tensorrt_version}
     inputs = {"checkpoint": digest}
+    if req.pair_checkpoint is not None:  # the pair plan (KV split recorded in the engine manifest) depends on the other model
+        inputs["pair_checkpoint"] = checkpoint_digest(req.pair_checkpoint)
     if not req.force:
         reused = find_reusable(out, STAGE, artifact_key(STAGE, params, inputs))
         if reused is not None:

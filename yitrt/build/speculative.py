@@ -17,18 +17,19 @@ from yitrt.errors import UsageError
 from yitrt.speculation import (
     BUILD_MODES,
     DEFAULT_LOOKAHEAD,
+    ENGINE_MODE_FLAGS,
     UNSUPPORTED_MODES,
     LookaheadSizes,
     check_draft_len,
+    engine_mode,
 )
+from yitrt.speculation import parse_lookahead as parse_sizes
 
 Role = Literal["target", "draft", "lookahead"]
 
-#: ``build_config.speculative_decoding_mode`` in an engine's config.json: TensorRT-LLM's ``SpeculativeDecodingMode``
-#: IntFlag (``tensorrt_llm/models/modeling_utils.py``: NONE, DRAFT_TOKENS_EXTERNAL, MEDUSA, LOOKAHEAD_DECODING,
-#: EXPLICIT_DRAFT_TOKENS, EAGLE, … = auto() from 1), which ``BuildConfig.to_dict`` writes as its integer
-ENGINE_MODE_VALUES = {None: 1, "draft_tokens_external": 2, "medusa": 4, "lookahead_decoding": 8, "explicit_draft_tokens": 16,
-                      "eagle": 32}
+#: mode name → the integer ``build_config.speculative_decoding_mode`` an engine's config.json holds (the inverse of
+#: yitrt.speculation.ENGINE_MODE_FLAGS, the one table of TensorRT-LLM's ``SpeculativeDecodingMode`` IntFlag)
+ENGINE_MODE_VALUES = {name: flag for flag, name in ENGINE_MODE_FLAGS.items()}
 
 #: trtllm-build's error for context-logit gathering on a speculative engine (BUILD ``main()``, reference §1.1)
 GATHER_CONTEXT_ERROR = "Gather context logits is not support with draft len > 0"
@@ -101,35 +102,21 @@ def engine_speculation(build_config: dict[str, Any]) -> tuple[str | None, int]:
     """
     raw = build_config.get("speculative_decoding_mode", 1)
     draft = int(build_config.get("max_draft_len") or 0)
-    if isinstance(raw, str):
-        name = raw.strip().lower()
-        name = {"none": None}.get(name, name)
-        if name not in ENGINE_MODE_VALUES:
-            raise UsageError(f"engine build_config speculative_decoding_mode {raw!r} is not a TensorRT-LLM mode", "rebuild the engine")
-        return name, draft
-    by_value = {v: k for k, v in ENGINE_MODE_VALUES.items()}
-    if raw in (None, 0):
-        return None, draft
-    if raw not in by_value:
-        raise UsageError(f"engine build_config speculative_decoding_mode {raw!r} is not a TensorRT-LLM mode", "rebuild the engine")
-    return by_value[raw], draft
+    try:
+        return (None if raw in (None, 0) else engine_mode(raw)), draft
+    except ValueError:
+        raise UsageError(f"engine build_config speculative_decoding_mode {raw!r} is not a TensorRT-LLM mode", "rebuild the engine") from None
 
 
 def parse_lookahead(text: str | tuple[int, int, int] | None) -> LookaheadSizes | None:
-    """``"W,N,G"`` (or a triple) → ``LookaheadSizes``.
+    """``"W,N,G"`` (or a triple; None: none) → ``LookaheadSizes`` (``yitrt.speculation.parse_lookahead``).
 
     Raises:
         UsageError: not three integers, or sizes ``LookaheadSizes`` refuses.
     """
     if text is None:
         return None
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise UsageError(f"--lookahead takes W,N,G (window, ngram, verification set), got {text!r}",
-                             "e.g. --lookahead 4,3,4 (TensorRT-LLM's defaults)")
-        text = (int(parts[0]), int(parts[1]), int(parts[2]))
-    return LookaheadSizes(*text)
+    return parse_sizes(text) if isinstance(text, str) else LookaheadSizes(*text)
 
 
 def speculative_build(

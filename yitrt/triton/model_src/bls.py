@@ -54,6 +54,9 @@ class TritonPythonModel:
         self.draft = draft if draft and not draft.startswith("${") else None
         k = text.param(config, "yitrt_num_draft_tokens", "")
         self.default_draft_tokens = int(k) if k and k.strip().isdigit() and self.draft else 0
+        bound = text.param(config, "yitrt_max_draft_len", "")
+        self.max_draft_len = int(bound) if bound and bound.strip().isdigit() else None  # None: the target engine checks
+        self.default_draft_logits = text.flag(config, "yitrt_use_draft_logits", False)
 
     # -- one request ------------------------------------------------------------------------------------------
     def _preprocess(self, request):
@@ -104,6 +107,8 @@ class TritonPythonModel:
             raise text.RequestError(f"num_draft_tokens must be >= 0, got {k}")
         if k and not self.draft:
             raise text.RequestError("cannot perform speculative decoding without draft model (tensorrt_llm_draft_model_name is not set)")
+        if self.max_draft_len is not None and k > self.max_draft_len:
+            raise text.RequestError(f"num_draft_tokens {k} is larger than the target's max_draft_len {self.max_draft_len}; send at most that")
         return k
 
     def _call(self, model, inputs, outputs):
@@ -126,7 +131,8 @@ class TritonPythonModel:
         base = {t.name(): t.as_numpy() for t in self._engine_inputs(request, pre, False)}
         prompt = base["input_ids"].reshape(-1)[: int(base["input_lengths"].reshape(-1)[0])].tolist()
         max_new = int(base["request_output_len"].reshape(-1)[0])
-        use_logits = _flag(request, "use_draft_logits")
+        use_logits = text.scalar(request, "use_draft_logits", bool)
+        use_logits = self.default_draft_logits if use_logits is None else bool(use_logits)
         generated = []
         while len(generated) < max_new and not answer.stopped:
             ids = np.array([prompt + generated], dtype=np.int32)
