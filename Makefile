@@ -15,7 +15,7 @@ DEMO_SPEC   := build/demo-spec
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
-.PHONY: setup demo test test-fast lint bench-convert bench-fidelity bench-gpu bench-serving clean
+.PHONY: setup demo test test-fast lint bench-convert bench-fidelity bench-gpu bench-serving bench-speculative clean
 
 setup: $(STAMP)
 
@@ -105,6 +105,11 @@ bench-gpu: setup
 # 256-token prefix, 32-token suffixes, 16 tokens out → benchmarks/results/serving.json (+ yitrt bench compare)
 bench-serving: setup
 	$(BIN)/python benchmarks/bench_serving.py
+
+# speculative decoding on the demo deployment (reference slot): one draft-target repository (the demo model's first
+# layers as the draft), benched at c=1,4 with --num-draft-tokens K and 0, answers compared → benchmarks/results/speculative.json
+bench-speculative: setup
+	$(BIN)/python benchmarks/bench_speculative.py
 
 clean:
 	rm -rf build

@@ -17,81 +17,34 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from yitrt import __version__
-from yitrt.pipeline import free_ports
+import served
+from served import YITRT
 
+from yitrt import __version__
+
+NAME = "bench-serving"
 ROOT = Path(__file__).resolve().parent
 REPO_ROOT = ROOT.parent
 #: the same workload measured on the slot before in-flight batching (static batching, commit 409c3ac): unique
 #: 288-token prompts (as long as prefix + suffix here), 16 tokens out, same checkpoint and machine
 STATIC_BASELINE = ROOT / "results" / "serving-static-409c3ac.json"
 WORK = REPO_ROOT / "build" / "bench-serving"
-#: the CLI of the environment running this script (`make bench-serving` runs .venv/bin/python)
-YITRT = [str(Path(sys.executable).parent / "yitrt")]
-READY_TIMEOUT_S = 300
 #: (label, deploy flag)
 DEPLOYMENTS = (("reuse-off", "--no-kv-reuse"), ("reuse-on", "--kv-reuse"))
 
 
-def run(argv: list[str], commands: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run one yitrt command (recorded in ``commands``); stop the benchmark when it fails."""
-    commands.append(shlex.join(argv))
-    done = subprocess.run(argv, text=True, capture_output=True, **kwargs)
-    if done.returncode != 0:
-        raise SystemExit(f"bench-serving: `{shlex.join(argv)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return done
+def run(argv: list[str], commands: list[str], **kwargs):
+    return served.run(argv, commands, NAME, **kwargs)
 
 
 def demo_checkpoint(commands: list[str]) -> Path:
     """The demo model converted at tp 1 (the slot's fastest form on this machine, and the checkpoint the static-batching
     baseline was measured on), made once under build/bench-serving."""
-    from yitrt.checkpoint.convert import ConvertRequest, convert
-    from yitrt.demo import materialize_demo_model
-
-    checkpoint = WORK / "checkpoint"
-    if not (checkpoint / "yitrt-manifest.json").is_file():
-        model = materialize_demo_model(WORK / "hf")
-        commands.append(f"python: convert(ConvertRequest({model.path}, {checkpoint}))  # tp 1")
-        convert(ConvertRequest(model.path, checkpoint))
-    return checkpoint
-
-
-class Served:
-    """`yitrt serve REPO` on free ports until the context exits (SIGTERM, then wait)."""
-
-    def __init__(self, repo: Path, commands: list[str], log: Path) -> None:
-        self.http, self.grpc, self.metrics = free_ports(3)
-        argv = [*YITRT, "serve", str(repo), "--quiet", "--exit-timeout", "5", "--http-port", str(self.http),
-                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
-        commands.append(shlex.join(argv))
-        self.log = log
-        self.process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-
-    def __enter__(self) -> Served:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:  # `yitrt serve` prints a line starting with "ready" once it serves
-            if any(line.startswith("ready") for line in self.log.read_text().splitlines()):
-                return self
-            if self.process.poll() is not None:
-                raise SystemExit(f"bench-serving: yitrt serve exited {self.process.returncode}: {self.log.read_text()[-2000:]}")
-            time.sleep(1)
-        self.__exit__()
-        raise SystemExit(f"bench-serving: the server was not ready within {READY_TIMEOUT_S} s (log: {self.log})")
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    return served.demo_checkpoint(WORK, commands)
 
 
 def _baseline() -> dict | None:
@@ -121,7 +74,7 @@ def main() -> None:
     commands: list[str] = []
     WORK.mkdir(parents=True, exist_ok=True)
     if not Path(YITRT[0]).is_file():
-        raise SystemExit(f"bench-serving: no yitrt next to {sys.executable}: run it with the project's .venv/bin/python (make bench-serving)")
+        raise SystemExit(f"{NAME}: no yitrt next to {sys.executable}: run it with the project's .venv/bin/python (make bench-serving)")
     checkpoint = demo_checkpoint(commands)
     deployments = {}
     for label, flag in DEPLOYMENTS:
@@ -129,12 +82,12 @@ def main() -> None:
         # max batch 16: the highest concurrency is served in flight, not queued in Triton
         run([*YITRT, "deploy", str(checkpoint), "--engine", "reference", flag, "--max-batch-size", "16",
              "--max-seq-len", "512", "--out", str(repo), "--force"], commands)
-        with Served(repo, commands, WORK / f"{label}-serve.log") as served:
-            bench = [*YITRT, "bench", f"localhost:{served.grpc}", "--tokenizer", str(repo), "--concurrency", args.concurrency,
+        with served.Served(repo, commands, WORK / f"{label}-serve.log", NAME) as server:
+            bench = [*YITRT, "bench", f"localhost:{server.grpc}", "--tokenizer", str(repo), "--concurrency", args.concurrency,
                      "--prefix-tokens", str(args.prefix_tokens), "--num-prefixes", str(args.num_prefixes), "--isl", args.isl,
                      "--osl", args.osl, "--warmup", str(args.warmup),
                      *(["--num-requests", str(args.num_requests)] if args.num_requests else []),
-                     "--metrics-url", f"http://localhost:{served.metrics}/metrics", "--out", str(report_dir), "--json"]
+                     "--metrics-url", f"http://localhost:{server.metrics}/metrics", "--out", str(report_dir), "--json"]
             summary = json.loads(run(bench, commands).stdout)
         deployments[label] = {
             "repository": str(repo), "report": summary["report"], "warnings": summary["warnings"],

@@ -25,7 +25,19 @@ METRICS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("E2E p50 ms", ("e2e_ms", "p50"), False),
     ("E2E p99 ms", ("e2e_ms", "p99"), False),
     ("errors", ("counts", "errors"), False),
+    # speculative decoding: what the draft bought (None on a point that measured no speculation)
+    ("accepted draft tokens/step", ("speculation", "mean_accepted_per_step"), True),
+    ("acceptance rate", ("speculation", "acceptance_rate"), True),
+    ("tokens/target step", ("speculation", "tokens_per_step"), True),
 )
+#: (key in a speed-up row, where in a point): B / A of each
+RATIOS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("output_throughput_ratio", ("output_token_throughput",)),
+    ("tpot_p50_ratio", ("tpot_ms", "p50")),
+    ("ttft_p50_ratio", ("ttft_ms", "p50")),
+)
+#: the acceptance figures a speed-up row shows for each side
+ACCEPTANCE = ("measured", "mean_accepted_per_step", "acceptance_rate", "tokens_per_step", "target_steps")
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -57,7 +69,8 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``{"points": [{"load", "rows": [{"metric", "a", "b", "change_pct", "better"}]}], "only_a", "only_b",
-        "best": {"a", "b"}, "warnings"}``.
+        "best": {"a", "b"}, "best_rows", "speedup" (:func:`speedup_rows`, when either run is speculative; else []),
+        "warnings"}``.
     """
     warnings = []
     if a.get("mode") != b.get("mode"):
@@ -76,8 +89,50 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             points.append({"load": pa["load"]["label"], "rows": [_row(name, where, higher, pa, pb) for name, where, higher in METRICS]})
     labels_a = {p["load"]["label"] for p in a["points"]}
     best = {side: (None if r.get("best") is None else r["points"][r["best"]]["load"]["label"]) for side, r in (("a", a), ("b", b))}
+    speedup = speedup_rows(a, b) if _speculative(a) or _speculative(b) else []
+    if speedup and _measured(a) and not _measured(b):
+        warnings.append("A measured speculation and B did not: the speed-up ratios are B / A, so pass the baseline first "
+                        "(yitrt bench compare BASELINE SPECULATIVE)")
     return {"points": points, "only_a": sorted(labels_a - set(by_label)), "only_b": sorted(set(by_label) - labels_a),
-            "best": best, "best_rows": _best_rows(a, b), "warnings": warnings}
+            "best": best, "best_rows": _best_rows(a, b), "speedup": speedup, "warnings": warnings}
+
+
+def _measured(report: dict[str, Any]) -> bool:
+    return any((p.get("speculation") or {}).get("measured") for p in report["points"])
+
+
+def _speculative(report: dict[str, Any]) -> bool:
+    """A run that sent speculation inputs or measured speculation at some point."""
+    return bool((report.get("speculation") or {}).get("requested")) or _measured(report)
+
+
+def _ratio(va: Any, vb: Any) -> float | None:
+    if not isinstance(va, (int, float)) or not isinstance(vb, (int, float)) or va == 0:
+        return None
+    return round(vb / va, 4)
+
+
+def speedup_rows(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per load point both ran: B / A of output throughput, TPOT p50 and TTFT p50 (B the speculative run, A its
+    baseline: a throughput ratio > 1 and latency ratios < 1 are B's speed-up), with both sides' acceptance.
+
+    Returns:
+        ``[{"load", "output_throughput_ratio", "tpot_p50_ratio", "ttft_p50_ratio", "a_speculation",
+        "b_speculation"}]``; a ratio is None when either side lacks the figure or A's is 0.
+    """
+    by_label = {p["load"]["label"]: p for p in b["points"]}
+    rows = []
+    for pa in a["points"]:
+        pb = by_label.get(pa["load"]["label"])
+        if pb is None:
+            continue
+        row: dict[str, Any] = {"load": pa["load"]["label"]}
+        row.update({key: _ratio(_value(pa, where), _value(pb, where)) for key, where in RATIOS})
+        for side, point in (("a", pa), ("b", pb)):
+            spec = point.get("speculation") or {}
+            row[f"{side}_speculation"] = {k: spec.get(k, False if k == "measured" else None) for k in ACCEPTANCE}
+        rows.append(row)
+    return rows
 
 
 def _row(name: str, where: tuple[str, ...], higher: bool, pa: dict[str, Any], pb: dict[str, Any]) -> dict[str, Any]:

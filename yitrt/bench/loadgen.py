@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from yitrt.bench import acceptance
 from yitrt.bench.metrics import RequestRecord, distribution
 from yitrt.bench.workload import Prompt, Session, continue_history, render_turn
 from yitrt.errors import UsageError, require
@@ -35,6 +36,9 @@ from yitrt.triton import client as triton_client
 STREAMS_PER_CHANNEL = 32
 #: How often the event-loop lag probe wakes.
 LAG_PROBE_S = 0.005
+#: The inputs of a text entry model and of a token entry model (``tensorrt_llm``: ids in, ids out).
+TEXT_INPUTS = ("text_input", "max_tokens")
+TOKEN_INPUTS = ("input_ids", "input_lengths", "request_output_len")
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,24 @@ class Target:
     def reports_counts(self) -> bool:
         return "return_num_output_tokens" in self.inputs
 
+    @property
+    def entry(self) -> str:
+        """``text`` (text_input/max_tokens: the BLS, the ensemble) or ``tokens`` (input_ids/input_lengths/
+        request_output_len: the ``tensorrt_llm`` model itself, asked directly)."""
+        return "tokens" if not set(TEXT_INPUTS) <= set(self.inputs) and set(TOKEN_INPUTS) <= set(self.inputs) else "text"
+
     def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "model": self.model, "decoupled": self.decoupled, "reports_token_counts": self.reports_counts}
+        return {"url": self.url, "model": self.model, "decoupled": self.decoupled, "reports_token_counts": self.reports_counts,
+                "entry": self.entry}
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """Text ↔ token ids for a ``tokens`` entry model: ``encode`` as the deployment's preprocessing would (special
+    tokens included or not, as it is configured), ``decode`` for the record's text."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
 
 
 @dataclass(frozen=True)
@@ -87,22 +107,28 @@ def resolve_target(url: str, model: str | None) -> Target:
     client = triton_client.connect(grpc, url)
     name = model or triton_client.entry_model(client)
     inputs, decoupled = triton_client.model_info(client, name)
-    triton_client.check_text_entry(inputs, name)
-    return Target(url, name, inputs, decoupled)
+    target = Target(url, name, inputs, decoupled)
+    if target.entry == "text":
+        triton_client.check_text_entry(inputs, name)
+    return target
 
 
-def prepare(target: Target, prompts: Sequence[Prompt], ignore_eos: bool) -> list[Prepared]:
+def prepare(target: Target, prompts: Sequence[Prompt], ignore_eos: bool, extra: dict[str, Any] | None = None,
+            codec: TokenCodec | None = None) -> list[Prepared]:
     """Request tensors for each prompt: streamed when the model is decoupled, token counts asked for where the
-    model can return them, and ``end_id`` -1 when ``ignore_eos`` (generation then runs to ``max_tokens``).
+    model can return them, and ``end_id`` -1 when ``ignore_eos`` (generation then runs to ``max_tokens``); ``extra``
+    inputs on every request (the speculation inputs, already checked against the model's); a ``tokens`` entry model
+    gets the prompt's ids from ``codec``.
 
     Raises:
-        UsageError: chat prompts for a model without ``messages``, or ``ignore_eos`` for one without ``end_id``.
+        UsageError: chat prompts for a model without ``messages``, ``ignore_eos`` for one without ``end_id``, or a
+            token entry model without a codec.
     """
     if any(p.messages for p in prompts) and "messages" not in target.inputs:
         raise UsageError(f"the dataset has chat messages but model {target.model} takes no messages input",
                          "ask the yitrt BLS model (--model tensorrt_llm_bls) or use plain prompts")
     check_end_id(target, ignore_eos)
-    return [prepare_one(target, prompt, ignore_eos) for prompt in prompts]
+    return [prepare_one(target, prompt, ignore_eos, extra, codec) for prompt in prompts]
 
 
 def check_end_id(target: Target, ignore_eos: bool) -> None:
@@ -112,15 +138,29 @@ def check_end_id(target: Target, ignore_eos: bool) -> None:
                          "pass --respect-eos (outputs may then stop before --osl)")
 
 
-def prepare_one(target: Target, prompt: Prompt, ignore_eos: bool) -> Prepared:
+def check_codec(target: Target, codec: TokenCodec | None) -> None:
+    """Raises UsageError when the model takes token ids and there is no tokenizer to make them."""
+    if target.entry == "tokens" and codec is None:
+        raise UsageError(f"model {target.model} takes token ids (input_ids), so the bench needs the model's tokenizer",
+                         "pass --tokenizer REPO (the folder yitrt deploy wrote, or the HF model folder)")
+
+
+def prepare_one(target: Target, prompt: Prompt, ignore_eos: bool, extra: dict[str, Any] | None = None,
+                codec: TokenCodec | None = None) -> Prepared:
     """One prompt's request tensors (see :func:`prepare`; multi-turn sessions build each turn's when it is due)."""
     grpc = require("tritonclient.grpc", "bench")
-    values: dict[str, Any] = {"text_input": prompt.text, "max_tokens": prompt.max_tokens}
+    if target.entry == "tokens":
+        check_codec(target, codec)
+        ids = codec.encode(prompt.text)
+        values: dict[str, Any] = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": prompt.max_tokens}
+    else:
+        values = {"text_input": prompt.text, "max_tokens": prompt.max_tokens}
     if prompt.messages:
         values["messages"] = json.dumps(list(prompt.messages))
-    optional = {"stream": target.decoupled, "end_id": -1 if ignore_eos else None, "exclude_input_in_output": True,
-                "return_num_input_tokens": True, "return_num_output_tokens": True}
+    optional = {"stream": target.decoupled, "streaming": target.decoupled, "end_id": -1 if ignore_eos else None,
+                "exclude_input_in_output": True, "return_num_input_tokens": True, "return_num_output_tokens": True}
     values.update({k: v for k, v in optional.items() if v is not None and k in target.inputs})
+    values.update(extra or {})
     return Prepared(prompt, triton_client.make_tensors(grpc, target.inputs, values))
 
 
@@ -164,9 +204,10 @@ class _Point:
     """The state of one load point while it runs."""
 
     def __init__(self, target: Target, items: Sequence[Prepared], timeout: float,
-                 count_tokens: Callable[[str], int] | None, channels: int) -> None:
+                 count_tokens: Callable[[str], int] | None, channels: int, codec: TokenCodec | None = None) -> None:
         aio = require("tritonclient.grpc.aio", "bench")
         self.target, self.items, self.timeout, self.count_tokens = target, items, timeout, count_tokens
+        self.codec = codec
         # a local subchannel pool per client, or gRPC would share one connection between them
         self.clients = [aio.InferenceServerClient(target.url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
                         for _ in range(channels)]
@@ -193,6 +234,9 @@ class _Point:
         start = time.perf_counter()
         record.sent_at = start - self.origin
         pieces: list[str] = []
+        ids: list[int] = []
+        tokens_entry = self.target.entry == "tokens"
+        counted = 0  # the cumulative num_output_tokens of the responses so far (None once one came without it)
         stream = None
         try:
             async with asyncio.timeout(self.timeout):
@@ -202,14 +246,29 @@ class _Point:
                     if error is not None:
                         record.error = triton_client.reason(error)
                         break
-                    piece = triton_client.response_text(result)
+                    count = triton_client.response_count(result, "num_output_tokens")
+                    if tokens_entry:
+                        new_ids = _response_ids(result)
+                        if new_ids is None:
+                            record.error = f"{self.target.model} failed during the answer (sequence_length < 0: see the server log)"
+                            break
+                        ids += new_ids
+                        piece, tokens = new_ids, len(new_ids)
+                    else:
+                        piece = triton_client.response_text(result)
+                        tokens = None if count is None or counted is None else count - counted
+                    counted = None if count is None or counted is None else count
                     _take_counts(record, result)
+                    # a streamed tensorrt_llm answer is one target step per response
+                    record.acceptance.take(_ints(result, acceptance.PER_STEP), _totals(result), tokens,
+                                           one_step=tokens_entry and self.target.decoupled)
                     final = result.get_response().parameters.get("triton_final_response")
                     final = final is not None and final.bool_param
-                    # an arrival is a response with text; an empty one counts only when nothing came before it
+                    # an arrival is a response with output; an empty one counts only when nothing came before it
                     if piece or (final and not record.response_times):
                         record.response_times.append(now)
-                        pieces.append(piece)
+                        if not tokens_entry:
+                            pieces.append(piece)
                     if final:
                         break
         except TimeoutError:
@@ -223,7 +282,12 @@ class _Point:
         record.ttft = record.response_times[0] if record.response_times else None
         if record.error is None and not record.response_times:
             record.error = "the stream ended without a response"
-        record.text = "".join(pieces)
+        if tokens_entry:
+            record.text = self.codec.decode(ids) if self.codec is not None else ""
+            if record.ok and record.output_tokens is None:
+                record.output_tokens, record.token_source = len(ids), "output_ids"
+        else:
+            record.text = "".join(pieces)
         if record.ok and record.output_tokens is None:
             record.output_tokens, record.token_source = (
                 (self.count_tokens(record.text), "tokenizer") if self.count_tokens else (len(record.response_times), "responses"))
@@ -294,6 +358,35 @@ class _Point:
             await c.close()
 
 
+def _ints(result, name: str) -> list[int] | None:
+    """An integer output of one response, flattened (None when the response has no such output)."""
+    value = result.as_numpy(name)
+    return None if value is None else [int(v) for v in value.reshape(-1)]
+
+
+def _totals(result) -> dict[str, float | None]:
+    """The perf-metric outputs of speculative decoding in one response (None where absent)."""
+    out: dict[str, float | None] = {}
+    for name in (acceptance.TOTAL_ACCEPTED, acceptance.TOTAL_DRAFT, acceptance.RATE):
+        value = result.as_numpy(name)
+        out[name] = None if value is None or value.size == 0 else float(value.reshape(-1)[0])
+    return out
+
+
+def _response_ids(result) -> list[int] | None:
+    """The first beam's new token ids of a ``tensorrt_llm`` response (output_ids [batch, beam, tokens], cut to
+    sequence_length); [] for the empty final response; None when sequence_length marks a failed stream (< 0)."""
+    value = result.as_numpy("output_ids")
+    if value is None or value.size == 0:
+        return []
+    beams = value.reshape(-1, value.shape[-1])
+    lengths = result.as_numpy("sequence_length")
+    length = int(lengths.reshape(-1)[0]) if lengths is not None and lengths.size else beams.shape[1]
+    if length < 0:
+        return None
+    return [int(v) for v in beams[0][:length]]
+
+
 def _take_counts(record: RequestRecord, result) -> None:
     for name, attr in (("num_input_tokens", "input_tokens"), ("num_output_tokens", "output_tokens")):
         value = triton_client.response_count(result, name)
@@ -305,7 +398,8 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
                     duration: float | None, warmup: int = 0, timeout: float = 600.0, seed: int = 0,
                     count_tokens: Callable[[str], int] | None = None, sessions: Sequence[Session] | None = None,
                     ignore_eos: bool = True, count_input: Callable[[str], int] | None = None,
-                    scrape: Callable[[], Any] | None = None) -> PointRun:
+                    scrape: Callable[[], Any] | None = None, extra: dict[str, Any] | None = None,
+                    codec: TokenCodec | None = None) -> PointRun:
     """Run one load point: ``warmup`` requests first (at the point's concurrency, or one at a time for a rate),
     then the measured ones until ``num_requests`` were sent or ``duration`` seconds passed; wait for every answer.
 
@@ -317,6 +411,8 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
             (``ignore_eos`` as in :func:`prepare`; ``count_input`` counts a turn's prompt tokens).
         scrape: called just before and just after the measured window (the server's metrics); its results land
             in ``PointRun.scraped``.
+        extra / codec: as in :func:`prepare`, for the turns of multi-turn sessions; ``codec`` also decodes the
+            answers of a ``tokens`` entry model into the records' text.
 
     Returns:
         Every record (warmup included, flagged) and the client's measurements of itself.
@@ -324,10 +420,11 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
     if sessions is not None and load.kind != "concurrency":
         raise UsageError("multi-turn sessions run at a concurrency (sessions in flight)", "pass --concurrency, not --request-rate")
     in_flight = int(load.value) if load.kind == "concurrency" else max(1, math.ceil(load.value * 2))
-    point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)))
+    point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)),
+                   codec=codec)
 
     def build(prompt: Prompt) -> Prepared:
-        return prepare_one(target, prompt, ignore_eos)
+        return prepare_one(target, prompt, ignore_eos, extra, codec)
 
     try:
         if warmup and sessions is not None:

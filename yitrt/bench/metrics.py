@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from yitrt.bench.acceptance import Acceptance
 from yitrt.errors import UsageError
 from yitrt.verdict import measured
 
@@ -80,6 +81,7 @@ class RequestRecord:
         text: the generated text, as received.
         error: the server's or the transport's message when the request failed.
         session / turn: the multi-turn session (index within the load point) and the turn (0-based); None otherwise.
+        acceptance: what the responses said about speculative decoding (``yitrt.bench.acceptance``).
     """
 
     index: int
@@ -98,6 +100,7 @@ class RequestRecord:
     error: str | None = None
     session: int | None = None
     turn: int | None = None
+    acceptance: Acceptance = field(default_factory=Acceptance)
 
     @property
     def ok(self) -> bool:
@@ -124,7 +127,8 @@ class RequestRecord:
                 "scheduled_at_s": round(self.scheduled_at, 6), "sent_at_s": round(self.sent_at, 6),
                 "ttft_ms": ms(self.ttft), "e2e_ms": ms(self.e2e), "tpot_ms": ms(self.tpot),
                 "response_ms": [ms(t) for t in self.response_times], "text": self.text,
-                "session": self.session, "turn": self.turn}
+                "session": self.session, "turn": self.turn,
+                "speculation": self.acceptance.figures(self.output_tokens) if self.acceptance.seen else None}
 
 
 def _ms(seconds: float | None) -> float | None:

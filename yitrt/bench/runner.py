@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from yitrt import __version__
-from yitrt.bench import kvmetrics, loadgen, metrics
-from yitrt.bench.loadgen import Load, PointRun, Target
+from yitrt.bench import acceptance, kvmetrics, loadgen, metrics
+from yitrt.bench.loadgen import Load, PointRun, Target, TokenCodec
 from yitrt.bench.workload import (
     MULTITURN,
     TURN_SEPARATOR,
@@ -34,6 +34,7 @@ from yitrt.bench.workload import (
     synthetic_sessions,
 )
 from yitrt.errors import UsageError, require
+from yitrt.speculation import LookaheadSizes
 
 #: ``kind`` of a bench.json (compare refuses other files).
 REPORT_KIND = "yitrt-bench"
@@ -68,6 +69,12 @@ class BenchRequest:
         turns: user turns per ``multiturn:synthetic`` session (default 3).
         metrics_url: Triton's metrics endpoint for the KV-cache figures (None: http://<gRPC host>:8002/metrics, a
             warning if it does not answer; ``none``: not scraped; any other URL must answer).
+        num_draft_tokens: sent as the BLS input ``num_draft_tokens`` (draft tokens per round, 1..MAX_DRAFT_TOKENS;
+            0: the same deployment without speculation; None: not sent, the deployment's default).
+        lookahead: sent as the ``tensorrt_llm`` model's three ``lookahead_*`` inputs (``model`` must be
+            ``tensorrt_llm``; (1, 1, 0) is plain decoding).
+        perf_metrics: send ``return_perf_metrics`` (the server's acceptance outputs); None: when ``num_draft_tokens``
+            or ``lookahead`` is given.
         isl / osl: token lengths (synthetic prompts; ``osl`` also for dataset lines without max_tokens).
         slo: latency bounds for goodput and for judging points.
         warmup: requests sent before each point's measured window (recorded, not measured).
@@ -96,6 +103,9 @@ class BenchRequest:
     num_prefixes: int | None = None
     turns: int | None = None
     metrics_url: str | None = None
+    num_draft_tokens: int | None = None
+    lookahead: LookaheadSizes | None = None
+    perf_metrics: bool | None = None
 
     @property
     def multiturn(self) -> str | None:
@@ -141,6 +151,7 @@ def check_request(req: BenchRequest) -> None:
     if not 0 < req.slo.percentile <= 100:
         problems.append(f"--slo-percentile must be in (0, 100], got {req.slo.percentile:g}")
     problems += _workload_problems(req)
+    problems += acceptance.option_problems(req.num_draft_tokens, req.lookahead, req.model)
     from yitrt.triton.client import parse_url
 
     try:
@@ -289,7 +300,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     loaded = None if multiturn in (None, "synthetic") else load_sessions(Path(multiturn), req.osl, req.seed)
     say = progress or (lambda line: None)
     target = loadgen.resolve_target(req.url, req.model)
-    warnings: list[str] = []
+    extra, warnings = acceptance.request_inputs(req.num_draft_tokens, req.lookahead, req.perf_metrics, target.inputs, target.model)
     scraper = _metrics_scraper(req, warnings)
     tok_dir, add_special = _tokenizer(req, target)
     factory = None
@@ -297,6 +308,8 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
         from yitrt.reference.verify import load_tokenizer
 
         factory = PromptFactory(load_tokenizer(tok_dir), add_special, req.seed)
+    codec = _codec(factory) if target.entry == "tokens" and factory is not None else None
+    loadgen.check_codec(target, codec)
     counts = [requests_per_point(req, load) for load in req.loads]
     sessions: list[Session] | None = None
     if multiturn is not None:
@@ -306,7 +319,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     else:
         total = sum((n if n is not None else DURATION_POOL) + req.warmup for n in counts)
         prompts = _prompts(req, factory, total, dataset)
-        items = loadgen.prepare(target, prompts, req.ignore_eos)
+        items = loadgen.prepare(target, prompts, req.ignore_eos, extra, codec)
     count_tokens = (lambda text: len(factory.tokenizer(text, add_special_tokens=False)["input_ids"])) if factory else None
     runs: list[PointRun] = []
     offset = 0
@@ -318,12 +331,14 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
             run = asyncio.run(loadgen.run_point(target, load, [], num_requests=n, duration=req.duration, warmup=req.warmup,
                                                 timeout=req.timeout, seed=req.seed, count_tokens=count_tokens,
                                                 sessions=rotated_sessions, ignore_eos=req.ignore_eos,
-                                                count_input=factory.count if factory else None, scrape=scraper))
+                                                count_input=factory.count if factory else None, scrape=scraper,
+                                                extra=extra, codec=codec))
             offset = (offset + len({r.session for r in run.records})) % len(sessions)
         else:
             rotated = items[offset:] + items[:offset]  # every point starts on prompts it has not sent yet
             run = asyncio.run(loadgen.run_point(target, load, rotated, num_requests=n, duration=req.duration, warmup=req.warmup,
-                                                timeout=req.timeout, seed=req.seed, count_tokens=count_tokens, scrape=scraper))
+                                                timeout=req.timeout, seed=req.seed, count_tokens=count_tokens, scrape=scraper,
+                                                codec=codec))
             offset = (offset + len(run.records)) % len(items)
         runs.append(run)
     ran = sum(len({r.session for r in run.records}) for run in runs) if sessions is not None else 0
@@ -333,7 +348,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     if scraper is not None and scraper.failures:
         warnings.append(f"{len(scraper.failures)} metrics scrapes failed (first: {scraper.failures[0]}): those points' "
                         "kv_cache figures are None")
-    report = build_report(req, target, runs, prompts, tok_dir, scraper.url if scraper else None, sessions, warnings)
+    report = build_report(req, target, runs, prompts, tok_dir, scraper.url if scraper else None, sessions, warnings, extra)
     with ArtifactWriter(req.out, "bench", {"url": req.url, "model": target.model}, {}) as art:
         from yitrt.bench.plots import write_plots
 
@@ -343,20 +358,29 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     return BenchResult(report, req.out, plots)
 
 
+def _codec(factory: PromptFactory) -> TokenCodec:
+    """Prompt text → ids as the deployment's preprocessing encodes it; ids → text as its postprocessing decodes."""
+    tokenizer, special = factory.tokenizer, factory.add_special_tokens
+    return TokenCodec(lambda text: list(tokenizer(text, add_special_tokens=special)["input_ids"]),
+                      lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
 def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompts: list[Prompt],
                  tokenizer: Path | None, metrics_url: str | None = None, sessions: list[Session] | None = None,
-                 warnings: list[str] | None = None) -> dict[str, Any]:
-    """bench.json's content: settings, the workload, every point (metrics, KV-cache reuse, client and server
-    measurements, requests), the best point and the warnings."""
+                 warnings: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """bench.json's content: settings, the workload, every point (metrics, KV-cache reuse, speculation, client and
+    server measurements, requests), the best point and the warnings; ``extra``: the speculation inputs sent."""
     points, warnings = [], list(warnings or [])
     for run in runs:
         before, after = run.scraped or (None, None)
         kv = kvmetrics.kv_point(before, after, metrics_url if before is not None and after is not None else None)
         point = {"load": run.load.to_json(), "model": target.model, **metrics.summarize(run.records, req.slo),
-                 "kv_cache": kv, "client": run.client, "server_counts": run.server_counts}
+                 "kv_cache": kv, "speculation": acceptance.point_figures(run.records), "client": run.client,
+                 "server_counts": run.server_counts}
         if sessions is not None:
             point["sessions"] = session_summary(run.records)
         warnings += point_warnings(req, run.load, point)
+        warnings += acceptance.point_warnings(run.load.label, point["speculation"])
         point["requests"] = [r.to_json() for r in run.records]
         points.append(point)
     warnings += kv_warnings(points)
@@ -379,6 +403,11 @@ def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompt
                          "rendering": f"turn k+1's text_input = turn k's text_input + its answer + {TURN_SEPARATOR!r} + "
                                       f"the new user turn + {TURN_SEPARATOR!r}"}},
         "metrics_url": metrics_url,
+        "speculation": {"num_draft_tokens": req.num_draft_tokens,
+                        "lookahead": None if req.lookahead is None else [req.lookahead.window, req.lookahead.ngram,
+                                                                         req.lookahead.verification_set],
+                        "inputs": dict(extra or {}),
+                        "requested": bool(extra) or req.perf_metrics is not None},
         "settings": {"num_requests": req.num_requests, "duration_s": req.duration, "warmup": req.warmup,
                      "timeout_s": req.timeout, "seed": req.seed},
         "slo": req.slo.to_json() if req.slo.given else None,

@@ -37,6 +37,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def _trio(dist: dict[str, Any]) -> str:
     return "/".join(_fmt(dist.get(k), 0 if (dist.get(k) or 0) >= 100 else 1) for k in ("p50", "p90", "p99"))
 
@@ -60,6 +64,7 @@ def _render_report(report: dict[str, Any]) -> None:
                _trio(p["ttft_ms"]), _trio(p["tpot_ms"]), _trio(p["e2e_ms"]), _hit(p.get("kv_cache")), verdict]
         table.add_row(*row, style="bold green" if i == report["best"] else None)
     render.print_wide(table)
+    _render_speculation(report)
     if slo:
         bounds = ", ".join(f"{k.split('_')[0].upper()} ≤ {slo[k]:g} ms" for k in ("ttft_ms", "tpot_ms") if slo[k] is not None)
         render.out.print(f"SLO: {bounds} at p{slo['percentile']:g}; goodput counts requests within every bound")
@@ -68,6 +73,30 @@ def _render_report(report: dict[str, Any]) -> None:
         why = "the highest output tokens/s meeting the SLO" if slo else "the highest output tokens/s (no SLO given)"
         render.out.print(f"best: {best['load']['label']} — {_fmt(best['output_token_throughput'])} output tok/s, "
                          f"{_fmt(best['request_throughput'], 2)} req/s ({why})")
+
+
+def _render_speculation(report: dict[str, Any]) -> None:
+    """One line per point with its acceptance — when the run sent speculation inputs or a point measured some."""
+    from yitrt.bench.acceptance import describe
+
+    asked = (report.get("speculation") or {}).get("requested")
+    if not asked and not any((p.get("speculation") or {}).get("measured") for p in report["points"]):
+        return
+    for p in report["points"]:
+        render.out.print(f"speculation {p['load']['label']}: {describe(p.get('speculation'))}")
+
+
+def _render_speedup(rows: list[dict[str, Any]], a: Path, b: Path) -> None:
+    """The speed-up table of `bench compare`: B / A per point, with both runs' acceptance."""
+    columns = ["load", "out tok/s B/A", "TPOT p50 B/A", "TTFT p50 B/A", "accepted/step A", "accepted/step B",
+               "acceptance A", "acceptance B", "tokens/step B"]
+    table = render.table(f"speed-up: B = {b} over A = {a} (ratios B / A: throughput > 1 and TPOT/TTFT < 1 are faster)", columns, [])
+    for row in rows:
+        sa, sb = row["a_speculation"], row["b_speculation"]
+        table.add_row(row["load"], _fmt(row["output_throughput_ratio"], 3), _fmt(row["tpot_p50_ratio"], 3),
+                      _fmt(row["ttft_p50_ratio"], 3), _fmt(sa["mean_accepted_per_step"], 2), _fmt(sb["mean_accepted_per_step"], 2),
+                      _pct(sa["acceptance_rate"]), _pct(sb["acceptance_rate"]), _fmt(sb["tokens_per_step"], 2))
+    render.print_wide(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -91,6 +120,9 @@ def register(app: typer.Typer) -> None:
         num_prefixes: Annotated[int | None, typer.Option("--num-prefixes", help="Distinct shared prefixes (prompt i uses prefix i mod K) [default: 1].", show_default=False)] = None,
         turns: Annotated[int | None, typer.Option("--turns", help="User turns per multiturn:synthetic session, --isl tokens each [default: 3].", show_default=False)] = None,
         metrics_url: Annotated[str | None, typer.Option("--metrics-url", help="Triton's metrics endpoint for the KV-cache reuse figures [default: http://<gRPC host>:8002/metrics]; none: skip.", show_default=False)] = None,
+        num_draft_tokens: Annotated[int | None, typer.Option("--num-draft-tokens", help="Draft tokens per round, sent as the BLS input num_draft_tokens (draft-target; 0: the same deployment without speculation) [default: not sent, the deployment's own].", show_default=False)] = None,
+        lookahead: Annotated[str | None, typer.Option("--lookahead", help="W,N,G sent as tensorrt_llm's lookahead_window_size/ngram_size/verification_set_size (with --model tensorrt_llm; 1,1,0: plain decoding).", show_default=False)] = None,
+        perf_metrics: Annotated[bool | None, typer.Option("--perf-metrics/--no-perf-metrics", help="Send return_perf_metrics (the server's acceptance outputs) [default: with --num-draft-tokens or --lookahead].", show_default=False)] = None,
         isl: Annotated[str, typer.Option("--isl", help="Prompt tokens MEAN[,STD] (synthetic prompts).")] = "128",
         osl: Annotated[str, typer.Option("--osl", help="Output tokens MEAN[,STD] (max_tokens; the end token is ignored unless --respect-eos).")] = "64",
         slo_ttft: Annotated[float | None, typer.Option("--slo-ttft", help="TTFT bound in ms (goodput, best point).", show_default=False)] = None,
@@ -105,6 +137,7 @@ def register(app: typer.Typer) -> None:
         json_: JsonOpt = False,
     ) -> None:
         """Run load points against a served deployment: TTFT, TPOT, E2E, throughput and goodput under an SLO, with plots."""
+        from yitrt.bench.acceptance import parse_lookahead
         from yitrt.bench.loadgen import Load
         from yitrt.bench.metrics import Slo
         from yitrt.bench.runner import REPORT_NAME, BenchRequest, run_bench
@@ -119,7 +152,8 @@ def register(app: typer.Typer) -> None:
                            isl=LengthSpec.parse(isl, "--isl"), osl=LengthSpec.parse(osl, "--osl"),
                            slo=Slo(slo_ttft, slo_tpot, slo_percentile), warmup=warmup, tokenizer=tokenizer,
                            ignore_eos=not respect_eos, timeout=timeout, seed=seed, prefix_tokens=prefix_tokens,
-                           num_prefixes=num_prefixes, turns=turns, metrics_url=metrics_url)
+                           num_prefixes=num_prefixes, turns=turns, metrics_url=metrics_url, num_draft_tokens=num_draft_tokens,
+                           lookahead=None if lookahead is None else parse_lookahead(lookahead), perf_metrics=perf_metrics)
         progress = None if json_ else (lambda line: render.err.print(f"bench {line}"))
         result = run_bench(req, progress)
         report = result.report
@@ -157,6 +191,8 @@ def register(app: typer.Typer) -> None:
                 change = "-" if row["change_pct"] is None else f"{row['change_pct']:+.1f}%"
                 table.add_row(row["metric"], _fmt(row["a"], 2), _fmt(row["b"], 2), change, (row["better"] or "-").upper())
             render.print_wide(table)
+        if result["speedup"]:
+            _render_speedup(result["speedup"], a, b)
         for side in ("only_a", "only_b"):
             if result[side]:
                 render.out.print(f"only in {side[-1].upper()}: {', '.join(result[side])}")
