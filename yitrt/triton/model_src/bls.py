@@ -165,7 +165,7 @@ class TritonPythonModel:
         return len(generated)
 
     def _spec_outputs(self, steps, totals):
-        accepted, drafted = totals
+        accepted, drafted = totals[0], totals[1]
         return {"accepted_draft_tokens": np.array([steps], dtype=np.int32).reshape(1, len(steps)),
                 "total_accepted_draft_tokens": np.array([[accepted]], dtype=np.int32),
                 "total_draft_tokens": np.array([[drafted]], dtype=np.int32),
@@ -180,15 +180,19 @@ class TritonPythonModel:
         pre = self._preprocess(request)
         stop_words = text.strings(text.array(request, "stop_words")) if text.array(request, "stop_words") is not None else []
         answer = text.TextStream(self.tokenizer, stop_words, self.skip)
-        generated, pieces, steps, totals = 0, [], [], [0, 0]
+        generated, pieces, steps, totals = 0, [], [], [0, 0, 0]
         if k:
+            count_rounds = _flag(request, "return_num_output_tokens")
+
             def emit(tokens, accepted, drafted):
                 steps.append(accepted)
                 totals[0] += accepted
                 totals[1] += drafted
+                totals[2] += len(tokens)
                 delta = answer.add(tokens)
-                if stream:
-                    send(self._reply(delta, extra=self._spec_outputs([accepted], totals)), False)
+                if stream:  # one response per target step; with its running output count when counts are asked for
+                    counts = {"num_output_tokens": totals[2]} if count_rounds else None
+                    send(self._reply(delta, counts, self._spec_outputs([accepted], totals)), False)
                     steps.clear()
                 elif delta:
                     pieces.append(delta)
