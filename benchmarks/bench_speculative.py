@@ -12,7 +12,7 @@ acceptance (mean accepted draft tokens per target step, acceptance rate, tokens 
 throughput, TPOT, TTFT ratios from `yitrt bench compare`), never a GPU's speed; greedy speculation must give the
 target's own answers, so every answer of the two runs is compared. Results go to benchmarks/results/speculative.json.
 
-    python benchmarks/bench_speculative.py [--concurrency 1,4] [--num-draft-tokens 4] [--draft-layers 2] [--isl 32] [--osl 16] [--num-requests 4]
+    python benchmarks/bench_speculative.py [--concurrency 1,4] [--num-draft-tokens 4] [--draft-layers 24] [--isl 32] [--osl 16] [--num-requests 4]
 
 It stops before doing anything when a piece it needs is missing (the truncation, deploy's draft-target options).
 """
@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--num-draft-tokens", type=int, default=4, help="K: draft tokens per round (deploy and bench)")
-    parser.add_argument("--draft-layers", type=int, default=2, help="decoder layers the demo draft keeps")
+    parser.add_argument("--draft-layers", type=int, default=24, help="decoder layers the demo draft keeps (24 of 30, as recipes/demo-spec.yaml)")
     parser.add_argument("--isl", default="32")
     parser.add_argument("--osl", default="16")
     # the slot runs a draft round and a verification request per step on the CPU: measured at ~0.3-0.5 output tok/s
