@@ -142,6 +142,6 @@ def parse_lookahead(text: str) -> LookaheadSizes:
     try:
         window, ngram, verification_set = (int(p) for p in parts)
     except ValueError:
-        raise UsageError(f"lookahead sizes {text!r} are not three integers W,N,G",
-                         "write window,ngram,verification_set, e.g. 4,3,4 (TensorRT-LLM's defaults)") from None
+        raise UsageError(f"--lookahead takes W,N,G (window, ngram, verification set): {text!r} is not three integers",
+                         "e.g. --lookahead 4,3,4 (TensorRT-LLM's defaults); 1,1,0 is plain decoding") from None
     return LookaheadSizes(window, ngram, verification_set)

@@ -52,21 +52,6 @@ LOOKAHEAD_MODEL = "tensorrt_llm"
 RATE_TOLERANCE = 1e-3
 
 
-def parse_lookahead(text: str) -> LookaheadSizes:
-    """``W,N,G`` → LookaheadSizes (validated there).
-
-    Raises:
-        UsageError: not three integers, or sizes TensorRT-LLM refuses.
-    """
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        window, ngram, verification = (int(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"--lookahead takes W,N,G (window, ngram, verification set: three integers), got {text!r}",
-                         "e.g. --lookahead 4,3,4 (TensorRT-LLM's defaults); 1,1,0 is plain decoding") from None
-    return LookaheadSizes(window, ngram, verification)
-
-
 def option_problems(num_draft_tokens: int | None, lookahead: LookaheadSizes | None, model: str | None) -> list[str]:
     """What is wrong with the speculation options, before connecting (each problem names its fix)."""
     problems = []

@@ -137,11 +137,11 @@ def register(app: typer.Typer) -> None:
         json_: JsonOpt = False,
     ) -> None:
         """Run load points against a served deployment: TTFT, TPOT, E2E, throughput and goodput under an SLO, with plots."""
-        from yitrt.bench.acceptance import parse_lookahead
         from yitrt.bench.loadgen import Load
         from yitrt.bench.metrics import Slo
         from yitrt.bench.runner import REPORT_NAME, BenchRequest, run_bench
         from yitrt.bench.workload import LengthSpec
+        from yitrt.speculation import parse_lookahead
 
         if concurrency is not None and request_rate is not None:
             raise UsageError("--concurrency and --request-rate cannot be mixed in one run", "run them as two benchmarks")
