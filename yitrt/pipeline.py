@@ -407,7 +407,13 @@ class _Run:
         draft = self.spec.speculative.draft.model
         if draft.model_dump() == self.spec.model.model_dump():  # a truncated self-draft: the target's own folder
             return {"artifact": self.artifacts["fetch"], "detail": "the target's model (the draft keeps its first layers)"}
-        return self._fetch("fetch-draft", draft)
+        result = self._fetch("fetch-draft", draft)
+        from yitrt.models.draft_pairing import require_draft_pair
+
+        # both folders are here now: the tokenizers must be the same (recipe validation could only compare local ones)
+        require_draft_pair(Path(self.artifacts["fetch"]), Path(result["artifact"]), target_repo=self.spec.model.repo,
+                           draft_repo=draft.repo, what="speculative.draft")
+        return result
 
     def _fetch(self, stage: str, model) -> dict[str, Any]:
         out = self.out(stage)

@@ -112,3 +112,33 @@ def test_reference_recipes_deploy_a_draft_slot_and_lookahead(tmp_path, hf):
             params["lookahead_verification_set_size"]) == ("lookahead", "3", "3", "2")
     unknown = run_cli("run", lookahead, "--work-dir", str(tmp_path / "la"), "--until", "build-draft")
     assert unknown.returncode == 2 and "has no build-draft stage" in unknown.stderr
+
+
+def test_a_fetched_draft_with_another_tokenizer_stops_the_run(tmp_path):
+    """Recipe validation cannot compare the tokenizers of two Hub models it has not fetched (it warns); the run
+    compares them as soon as both are fetched and stops before converting the draft — exit 2, the difference named."""
+    import os
+
+    from tests.hub_double import HubDouble
+
+    target = write_synthetic_model(tmp_path / "target", SyntheticSpec(seed=5, tokenizer=True))
+    draft = write_synthetic_model(tmp_path / "draft", SyntheticSpec(seed=6, layers=1, tokenizer=True))
+    tok = json.loads((draft / "tokenizer.json").read_text())
+    merges = tok["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]  # one merge rank changed: another tokenizer, same vocabulary
+    (draft / "tokenizer.json").write_text(json.dumps(tok))
+    recipe = tmp_path / "pair.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny-pair", "model": {"repo": "someone/tiny-target"}, "target": {"gpu": "H100-SXM", "engine": "reference"},
+        "workload": {"isl": 64, "osl": 32}, "verify": {"enabled": False}, "build": {"max_seq_len": 256},
+        "speculative": {"mode": "draft-target", "max_draft_len": 3, "draft": {"model": {"repo": "someone/tiny-draft"}}}}))
+    with HubDouble() as hub:
+        hub.add_repo("someone/tiny-target", target)
+        hub.add_repo("someone/tiny-draft", draft)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and "proxy" not in k.lower()}
+        env.update(hub.env(tmp_path / "hf-home"))
+        result = run_cli("run", str(recipe), "--work-dir", str(tmp_path / "work"), "--until", "deploy", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "speculative.draft someone/tiny-draft cannot draft for someone/tiny-target" in result.stderr
+    assert "merges" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "work" / "draft-checkpoint").exists()
