@@ -15,7 +15,7 @@ DEMO_SPEC   := build/demo-spec
 DEMO_PORTS  ?= 18500 18501 18502
 LAYERS      ?=
 
-.PHONY: setup demo test test-fast lint bench-convert bench-fidelity bench-gpu bench-serving bench-speculative clean
+.PHONY: setup demo test test-slow test-all test-fast lint bench-convert bench-fidelity bench-gpu bench-serving bench-speculative clean
 
 setup: $(STAMP)
 
@@ -78,7 +78,15 @@ demo: setup
 		print(f"demo: {a} of {d} draft tokens accepted ({r:.0%}), {per} per target step over {n} steps"); \
 		sys.exit(0 if spec == plain and d > 0 else "demo: the speculative answer differs from the plain one")' \
 		build/demo-spec-off.json build/demo-spec-on.json
+# make test: everything but the few end-to-end cases marked slow (demo-model verify/quantize, whole engine-path runs
+# through the trtllm-build double), whose logic the suite proves on tiny models; make test-all runs those too.
 test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+
+test-all: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup

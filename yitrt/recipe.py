@@ -565,9 +565,11 @@ def _speculative_plan_options(spec, tp: int) -> dict[str, Any]:
         return {}
     if spec.mode == "lookahead":
         return {"lookahead": spec.lookahead}
+    from yitrt.models.registry import load_registry
+
     d = spec.draft
-    if d is None:
-        return {}
+    if d is None or (d.model.repo and d.model.repo.lower() in load_registry().unsupported):
+        return {}  # an unsupported draft is refused by the section's checks; nothing to fetch for it
     cfg = model_config_of(d.model)  # the registry's, the demo's or the local folder's config: no download
     dtype = d.precision.dtype if d.precision.dtype != "auto" else resolve_dtype("auto", cfg)
     return {"draft": d.model.ref, "max_draft_len": spec.max_draft_len, "draft_tp": d.tp or tp, "draft_scheme": d.precision.scheme,

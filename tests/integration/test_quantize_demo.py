@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 pytest.importorskip("modelopt.torch.quantization")
 
 
+@pytest.mark.slow  # a real calibration of the demo model; tests/integration/test_quantize.py covers the schemes on tiny models
 def test_demo_fp8_quantize_then_verify(demo_build, tmp_path):
     model = demo_build[0].path
     out = tmp_path / "fp8"

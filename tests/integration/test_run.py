@@ -145,6 +145,7 @@ def test_a_killed_run_resumes_at_the_stage_it_was_in(demo_build, tmp_path):
     assert stage(data, "fetch")["artifact"] == str(model)  # a local model folder is used in place, not copied
 
 
+@pytest.mark.slow  # the engine path through the trtllm-build double; test_run_speculative and test_build_runner use the double in make test
 def test_trtllm_recipe_stops_before_build_without_tensorrt_llm_then_builds_with_the_double(tmp_path, tool_doubles, monkeypatch):
     hf = write_synthetic_model(tmp_path / "hf", SyntheticSpec(seed=5, tokenizer=True))
     recipe = tmp_path / "tiny.yaml"

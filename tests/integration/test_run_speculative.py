@@ -57,6 +57,7 @@ def test_stage_table_adds_the_draft_rows_only_with_a_draft(tmp_path, hf):
     assert "speculative" not in stage_parameters(plain, "build") and stage_parameters(lookahead, "build")["speculative"]["window"] == 4
 
 
+@pytest.mark.slow  # a whole speculative run; the stage table is a fast test here and the served pair is test_speculative_serving's
 def test_draft_target_recipe_builds_and_deploys_the_pair(tmp_path, hf, tool_doubles, monkeypatch):
     argv_log = tmp_path / "argv.jsonl"
     monkeypatch.setenv("YITRT_DOUBLE_ARGV", str(argv_log))
@@ -92,6 +93,7 @@ def test_draft_target_recipe_builds_and_deploys_the_pair(tmp_path, hf, tool_doub
     assert again["build"] in ("ran", "reused")  # the target's argv is unchanged: trtllm-build may keep its engine
 
 
+@pytest.mark.slow  # a whole speculative run; the stage table is a fast test here and the served pair is test_speculative_serving's
 def test_reference_recipes_deploy_a_draft_slot_and_lookahead(tmp_path, hf):
     recipe = _recipe(tmp_path, hf, "reference", {"mode": "draft-target", "max_draft_len": 2,
                                                  "draft": {"model": {"path": str(hf)}, "layers": 1}})

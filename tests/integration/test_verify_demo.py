@@ -21,6 +21,7 @@ def demo(demo_build):
     return demo_build[0].path
 
 
+@pytest.mark.slow  # the demo model end to end; the tiny-model verify tests prove the same logic in make test
 def test_clean_tp3_checkpoint_passes(demo, tmp_path):
     # 9 heads and 3 KV heads split three ways, in three processes
     convert(ConvertRequest(demo, tmp_path / "tp3", tp=3))
@@ -35,6 +36,7 @@ def test_clean_tp3_checkpoint_passes(demo, tmp_path):
     assert data["ppl_reference"] == pytest.approx(data["ppl_checkpoint"], rel=1e-5)
 
 
+@pytest.mark.slow  # the demo model end to end; the tiny-model verify tests prove the same logic in make test
 def test_fp8_rowwise_scale_off_by_two_fails(demo, tmp_path):
     convert(ConvertRequest(demo, tmp_path / "fp8", scheme="fp8-rowwise"))
     clean = verify(VerifyRequest(tmp_path / "fp8", demo, **SMALL))
