@@ -262,3 +262,21 @@ def test_acceptance_rules():
         assert out == [2]
     # a constant threshold 0 accepts whatever the target allows at all
     assert accept_sampled(flat, DraftTokens((2, 3), torch.zeros(2, vocab), threshold=0.0), sampling, g)[:2] == [2, 3]
+
+
+def test_lookahead_under_pauses_and_a_small_pool(target):
+    """max_utilization with a 14-block pool pauses requests mid-answer (their context recomputed on resume): the
+    lookahead window survives, the answers stay the greedy ones."""
+    la = LookaheadSizes(3, 3, 2)
+    config = EngineConfig(max_batch_size=6, max_num_tokens=128, tokens_per_block=8, primary_blocks=14,
+                          policy="max_utilization", lookahead=la)
+    prompts = _prompts(6, seed=17)
+    loop = target.engine(config)
+    for i, p in enumerate(prompts):
+        loop.add(str(i), p, StopRule(20), Sampling())
+    out = {str(i): [] for i in range(len(prompts))}
+    while not loop.idle:
+        for key, token, _ in loop.step():
+            out[key].append(token)
+    assert sum(len(r.paused) for r in loop.records) > 0  # the pool was too small: requests were paused
+    assert out == {str(i): _alone(target, p, StopRule(20)) for i, p in enumerate(prompts)}

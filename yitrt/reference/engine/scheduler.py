@@ -330,13 +330,14 @@ class Scheduler:
     def _micro_batch(self) -> list[tuple[Sequence, int]]:
         c = self.config
         budget, chosen = c.max_num_tokens, []
+        for seq in self.running:  # lookahead rows are this iteration's only (a paused and resumed request has none)
+            seq.rows, seq.candidates = [], []
         generation = [s for s in self.running if not s.in_context]
         context = [s for s in self.running if s.in_context]
         for seq in generation:
             n = len(seq.tokens) - seq.computed  # 1, or a lookahead step's accepted run fed back
             if budget < n:
                 break
-            seq.rows, seq.candidates = [], []
             if seq.lookahead is not None and seq.sampling.greedy and not seq.want_logits and len(seq.new) >= seq.rule.min_new:
                 seq.rows, seq.candidates = seq.lookahead.rows(seq.tokens[-1], budget - n)
             chosen.append((seq, n))
