@@ -125,3 +125,16 @@ def served(demo_build, tmp_path_factory):
     server = start_server(ServeRequest(repo, Ports(http, grpc_port, metrics), exit_timeout=5, ready_timeout=300))
     yield server, f"localhost:{grpc_port}", repo
     server.stop()
+
+
+def weightless_tiny_model(folder: Path) -> Path:
+    """A tiny model folder without weights: config.json (a tiny Llama, vocab 512) + the test BPE tokenizer with the
+    demo's ChatML template (what tokenizer comparisons and recipe checks read)."""
+    import json
+
+    from yitrt.synthetic import SyntheticSpec, hf_config, write_tokenizer
+
+    folder.mkdir(parents=True)
+    write_tokenizer(folder, 512)
+    (folder / "config.json").write_text(json.dumps(hf_config(SyntheticSpec())))
+    return folder

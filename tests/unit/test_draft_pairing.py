@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.conftest import weightless_tiny_model
 from yitrt.models.draft_pairing import (
     PAIR_FIX,
     check_draft_pair,
@@ -17,17 +18,11 @@ from yitrt.models.draft_pairing import (
     require_draft_pair,
 )
 from yitrt.models.registry import load_registry
-from yitrt.synthetic import SyntheticSpec, hf_config, write_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
-    """A tiny model folder without weights: config.json (vocab 512) + the test BPE tokenizer with the demo's ChatML template."""
-    folder = tmp_path_factory.mktemp("tok") / "base"
-    folder.mkdir()
-    write_tokenizer(folder, 512)
-    (folder / "config.json").write_text(json.dumps(hf_config(SyntheticSpec())))
-    return folder
+    return weightless_tiny_model(tmp_path_factory.mktemp("tok") / "base")
 
 
 @pytest.fixture

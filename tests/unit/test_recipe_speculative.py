@@ -11,11 +11,11 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, weightless_tiny_model
 from yitrt.errors import ValidationError
 from yitrt.recipe import Draft, Speculative, load_recipe
 from yitrt.speculation import MAX_DRAFT_TOKENS, UNSUPPORTED_MODES, LookaheadSizes
-from yitrt.synthetic import SyntheticSpec, hf_config, write_tokenizer
+from yitrt.synthetic import SyntheticSpec, hf_config
 
 TARGET = {"name": "t", "model": {"repo": "01-ai/Yi-34B-Chat"}, "target": {"gpu": "H100-SXM"},
           "precision": {"scheme": "fp8", "kv_cache": "fp8"}, "parallelism": {"tp": 2}}
@@ -37,12 +37,7 @@ def problems_of(tmp_path, speculative, **sections):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """config.json (a tiny Llama, vocab 512) + the test BPE tokenizer with the demo's ChatML template; no weights."""
-    folder = tmp_path_factory.mktemp("spec") / "tiny"
-    folder.mkdir()
-    write_tokenizer(folder, 512)
-    (folder / "config.json").write_text(json.dumps(hf_config(SyntheticSpec())))
-    return folder
+    return weightless_tiny_model(tmp_path_factory.mktemp("spec") / "tiny")
 
 
 def test_draft_target_section_parses_with_defaults(tmp_path):
