@@ -14,18 +14,14 @@ target's own answers, so every answer of the two runs is compared. Results go to
 
     python benchmarks/bench_speculative.py [--concurrency 1,4] [--num-draft-tokens 4] [--draft-layers 24] [--isl 32] [--osl 16] [--num-requests 4]
 
-It stops before doing anything when a piece it needs is missing (the truncation, deploy's draft-target options).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,36 +35,8 @@ NAME = "bench-speculative"
 ROOT = Path(__file__).resolve().parent
 REPO_ROOT = ROOT.parent
 WORK = REPO_ROOT / "build" / "bench-speculative"
-#: the deploy options this benchmark needs (the draft-target repository of issue #19, item 3)
-DEPLOY_OPTIONS = ("--draft", "--speculative", "--num-draft-tokens")
-#: the bench options it needs
-BENCH_OPTIONS = ("--num-draft-tokens",)
 #: (label, what the bench sends as num_draft_tokens: None = the --num-draft-tokens argument)
 RUNS = (("off", 0), ("on", None))
-
-
-def missing_pieces() -> list[str]:
-    """Everything this benchmark needs that this checkout lacks, each named with where it comes from."""
-    problems = []
-    if not Path(YITRT[0]).is_file():
-        problems.append(f"no yitrt next to {sys.executable}: run it with the project's .venv/bin/python (make bench-speculative)")
-        return problems
-    try:
-        truncate = importlib.import_module("yitrt.checkpoint.truncate")
-        if not callable(getattr(truncate, "truncate_checkpoint", None)):
-            problems.append("yitrt.checkpoint.truncate has no truncate_checkpoint(checkpoint, out, layers): the demo draft "
-                            "cannot be made (adapt draft_checkpoint() in this script to the module's API)")
-    except ImportError:
-        problems.append("yitrt.checkpoint.truncate is missing: the demo draft (the demo model's first layers) comes from "
-                        "it (issue #19 item 6, branch h-build)")
-    for command, options in ((["deploy"], DEPLOY_OPTIONS), (["bench", "run"], BENCH_OPTIONS)):
-        helped = subprocess.run([*YITRT, *command, "--help"], text=True, capture_output=True,
-                                env={**os.environ, "COLUMNS": "200"}).stdout
-        absent = [o for o in options if o not in helped]
-        if absent:
-            problems.append(f"yitrt {' '.join(command)} has no {', '.join(absent)}: the draft-target "
-                            f"{'repository' if command == ['deploy'] else 'bench'} of issue #19 is not in this checkout")
-    return problems
 
 
 def draft_checkpoint(target: Path, layers: int, commands: list[str]) -> Path:
@@ -117,9 +85,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "speculative.json")
     args = parser.parse_args()
-    problems = missing_pieces()
-    if problems:
-        raise SystemExit(f"{NAME} cannot run yet:\n  - " + "\n  - ".join(problems))
     commands: list[str] = []
     WORK.mkdir(parents=True, exist_ok=True)
     # the same tp-1 demo checkpoint as bench-serving's (made once, shared)

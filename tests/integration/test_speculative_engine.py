@@ -172,6 +172,13 @@ def test_verification_refusals(target):
         loop.add("a", [5, 6, 7], StopRule(4), Sampling(), draft=DraftTokens((1, 2, 3)))
     with pytest.raises(UsageError, match="outside the vocab"):
         loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((10**6,)))
+    vocab = target.spec.vocab_size
+    with pytest.raises(UsageError, match="NaN or infinite"):  # refused alone: a NaN would fail the whole iteration
+        loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((1,), torch.full((1, vocab), float("nan"))))
+    with pytest.raises(UsageError, match=r"shape \[2, "):
+        loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((1,), torch.zeros(2, vocab)))
+    with pytest.raises(UsageError, match="threshold must be in"):
+        loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((1,), torch.zeros(1, vocab), threshold=float("nan")))
     with pytest.raises(UsageError, match="lookahead parameters are not set"):
         loop.add("a", [5, 6, 7], StopRule(2), Sampling(), lookahead=LookaheadSizes(2, 2, 1))
 
