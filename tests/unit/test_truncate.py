@@ -109,7 +109,7 @@ def test_tp2_checkpoints_truncate_every_rank(make_model, tmp_path):
 
 def test_refusals_leave_nothing_behind(make_model, full, tmp_path):
     _, ckpt = full
-    with pytest.raises(ValidationError, match="exceeds the model's 4"):
+    with pytest.raises(ValidationError, match="--layers 9 exceeds the model's 4"):
         truncate_checkpoint(ckpt, tmp_path / "a", 9)
     with pytest.raises(ValidationError, match="positive integer"):
         truncate_checkpoint(ckpt, tmp_path / "a", 0)

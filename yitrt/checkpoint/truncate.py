@@ -38,14 +38,15 @@ _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 _OWN = {MANIFEST_NAME, RECIPE_NAME}
 
 
-def keep_layers_problems(num_layers: int, keep: int | None) -> list[str]:
-    """Why ``keep`` first layers cannot be kept of a model with ``num_layers`` (empty: they can)."""
+def keep_layers_problems(num_layers: int, keep: int | None, option: str = "--keep-layers") -> list[str]:
+    """Why ``keep`` first layers cannot be kept of a model with ``num_layers`` (empty: they can); ``option`` names the
+    setting in the message."""
     if keep is None:
         return []
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        return [f"--keep-layers must be a positive integer, got {keep!r}"]
+        return [f"{option} must be a positive integer, got {keep!r}"]
     if keep > num_layers:
-        return [f"--keep-layers {keep} exceeds the model's {num_layers} decoder layers"]
+        return [f"{option} {keep} exceeds the model's {num_layers} decoder layers"]
     return []
 
 
@@ -124,7 +125,7 @@ def truncate_checkpoint(checkpoint: Path, out: Path, layers: int, *, force: bool
     num_layers = int(config.get("num_hidden_layers") or 0)
     mapping = config["mapping"]
     tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-    problems = keep_layers_problems(num_layers, layers)
+    problems = keep_layers_problems(num_layers, layers, "--layers")
     if pp != 1:
         problems.append(f"{checkpoint} is split into {pp} pipeline stages: truncate a pp 1 checkpoint (convert it again with --pp 1)")
     if (checkpoint / "quant_cfg.json").exists() or (config.get("quantization") or {}).get("quant_algo") == "MIXED_PRECISION":

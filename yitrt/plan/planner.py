@@ -395,7 +395,7 @@ def _plan_draft_target(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme: 
     k = opts.max_draft_len or 0
     draft = opts.draft_source or load_source(opts.draft or "")
     if opts.draft_layers is not None:
-        if problems := keep_layers_problems(draft.cfg.num_layers, opts.draft_layers):
+        if problems := keep_layers_problems(draft.cfg.num_layers, opts.draft_layers, "--draft-layers"):
             raise UsageError("--draft-layers: " + "; ".join(problems), f"keep 1..{draft.cfg.num_layers} of the draft's layers")
         draft = replace(draft, cfg=replace(draft.cfg, num_layers=opts.draft_layers))
     if draft.origin == "checkpoint" and any(v is not None and v != fixed for v, fixed in
