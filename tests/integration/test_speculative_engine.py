@@ -173,8 +173,12 @@ def test_verification_refusals(target):
     with pytest.raises(UsageError, match="outside the vocab"):
         loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((10**6,)))
     vocab = target.spec.vocab_size
-    with pytest.raises(UsageError, match="NaN or infinite"):  # refused alone: a NaN would fail the whole iteration
+    with pytest.raises(UsageError, match=r"NaN or \+inf"):  # refused alone: a NaN would fail the whole iteration
         loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((1,), torch.full((1, vocab), float("nan"))))
+    masked = torch.zeros(1, vocab)
+    masked[0, 2] = float("-inf")  # a masked token (a draft under min_tokens) is fine
+    loop.add("ok", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((1,), masked))
+    assert loop.cancel("ok")
     with pytest.raises(UsageError, match=r"shape \[2, "):
         loop.add("a", [5, 6, 7], StopRule(2), Sampling(), draft=DraftTokens((1,), torch.zeros(2, vocab)))
     with pytest.raises(UsageError, match="threshold must be in"):

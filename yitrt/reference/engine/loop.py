@@ -60,9 +60,10 @@ class EngineLoop:
             if draft.logits is not None and tuple(draft.logits.shape) != (len(draft.tokens), self.runtime.spec.vocab_size):
                 raise UsageError(f"draft_logits has shape {list(draft.logits.shape)}, expected [{len(draft.tokens)}, {self.runtime.spec.vocab_size}]",
                                  "send the draft model's generation_logits for exactly the draft tokens")
-            if draft.logits is not None and not bool(torch.isfinite(draft.logits).all()):
+            if draft.logits is not None and bool((torch.isnan(draft.logits) | (draft.logits == float("inf"))).any()):
                 # a NaN would fail the whole iteration (every request in it), not just this one: refused on arrival
-                raise UsageError("draft_logits holds NaN or infinite values", "send the draft model's generation_logits as they came")
+                # (−inf is a masked token, as a draft under min_tokens returns its end ids)
+                raise UsageError("draft_logits holds NaN or +inf values", "send the draft model's generation_logits as they came")
             t = draft.threshold
             if t is not None and not (isinstance(t, float) and 0.0 <= t <= 1.0):
                 raise UsageError(f"draft_acceptance_threshold must be in [0, 1], got {t!r}", "send a probability, or leave it unset")
