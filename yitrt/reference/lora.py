@@ -20,7 +20,6 @@ the base output's dtype before they are added.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,23 +32,6 @@ QKV_ROLES = ("q", "k", "v")
 MIN_COLS = 16
 
 
-def model_dims(spec) -> SimpleNamespace:
-    """The model dims ``yitrt.lora`` sizes modules with, from a checkpoint's ``CheckpointSpec`` (the names of
-    ``ModelConfig``)."""
-    return SimpleNamespace(
-        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_size, intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
-    )
-
-
-def as_numpy(array) -> np.ndarray:
-    """A weights/config array as numpy (torch bf16, which numpy lacks, as its exact float32 values)."""
-    if isinstance(array, torch.Tensor):
-        t = array.detach().cpu()
-        return (t.to(torch.float32) if t.dtype == torch.bfloat16 else t).numpy()
-    return np.asarray(array)
-
-
 def unpack_for(spec, weights, config, max_lora_rank: int | None = None, enabled: set[str] | None = None,
                engine_dtype: str | None = None) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
     """Validate request tensors against a checkpoint and return the full (unsplit) matrices per (layer, module):
@@ -60,7 +42,7 @@ def unpack_for(spec, weights, config, max_lora_rank: int | None = None, enabled:
     """
     from yitrt.lora.format import unpack
 
-    return unpack(as_numpy(weights), as_numpy(config), model_dims(spec), spec.tp, max_lora_rank, enabled, engine_dtype, spec.num_layers)
+    return unpack(weights, config, spec, spec.tp, max_lora_rank, enabled, engine_dtype, spec.num_layers)
 
 
 @dataclass(frozen=True)

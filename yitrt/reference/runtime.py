@@ -447,9 +447,8 @@ class ReferenceRuntime:
             raise UsageError(f"LoRA task id must be a non-negative integer, got {task_id!r}", "pass the lora_task_id as an unsigned integer")
         if self._local is None:
             # validated here first: an error inside the rank processes would end them (and the runtime)
-            from yitrt.reference.lora import as_numpy, unpack_for
+            from yitrt.reference.lora import unpack_for
 
-            weights, config = as_numpy(weights), as_numpy(config)
             unpack_for(self.spec, weights, config, max_lora_rank, enabled, engine_dtype)
         self._call("load_adapter", task_id, weights, config, max_lora_rank, enabled, engine_dtype)
         self.adapters.add(task_id)
