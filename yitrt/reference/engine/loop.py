@@ -78,9 +78,7 @@ class EngineLoop:
                 from yitrt.errors import LoraError
 
                 raise LoraError("this model serves no LoRA adapters", "deploy an engine built with the LoRA plugin")
-            if draft is not None or lookahead is not None or c.lookahead is not None:
-                raise UsageError("LoRA requests are not combined with speculative decoding on the reference slot",
-                                 "send the adapter's requests without draft tokens, to a model without lookahead")
+
         if draft is not None:
             if len(draft.tokens) > c.max_draft_len:  # the executor's check (tensorrtllm_backend #473's message)
                 raise UsageError(f"Number of draft tokens ({len(draft.tokens)}) is larger than maximum number of draft tokens ({c.max_draft_len})",
