@@ -146,14 +146,15 @@ def adapter_summary(source: Path) -> dict[str, Any]:
     return {"r": r, "target_modules": list(modules or []), "use_dora": bool(config.get("use_dora"))}
 
 
-def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Each adapter against what is known without weights. Returns (problems, warnings)."""
+def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str], Any]:
+    """Each adapter against what is known without weights. Returns (problems, warnings, the adapter cache to plan:
+    a ``yitrt.plan.lora.LoraCacheRequest``, or None when no rank or module is known yet)."""
     from yitrt.build.lora import engine_target_modules
     from yitrt.lora.modules import REFUSED_HF_MODULES, by_hf
 
     spec = sections.get("lora")
     if spec is None:
-        return [], []
+        return [], [], None
     problems: list[str] = []
     warnings: list[str] = []
     ranks: dict[str, int] = {}
@@ -192,7 +193,22 @@ def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str]]:
         dtype = _engine_dtype(sections)
         if dtype == "bfloat16":
             problems.append(f"lora.cache.prefetch: {PREFETCH_BF16}; {PREFETCH_FIX}")
-    return problems, warnings
+    return problems, warnings, _cache_request(spec, ranks, adapted)
+
+
+def _cache_request(spec: Lora, ranks: dict[str, int], adapted: list[str]) -> Any:
+    """The cache the plan checks: the section's settings with the rank and modules known so far (the largest rank
+    and the modules of the adapters read; a Hub adapter adds its own once fetched)."""
+    from yitrt.build.lora import engine_target_modules, target_module_problems
+    from yitrt.plan.lora import LoraCacheRequest
+
+    modules = spec.target_modules if spec.target_modules is not None else adapted
+    rank = spec.max_rank or max(ranks.values(), default=None)
+    if rank is None or not modules or target_module_problems(modules):
+        return None
+    c = spec.cache
+    return LoraCacheRequest(tuple(engine_target_modules(modules)), rank, c.optimal_adapter_size, c.max_adapter_size,
+                            c.gpu_memory_fraction, c.host_memory_bytes)
 
 
 def _engine_dtype(sections: dict[str, Any]) -> str | None:
