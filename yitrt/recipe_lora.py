@@ -91,18 +91,24 @@ class Lora(_LoraSection):
 
     @property
     def task_ids(self) -> dict[str, int]:
-        """Adapter name → its lora_task_id: the given ones, the others the smallest ids left free, in order."""
-        taken = {a.task_id for a in self.adapters if a.task_id is not None}
-        out, candidate = {}, 1
-        for adapter in self.adapters:
-            if adapter.task_id is not None:
-                out[adapter.name] = adapter.task_id
-                continue
-            while candidate in taken:
-                candidate += 1
-            out[adapter.name] = candidate
-            taken.add(candidate)
-        return out
+        """Adapter name → its lora_task_id (:func:`assign_task_ids`)."""
+        return assign_task_ids([(a.name, a.task_id) for a in self.adapters])
+
+
+def assign_task_ids(adapters: list[tuple[str, int | None]]) -> dict[str, int]:
+    """(name, task id or None) → name → task id: the given ones kept, the others the smallest ids left free, in order
+    (1..N when none is given)."""
+    taken = {task_id for _, task_id in adapters if task_id is not None}
+    out, candidate = {}, 1
+    for name, task_id in adapters:
+        if task_id is not None:
+            out[name] = task_id
+            continue
+        while candidate in taken:
+            candidate += 1
+        out[name] = candidate
+        taken.add(candidate)
+    return out
 
 
 def lora_problems(sections: dict[str, Any]) -> list[str]:
