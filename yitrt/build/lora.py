@@ -73,21 +73,16 @@ class ConvertedAdapter:
 
 
 def read_adapter(folder: Path) -> ConvertedAdapter:
-    """A converted adapter's facts from its manifest (``yitrt.lora.convert.read_converted``).
+    """A converted adapter's facts (``yitrt.lora.convert.read_converted``); its name is its folder's.
 
     Raises:
-        UsageError: not a ``yitrt lora convert`` folder.
+        LoraError: not a ``yitrt lora convert`` folder, or its files do not match its manifest.
     """
     from yitrt.lora.convert import read_converted
 
     folder = Path(folder).absolute()
-    manifest = read_converted(folder).manifest
-    try:
-        return ConvertedAdapter(folder, str(manifest.get("name") or folder.name), int(manifest["r"]),
-                                tuple(manifest["trtllm_modules"]), str(manifest["dtype"]), int(manifest.get("tp") or 1))
-    except (KeyError, TypeError, ValueError):
-        raise UsageError(f"{folder} is not a converted LoRA adapter (its manifest lacks r, trtllm_modules or dtype)",
-                         "convert it with `yitrt lora convert`") from None
+    converted = read_converted(folder)
+    return ConvertedAdapter(folder, folder.name, converted.max_rank, tuple(converted.modules), converted.dtype, int(converted.tp))
 
 
 @dataclass(frozen=True)
@@ -151,7 +146,7 @@ def lora_build(adapters: Sequence[Path | ConvertedAdapter], max_rank: int | None
         cache: ``LoraCacheRequest`` fields other than modules and rank (None: TensorRT-LLM's defaults).
 
     Raises:
-        UsageError: not a converted adapter. ValidationError: every problem at once (a rank above ``max_rank``, a
+        LoraError: not a converted adapter. ValidationError: every problem at once (a rank above ``max_rank``, a
             module the engine would not enable, an unknown module).
     """
     if not adapters:
