@@ -49,6 +49,7 @@ class LoraAdapter(_LoraSection):
     revision: str | None = Field(None, description="Branch, tag or commit sha of a Hub adapter (default: the default branch).")
     task_id: StrictPositive | None = Field(None, description="Its lora_task_id (unique, >= 1; null: the smallest ids the others "
                                            "leave free, in order: 1..N when none is given).")
+    allow_pickle: bool = Field(False, description="Accept adapter_model.bin (loaded with weights_only=True).")
 
     @property
     def is_local(self) -> bool:
