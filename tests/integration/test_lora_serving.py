@@ -1,8 +1,9 @@
 """LoRA adapters served per request on a real tritonserver (CPU reference slot, one server for the module).
 
 A tiny bf16 Llama, two PEFT adapters made here (q/v/o rank 4; k/gate/up/down rank 8; B randomized so that the
-answers change), converted with ``yitrt lora convert``'s library call and deployed beside the base checkpoint; the
-repository's ``lora_weights`` inputs are TYPE_BF16 (the engine dtype) and ``lora_adapters.json`` lists the adapters.
+answers change), converted with ``yitrt lora convert``'s library call and deployed with the base checkpoint (``yitrt
+deploy``'s LoRA settings: the repository's ``lora_weights`` inputs are TYPE_BF16, the engine dtype, and
+``lora_adapters.json`` lists the adapters).
 Checked: the greedy answers of adapter 1, adapter 2 and the base model differ, and each equals transformers (+ peft
 ``PeftModel``) greedy on the same tokens; a later request with the task id alone gives the same answer; an unknown id
 is refused with the engine's message; the ensemble and the BLS pass the three tensors through (BF16 included);
@@ -11,9 +12,7 @@ is refused with the engine's message; the ensemble and the BLS pass the three te
 
 from __future__ import annotations
 
-import json
 import queue
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +77,7 @@ def lora_repo(tmp_path_factory):
     from yitrt.lora.convert import convert_adapter
     from yitrt.synthetic import SyntheticSpec, write_synthetic_model
     from yitrt.triton.cpu_stub import stub_env_dir
+    from yitrt.triton.lora import AdapterRequest, LoraRequest
     from yitrt.triton.repository import DeployRequest, deploy
 
     if find_tritonserver() is None or not (stub_env_dir() / "pyvenv.cfg").is_file():
@@ -90,8 +90,9 @@ def lora_repo(tmp_path_factory):
         peft_dir = _make_adapter(hf, root / f"peft-{name}", targets, rank, seed=100 + i)
         converted[name] = convert_adapter(peft_dir, hf, root / f"conv-{name}", dtype="bfloat16")
     repo = root / "repo"
-    deploy(DeployRequest(root / "ckpt", repo, engine="reference", streaming=True, max_batch_size=8, max_seq_len=256))
-    _lora_deployment(repo, converted)
+    lora = LoraRequest(tuple(AdapterRequest(name, converted[name], task) for name, (task, _, _) in ADAPTERS.items()))
+    deploy(DeployRequest(root / "ckpt", repo, engine="reference", streaming=True, max_batch_size=8, max_seq_len=256, lora=lora))
+    assert 'data_type: TYPE_BF16' in (repo / "tensorrt_llm_bls" / "config.pbtxt").read_text().split('name: "lora_weights"')[1][:80]
     tokenizer = AutoTokenizer.from_pretrained(hf)
     ids = tokenizer(PROMPT, add_special_tokens=True)["input_ids"]
     expected = {None: _greedy(AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32), ids, NEW)}
@@ -99,25 +100,6 @@ def lora_repo(tmp_path_factory):
         base = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
         expected[name] = _greedy(PeftModel.from_pretrained(base, root / f"peft-{name}"), ids, NEW)
     return root, repo, converted, ids, expected
-
-
-def _lora_deployment(repo: Path, converted: dict[str, Path]) -> None:
-    """What a LoRA deploy of a bf16 engine holds, where this deploy did not write it yet: ``lora_weights`` typed
-    TYPE_BF16 in the three models that take it, the adapters copied in and listed in ``lora_adapters.json``."""
-    for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls"):
-        path = repo / model / "config.pbtxt"
-        text = path.read_text()
-        head, sep, tail = text.partition('name: "lora_weights"')
-        if sep:
-            path.write_text(head + sep + tail.replace("TYPE_FP16", "TYPE_BF16", 1))
-    if (repo / "lora_adapters.json").is_file():
-        return
-    entries = []
-    for name, folder in converted.items():
-        shutil.copytree(folder, repo / "lora" / name)
-        task, targets, rank = ADAPTERS[name]
-        entries.append({"name": name, "task_id": task, "dir": f"lora/{name}", "rank": rank, "modules": targets, "dtype": "bfloat16"})
-    (repo / "lora_adapters.json").write_text(json.dumps({"adapters": entries}))
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +171,16 @@ def _engine(url: str, ids: list[int], extra: dict) -> tuple[list[int], str | Non
     return tokens, error
 
 
-def _text(url: str, model: str, extra: dict) -> tuple[str, str | None]:
+def _text(url: str, model: str, extra: dict, chat: bool = False) -> tuple[str, str | None]:
+    """The text answer to PROMPT (raw text, the end token ignored; ``chat``: as `yitrt chat` asks, one user message)."""
     values = {"text_input": np.array([[PROMPT.encode()]], dtype=np.object_), "max_tokens": np.array([[NEW]], dtype=np.int32),
               "end_id": np.array([[-1]], dtype=np.int32), "stream": np.array([[False]], dtype=np.bool_), **extra}
+    if chat:
+        import json
+
+        del values["end_id"]
+        values.update(text_input=np.array([[b""]], dtype=np.object_),
+                      messages=np.array([[json.dumps([{"role": "user", "content": PROMPT}]).encode()]], dtype=np.object_))
     responses, error = _ask(url, model, values)
     return "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in responses if r.as_numpy("text_output") is not None), error
 
@@ -242,19 +231,26 @@ def test_chat_and_bench_select_adapters_by_name(lora_repo, server, tmp_path):
     from yitrt.errors import UsageError
     from yitrt.triton.client import ChatRequest, chat
 
-    _, repo, _, _, _ = lora_repo
+    _, repo, converted, _, _ = lora_repo
     answers = {}
     for name in (None, "alpha", "beta"):
-        result = chat(ChatRequest(server, PROMPT, model="ensemble", max_tokens=NEW, lora=name, repo=repo))
+        result = chat(ChatRequest(server, PROMPT, model="ensemble", max_tokens=NEW, stream=False, lora=name, repo=repo))
         answers[name] = result.text
         assert (result.adapter or {}).get("task_id") == (ADAPTERS[name][0] if name else None)
-    assert len(set(answers.values())) == 3
-    again = chat(ChatRequest(server, PROMPT, model="ensemble", max_tokens=NEW, lora="beta", repo=repo, lora_weights=False))
+        assert result.lora_weights_sent == (name is not None)
+        # the adapter the name stands for: the same answer as its task id and arrays sent by hand
+        same, error = _text(server, "ensemble", _lora(ADAPTERS[name][0], converted[name]) if name else {}, chat=True)
+        assert error is None and result.text == same, name
+    assert answers["beta"] != answers[None]
+    again = chat(ChatRequest(server, PROMPT, model="ensemble", max_tokens=NEW, stream=False, lora="beta", repo=repo,
+                             lora_weights=False))
     assert again.text == answers["beta"] and not again.lora_weights_sent and not again.lora_resent
     with pytest.raises(UsageError, match="no adapter 'gamma'"):
         chat(ChatRequest(server, PROMPT, lora="gamma", repo=repo))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"text": "{PROMPT} {i}", "max_tokens": 4}}\n' for i in range(6)))
     report = run_bench(BenchRequest(server, (Load("concurrency", 2),), tmp_path / "bench", model="ensemble", num_requests=6,
-                                    isl=LengthSpec(8), osl=LengthSpec(4), tokenizer=repo, lora_mix="alpha:0.5,base:0.5",
+                                    dataset=str(prompts), osl=LengthSpec(4), repo=repo, lora_mix="alpha:0.5,base:0.5",
                                     metrics_url="none")).report
     requests = report["points"][0]["requests"]
     assert sorted(r["adapter"] or "base" for r in requests) == ["alpha"] * 3 + ["base"] * 3
@@ -265,4 +261,4 @@ def test_chat_and_bench_select_adapters_by_name(lora_repo, server, tmp_path):
     assert per["alpha"]["counts"]["answered"] == 3 and per["base"]["counts"]["answered"] == 3
     assert report["lora"]["mix"] == {"alpha": 0.5, "base": 0.5} and report["lora"]["adapters"]["alpha"]["task_id"] == 11
     with pytest.raises(UsageError, match="sum to 0.9"):
-        run_bench(BenchRequest(server, (Load("concurrency", 1),), tmp_path / "bench2", tokenizer=repo, lora_mix="alpha:0.5,beta:0.4"))
+        run_bench(BenchRequest(server, (Load("concurrency", 1),), tmp_path / "bench2", repo=repo, lora_mix="alpha:0.5,beta:0.4"))
