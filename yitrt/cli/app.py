@@ -429,12 +429,13 @@ def demo_model(
 
 
 def _register_commands() -> None:
-    from yitrt.cli import bench_cmds, plan_build, recipe_cmds, triton_cmds
+    from yitrt.cli import bench_cmds, lora_cmds, plan_build, recipe_cmds, triton_cmds
 
     plan_build.register(app)
     triton_cmds.register(app)
     bench_cmds.register(app)
     recipe_cmds.register(app)
+    lora_cmds.register(app)
 
 
 _register_commands()

@@ -16,10 +16,7 @@ from typing import Any
 import numpy as np
 
 from yitrt.errors import LoraError
-from yitrt.lora.modules import LORA_MODULES, LoraModule, by_id, by_trtllm, module_name
-
-#: dtypes a ``lora_weights`` array may be stored in (the engine dtypes of an unquantized Yi engine).
-STORE_DTYPES = ("float16", "bfloat16", "float32")
+from yitrt.lora.modules import LORA_MODULES, STORE_DTYPES, LoraModule, by_id, by_trtllm, module_name
 
 _FIX = "convert the adapter for this base model and engine with `yitrt lora convert ADAPTER --base MODEL --tp N --dtype DTYPE`"
 

@@ -32,6 +32,10 @@ TRTLLM_MODULE_IDS: dict[str, int] = {
 }
 _NAMES_BY_ID = {v: k for k, v in TRTLLM_MODULE_IDS.items()}
 
+#: dtypes ``lora_weights`` may have: the engine dtype (TensorRT-LLM refuses any other, §2.3); bfloat16 is stored as
+#: bf16-rounded float32 values (numpy has no bf16).
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
 #: Adapter targets that exist in PEFT adapters of Llama-family models but cannot be served on a Yi engine, each
 #: with the reason (the refusal names them instead of calling them unknown).
 REFUSED_HF_MODULES: dict[str, str] = {
