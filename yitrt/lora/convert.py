@@ -570,7 +570,7 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
         return out
 
     tensors = _load_tensors(source)
-    bad = sorted(n for n in (e.a_name for e in entries) + [e.b_name for e in entries] if not np.isfinite(tensors[n]).all())
+    bad = sorted(n for n in [e.a_name for e in entries] + [e.b_name for e in entries] if not np.isfinite(tensors[n]).all())
     if bad:
         raise LoraError(f"cannot convert {adapter}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0]}", "the adapter is damaged; train or save it again")
     rslora = bool(source.config.get("use_rslora", False))

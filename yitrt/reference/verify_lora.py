@@ -6,8 +6,8 @@ validated by ``yitrt.lora.format.unpack`` against the checkpoint as the engine v
 tensors. The yardstick is transformers + ``peft``: ``PeftModel.from_pretrained`` over the HF original with the
 adapter folder the artifact carries, ``DIR/hf`` (the copy ``trtllm-build --lora_dir`` reads, safetensors only,
 whose bytes the artifact's manifest proves unchanged since conversion; the source recorded in the manifest may be
-a Hub id or a folder that has moved since, and a second download would prove nothing more). So a mistake of the
-conversion — A and B swapped, B left unscaled or transposed, a module written under another id — shows as a
+a Hub id or a folder that has moved since, and a second download would prove nothing more), its A and B·scaling
+rounded to the engine dtype as the engine receives them (``with_peft``). So a mistake of the conversion — A and B swapped, B left unscaled or transposed, a module written under another id — shows as a
 difference between the two, judged with the checkpoint's usual thresholds.
 """
 
@@ -50,7 +50,8 @@ class AdapterUnderTest:
             "dir": str(self.folder), "name": i.get("adapter_name"), "source": i.get("adapter_source"), "r": i.get("r"),
             "alpha": i.get("alpha"), "rslora": i.get("rslora"), "max_rank": i.get("max_rank"), "dtype": i.get("dtype"),
             "tp": i.get("tp"), "modules": i.get("trtllm_modules"), "hf_modules": i.get("hf_modules"), "rows": i.get("rows"),
-            "task_id": VERIFY_TASK_ID, "compared_with": f"transformers + peft over {self.hf_dir}",
+            "task_id": VERIFY_TASK_ID,
+            "compared_with": f"transformers + peft over {self.hf_dir} (A and B·scaling rounded to {i.get('dtype')}, as the engine holds them)",
         }
 
 
@@ -98,16 +99,34 @@ def _fingerprints(*folders: Path) -> set[str]:
 
 
 def with_peft(original, adapter: AdapterUnderTest):
-    """The HF original with the PEFT adapter applied (``PeftModel.from_pretrained``, inference mode, adapter weights
-    from ``adapter_model.safetensors``), in eval mode.
+    """The HF original with the PEFT adapter applied (``PeftModel.from_pretrained``, adapter weights from
+    ``adapter_model.safetensors``), in eval mode, its weights held as the engine holds them.
+
+    An engine receives A and B·scale in its own dtype (trtllm-serving-features.md §2.6), and PEFT adapters are often
+    saved in float32: left as they are, that rounding (a few 10⁻³ logits on a bf16 model) flips near-tied top-1 tokens,
+    which the unquantized thresholds count as errors. So each LoRA layer's A and ``B · scaling`` — PEFT's own
+    scaling of that module (alpha/r, rsLoRA, rank and alpha patterns), never the converter's — are rounded to the
+    adapter's dtype, and the scaling set to 1: PEFT then computes what the engine computes from a correct conversion.
 
     Raises:
         LoraError: PEFT cannot load the adapter onto this model.
     """
+    import torch
+
     peft = require("peft", "lora")
     try:
         model = peft.PeftModel.from_pretrained(original, str(adapter.hf_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoraError(f"peft could not load {adapter.hf_dir} onto the original ({first})", "convert the adapter for this base model") from None
+    store = getattr(torch, str(adapter.info.get("dtype") or "float32"))
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, peft.tuners.lora.LoraLayer):
+                continue
+            for name in list(layer.lora_A):
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                a.copy_(a.to(store).to(a.dtype))
+                b.copy_((b * layer.scaling[name]).to(store).to(b.dtype))
+                layer.scaling[name] = 1.0
     return model.eval()
