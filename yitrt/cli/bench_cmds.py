@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed", help="Seed of prompts, lengths and arrival times.")] = 0,
         lora: Annotated[str | None, typer.Option("--lora", help="Every request asks for this LoRA adapter of the repository (lora_adapters.json; see --repo).", show_default=False)] = None,
         lora_mix: Annotated[str | None, typer.Option("--lora-mix", help="NAME:WEIGHT,... — each request asks for an adapter drawn with these weights (positive, summing to 1; base: no adapter), e.g. a:0.5,b:0.3,base:0.2.", show_default=False)] = None,
-        repo: Annotated[Path | None, typer.Option("--repo", help="The deployed repository listing the adapters [default: --tokenizer, when it is one].", show_default=False, **EXISTING_DIR)] = None,
+        repo: Annotated[Path | None, typer.Option("--repo", help="The deployed repository listing the adapters [default: --tokenizer when it is one, else the current folder when it is one].", show_default=False, **EXISTING_DIR)] = None,
         json_: JsonOpt = False,
     ) -> None:
         """Run load points against a served deployment: TTFT, TPOT, E2E, throughput and goodput under an SLO, with plots."""
@@ -163,6 +163,10 @@ def register(app: typer.Typer) -> None:
         loads = ([Load("rate", v) for v in _numbers(request_rate, "--request-rate")] if request_rate is not None else
                  [Load("concurrency", v) for v in _numbers(concurrency or "1,4,16,64", "--concurrency")])
         folder = out or Path("yitrt-bench") / time.strftime("%Y%m%d-%H%M%S")
+        from yitrt.triton.lora_client import ADAPTERS_FILE
+
+        if (lora or lora_mix) and repo is None and not (tokenizer and (tokenizer / ADAPTERS_FILE).is_file()) and Path(ADAPTERS_FILE).is_file():
+            repo = Path(".")  # run from inside the repository, as its README's examples are
         req = BenchRequest(url, tuple(loads), folder, model=model, num_requests=num_requests, duration=duration, dataset=dataset,
                            isl=LengthSpec.parse(isl, "--isl"), osl=LengthSpec.parse(osl, "--osl"),
                            slo=Slo(slo_ttft, slo_tpot, slo_percentile), warmup=warmup, tokenizer=tokenizer,
