@@ -182,6 +182,7 @@ def test_an_adapter_larger_than_a_tier_is_refused_on_arrival():
 
 
 def test_lora_cache_parameters_are_read_as_the_backend_reads_them():
+    assert lora_cache_config({"lora_cache_host_memory_bytes": "1000"}) is None  # no LoRA limits: no LoRA plugin
     config = lora_cache_config({"lora_cache_optimal_adapter_size": "4", "lora_cache_max_adapter_size": "${x}",
                                 "lora_cache_gpu_memory_fraction": "0.5", "yitrt_lora_free_memory_bytes": "1000",
                                 "lora_cache_host_memory_bytes": "", "yitrt_lora_target_modules": "attn_q, attn_v"})
@@ -189,7 +190,7 @@ def test_lora_cache_parameters_are_read_as_the_backend_reads_them():
     assert config.device_bytes == 500 and config.host_bytes == 1 << 30
     assert config.target_modules == ("attn_q", "attn_v") and config.max_lora_rank == 64
     with pytest.raises(UsageError, match="lora_cache_gpu_memory_fraction"):
-        lora_cache_config({"lora_cache_gpu_memory_fraction": "1.5"})
+        lora_cache_config({"lora_cache_gpu_memory_fraction": "1.5", "yitrt_max_lora_rank": "8"})
 
 
 # ---- KV reuse keyed per LoRA task ----
@@ -240,3 +241,24 @@ def test_scheduler_reuses_blocks_only_within_one_adapter():
     assert run("d", None) == (0, {None})  # the base model: nothing of the adapters' blocks
     assert run("e", None) == (3, {None})
     assert not cache._entries[1].running and not cache._entries[1].users  # finished requests let go of it
+
+
+def test_prefetch_dir_loads_numeric_task_folders_and_skips_others(tmp_path):
+    for name, seed in (("3", 3), ("7", 7), ("notes", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        w, c = _adapter(4, seed=seed)
+        np.save(folder / "model.lora_weights.npy", w)
+        np.save(folder / "model.lora_config.npy", c)
+    (tmp_path / "12").write_text("a file, not a task folder")
+    cache, ranks = _cache()
+    assert cache.prefetch(str(tmp_path)) == [3, 7]
+    assert cache.cached(3) and cache.cached(7) and not ranks.held  # on the host; the ranks get them when they run
+    cache.put(7)  # the id alone from the first request
+    assert cache.prefetch(str(tmp_path / "missing")) == []  # a missing folder is skipped, as the engine skips it
+    bad = tmp_path / "bad" / "5"
+    bad.mkdir(parents=True)
+    np.save(bad / "model.lora_weights.npy", np.array([object()], dtype=object), allow_pickle=True)
+    np.save(bad / "model.lora_config.npy", np.zeros((1, 1, 3), dtype=np.int32))
+    with pytest.raises(LoraError, match="lora_prefetch_dir task 5"):
+        cache.prefetch(str(tmp_path / "bad"))

@@ -78,8 +78,8 @@ class EngineLoop:
             from yitrt.errors import LoraError
 
             if lora_weights is not None or adapter not in getattr(self.runtime, "adapters", ()):
-                raise LoraError(f"LoRA task {adapter} not found in cache. Please send LoRA weights with request",
-                                "load it with ReferenceRuntime.load_adapter first (this engine loop has no adapter cache)")
+                raise LoraError(f"this model serves no LoRA adapters (lora_task_id {adapter} sent)",
+                                "deploy with LoRA adapters (the recipe's lora: section), or send no lora_* inputs")
 
         if draft is not None:
             if len(draft.tokens) > c.max_draft_len:  # the executor's check (tensorrtllm_backend #473's message)

@@ -12,7 +12,8 @@ The LoRA adapter cache (``adapters.py``) is sized by ``lora_cache_optimal_adapte
 ``lora_cache_gpu_memory_fraction`` (of ``yitrt_lora_free_memory_bytes``, the slot's stand-in for the GPU memory left
 after engine and KV cache), ``lora_cache_host_memory_bytes`` and ``lora_prefetch_dir`` (§2.5); the engine's LoRA build
 limits are ``yitrt_max_lora_rank`` (``--max_lora_rank``, default 64) and ``yitrt_lora_target_modules`` (comma-separated
-``--lora_target_modules``; unset: every Yi module).
+``--lora_target_modules``; unset: every Yi module). With neither set the slot stands for an engine built without the
+LoRA plugin: it has no adapter cache and refuses LoRA requests.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def _float(key: str, value: str, low: float, high: float) -> float:
 
 
 def lora_cache_config(params: dict[str, Any]):
-    """The adapter cache's ``LoraCacheConfig`` from the ``lora_cache_*`` parameters (unset: the backend's defaults).
+    """The adapter cache's ``LoraCacheConfig`` from the ``lora_cache_*`` parameters (unset: the backend's defaults);
+    None when neither ``yitrt_lora_target_modules`` nor ``yitrt_max_lora_rank`` is set (no LoRA plugin).
 
     Raises:
         UsageError: a value that does not parse or is out of range.
@@ -133,6 +135,8 @@ def lora_cache_config(params: dict[str, Any]):
     from yitrt.reference.engine import adapters as a
 
     raw = {k: None if _unset(params.get(k)) else params.get(k) for k in LORA_KEYS}
+    if raw["yitrt_lora_target_modules"] is None and raw["yitrt_max_lora_rank"] is None:
+        return None
 
     def number(key: str, default: int, low: int) -> int:
         return default if raw[key] is None else _int(key, raw[key], low)
