@@ -539,3 +539,28 @@ def test_unpack_accepts_a_checkpoint_spec(checkpoints, adapter_r4, work):
     converted = read_converted(convert_adapter(adapter_r4[0], checkpoints[4], work / "out-spec"))
     unpacked = unpack(converted.weights, converted.config, spec, tp=spec.tp, engine_dtype=spec.dtype, max_lora_rank=4)
     assert unpacked[(0, "attn_v")][1].shape == (64, 4) and len(unpacked) == LAYERS * 7
+
+
+def test_hub_adapter_is_fetched_without_its_pickle_and_converted(work, checkpoints, adapter_r4, tmp_path):
+    import os
+
+    from tests.conftest import run_cli
+    from tests.hub_double import HubDouble
+
+    folder, _ = adapter_r4
+    repo = tmp_path / "repo"
+    shutil.copytree(folder, repo)
+    (repo / "adapter_model.bin").write_bytes(b"decoy pickle: must never be requested")
+    local = read_converted(convert_adapter(folder, checkpoints[1], work / "out-local"))
+    with HubDouble() as hub:
+        sha = hub.add_repo("someone/yi-lora", repo)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and "proxy" not in k.lower()}
+        env.update(hub.env(tmp_path / "hf"))
+        result = run_cli("lora", "convert", "someone/yi-lora", "--base", str(checkpoints[1]), "--out", str(tmp_path / "out"), "--json", env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert hub.downloaded() == {"adapter_config.json", "adapter_model.safetensors"}
+    data = json.loads(result.stdout)
+    assert data["adapter_name"] == "someone/yi-lora" and data["adapter_source"] == f"someone/yi-lora@{sha}"
+    converted = read_converted(tmp_path / "out")
+    np.testing.assert_array_equal(converted.weights, local.weights)
+    np.testing.assert_array_equal(converted.config, local.config)
