@@ -197,7 +197,7 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
 
     used = sorted({e.module.module_id for e in entries})
     ranks: dict[str, list[int]] = {}
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: e.module.module_id):
         ranks.setdefault(entry.module.trtllm, []).append(entry.rank)
     name = source.repo_id or source.folder.resolve().name
     with ArtifactWriter(out, STAGE, params, inputs, {"yitrt": __version__, "numpy": np.__version__}) as art:
