@@ -542,6 +542,7 @@ def test_unpack_accepts_a_checkpoint_spec(checkpoints, adapter_r4, work):
     assert unpacked[(0, "attn_v")][1].shape == (64, 4) and len(unpacked) == LAYERS * 7
 
 
+@pytest.mark.integration  # a subprocess against the Hub double (huggingface_hub reads HF_ENDPOINT at import)
 def test_hub_adapter_is_fetched_without_its_pickle_and_converted(work, checkpoints, adapter_r4, tmp_path):
     import os
 
