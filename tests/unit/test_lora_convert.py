@@ -354,7 +354,8 @@ def _refusal(*args, **kwargs) -> str:
 
 def test_rank_above_max_lora_rank(work, checkpoints, adapter_r16):
     message = _refusal(adapter_r16[0], checkpoints[1], work / "never", max_lora_rank=8)
-    assert "rank 16, above --max-lora-rank 8" in message and "--max_lora_rank 16" in message
+    assert "ranks above --max-lora-rank 8" in message and "q_proj (rank 16)" in message and "--max_lora_rank 16 or more" in message
+    assert message.count("max-lora-rank") == 1  # one line for every module and layer
     assert not (work / "never").exists()
 
 
@@ -474,7 +475,7 @@ def test_cli_convert_and_refusal(cli, work, checkpoints, adapter_r4):
     result = cli("lora", "convert", str(folder), "--base", str(checkpoints[2]), "--out", str(work / "out-cli-bad"), "--max-lora-rank", "2")
     assert result.returncode == LoraError.exit_code == 17
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "above --max-lora-rank 2" in lines[0] and not (work / "out-cli-bad").exists()
+    assert len(lines) == 1 and "ranks above --max-lora-rank 2" in lines[0] and not (work / "out-cli-bad").exists()
 
 
 # -- the request format ----------------------------------------------------------------------------------------------
@@ -539,3 +540,29 @@ def test_unpack_accepts_a_checkpoint_spec(checkpoints, adapter_r4, work):
     converted = read_converted(convert_adapter(adapter_r4[0], checkpoints[4], work / "out-spec"))
     unpacked = unpack(converted.weights, converted.config, spec, tp=spec.tp, engine_dtype=spec.dtype, max_lora_rank=4)
     assert unpacked[(0, "attn_v")][1].shape == (64, 4) and len(unpacked) == LAYERS * 7
+
+
+@pytest.mark.integration  # a subprocess against the Hub double (huggingface_hub reads HF_ENDPOINT at import)
+def test_hub_adapter_is_fetched_without_its_pickle_and_converted(work, checkpoints, adapter_r4, tmp_path):
+    import os
+
+    from tests.conftest import run_cli
+    from tests.hub_double import HubDouble
+
+    folder, _ = adapter_r4
+    repo = tmp_path / "repo"
+    shutil.copytree(folder, repo)
+    (repo / "adapter_model.bin").write_bytes(b"decoy pickle: must never be requested")
+    local = read_converted(convert_adapter(folder, checkpoints[1], work / "out-local"))
+    with HubDouble() as hub:
+        sha = hub.add_repo("someone/yi-lora", repo)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and "proxy" not in k.lower()}
+        env.update(hub.env(tmp_path / "hf"))
+        result = run_cli("lora", "convert", "someone/yi-lora", "--base", str(checkpoints[1]), "--out", str(tmp_path / "out"), "--json", env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert hub.downloaded() == {"adapter_config.json", "adapter_model.safetensors"}
+    data = json.loads(result.stdout)
+    assert data["adapter_name"] == "someone/yi-lora" and data["adapter_source"] == f"someone/yi-lora@{sha}"
+    converted = read_converted(tmp_path / "out")
+    np.testing.assert_array_equal(converted.weights, local.weights)
+    np.testing.assert_array_equal(converted.config, local.config)

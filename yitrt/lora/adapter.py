@@ -71,7 +71,8 @@ _REFUSED_SETTINGS: dict[str, str] = {
 #: init_lora_weights values whose initialisation rewrote the base weights (the adapter only works on that base).
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")  # peft LoraLayer.*_init rewrite base_layer.weight
 
-_FIX = "convert an adapter trained on this base model (PEFT LoRA, q/k/v/o/gate/up/down projections)"
+_FIX = ("fix each problem listed: use an adapter trained on this base (PEFT LoRA on q/k/v/o/gate/up/down), the base the engine is "
+        "built from, and the engine's own --tp/--dtype/--max-lora-rank/--target-modules")
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,8 @@ def _check_tensors(adapter: AdapterSource, base: BaseModel, max_lora_rank: int |
         # the module's name inside the PEFT model's base (what rank_pattern keys are matched against)
         module_keys[(layer, hf)] = (match["prefix"].removeprefix("base_model.model.") + f"layers.{layer}.{match['parent']}.{hf}")
     entries = []
+    over_rank: dict[LoraModule, int] = {}
+    not_enabled: set[LoraModule] = set()
     for (layer, hf), parts in sorted(groups.items()):
         module = by_hf(hf)
         if set(parts) != {"A", "B"}:
@@ -356,12 +359,19 @@ def _check_tensors(adapter: AdapterSource, base: BaseModel, max_lora_rank: int |
         if _is_int(want_rank) and rank != want_rank:
             found.add(f"{hf}: the tensors have rank {rank}, adapter_config.json says {want_rank} (r / rank_pattern)", layer)
         if max_lora_rank is not None and rank > max_lora_rank:
-            found.add(f"{hf} has rank {rank}, above --max-lora-rank {max_lora_rank} (the engine's max_lora_rank): build the engine with "
-                      f"--max_lora_rank {rank} or more", layer)
+            over_rank[module] = max(rank, over_rank.get(module, 0))
         if enabled is not None and module.trtllm not in enabled:
-            found.add(f"{hf} ({module.trtllm}) is not among the engine's LoRA target modules ({', '.join(sorted(enabled))}): "
-                      f"build with {module.trtllm} in --lora_target_modules, or use an adapter without {hf}")
+            not_enabled.add(module)
         entries.append(AdapterModule(layer, module, parts["A"], parts["B"], rank, alpha))
+    if over_rank:  # one line for all modules: the fix is one build option
+        top = max(over_rank.values())
+        names = ", ".join(f"{m.hf} (rank {r})" for m, r in sorted(over_rank.items(), key=lambda i: i[0].module_id))
+        found.add(f"ranks above --max-lora-rank {max_lora_rank} (the engine's max_lora_rank): {names} — build the engine with "
+                  f"--max_lora_rank {top} or more")
+    if not_enabled:
+        names = ", ".join(f"{m.hf} ({m.trtllm})" for m in sorted(not_enabled, key=lambda m: m.module_id))
+        found.add(f"modules outside the engine's LoRA target modules ({', '.join(sorted(enabled))}): {names} — build with them in "
+                  "--lora_target_modules, or use an adapter without them")
     if not entries and not found.lines():
         found.add("the adapter holds no LoRA weights", None)
     return entries
@@ -394,7 +404,7 @@ def _check_options(base: BaseModel, tp: int, dtype: str, max_lora_rank: int | No
     elif dtype != base.dtype:
         where = "the base checkpoint's dtype" if base.kind == "checkpoint" else "the dtype `yitrt convert` gives this model"
         found.add(f"--dtype {dtype} differs from the engine's dtype {base.dtype} ({where}): TensorRT-LLM refuses it (\"Expected lora "
-                  f"weights to be the same data type as base model\"); give --dtype {base.dtype}"
+                  f"weights to be the same data type as base model\") — give --dtype {base.dtype}"
                   + ("" if base.kind == "checkpoint" else ", or --base the TensorRT-LLM checkpoint the engine is built from"))
     if max_lora_rank is not None and max_lora_rank < 1:
         found.add(f"--max-lora-rank {max_lora_rank} must be at least 1")

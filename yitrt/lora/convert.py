@@ -197,7 +197,7 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
 
     used = sorted({e.module.module_id for e in entries})
     ranks: dict[str, list[int]] = {}
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: e.module.module_id):
         ranks.setdefault(entry.module.trtllm, []).append(entry.rank)
     name = source.repo_id or source.folder.resolve().name
     with ArtifactWriter(out, STAGE, params, inputs, {"yitrt": __version__, "numpy": np.__version__}) as art:
@@ -215,6 +215,8 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
             "ranks": {m: sorted(set(r)) for m, r in ranks.items()},
             "max_rank": max(e.rank for e in entries),
             "hf_modules": [m.hf for m in LORA_MODULES if m.module_id in used],
+            "peft_target_modules": source.config.get("target_modules"),  # as the adapter declares them (list or regex)
+            "peft_base_model": source.config.get("base_model_name_or_path"),  # what it was trained on, as PEFT recorded it
             "trtllm_modules": [m.trtllm for m in LORA_MODULES if m.module_id in used],
             "module_ids": used,
             "layers": sorted({e.layer for e in entries}),
