@@ -96,6 +96,21 @@ def test_clean_adapter_passes_at_tp2_from_the_cli_and_the_report_names_it(lora):
     assert len({r["pid"] for r in data["ranks"]}) == 2
 
 
+def test_kv_adapters_at_tp4_with_repeated_kv_heads_pass(lora):
+    # 2 KV heads at tp 4: each rank holds one KV head, repeated on two ranks; the converter repeats B's k/v rows the
+    # same way and each rank takes its own chunk (trtllm-serving-features.md §2.6, UNCONFIRMED on a real engine)
+    from yitrt.lora.convert import convert_adapter
+
+    convert(ConvertRequest(lora / "hf", lora / "tp4", tp=4))
+    out = convert_adapter(lora / "peft-r16", lora / "hf", lora / "conv-r16-tp4", tp=4)
+    report = _verify(lora, lora / "tp4", out)
+    assert report.passed, report.failures
+    assert report.comparison.top1 == 1.0 and report.lora["tp"] == 4
+    # unrepeated k/v rows still fit the padded row length, so an engine would read the wrong rows: refused up front
+    with pytest.raises(LoraError, match="converted for tp 1, the checkpoint is tp 4"):
+        _verify(lora, lora / "tp4", lora / "conv-r16")
+
+
 def _swap_a_b(modules):
     # on the modules whose in == out (attn_q, attn_dense: 64 x 64) the swapped row still has the right length
     return {k: (b.reshape(a.shape), a.reshape(b.shape)) if k[1] in ("attn_q", "attn_dense") else (a, b) for k, (a, b) in modules.items()}
