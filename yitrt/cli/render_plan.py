@@ -48,6 +48,8 @@ def plan_report(data: dict[str, Any]) -> None:
     tri = plan["triton"]
     out.print(f"Triton: kv_cache_free_gpu_mem_fraction {tri['kv_cache_free_gpu_mem_fraction']}, "
               f"max_tokens_in_paged_kv_cache {tri['max_tokens_in_paged_kv_cache']:,}")
+    if plan.get("lora"):
+        lora_cache_line(plan["lora"])
     for note in plan["notes"]:
         out.print(f"note: {note}")
     for s in data["suggestions"]:
@@ -58,6 +60,16 @@ def plan_report(data: dict[str, Any]) -> None:
         warn(w)
     if data.get("slo"):
         slo_report(data["slo"])
+
+
+def lora_cache_line(lora: dict[str, Any]) -> None:
+    """Print the LoRA adapter cache of a plan: per stage, the device and host caches and how many max-sized adapters fit."""
+    for stage in lora["stages"]:
+        out.print(f"adapter cache (LoRA, rank {stage['rank']}, pp {stage['pp_rank']}): device {_gb(stage['device_cache_bytes'])} "
+                  f"(lora_cache_gpu_memory_fraction {lora['gpu_memory_fraction']:g} of what the KV pool leaves), host "
+                  f"{_gb(stage['host_cache_bytes'])}; a max-sized adapter (rank {lora['max_adapter_size']} over "
+                  f"{', '.join(lora['modules'])}) takes {_gb(stage['max_adapter_bytes'])}: {stage['max_adapters_on_device']:,} fit on the "
+                  f"GPU, {stage['max_adapters_on_host']:,} on the host")
 
 
 def speculative_report(spec: dict[str, Any], target_plan: dict[str, Any]) -> None:

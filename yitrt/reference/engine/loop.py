@@ -73,11 +73,13 @@ class EngineLoop:
             from yitrt.errors import LoraError
 
             raise LoraError("lora_weights/lora_config sent without lora_task_id", "send the adapter's lora_task_id with its arrays")
-        if adapter is not None:
-            if self.adapters is None:
-                from yitrt.errors import LoraError
+        if adapter is not None and self.adapters is None:
+            # no adapter cache (a loop of ReferenceRuntime.generate): the caller loaded the adapter on the ranks itself
+            from yitrt.errors import LoraError
 
-                raise LoraError("this model serves no LoRA adapters", "deploy an engine built with the LoRA plugin")
+            if lora_weights is not None or adapter not in getattr(self.runtime, "adapters", ()):
+                raise LoraError(f"LoRA task {adapter} not found in cache. Please send LoRA weights with request",
+                                "load it with ReferenceRuntime.load_adapter first (this engine loop has no adapter cache)")
 
         if draft is not None:
             if len(draft.tokens) > c.max_draft_len:  # the executor's check (tensorrtllm_backend #473's message)
@@ -110,10 +112,10 @@ class EngineLoop:
         if sizes is not None and draft is None:
             seq.lookahead = LookaheadState.start(sizes, seq.prompt)
         self.scheduler.check(len(seq.prompt), rule.max_new)  # refusals of the request itself before its adapter is stored
-        if adapter is not None:
+        if adapter is not None and self.adapters is not None:
             self.adapters.put(adapter, lora_weights, lora_config)
         self.scheduler.add(seq)
-        if adapter is not None:
+        if adapter is not None and self.adapters is not None:
             self.adapters.use(key, adapter)
 
     def cancel(self, key: str) -> bool:

@@ -331,7 +331,7 @@ class Scheduler:
                 fits = blocks_for(first, c.tokens_per_block) - resident <= free
             if not fits:
                 break  # first come, first served: nothing overtakes the head of the queue
-            if seq.adapter is not None and not self.adapters.admit(seq.key, seq.adapter):
+            if seq.adapter is not None and self.adapters is not None and not self.adapters.admit(seq.key, seq.adapter):
                 break  # its adapter does not fit the device cache until a running request using another one ends
             self.waiting.popleft()
             seq.table = self.blocks.acquire(nodes, copies)
@@ -397,7 +397,7 @@ class Scheduler:
     def _pause(self, seq: Sequence) -> None:
         self._release(seq)
         self.running.remove(seq)
-        if seq.adapter is not None:
+        if seq.adapter is not None and self.adapters is not None:
             self.adapters.pause(seq.key, seq.adapter)  # off the device cache's users; still the host cache's
         seq.computed, seq.resumed = 0, True
         self.waiting.appendleft(seq)
