@@ -121,6 +121,11 @@ def _swap_fc_gate(modules):
     return {(layer, names.get(name, name)): ab for (layer, name), ab in modules.items()}
 
 
+def _unscaled_b(modules):
+    r, alpha = ADAPTERS["r4"]
+    return {k: (a, b / (alpha / r)) for k, (a, b) in modules.items()}  # B as PEFT stores it, alpha/r = 2 forgotten
+
+
 def _transpose_b(modules):
     return {k: (a, np.ascontiguousarray(b.T).reshape(b.shape)) for k, (a, b) in modules.items()}  # B written r x out
 
@@ -138,12 +143,10 @@ def test_each_conversion_mistake_fails_verify(lora, monkeypatch, mistake):
     comparison with transformers + peft can catch it."""
     import yitrt.lora.convert as conv
 
-    if mistake == "unscaled_b":
-        monkeypatch.setattr(conv, "_scale", lambda entry, rslora: 1.0)  # alpha/r = 2 forgotten
-    else:
-        edit = {"a_b_swapped": _swap_a_b, "fc_gate_swapped": _swap_fc_gate, "transposed_b": _transpose_b, "nan_in_b": _nan_b}[mistake]
-        real_pack = conv.pack
-        monkeypatch.setattr(conv, "pack", lambda modules, dtype: real_pack(edit(modules), dtype))
+    edit = {"a_b_swapped": _swap_a_b, "unscaled_b": _unscaled_b, "fc_gate_swapped": _swap_fc_gate, "transposed_b": _transpose_b,
+            "nan_in_b": _nan_b}[mistake]
+    real_pack = conv.pack
+    monkeypatch.setattr(conv, "pack", lambda modules, dtype: real_pack(edit(modules), dtype))
     out = conv.convert_adapter(lora / "peft-r4", lora / "hf", lora / f"bad-{mistake}", force=True)
     report = _verify(lora, lora / "tp1", out)
     assert not report.passed
