@@ -67,6 +67,7 @@ def test_clean_adapter_passes_at_tp1_and_the_adapter_matters(lora):
     c = report.comparison
     assert c.top1 == 1.0 and c.max_abs <= 2.0**-8 * c.scale
     assert report.lora["name"] == "peft-r16" and report.lora["max_rank"] == 16 and report.lora["alpha"] == 8
+    assert not [w for w in report.warnings if "adapter" in w]  # converted for this base: no fingerprint warning
     assert report.lora["modules"] == ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
     # the same checkpoint without the adapter is far from transformers + peft: the comparison sees the adapter
     from yitrt.reference.original import load_original, score_original
