@@ -346,7 +346,6 @@ class ReferenceRuntime:
         self.ranks: list[dict[str, Any]] = []
         #: LoRA task ids loaded on the ranks (``load_adapter``)
         self.adapters: set[int] = set()
-        self._adapter_arrays: dict[int, tuple[Any, Any]] = {}
         if self.spec.tp == 1:
             self._local = RankEngine(self.spec, 0, LocalComm(), self.device, TORCH_DTYPES[compute_dtype])
             self.ranks = [self._local.info()]
@@ -453,7 +452,6 @@ class ReferenceRuntime:
             unpack_for(self.spec, weights, config, max_lora_rank, enabled, engine_dtype)
         self._call("load_adapter", task_id, weights, config, max_lora_rank, enabled, engine_dtype)
         self.adapters.add(task_id)
-        self._adapter_arrays[task_id] = (weights, config)  # for generate(adapter=): the engine loop's requests carry them
 
     def drop_adapter(self, task_id: int) -> bool:
         """Forget a LoRA adapter on every rank; False when none was loaded under ``task_id``."""
@@ -461,19 +459,7 @@ class ReferenceRuntime:
             return False
         self._call("drop_adapter", task_id)
         self.adapters.discard(task_id)
-        self._adapter_arrays.pop(task_id, None)
         return True
-
-    def _lora_cache_for(self, adapter: int | None):
-        """An adapter cache configuration that holds exactly the loaded adapter ``adapter`` (None: no LoRA)."""
-        if adapter is None:
-            return None
-        import numpy as np
-
-        from yitrt.reference.engine.adapters import LoraCacheConfig
-
-        rank = int(np.asarray(self._adapter_arrays[adapter][1])[..., 2].max())
-        return LoraCacheConfig(optimal_adapter_size=rank, max_adapter_size=rank, device_bytes=1 << 62, host_bytes=1 << 62, max_lora_rank=rank)
 
     def _check_adapter(self, adapter: int | None) -> None:
         if adapter is not None and adapter not in self.adapters:
@@ -522,13 +508,10 @@ class ReferenceRuntime:
         tpb = 32
         blocks = sum(blocks_for(len(p) + r.max_new, tpb) for p, r in zip(prompts, rules, strict=True))
         config = EngineConfig(max_batch_size=len(prompts), max_num_tokens=sum(len(p) for p in prompts) + len(prompts),
-                              tokens_per_block=tpb, primary_blocks=blocks, reuse=False, lora=self._lora_cache_for(adapter))
+                              tokens_per_block=tpb, primary_blocks=blocks, reuse=False)
         loop = self.engine(config)
         keys = [str(i) for i in range(len(prompts))]
-        lora: dict[str, Any] = {}
-        if adapter is not None:  # the loop's adapter cache (sized to hold this one) puts it on the ranks again: a no-op
-            weights, lora_config = self._adapter_arrays[adapter]
-            lora = {"adapter": adapter, "lora_weights": weights, "lora_config": lora_config}
+        lora = {} if adapter is None else {"adapter": adapter}  # loaded on the ranks already: the loop needs no adapter cache
         for key, prompt, rule in zip(keys, prompts, rules, strict=True):
             loop.add(key, prompt, rule, sampling or Sampling(), **lora)
         while not loop.idle:

@@ -70,6 +70,7 @@ def read_adapter(folder: Path, spec, checkpoint: Path, model: Path) -> AdapterUn
     require("peft", "lora")
     converted = read_converted(folder)
     info = dict(converted.info)
+    _check_kv_layout(info, spec, folder)
     unpack_for(spec, converted.weights, converted.config, engine_dtype=spec.dtype)
     hf_dir = Path(folder) / "hf"
     missing = [n for n in ("adapter_config.json", "adapter_model.safetensors") if not (hf_dir / n).is_file()]
@@ -81,6 +82,23 @@ def read_adapter(folder: Path, spec, checkpoint: Path, model: Path) -> AdapterUn
         warnings.append(f"the adapter was converted for base {info.get('base')!r}, not for this checkpoint or its original "
                         "(same dims; the comparison runs both sides on this base)")
     return AdapterUnderTest(Path(folder), converted.weights, converted.config, info, hf_dir, tuple(warnings))
+
+
+def _check_kv_layout(info: dict[str, Any], spec, folder: Path) -> None:
+    """Refuse k/v adapters converted for a tp whose KV-head repetition differs from the checkpoint's: the row
+    lengths may still pass the engine's check (rows are padded to the longest module), so the engine would read the
+    wrong rows without a word (trtllm-serving-features.md §2.6)."""
+    from yitrt.lora.modules import by_trtllm
+
+    tp = info.get("tp")
+    kv = [m for m in info.get("trtllm_modules") or [] if (module := by_trtllm(m)) is not None and module.role in ("k", "v")]
+    if not kv or not isinstance(tp, int) or tp == spec.tp:
+        return
+    module = by_trtllm(kv[0])
+    if module.out_dim(spec, tp) != module.out_dim(spec, spec.tp):
+        raise LoraError(f"{folder} was converted for tp {tp}, the checkpoint is tp {spec.tp}: its {', '.join(kv)} rows are laid out "
+                        f"for {module.out_dim(spec, tp)} outputs, the engine expects {module.out_dim(spec, spec.tp)} (KV heads repeated per rank)",
+                        f"convert the adapter with `yitrt lora convert ... --tp {spec.tp}`")
 
 
 def _fingerprints(*folders: Path) -> set[str]:
