@@ -375,3 +375,43 @@ def test_reference_slot_gets_the_lora_limits_an_engine_has_from_its_build(lora_w
     params = _params(parse_config(texts["tensorrt_llm"]))
     assert params["yitrt_lora_target_modules"] == ",".join(ALL_MODULES) and params["yitrt_max_lora_rank"] == "8"
     assert params["lora_cache_max_adapter_size"] == "8" and params["lora_cache_gpu_memory_fraction"] == "0.05"
+
+
+def test_deploy_lora_option_parses_name_dir_and_task_id():
+    from yitrt.errors import UsageError
+    from yitrt.triton.lora import AdapterRequest, parse_adapter_option
+
+    assert parse_adapter_option("chat=/a/b") == AdapterRequest("chat", Path("/a/b"))
+    assert parse_adapter_option("chat=/a/b:7") == AdapterRequest("chat", Path("/a/b"), 7)
+    assert parse_adapter_option("x=C:dir") == AdapterRequest("x", Path("C:dir"))  # a colon not before digits is part of the path
+    for bad in ("chat", "Chat=/a", "chat=", "chat=/a:0"):
+        with pytest.raises(UsageError):
+            parse_adapter_option(bad)
+
+
+def test_build_and_deploy_commands_take_converted_adapters(tmp_path, lora_work, cli):
+    import json
+
+    from tests.unit.test_build_argv import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", "01-ai/Yi-1.5-6B-Chat")
+    qv = lora_work["bfloat16"]["qv"]
+    result = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--json", "--lora", str(qv),
+                 "--max-lora-rank", "16", "--lora-target-modules", "attn_q,attn_v")
+    # the tiny adapter's dims are not Yi-6B's: a dry run checks names, ranks and modules, not the base (convert did)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["argv"]
+    at = argv.index("--lora_target_modules")
+    assert argv[at + 1 : at + 4] == ["attn_q", "attn_k", "attn_v"] and argv[argv.index("--max_lora_rank") + 1] == "16"
+    refused = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--max-lora-rank", "8")
+    assert refused.returncode == 2 and "need adapters" in refused.stderr
+    engine = lora_engine(tmp_path / "engine", "bfloat16", ALL_MODULES, 8)
+    deployed = cli("deploy", str(engine), "--out", str(tmp_path / "repo"), "--tokenizer", str(lora_work["bfloat16"]["base"]), "--json",
+                   "--lora", f"qv={qv}:4", "--lora", f"mlp={lora_work['bfloat16']['mlp']}", "--lora-cache-fraction", "0.2")
+    assert deployed.returncode == 0, deployed.stderr
+    assert json.loads(deployed.stdout)["lora"] == [{"name": "qv", "task_id": 4}, {"name": "mlp", "task_id": 1}]
+    params = _params(parse_config((tmp_path / "repo/tensorrt_llm/config.pbtxt").read_text()))
+    assert params["lora_cache_gpu_memory_fraction"] == "0.2"
+    prefetch = cli("deploy", str(engine), "--out", str(tmp_path / "repo2"), "--tokenizer", str(lora_work["bfloat16"]["base"]),
+                   "--lora", f"qv={qv}", "--lora-prefetch")
+    assert prefetch.returncode == 3 and "#791" in prefetch.stderr and not (tmp_path / "repo2").exists()

@@ -112,6 +112,9 @@ def register(app: typer.Typer) -> None:
         draft: Annotated[Path | None, typer.Option("--draft", help="Target build: the draft's checkpoint, to plan both engines on the same GPUs.", show_default=False, exists=True, file_okay=False)] = None,
         target: Annotated[Path | None, typer.Option("--target", help="Draft build: the target's checkpoint (with its --max-draft-len), to plan both engines on the same GPUs.", show_default=False, exists=True, file_okay=False)] = None,
         max_beam_width: Annotated[int, typer.Option("--max-beam-width", min=1, help="Beams per request (speculative decoding needs 1).")] = 1,
+        lora: Annotated[list[Path] | None, typer.Option("--lora", help="A `yitrt lora convert` folder the engine serves (repeat for more): adds the LoRA plugin in the engine's dtype, its target modules, max rank and --lora_dir.", show_default=False, exists=True, file_okay=False)] = None,
+        max_lora_rank: Annotated[int | None, typer.Option("--max-lora-rank", min=1, help="With --lora: --max_lora_rank [default: the largest adapter rank].", show_default=False)] = None,
+        lora_target_modules: Annotated[str | None, typer.Option("--lora-target-modules", help="With --lora: TensorRT-LLM module names, comma-separated [default: every module an adapter adapts; attn_q/k/v all or none].", show_default=False)] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the argv and resolved build config; run nothing (any machine).")] = False,
         force: ForceOpt = False,
         json_: JsonOpt = False,
@@ -120,8 +123,9 @@ def register(app: typer.Typer) -> None:
 
         Speculative decoding: `--speculative draft-target --max-draft-len K [--draft DRAFT_CKPT]` builds the target,
         `--draft-engine [--use-draft-logits] [--target TARGET_CKPT --max-draft-len K]` its draft, `--speculative
-        lookahead --lookahead W,N,G` a lookahead engine.
+        lookahead --lookahead W,N,G` a lookahead engine. LoRA: `--lora CONVERTED_ADAPTER` (repeatable).
         """
+        from yitrt.build.lora import lora_build
         from yitrt.build.runner import BuildRequest, build_engine
         from yitrt.errors import UsageError
 
@@ -136,7 +140,9 @@ def register(app: typer.Typer) -> None:
                            max_seq_len=max_seq_len, max_num_tokens=max_num_tokens, workers=workers,
                            trtllm_version=trtllm_version, dry_run=dry_run, force=force, speculative=speculative,
                            max_draft_len=max_draft_len, lookahead=lookahead, draft_engine=draft_engine,
-                           use_draft_logits=use_draft_logits, pair_checkpoint=draft or target, max_beam_width=max_beam_width)
+                           use_draft_logits=use_draft_logits, pair_checkpoint=draft or target, max_beam_width=max_beam_width,
+                           lora=lora_build(lora or [], max_lora_rank, [m.strip() for m in lora_target_modules.split(",") if m.strip()]
+                                           if lora_target_modules is not None else None))
         with render.stage_progress(not json_ and not dry_run) as progress:
             result = build_engine(req, progress)
         data = result.to_json()

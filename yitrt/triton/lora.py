@@ -34,6 +34,30 @@ class AdapterRequest:
     task_id: int | None = None
 
 
+def parse_adapter_option(text: str) -> AdapterRequest:
+    """``NAME=DIR`` or ``NAME=DIR:TASK_ID`` (`yitrt deploy --lora`) → an AdapterRequest.
+
+    Raises:
+        UsageError: no ``=``, a name that is not ``[a-z0-9_-]``, a task id below 1.
+    """
+    import re
+
+    from yitrt.errors import UsageError
+    from yitrt.recipe_lora import ADAPTER_NAME
+
+    name, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise UsageError(f"--lora {text!r} is not NAME=DIR[:TASK_ID]", "e.g. --lora chat=yi-lora-chat or --lora chat=yi-lora-chat:3")
+    if not re.fullmatch(ADAPTER_NAME, name):
+        raise UsageError(f"--lora {text!r}: the name {name!r} must be a-z, 0-9, _ or - (at most 64)", "e.g. --lora chat=DIR")
+    folder, colon, task = rest.rpartition(":")
+    if colon and task.isdigit():
+        if int(task) < 1:
+            raise UsageError(f"--lora {text!r}: task id {task} must be >= 1", "task ids start at 1")
+        return AdapterRequest(name, Path(folder), int(task))
+    return AdapterRequest(name, Path(rest))
+
+
 @dataclass(frozen=True)
 class LoraRequest:
     """The LoRA settings of a deployment (the recipe's ``lora:`` section, or `yitrt deploy --lora`).
