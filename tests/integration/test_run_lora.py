@@ -88,3 +88,15 @@ def test_lora_recipe_converts_builds_and_deploys_the_adapters(tmp_path, hf, tool
     assert qv_manifest.stat().st_mtime_ns == before  # the unchanged adapter is not converted again
     assert (repo / "tensorrt_llm/lora/mlp/model.lora_weights.npy").read_bytes() == \
         (work / "lora-adapters" / "mlp" / "model.lora_weights.npy").read_bytes()
+
+
+def test_reference_recipe_gives_the_slot_its_lora_limits(tmp_path, hf):
+    qv = write_adapter(tmp_path / "peft-qv", hf, ("q_proj", "v_proj"), r=4)
+    recipe = _recipe(tmp_path, hf, {"adapters": [{"name": "qv", "source": str(qv)}], "max_rank": 16}, engine="reference")
+    work = tmp_path / "work"
+    report = run_recipe(load_recipe(recipe), RunOptions(work, until_stage="deploy"))
+    assert _statuses(report)["build"] == "not-applicable" and _statuses(report)["convert-lora"] == "ran"
+    params = {k: v.string_value for k, v in parse_config((work / "triton-repo/tensorrt_llm/config.pbtxt").read_text()).parameters.items()}
+    assert params["yitrt_lora_target_modules"] == "attn_q,attn_k,attn_v" and params["yitrt_max_lora_rank"] == "16"
+    assert params["lora_cache_max_adapter_size"] == "16"  # 64 clamped to the max rank
+    assert json.loads((work / "triton-repo/lora_adapters.json").read_text())["adapters"][0]["dir"] == "tensorrt_llm/lora/qv"
