@@ -132,7 +132,8 @@ def lora_problems(sections: dict[str, Any]) -> list[str]:
 
 
 def adapter_summary(source: Path) -> dict[str, Any]:
-    """What an adapter folder's ``adapter_config.json`` says: rank ``r``, ``target_modules`` (HF names), ``use_dora``.
+    """What an adapter folder's ``adapter_config.json`` says: its largest rank ``r`` (``r`` or a ``rank_pattern`` entry),
+    ``target_modules`` (HF names), ``use_dora``.
 
     Raises:
         UsageError: no such folder or file, not JSON, not an object, r not a positive integer.
@@ -150,7 +151,10 @@ def adapter_summary(source: Path) -> dict[str, Any]:
     modules = config.get("target_modules")
     if isinstance(modules, str):  # PEFT also takes one name, or a regex: a regex cannot be checked before conversion
         modules = [modules]
-    return {"r": r, "target_modules": list(modules or []), "use_dora": bool(config.get("use_dora"))}
+    pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
+    # a module's own rank (PEFT rank_pattern) may exceed r: the engine's max rank must hold the largest
+    ranks = [r, *(v for v in pattern.values() if isinstance(v, int) and not isinstance(v, bool) and v > 0)]
+    return {"r": max(ranks), "target_modules": list(modules or []), "use_dora": bool(config.get("use_dora"))}
 
 
 def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str], Any]:

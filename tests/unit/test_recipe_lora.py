@@ -89,6 +89,9 @@ def test_rank_above_max_rank_is_refused(tmp_path):
     big = adapter(tmp_path, "big", r=32)
     problems = problems_of(tmp_path, {"adapters": [{"name": "big", "source": big}], "max_rank": 16})
     assert any(p.startswith("lora.adapters.0 (big): rank 32 exceeds lora.max_rank 16") for p in problems)
+    patterned = adapter(tmp_path, "patterned", r=8, rank_pattern={"model.layers.0.self_attn.q_proj": 24})
+    problems = problems_of(tmp_path, {"adapters": [{"name": "p", "source": patterned}], "max_rank": 16})
+    assert any(p.startswith("lora.adapters.0 (p): rank 24 exceeds lora.max_rank 16") for p in problems)  # a module's own rank
 
 
 def test_unknown_fused_and_unadapted_modules_are_refused_by_name(tmp_path):
