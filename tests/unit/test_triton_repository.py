@@ -348,11 +348,12 @@ def test_lora_deploy_refusals_are_all_reported_at_once(tmp_path, lora_work):
 
     narrow = lora_engine(tmp_path / "narrow", "bfloat16", ("attn_q", "attn_k", "attn_v"), 4)
     adapters = (AdapterRequest("qv", lora_work["bfloat16"]["qv"], 3), AdapterRequest("mlp", lora_work["bfloat16"]["mlp"], 3),
-                AdapterRequest("fp16", lora_work["float16"]["qv"]))
+                AdapterRequest("fp16", lora_work["float16"]["qv"]), AdapterRequest("../out", lora_work["bfloat16"]["qv"]))
     with pytest.raises(ValidationError) as info:
         _lora_deploy(tmp_path, lora_work, engine=narrow, adapters=adapters, prefetch=True)
     text = " | ".join(info.value.problems)
     assert "LoRA task ids must be unique: 3 given twice" in text
+    assert "LoRA adapter names must be a-z, 0-9, _ or - (at most 64; they name folders): not '../out'" in text
     assert "LoRA adapter mlp has rank 8, above the engine's max_lora_rank 4" in text
     assert "LoRA adapter mlp adapts mlp_h_to_4h, mlp_4h_to_h, mlp_gate, which the engine does not enable" in text
     assert "LoRA adapter fp16 holds float16 weights, the engine is bfloat16" in text

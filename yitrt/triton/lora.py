@@ -12,11 +12,13 @@ not: a bf16 engine refuses the template's FP16 (§2.6).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yitrt.errors import YitrtError
+from yitrt.recipe_lora import ADAPTER_NAME
 
 ADAPTERS_FILE = "lora_adapters.json"
 LORA_FOLDER = "tensorrt_llm/lora"
@@ -40,10 +42,7 @@ def parse_adapter_option(text: str) -> AdapterRequest:
     Raises:
         UsageError: no ``=``, a name that is not ``[a-z0-9_-]``, a task id below 1.
     """
-    import re
-
     from yitrt.errors import UsageError
-    from yitrt.recipe_lora import ADAPTER_NAME
 
     name, sep, rest = text.partition("=")
     if not sep or not rest:
@@ -203,6 +202,8 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
         except YitrtError as exc:
             problems.append(f"LoRA adapter {a.name}: {exc.message} ({exc.hint})")
     names = [a.name for a in req.adapters]
+    if bad_names := [n for n in names if not isinstance(n, str) or not re.fullmatch(ADAPTER_NAME, n)]:
+        problems.append(f"LoRA adapter names must be a-z, 0-9, _ or - (at most 64; they name folders): not {', '.join(map(repr, bad_names))}")
     if dup := sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"LoRA adapter names must be unique: {', '.join(dup)} given twice")
     given = [a.task_id for a in req.adapters if a.task_id is not None]
