@@ -18,20 +18,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from yitrt.errors import YitrtError
+from yitrt.triton.lora import ADAPTER_NAME, PREFETCH_BF16, PREFETCH_FIX, assign_task_ids
 
-#: What an adapter name may be: it names a folder of the repository and what `chat/bench --lora NAME` take.
-ADAPTER_NAME = r"^[a-z0-9_-]{1,64}$"
 #: TensorRT-LLM's LoRA cache defaults (T-mis getPeftCacheConfigFromParams, §2.5).
 DEFAULT_OPTIMAL_ADAPTER_SIZE = 8
 DEFAULT_MAX_ADAPTER_SIZE = 64
 DEFAULT_GPU_MEMORY_FRACTION = 0.05
 DEFAULT_HOST_MEMORY_BYTES = 1 << 30
-#: Why a bf16 engine cannot preload adapters, and what works instead (§2.6).
-PREFETCH_BF16 = ("lora_prefetch_dir with a bfloat16 engine silently serves the base model (tensorrtllm_backend #791: the "
-                 "preloaded .npy files are not bf16)")
-PREFETCH_FIX = ("set lora.cache.prefetch false (clients send each adapter's weights on its first request; `chat/bench --lora NAME` "
-                "do), or build the engine in float16 (precision.dtype float16)")
-
 StrictPositive = Annotated[int, Field(ge=1, strict=True)]
 
 
@@ -94,22 +87,6 @@ class Lora(_LoraSection):
     def task_ids(self) -> dict[str, int]:
         """Adapter name → its lora_task_id (:func:`assign_task_ids`)."""
         return assign_task_ids([(a.name, a.task_id) for a in self.adapters])
-
-
-def assign_task_ids(adapters: list[tuple[str, int | None]]) -> dict[str, int]:
-    """(name, task id or None) → name → task id: the given ones kept, the others the smallest ids left free, in order
-    (1..N when none is given)."""
-    taken = {task_id for _, task_id in adapters if task_id is not None}
-    out, candidate = {}, 1
-    for name, task_id in adapters:
-        if task_id is not None:
-            out[name] = task_id
-            continue
-        while candidate in taken:
-            candidate += 1
-        out[name] = candidate
-        taken.add(candidate)
-    return out
 
 
 def lora_problems(sections: dict[str, Any]) -> list[str]:
@@ -203,7 +180,7 @@ def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str], A
     if spec.cache.prefetch:
         dtype = _engine_dtype(sections)
         if dtype == "bfloat16":
-            problems.append(f"lora.cache.prefetch: {PREFETCH_BF16}; {PREFETCH_FIX}")
+            problems.append(f"lora.cache.prefetch: {PREFETCH_BF16}; set it false or precision.dtype float16: {PREFETCH_FIX}")
     return problems, warnings, _cache_request(spec, ranks, adapted)
 
 

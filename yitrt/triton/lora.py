@@ -18,11 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.errors import YitrtError
-from yitrt.recipe_lora import ADAPTER_NAME
 
 ADAPTERS_FILE = "lora_adapters.json"
 LORA_FOLDER = "tensorrt_llm/lora"
 PREFETCH_FOLDER = f"{LORA_FOLDER}/prefetch"
+#: What an adapter name may be: it names a folder of the repository and what `chat/bench --lora NAME` take.
+ADAPTER_NAME = r"^[a-z0-9_-]{1,64}$"
+#: Why a bf16 engine cannot preload adapters, and what works instead (§2.6).
+PREFETCH_BF16 = ("lora_prefetch_dir with a bfloat16 engine silently serves the base model (tensorrtllm_backend #791: the "
+                 "preloaded .npy files are not bf16)")
+PREFETCH_FIX = ("preload nothing (clients send each adapter's weights with its first request; `chat/bench --lora NAME` do), or "
+                "build the engine in float16")
+
 #: the request arrays of one adapter (``yitrt lora convert`` output, the names TensorRT-LLM's tools use)
 NPY_FILES = ("model.lora_weights.npy", "model.lora_config.npy")
 
@@ -190,7 +197,6 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
             engine has no LoRA plugin); ignored for the reference slot, which takes ``req``'s.
     """
     from yitrt.build.lora import engine_target_modules, read_adapter, target_module_problems
-    from yitrt.recipe_lora import PREFETCH_BF16, PREFETCH_FIX, assign_task_ids
 
     if req is None or not req.adapters:
         return None, []
@@ -239,7 +245,7 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
         if missing_files:
             problems.append(f"LoRA adapter {a.name}: {f.path} lacks {', '.join(missing_files)} (convert it again)")
     if req.prefetch and engine_dtype == "bfloat16":
-        problems.append(f"LoRA prefetch: {PREFETCH_BF16}; {PREFETCH_FIX.replace('lora.cache.prefetch false', 'no prefetch')}")
+        problems.append(f"LoRA prefetch: {PREFETCH_BF16}; drop --lora-prefetch: {PREFETCH_FIX}")
     for key in ("optimal_adapter_size", "max_adapter_size", "host_memory_bytes"):
         value = getattr(req, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -253,6 +259,22 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
     # the executor clamps both sizes to max_lora_rank (§2.5): the repository says the values it will use
     return LoraDeployment(adapters, max_rank, modules, min(req.optimal_adapter_size, max_rank), min(req.max_adapter_size, max_rank),
                           float(req.gpu_memory_fraction), int(req.host_memory_bytes), req.prefetch), []
+
+
+def assign_task_ids(adapters: list[tuple[str, int | None]]) -> dict[str, int]:
+    """(name, task id or None) → name → task id: the given ones kept, the others the smallest ids left free, in order
+    (1..N when none is given)."""
+    taken = {task_id for _, task_id in adapters if task_id is not None}
+    out, candidate = {}, 1
+    for name, task_id in adapters:
+        if task_id is not None:
+            out[name] = task_id
+            continue
+        while candidate in taken:
+            candidate += 1
+        out[name] = candidate
+        taken.add(candidate)
+    return out
 
 
 def engine_lora(build_config: dict[str, Any]) -> dict[str, Any] | None:
