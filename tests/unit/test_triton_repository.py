@@ -404,6 +404,9 @@ def test_build_and_deploy_commands_take_converted_adapters(tmp_path, lora_work, 
     argv = json.loads(result.stdout)["argv"]
     at = argv.index("--lora_target_modules")
     assert argv[at + 1 : at + 4] == ["attn_q", "attn_k", "attn_v"] and argv[argv.index("--max_lora_rank") + 1] == "16"
+    shown = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--lora", str(qv))
+    assert shown.returncode == 0 and "# lora: 1 adapter(s) (qv-bfloat16), modules attn_q attn_k attn_v, max_lora_rank 4" in shown.stdout
+    assert "adapter cache (LoRA, rank 0, pp 0): device" in shown.stdout
     refused = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--max-lora-rank", "8")
     assert refused.returncode == 2 and "need adapters" in refused.stderr
     engine = lora_engine(tmp_path / "engine", "bfloat16", ALL_MODULES, 8)
