@@ -177,15 +177,21 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option("--seed", min=0, show_default=False)] = None,
         num_draft_tokens: Annotated[int | None, typer.Option("--num-draft-tokens", min=0, help="Draft-target deployments: draft tokens per round [default: the deployment's]; 0 turns speculation off.", show_default=False)] = None,
         timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the answer.")] = 300.0,
+        lora: Annotated[str | None, typer.Option("--lora", help="Answer with this LoRA adapter of the repository (its lora_adapters.json; needs --repo).", show_default=False)] = None,
+        repo: Annotated[Path | None, typer.Option("--repo", help="The deployed repository (the folder yitrt deploy wrote): where --lora names are looked up [default: the current folder, when it is one].", show_default=False, **EXISTING_DIR)] = None,
+        lora_weights: Annotated[bool, typer.Option("--lora-weights/--no-lora-weights", help="Send the adapter's weights with the request; --no-lora-weights sends its task id alone (sent again with the weights if the server does not hold it).")] = True,
         json_: JsonOpt = False,
     ) -> None:
         """Ask a deployed model one chat turn over gRPC; the answer streams as it is generated."""
         from yitrt.triton.client import ChatRequest
         from yitrt.triton.client import chat as run_chat
+        from yitrt.triton.lora_client import ADAPTERS_FILE
 
+        if lora is not None and repo is None and Path(ADAPTERS_FILE).is_file():
+            repo = Path(".")  # run from inside the repository, as its README's examples are
         req = ChatRequest(url, message, model=model, system=system, max_tokens=max_tokens, stop_words=tuple(stop or ()),
                           stream=False if no_stream else None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          num_draft_tokens=num_draft_tokens, timeout=timeout)
+                          num_draft_tokens=num_draft_tokens, timeout=timeout, lora=lora, repo=repo, lora_weights=lora_weights)
         printer = None if json_ else (lambda piece: (render.out.file.write(piece), render.out.file.flush()))
         result = run_chat(req, printer)
         if json_:
@@ -193,8 +199,11 @@ def register(app: typer.Typer) -> None:
             return
         render.out.print("")
         data = result.to_json()
+        lora_note = ""
+        if data["adapter"]:
+            lora_note = f", adapter {data['adapter']['name']} (task {data['adapter']['task_id']})" + (", weights re-sent" if result.lora_resent else "")
         render.err.print(f"[{data['output_tokens'] or '?'} tokens, first {data['ttft_ms']} ms, total {data['total_ms']} ms, "
-                         f"{'streamed' if result.streamed else 'not streamed'}]")
+                         f"{'streamed' if result.streamed else 'not streamed'}{lora_note}]")
         if data["speculation"]:
             s = data["speculation"]
             render.err.print(f"[speculation: {s['accepted_draft_tokens']} of {s['draft_tokens']} draft tokens accepted "
