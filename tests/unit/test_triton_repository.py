@@ -207,8 +207,8 @@ def write_base(folder: Path, dtype: str = "bfloat16") -> Path:
     return folder
 
 
-def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int = 4, seed: int = 0) -> Path:
-    """A PEFT-format LoRA adapter folder for ``base`` (random A and B; what `yitrt lora convert` reads)."""
+def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int = 4, seed: int = 0, scale: float = 0.05) -> Path:
+    """A PEFT-format LoRA adapter folder for ``base`` (random A and B of std ``scale``; what `yitrt lora convert` reads)."""
     import json
 
     import numpy as np
@@ -224,8 +224,8 @@ def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int
         for hf in modules:
             m = by_hf(hf)
             key = f"base_model.model.model.layers.{layer}.{m.parent}.{hf}"
-            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, m.in_dim(cfg)), dtype=np.float32)
-            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((m.out_dim(cfg), r), dtype=np.float32)
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, m.in_dim(cfg)), dtype=np.float32) * np.float32(scale)
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((m.out_dim(cfg), r), dtype=np.float32) * np.float32(scale)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules),
