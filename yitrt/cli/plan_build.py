@@ -23,6 +23,29 @@ LookaheadOpt = Annotated[str | None, typer.Option("--lookahead", help="Lookahead
 VersionOpt = Annotated[str | None, typer.Option("--trtllm-version", help="TensorRT-LLM version the argv is for [default: the installed one, else 1.2].", show_default=False)]
 
 
+def _lora_cache(rank: int | None, modules: str | None, fraction: float, host: int, max_adapter_size: int):
+    """`yitrt plan`'s LoRA options → the adapter cache to plan (None without --lora-rank).
+
+    Raises:
+        UsageError: --lora-modules without --lora-rank, or names that are not Yi's TensorRT-LLM modules.
+    """
+    from yitrt.errors import UsageError
+
+    if rank is None:
+        if modules is not None:
+            raise UsageError("--lora-modules needs --lora-rank (the engine's max_lora_rank)", "add --lora-rank R")
+        return None
+    from yitrt.build.lora import engine_target_modules, target_module_problems
+    from yitrt.lora.modules import LORA_MODULES
+    from yitrt.plan.lora import LoraCacheRequest
+
+    names = [m.strip() for m in modules.split(",") if m.strip()] if modules is not None else [m.trtllm for m in LORA_MODULES]
+    if problems := target_module_problems(names):
+        raise UsageError(f"--lora-modules: {'; '.join(problems)}", "give TensorRT-LLM names, e.g. attn_q,attn_v,mlp_h_to_4h")
+    return LoraCacheRequest(tuple(engine_target_modules(names)), rank, max_adapter_size=max_adapter_size, gpu_memory_fraction=fraction,
+                            host_memory_bytes=host)
+
+
 def register(app: typer.Typer) -> None:
     """Add the plan/build commands to ``app``."""
 
@@ -53,6 +76,11 @@ def register(app: typer.Typer) -> None:
         draft_kv_cache: Annotated[str | None, typer.Option("--draft-kv-cache", help="The draft's KV-cache format [default: the target's].", show_default=False)] = None,
         draft_layers: Annotated[int | None, typer.Option("--draft-layers", min=1, help="Plan the draft's first N decoder layers only (a truncated self-draft: `yitrt truncate`, `convert --keep-layers`).", show_default=False)] = None,
         lookahead: LookaheadOpt = None,
+        lora_rank: Annotated[int | None, typer.Option("--lora-rank", min=1, help="LoRA: the engine's max_lora_rank; plans the adapter cache.", show_default=False)] = None,
+        lora_modules: Annotated[str | None, typer.Option("--lora-modules", help="LoRA: TensorRT-LLM target modules, comma-separated [default: all seven Yi modules].", show_default=False)] = None,
+        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="LoRA: lora_cache_gpu_memory_fraction.")] = 0.05,
+        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="LoRA: lora_cache_host_memory_bytes.")] = 1 << 30,
+        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="LoRA: lora_cache_max_adapter_size (clamped to --lora-rank).")] = 64,
         revision: RevisionOpt = None,
         json_: JsonOpt = False,
     ) -> None:
@@ -60,6 +88,7 @@ def register(app: typer.Typer) -> None:
 
         With --draft and --max-draft-len: a draft-target pair on the same GPUs (both weights, two KV pools, the two
         models' Triton KV settings). With --lookahead W,N,G: a lookahead engine (its max_draft_len, D+1 tokens per step).
+        With --lora-rank R [--lora-modules ...]: the LoRA adapter cache beside the KV pool.
         """
         from yitrt.build.speculative import parse_lookahead
         from yitrt.errors import UsageError
@@ -75,7 +104,8 @@ def register(app: typer.Typer) -> None:
                            workload=workload, trtllm_version=trtllm_version,
                            compare=compare or slo_ttft is not None, draft=draft, max_draft_len=max_draft_len, draft_tp=draft_tp,
                            draft_scheme=draft_scheme, draft_kv_cache=draft_kv_cache, draft_layers=draft_layers,
-                           lookahead=parse_lookahead(lookahead))
+                           lookahead=parse_lookahead(lookahead),
+                           lora=_lora_cache(lora_rank, lora_modules, lora_cache_fraction, lora_host_cache, lora_max_adapter_size))
         report = run_plan(model, opts, revision)
         if slo_ttft is not None:
             from yitrt.plan.perf import choose_under_slo
