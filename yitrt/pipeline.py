@@ -16,7 +16,9 @@ built for the same GPUs, and deployed as ``tensorrt_llm_draft``); lookahead pass
 deploy. A recipe with a ``lora:`` section adds ``convert-lora``: every adapter converted for the checkpoint (fetched
 first when it is a Hub repo) into ``lora-adapters/<name>/``, each cached by its own inputs (a changed adapter is
 converted again, the others are not), and an index artifact ``lora/adapters.json`` whose digest plan, build and deploy
-consume: the plan sizes the adapter cache, the build gets the LoRA plugin and flags, deploy copies the adapters in.
+consume: the plan sizes the adapter cache, the build gets the LoRA plugin and flags, deploy copies the adapters in;
+and ``verify-lora`` (with ``verify.enabled``): each converted adapter applied by the reference runtime on the
+checkpoint and compared with transformers + peft on the original (`yitrt verify --lora`).
 A recipe without speculation or LoRA has the stages, and the keys, it always had.
 """
 
@@ -85,6 +87,7 @@ STAGE_TABLE = (
     StageRow("convert", "checkpoint", ("fetch",)),
     StageRow("verify", "verify", ("fetch", "convert")),
     StageRow("convert-lora", "lora", ("convert",), lora=True),
+    StageRow("verify-lora", "verify-lora", ("fetch", "convert", "convert-lora"), lora=True),
     StageRow("fetch-draft", "draft-model", (), draft=True),
     StageRow("convert-draft", "draft-checkpoint", ("fetch-draft",), draft=True),
     StageRow("plan", "plan", ("convert", "convert-draft", "convert-lora")),
@@ -254,6 +257,7 @@ def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
         "fetch": r["model"],
         "convert": {"precision": r["precision"], "parallelism": r["parallelism"]},
         "verify": r["verify"],
+        "verify-lora": r["verify"] if lora is not None else {},
         "convert-lora": ({"adapters": lora["adapters"], "max_rank": lora["max_rank"], "target_modules": lora["target_modules"]}
                          if lora is not None else {}),
         "fetch-draft": draft.get("model") or {},
@@ -568,6 +572,37 @@ class _Run:
                                           "max_lora_rank": build.max_rank, "target_modules": list(build.target_modules)},
                 "detail": f"{len(entries)} adapter(s) ({', '.join(names)}); "
                           f"max_lora_rank {build.max_rank}, modules {' '.join(build.target_modules)}"}
+
+    def _stage_verify_lora(self) -> dict[str, Any]:
+        """Every converted adapter verified on the checkpoint against transformers + peft (the checkpoint's thresholds)."""
+        v = self.spec.verify
+        if not v.enabled:
+            return {"status": "skipped", "detail": "verify.enabled is false"}
+        from yitrt.reference import EVAL_TOKENS
+        from yitrt.reference.verify import VerifyRequest, verify
+
+        reports, summaries, warnings = {}, {}, []
+        for entry in self._lora_entries():
+            request = VerifyRequest(checkpoint=self.artifacts["convert"], model=self.artifacts["fetch"], max_new_tokens=v.max_new_tokens,
+                                    eval_tokens=v.eval_tokens or EVAL_TOKENS, device=v.device, allow_pickle=self.spec.model.allow_pickle,
+                                    thresholds={"min_top1": v.min_top1, "max_ppl_delta_pct": v.max_ppl_delta}, lora=Path(entry["path"]))
+            with self.progress("verify-lora", "phase") as cb:
+                report = verify(request, cb)
+            data = report.to_json()
+            if not report.passed:
+                failed = self.work / f"verify-lora-{entry['name']}.failed.json"
+                _write_json(failed, data)
+                raise VerifyFailedError(f"verify of LoRA adapter {entry['name']} failed: {'; '.join(report.failures)} (report: {failed})",
+                                        "see the report; convert the adapter again (`yitrt lora convert`) or check it against its base")
+            reports[entry["name"]] = data
+            summaries[entry["name"]] = {k: data[k] for k in ("top1_agreement", "ppl_delta_pct", "greedy_match_frac", "passed")}
+            warnings += [f"adapter {entry['name']}: {w}" for w in report.warnings]
+        out = self.out("verify-lora")
+        with ArtifactWriter(out, "verify-lora", {"verify": stage_parameters(self.spec, "verify-lora")},
+                            {"checkpoint": self.digests["convert"], "model": self.digests["fetch"], "lora": self.digests["convert-lora"]}) as art:
+            _write_json(art.path / "reports.json", reports)
+        return {"artifact": out, "warnings": list(dict.fromkeys(warnings)), "data": summaries,
+                "detail": "; ".join(f"{name}: top-1 {s['top1_agreement']:.3f}, greedy {s['greedy_match_frac']:.2f}" for name, s in summaries.items())}
 
     def _lora_entries(self) -> list[dict[str, Any]]:
         """The converted adapters of this run (convert-lora's index)."""

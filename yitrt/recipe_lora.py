@@ -18,20 +18,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from yitrt.errors import YitrtError
+from yitrt.triton.lora import ADAPTER_NAME, PREFETCH_BF16, PREFETCH_FIX, assign_task_ids
 
-#: What an adapter name may be: it names a folder of the repository and what `chat/bench --lora NAME` take.
-ADAPTER_NAME = r"^[a-z0-9_-]{1,64}$"
 #: TensorRT-LLM's LoRA cache defaults (T-mis getPeftCacheConfigFromParams, §2.5).
 DEFAULT_OPTIMAL_ADAPTER_SIZE = 8
 DEFAULT_MAX_ADAPTER_SIZE = 64
 DEFAULT_GPU_MEMORY_FRACTION = 0.05
 DEFAULT_HOST_MEMORY_BYTES = 1 << 30
-#: Why a bf16 engine cannot preload adapters, and what works instead (§2.6).
-PREFETCH_BF16 = ("lora_prefetch_dir with a bfloat16 engine silently serves the base model (tensorrtllm_backend #791: the "
-                 "preloaded .npy files are not bf16)")
-PREFETCH_FIX = ("set lora.cache.prefetch false (clients send each adapter's weights on its first request; `chat/bench --lora NAME` "
-                "do), or build the engine in float16 (precision.dtype float16)")
-
 StrictPositive = Annotated[int, Field(ge=1, strict=True)]
 
 
@@ -96,22 +89,6 @@ class Lora(_LoraSection):
         return assign_task_ids([(a.name, a.task_id) for a in self.adapters])
 
 
-def assign_task_ids(adapters: list[tuple[str, int | None]]) -> dict[str, int]:
-    """(name, task id or None) → name → task id: the given ones kept, the others the smallest ids left free, in order
-    (1..N when none is given)."""
-    taken = {task_id for _, task_id in adapters if task_id is not None}
-    out, candidate = {}, 1
-    for name, task_id in adapters:
-        if task_id is not None:
-            out[name] = task_id
-            continue
-        while candidate in taken:
-            candidate += 1
-        out[name] = candidate
-        taken.add(candidate)
-    return out
-
-
 def lora_problems(sections: dict[str, Any]) -> list[str]:
     """The model-free checks of the ``lora`` section against the other sections that parsed."""
     from yitrt.build.lora import target_module_problems
@@ -132,7 +109,8 @@ def lora_problems(sections: dict[str, Any]) -> list[str]:
 
 
 def adapter_summary(source: Path) -> dict[str, Any]:
-    """What an adapter folder's ``adapter_config.json`` says: rank ``r``, ``target_modules`` (HF names), ``use_dora``.
+    """What an adapter folder's ``adapter_config.json`` says: its largest rank ``r`` (``r`` or a ``rank_pattern`` entry),
+    ``target_modules`` (HF names), ``use_dora``.
 
     Raises:
         UsageError: no such folder or file, not JSON, not an object, r not a positive integer.
@@ -150,7 +128,10 @@ def adapter_summary(source: Path) -> dict[str, Any]:
     modules = config.get("target_modules")
     if isinstance(modules, str):  # PEFT also takes one name, or a regex: a regex cannot be checked before conversion
         modules = [modules]
-    return {"r": r, "target_modules": list(modules or []), "use_dora": bool(config.get("use_dora"))}
+    pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
+    # a module's own rank (PEFT rank_pattern) may exceed r: the engine's max rank must hold the largest
+    ranks = [r, *(v for v in pattern.values() if isinstance(v, int) and not isinstance(v, bool) and v > 0)]
+    return {"r": max(ranks), "target_modules": list(modules or []), "use_dora": bool(config.get("use_dora"))}
 
 
 def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str], Any]:
@@ -199,7 +180,7 @@ def lora_model_checks(sections: dict[str, Any]) -> tuple[list[str], list[str], A
     if spec.cache.prefetch:
         dtype = _engine_dtype(sections)
         if dtype == "bfloat16":
-            problems.append(f"lora.cache.prefetch: {PREFETCH_BF16}; {PREFETCH_FIX}")
+            problems.append(f"lora.cache.prefetch: {PREFETCH_BF16}; set it false or precision.dtype float16: {PREFETCH_FIX}")
     return problems, warnings, _cache_request(spec, ranks, adapted)
 
 

@@ -23,11 +23,11 @@ def hf(tmp_path):
     return write_synthetic_model(tmp_path / "hf", SyntheticSpec(seed=5, tokenizer=True))
 
 
-def _recipe(tmp_path, hf, lora: dict | None, engine: str = "trtllm") -> str:
+def _recipe(tmp_path, hf, lora: dict | None, engine: str = "trtllm", verify: dict | None = None) -> str:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "tiny-lora", "model": {"path": str(hf)}, "target": {"gpu": "H100-SXM", "engine": engine},
-        "workload": {"isl": 64, "osl": 32}, "verify": {"enabled": False}, **({"lora": lora} if lora else {}),
+        "workload": {"isl": 64, "osl": 32}, "verify": verify or {"enabled": False}, **({"lora": lora} if lora else {}),
     }))
     return str(recipe)
 
@@ -41,7 +41,7 @@ def test_stage_table_adds_convert_lora_only_with_a_lora_section(tmp_path, hf):
     plain = load_recipe(_recipe(tmp_path, hf, None)).spec
     spec = load_recipe(_recipe(tmp_path, hf, {"adapters": [{"name": "a", "source": str(adapter)}]})).spec
     assert recipe_stages(plain) == ("fetch", "convert", "verify", "plan", "build", "deploy", "smoke")
-    assert recipe_stages(spec) == ("fetch", "convert", "verify", "convert-lora", "plan", "build", "deploy", "smoke")
+    assert recipe_stages(spec) == ("fetch", "convert", "verify", "convert-lora", "verify-lora", "plan", "build", "deploy", "smoke")
     for stage in ("plan", "build", "deploy"):  # the keys of a recipe without LoRA are the ones it always had
         assert "lora" not in stage_parameters(plain, stage) and stage_parameters(spec, stage)["lora"]["adapters"][0]["name"] == "a"
 
@@ -56,8 +56,8 @@ def test_lora_recipe_converts_builds_and_deploys_the_adapters(tmp_path, hf, tool
                                     "cache": {"gpu_memory_fraction": 0.2}})
     work = tmp_path / "work"
     report = run_recipe(load_recipe(recipe), RunOptions(work, until_stage="deploy"))
-    assert _statuses(report) == {"fetch": "ran", "convert": "ran", "verify": "skipped", "convert-lora": "ran", "plan": "ran",
-                                 "build": "ran", "deploy": "ran", "smoke": "skipped"}
+    assert _statuses(report) == {"fetch": "ran", "convert": "ran", "verify": "skipped", "convert-lora": "ran", "verify-lora": "skipped",
+                                 "plan": "ran", "build": "ran", "deploy": "ran", "smoke": "skipped"}
     (call,) = [json.loads(line) for line in argv_log.read_text().splitlines()]
     at = call.index("--lora_target_modules")
     assert call[at + 1 : at + 6] == ["attn_q", "attn_k", "attn_v", "mlp_h_to_4h", "mlp_4h_to_h"]  # q/k/v completed, module-id order
@@ -88,3 +88,31 @@ def test_lora_recipe_converts_builds_and_deploys_the_adapters(tmp_path, hf, tool
     assert qv_manifest.stat().st_mtime_ns == before  # the unchanged adapter is not converted again
     assert (repo / "tensorrt_llm/lora/mlp/model.lora_weights.npy").read_bytes() == \
         (work / "lora-adapters" / "mlp" / "model.lora_weights.npy").read_bytes()
+
+
+def test_reference_recipe_gives_the_slot_its_lora_limits(tmp_path, hf):
+    qv = write_adapter(tmp_path / "peft-qv", hf, ("q_proj", "v_proj"), r=4)
+    recipe = _recipe(tmp_path, hf, {"adapters": [{"name": "qv", "source": str(qv)}], "max_rank": 16}, engine="reference")
+    work = tmp_path / "work"
+    report = run_recipe(load_recipe(recipe), RunOptions(work, until_stage="deploy"))
+    assert _statuses(report)["build"] == "not-applicable" and _statuses(report)["convert-lora"] == "ran"
+    params = {k: v.string_value for k, v in parse_config((work / "triton-repo/tensorrt_llm/config.pbtxt").read_text()).parameters.items()}
+    assert params["yitrt_lora_target_modules"] == "attn_q,attn_k,attn_v" and params["yitrt_max_lora_rank"] == "16"
+    assert params["lora_cache_max_adapter_size"] == "16"  # 64 clamped to the max rank
+    assert json.loads((work / "triton-repo/lora_adapters.json").read_text())["adapters"][0]["dir"] == "tensorrt_llm/lora/qv"
+
+
+@pytest.mark.slow  # ~27 s (transformers + peft and the reference runtime); `verify --lora` itself is tested in test_lora_verify
+def test_verify_lora_proves_each_adapter_against_peft(tmp_path, hf):
+    pytest.importorskip("peft")
+    qv = write_adapter(tmp_path / "peft-qv", hf, ("q_proj", "v_proj", "down_proj"), r=4)
+    lora = {"adapters": [{"name": "qv", "source": str(qv)}]}
+    work = tmp_path / "work"
+    run_recipe(load_recipe(_recipe(tmp_path, hf, lora, engine="reference")), RunOptions(work, until_stage="convert-lora"))
+    # the base checkpoint's own verify is test_run's: start at verify-lora (the earlier artifacts as they are)
+    recipe = _recipe(tmp_path, hf, lora, engine="reference", verify={"enabled": True, "max_new_tokens": 4, "eval_tokens": 64})
+    report = run_recipe(load_recipe(recipe), RunOptions(work, from_stage="verify-lora", until_stage="verify-lora"))
+    stage = next(s for s in report.stages if s.stage == "verify-lora")
+    assert stage.status == "ran" and stage.data["qv"]["passed"] and stage.data["qv"]["top1_agreement"] == 1.0
+    reports = json.loads((work / "verify-lora" / "reports.json").read_text())
+    assert reports["qv"]["lora"] is not None  # the adapter, not the base model, was compared

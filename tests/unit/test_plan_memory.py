@@ -219,3 +219,20 @@ def test_lora_cache_sizes_are_clamped_to_max_rank_and_bad_ones_refused():
         _lora(gpu_memory_fraction=0)
     with pytest.raises(UsageError, match="no target module"):
         _lora(modules=())
+
+
+def test_plan_command_plans_the_adapter_cache(cli):
+    import json
+
+    short = cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "16", "--json")
+    assert short.returncode == 13  # all seven modules at rank 16 do not fit TensorRT-LLM's default fraction on an L4
+    plan = json.loads(short.stdout)["candidates"][0]["plan"]
+    assert plan["lora"]["modules"] == ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
+    assert any("--lora-cache-fraction" in p for p in plan["problems"])
+    roomy = cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "16", "--lora-cache-fraction", "0.2")
+    assert roomy.returncode == 0 and "adapter cache (LoRA, rank 0, pp 0)" in roomy.stdout
+    qv = json.loads(cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "8", "--lora-modules", "attn_q,attn_v", "--json").stdout)
+    assert qv["candidates"][0]["plan"]["lora"]["modules"] == ["attn_q", "attn_k", "attn_v"]  # completed all-or-none
+    bad = cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "8", "--lora-modules", "q_proj")
+    assert bad.returncode == 2 and "q_proj is the PEFT name" in bad.stderr
+    assert cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-modules", "attn_q").returncode == 2

@@ -89,6 +89,9 @@ def test_rank_above_max_rank_is_refused(tmp_path):
     big = adapter(tmp_path, "big", r=32)
     problems = problems_of(tmp_path, {"adapters": [{"name": "big", "source": big}], "max_rank": 16})
     assert any(p.startswith("lora.adapters.0 (big): rank 32 exceeds lora.max_rank 16") for p in problems)
+    patterned = adapter(tmp_path, "patterned", r=8, rank_pattern={"model.layers.0.self_attn.q_proj": 24})
+    problems = problems_of(tmp_path, {"adapters": [{"name": "p", "source": patterned}], "max_rank": 16})
+    assert any(p.startswith("lora.adapters.0 (p): rank 24 exceeds lora.max_rank 16") for p in problems)  # a module's own rank
 
 
 def test_unknown_fused_and_unadapted_modules_are_refused_by_name(tmp_path):
@@ -137,3 +140,14 @@ def test_hub_adapters_are_checked_once_fetched_and_speculation_is_refused(tmp_pa
     problems = problems_of(tmp_path, {"adapters": [{"name": "a", "source": a, "revision": "main"}]}, speculative={"mode": "lookahead"})
     assert any(p.startswith("lora: yitrt does not combine LoRA adapters with speculative decoding") for p in problems)
     assert any(p.startswith("lora.adapters.0.revision: applies to a Hub adapter") for p in problems)
+
+
+def test_a_device_cache_too_small_names_its_fix_and_no_unrelated_one(tmp_path):
+    a = adapter(tmp_path, "a", r=16, modules=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
+    problems = problems_of(tmp_path, {"adapters": [{"name": "a", "source": a}]}, model={"repo": "01-ai/Yi-1.5-6B-Chat"}, target={"gpu": "L4"})
+    (problem,) = [p for p in problems if "device LoRA cache" in p]
+    # TensorRT-LLM's default 0.05 of what a 0.9 KV pool leaves on an L4 is 42.2 MiB; a rank-16 q/k/v + MLP adapter of Yi-6B is 61.2 MiB
+    assert "is 42.2 MiB" in problem and "61.2 MiB" in problem and "raise lora.cache.gpu_memory_fraction" in problem
+    assert "what fits" not in problem  # another tp or scheme is not the fix
+    load_recipe(recipe(tmp_path, {"adapters": [{"name": "a", "source": a}], "cache": {"gpu_memory_fraction": 0.1}},
+                       model={"repo": "01-ai/Yi-1.5-6B-Chat"}, target={"gpu": "L4"}))

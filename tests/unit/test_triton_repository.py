@@ -207,8 +207,8 @@ def write_base(folder: Path, dtype: str = "bfloat16") -> Path:
     return folder
 
 
-def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int = 4, seed: int = 0) -> Path:
-    """A PEFT-format LoRA adapter folder for ``base`` (random A and B; what `yitrt lora convert` reads)."""
+def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int = 4, seed: int = 0, scale: float = 0.05) -> Path:
+    """A PEFT-format LoRA adapter folder for ``base`` (random A and B of std ``scale``; what `yitrt lora convert` reads)."""
     import json
 
     import numpy as np
@@ -224,8 +224,8 @@ def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int
         for hf in modules:
             m = by_hf(hf)
             key = f"base_model.model.model.layers.{layer}.{m.parent}.{hf}"
-            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, m.in_dim(cfg)), dtype=np.float32)
-            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((m.out_dim(cfg), r), dtype=np.float32)
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, m.in_dim(cfg)), dtype=np.float32) * np.float32(scale)
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((m.out_dim(cfg), r), dtype=np.float32) * np.float32(scale)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules),
@@ -348,11 +348,12 @@ def test_lora_deploy_refusals_are_all_reported_at_once(tmp_path, lora_work):
 
     narrow = lora_engine(tmp_path / "narrow", "bfloat16", ("attn_q", "attn_k", "attn_v"), 4)
     adapters = (AdapterRequest("qv", lora_work["bfloat16"]["qv"], 3), AdapterRequest("mlp", lora_work["bfloat16"]["mlp"], 3),
-                AdapterRequest("fp16", lora_work["float16"]["qv"]))
+                AdapterRequest("fp16", lora_work["float16"]["qv"]), AdapterRequest("../out", lora_work["bfloat16"]["qv"]))
     with pytest.raises(ValidationError) as info:
         _lora_deploy(tmp_path, lora_work, engine=narrow, adapters=adapters, prefetch=True)
     text = " | ".join(info.value.problems)
     assert "LoRA task ids must be unique: 3 given twice" in text
+    assert "LoRA adapter names must be a-z, 0-9, _ or - (at most 64; they name folders): not '../out'" in text
     assert "LoRA adapter mlp has rank 8, above the engine's max_lora_rank 4" in text
     assert "LoRA adapter mlp adapts mlp_h_to_4h, mlp_4h_to_h, mlp_gate, which the engine does not enable" in text
     assert "LoRA adapter fp16 holds float16 weights, the engine is bfloat16" in text
@@ -375,3 +376,46 @@ def test_reference_slot_gets_the_lora_limits_an_engine_has_from_its_build(lora_w
     params = _params(parse_config(texts["tensorrt_llm"]))
     assert params["yitrt_lora_target_modules"] == ",".join(ALL_MODULES) and params["yitrt_max_lora_rank"] == "8"
     assert params["lora_cache_max_adapter_size"] == "8" and params["lora_cache_gpu_memory_fraction"] == "0.05"
+
+
+def test_deploy_lora_option_parses_name_dir_and_task_id():
+    from yitrt.errors import UsageError
+    from yitrt.triton.lora import AdapterRequest, parse_adapter_option
+
+    assert parse_adapter_option("chat=/a/b") == AdapterRequest("chat", Path("/a/b"))
+    assert parse_adapter_option("chat=/a/b:7") == AdapterRequest("chat", Path("/a/b"), 7)
+    assert parse_adapter_option("x=C:dir") == AdapterRequest("x", Path("C:dir"))  # a colon not before digits is part of the path
+    for bad in ("chat", "Chat=/a", "chat=", "chat=/a:0"):
+        with pytest.raises(UsageError):
+            parse_adapter_option(bad)
+
+
+def test_build_and_deploy_commands_take_converted_adapters(tmp_path, lora_work, cli):
+    import json
+
+    from tests.unit.test_build_argv import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", "01-ai/Yi-1.5-6B-Chat")
+    qv = lora_work["bfloat16"]["qv"]
+    result = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--json", "--lora", str(qv),
+                 "--max-lora-rank", "16", "--lora-target-modules", "attn_q,attn_v")
+    # the tiny adapter's dims are not Yi-6B's: a dry run checks names, ranks and modules, not the base (convert did)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["argv"]
+    at = argv.index("--lora_target_modules")
+    assert argv[at + 1 : at + 4] == ["attn_q", "attn_k", "attn_v"] and argv[argv.index("--max_lora_rank") + 1] == "16"
+    shown = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--lora", str(qv))
+    assert shown.returncode == 0 and "# lora: 1 adapter(s) (qv-bfloat16), modules attn_q attn_k attn_v, max_lora_rank 4" in shown.stdout
+    assert "adapter cache (LoRA, rank 0, pp 0): device" in shown.stdout
+    refused = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--max-lora-rank", "8")
+    assert refused.returncode == 2 and "need adapters" in refused.stderr
+    engine = lora_engine(tmp_path / "engine", "bfloat16", ALL_MODULES, 8)
+    deployed = cli("deploy", str(engine), "--out", str(tmp_path / "repo"), "--tokenizer", str(lora_work["bfloat16"]["base"]), "--json",
+                   "--lora", f"qv={qv}:4", "--lora", f"mlp={lora_work['bfloat16']['mlp']}", "--lora-cache-fraction", "0.2")
+    assert deployed.returncode == 0, deployed.stderr
+    assert json.loads(deployed.stdout)["lora"] == [{"name": "qv", "task_id": 4}, {"name": "mlp", "task_id": 1}]
+    params = _params(parse_config((tmp_path / "repo/tensorrt_llm/config.pbtxt").read_text()))
+    assert params["lora_cache_gpu_memory_fraction"] == "0.2"
+    prefetch = cli("deploy", str(engine), "--out", str(tmp_path / "repo2"), "--tokenizer", str(lora_work["bfloat16"]["base"]),
+                   "--lora", f"qv={qv}", "--lora-prefetch")
+    assert prefetch.returncode == 3 and "#791" in prefetch.stderr and not (tmp_path / "repo2").exists()

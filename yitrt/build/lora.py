@@ -11,7 +11,7 @@ says what the engine will hold.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +93,18 @@ class LoraBuild:
         adapters: the converted adapters the engine is for (the first one's ``hf/`` is ``--lora_dir``).
         target_modules: ``--lora_target_modules`` (q/k/v completed, module-id order).
         max_rank: ``--max_lora_rank``.
-        cache: the adapter cache it is planned with (TensorRT-LLM's defaults unless the recipe says otherwise).
+        cache_settings: the adapter cache it is planned with (None: TensorRT-LLM's defaults).
     """
 
     adapters: tuple[ConvertedAdapter, ...]
     target_modules: tuple[str, ...]
     max_rank: int
-    cache: LoraCacheRequest = field(default=None)  # type: ignore[assignment]  # filled in __post_init__
+    cache_settings: LoraCacheRequest | None = None
 
-    def __post_init__(self) -> None:
-        """Default the cache to TensorRT-LLM's defaults for these modules and rank."""
-        if self.cache is None:
-            object.__setattr__(self, "cache", LoraCacheRequest(self.target_modules, self.max_rank))
+    @property
+    def cache(self) -> LoraCacheRequest:
+        """The adapter cache the plan checks: the given settings, else TensorRT-LLM's defaults for these modules and rank."""
+        return self.cache_settings or LoraCacheRequest(self.target_modules, self.max_rank)
 
     @property
     def lora_dir(self) -> Path:

@@ -159,6 +159,12 @@ def build_report(data: dict[str, Any]) -> None:
         out.print(f"# TensorRT-LLM {cfg['trtllm_version']} ({cfg['release_line']}) on {cfg['gpu']['name']} (SM {cfg['gpu']['sm']}), "
                   f"profile {' + '.join(cfg['profiles'])}, {cfg['world_size']} rank(s); limits {lim}; "
                   f"plan: {cfg['plan']['max_concurrent_sequences']} sequences of {cfg['plan']['isl'] + cfg['plan']['osl']} tokens")
+        lora = cfg.get("lora")
+        if lora:
+            out.print(f"# lora: {len(lora['adapters'])} adapter(s) ({', '.join(a['name'] for a in lora['adapters'])}), modules "
+                      f"{' '.join(lora['target_modules'])}, max_lora_rank {lora['max_lora_rank']}, --lora_dir {lora['lora_dir']}")
+            if cfg["plan"].get("lora_cache"):
+                lora_cache_line(cfg["plan"]["lora_cache"])
         spec = cfg.get("speculative")
         if spec:
             eng = cfg["engine_limits"]

@@ -112,14 +112,14 @@ def cache_plan(lora: LoraCacheRequest, cfg: Any, tp: int, dtype_bytes: int, rank
                 f"the device LoRA cache of rank {rank.rank} is {rank.lora_cache / 2**20:.1f} MiB (lora_cache_gpu_memory_fraction "
                 f"{lora.gpu_memory_fraction:g} of the memory the KV pool leaves), less than one max-sized adapter (rank {size} over "
                 f"{', '.join(lora.modules)}: {need / 2**20:.1f} MiB); TensorRT-LLM refuses to start (\"Not enough space allocated to "
-                "device LoRA cache to hold 1 max sized LoRA\"): raise lora.cache.gpu_memory_fraction, lower serve.kv_fraction, "
-                "or lower lora.cache.max_adapter_size")
+                "device LoRA cache to hold 1 max sized LoRA\"): raise lora.cache.gpu_memory_fraction (--lora-cache-fraction), lower "
+                "serve.kv_fraction (--kv-fraction), or lower lora.cache.max_adapter_size (--lora-max-adapter-size)")
         if fits_host < 1 and not any("host LoRA cache" in p for p in problems):
             problems.append(
                 f"the host LoRA cache (lora_cache_host_memory_bytes {lora.host_memory_bytes:,}) is less than one max-sized adapter "
                 f"(rank {size} over {', '.join(lora.modules)}: {need:,} bytes per rank); TensorRT-LLM refuses to start (\"Not enough "
-                "space allocated to host LoRA cache to hold 1 max sized LoRA\"): raise lora.cache.host_memory_bytes or lower "
-                "lora.cache.max_adapter_size")
+                "space allocated to host LoRA cache to hold 1 max sized LoRA\"): raise lora.cache.host_memory_bytes (--lora-host-cache) "
+                "or lower lora.cache.max_adapter_size (--lora-max-adapter-size)")
     out = {"modules": list(lora.modules), "max_rank": lora.max_rank, "max_adapter_size": size,
            "optimal_adapter_size": lora.effective_optimal_adapter_size, "gpu_memory_fraction": lora.gpu_memory_fraction,
            "host_memory_bytes": lora.host_memory_bytes, "stages": stages, "fits": not problems,

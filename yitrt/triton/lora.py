@@ -12,6 +12,7 @@ not: a bf16 engine refuses the template's FP16 (§2.6).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ from yitrt.errors import YitrtError
 ADAPTERS_FILE = "lora_adapters.json"
 LORA_FOLDER = "tensorrt_llm/lora"
 PREFETCH_FOLDER = f"{LORA_FOLDER}/prefetch"
+#: What an adapter name may be: it names a folder of the repository and what `chat/bench --lora NAME` take.
+ADAPTER_NAME = r"^[a-z0-9_-]{1,64}$"
+#: Why a bf16 engine cannot preload adapters, and what works instead (§2.6).
+PREFETCH_BF16 = ("lora_prefetch_dir with a bfloat16 engine silently serves the base model (tensorrtllm_backend #791: the "
+                 "preloaded .npy files are not bf16)")
+PREFETCH_FIX = ("preload nothing (clients send each adapter's weights with its first request; `chat/bench --lora NAME` do), or "
+                "build the engine in float16")
+
 #: the request arrays of one adapter (``yitrt lora convert`` output, the names TensorRT-LLM's tools use)
 NPY_FILES = ("model.lora_weights.npy", "model.lora_config.npy")
 
@@ -32,6 +41,27 @@ class AdapterRequest:
     name: str
     path: Path
     task_id: int | None = None
+
+
+def parse_adapter_option(text: str) -> AdapterRequest:
+    """``NAME=DIR`` or ``NAME=DIR:TASK_ID`` (`yitrt deploy --lora`) → an AdapterRequest.
+
+    Raises:
+        UsageError: no ``=``, a name that is not ``[a-z0-9_-]``, a task id below 1.
+    """
+    from yitrt.errors import UsageError
+
+    name, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise UsageError(f"--lora {text!r} is not NAME=DIR[:TASK_ID]", "e.g. --lora chat=yi-lora-chat or --lora chat=yi-lora-chat:3")
+    if not re.fullmatch(ADAPTER_NAME, name):
+        raise UsageError(f"--lora {text!r}: the name {name!r} must be a-z, 0-9, _ or - (at most 64)", "e.g. --lora chat=DIR")
+    folder, colon, task = rest.rpartition(":")
+    if colon and task.isdigit():
+        if int(task) < 1:
+            raise UsageError(f"--lora {text!r}: task id {task} must be >= 1", "task ids start at 1")
+        return AdapterRequest(name, Path(folder), int(task))
+    return AdapterRequest(name, Path(rest))
 
 
 @dataclass(frozen=True)
@@ -167,7 +197,6 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
             engine has no LoRA plugin); ignored for the reference slot, which takes ``req``'s.
     """
     from yitrt.build.lora import engine_target_modules, read_adapter, target_module_problems
-    from yitrt.recipe_lora import PREFETCH_BF16, PREFETCH_FIX, assign_task_ids
 
     if req is None or not req.adapters:
         return None, []
@@ -179,6 +208,8 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
         except YitrtError as exc:
             problems.append(f"LoRA adapter {a.name}: {exc.message} ({exc.hint})")
     names = [a.name for a in req.adapters]
+    if bad_names := [n for n in names if not isinstance(n, str) or not re.fullmatch(ADAPTER_NAME, n)]:
+        problems.append(f"LoRA adapter names must be a-z, 0-9, _ or - (at most 64; they name folders): not {', '.join(map(repr, bad_names))}")
     if dup := sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"LoRA adapter names must be unique: {', '.join(dup)} given twice")
     given = [a.task_id for a in req.adapters if a.task_id is not None]
@@ -214,7 +245,7 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
         if missing_files:
             problems.append(f"LoRA adapter {a.name}: {f.path} lacks {', '.join(missing_files)} (convert it again)")
     if req.prefetch and engine_dtype == "bfloat16":
-        problems.append(f"LoRA prefetch: {PREFETCH_BF16}; {PREFETCH_FIX.replace('lora.cache.prefetch false', 'no prefetch')}")
+        problems.append(f"LoRA prefetch: {PREFETCH_BF16}; drop --lora-prefetch: {PREFETCH_FIX}")
     for key in ("optimal_adapter_size", "max_adapter_size", "host_memory_bytes"):
         value = getattr(req, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -228,6 +259,22 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
     # the executor clamps both sizes to max_lora_rank (§2.5): the repository says the values it will use
     return LoraDeployment(adapters, max_rank, modules, min(req.optimal_adapter_size, max_rank), min(req.max_adapter_size, max_rank),
                           float(req.gpu_memory_fraction), int(req.host_memory_bytes), req.prefetch), []
+
+
+def assign_task_ids(adapters: list[tuple[str, int | None]]) -> dict[str, int]:
+    """(name, task id or None) → name → task id: the given ones kept, the others the smallest ids left free, in order
+    (1..N when none is given)."""
+    taken = {task_id for _, task_id in adapters if task_id is not None}
+    out, candidate = {}, 1
+    for name, task_id in adapters:
+        if task_id is not None:
+            out[name] = task_id
+            continue
+        while candidate in taken:
+            candidate += 1
+        out[name] = candidate
+        taken.add(candidate)
+    return out
 
 
 def engine_lora(build_config: dict[str, Any]) -> dict[str, Any] | None:
