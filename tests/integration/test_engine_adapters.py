@@ -88,3 +88,28 @@ def test_one_adapter_at_a_time_on_the_device_every_answer_as_alone(runtime):
     assert loop.scheduler.blocks.counters.reused > 0
     with pytest.raises(LoraError, match="LoRA task 7 not found in cache"):
         loop.add("g", prompts["a"], StopRule(2), Sampling(), adapter=7)
+
+
+def test_tensor_parallel_ranks_serve_adapters_from_the_cache(runtime, tmp_path):
+    """At tp 2 every rank takes its slices of the cached arrays: the loop's answers equal the tp-1 runtime's."""
+    hf = write_synthetic_model(tmp_path / "hf", SyntheticSpec(seed=9, dtype="float32", layers=2, head_std=0.2))
+    convert(ConvertRequest(hf, tmp_path / "tp2", tp=2))
+    spec = runtime.spec
+    weights, config_rows = _adapter(spec, 5, ("attn_q", "attn_k", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h"))
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 500, 20)]
+    runtime.load_adapter(200, weights, config_rows)
+    try:
+        want = runtime.generate([prompt], 6, adapter=200)[0]
+    finally:
+        runtime.drop_adapter(200)
+    with ReferenceRuntime(tmp_path / "tp2", device="cpu") as tp2:
+        loop = EngineLoop(tp2, EngineConfig(max_batch_size=2, max_num_tokens=128, tokens_per_block=8, primary_blocks=16,
+                                            lora=LoraCacheConfig(max_adapter_size=4, optimal_adapter_size=4)))
+        loop.add("a", prompt, StopRule(6), Sampling(), adapter=3, lora_weights=weights, lora_config=config_rows)
+        loop.add("b", prompt, StopRule(6), Sampling(), adapter=3)
+        out = {"a": [], "b": []}
+        while not loop.idle:
+            for key, token, _ in loop.step():
+                out[key].append(token)
+    assert out == {"a": want, "b": want}
+    assert want != runtime.generate([prompt], 6)[0]  # the adapter changed the answer
