@@ -7,12 +7,15 @@ deploy``'s LoRA settings: the repository's ``lora_weights`` inputs are TYPE_BF16
 Checked: the greedy answers of adapter 1, adapter 2 and the base model differ, and each equals transformers (+ peft
 ``PeftModel``) greedy on the same tokens; a later request with the task id alone gives the same answer; an unknown id
 is refused with the engine's message; the ensemble and the BLS pass the three tensors through (BF16 included);
-``yitrt chat --lora`` and ``yitrt bench --lora-mix`` select adapters by name.
+``yitrt chat --lora`` and ``yitrt bench --lora-mix`` select adapters by name, and a task id the server never saw is
+sent once more with its weights.
 """
 
 from __future__ import annotations
 
+import json
 import queue
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -176,8 +179,6 @@ def _text(url: str, model: str, extra: dict, chat: bool = False) -> tuple[str, s
     values = {"text_input": np.array([[PROMPT.encode()]], dtype=np.object_), "max_tokens": np.array([[NEW]], dtype=np.int32),
               "end_id": np.array([[-1]], dtype=np.int32), "stream": np.array([[False]], dtype=np.bool_), **extra}
     if chat:
-        import json
-
         del values["end_id"]
         values.update(text_input=np.array([[b""]], dtype=np.object_),
                       messages=np.array([[json.dumps([{"role": "user", "content": PROMPT}]).encode()]], dtype=np.object_))
@@ -247,6 +248,15 @@ def test_chat_and_bench_select_adapters_by_name(lora_repo, server, tmp_path):
     assert again.text == answers["beta"] and not again.lora_weights_sent and not again.lora_resent
     with pytest.raises(UsageError, match="no adapter 'gamma'"):
         chat(ChatRequest(server, PROMPT, lora="gamma", repo=repo))
+    # an adapter the server has never seen, asked with its task id alone: refused "not found in cache", then sent once
+    # more with its weights
+    other = tmp_path / "other-repo"
+    shutil.copytree(repo / "tensorrt_llm" / "lora" / "alpha", other / "lora" / "gamma")
+    (other / "lora_adapters.json").write_text(json.dumps({"adapters": [
+        {"name": "gamma", "task_id": 77, "dir": "lora/gamma", "rank": 4, "modules": ["attn_q"], "dtype": "bfloat16"}]}))
+    fresh = chat(ChatRequest(server, PROMPT, model="ensemble", max_tokens=NEW, stream=False, lora="gamma", repo=other,
+                             lora_weights=False))
+    assert fresh.lora_resent and fresh.lora_weights_sent and fresh.text == answers["alpha"]  # alpha's arrays, id 77
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"text": "{PROMPT} {i}", "max_tokens": 4}}\n' for i in range(6)))
     report = run_bench(BenchRequest(server, (Load("concurrency", 2),), tmp_path / "bench", model="ensemble", num_requests=6,
