@@ -152,6 +152,12 @@ class SmokeFailedError(YitrtError):
     exit_code = 16
 
 
+class LoraError(YitrtError):
+    """A LoRA adapter (or its request tensors) cannot be used with this base model, engine or option set."""
+
+    exit_code = 17
+
+
 # -- OSErrors: the environment refusing an operation (never a bug in yitrt) ---------------------------------------
 
 #: errno → (what the operating system said, in words; the fix). One table for every place that turns an OSError

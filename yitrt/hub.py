@@ -255,6 +255,71 @@ def resolve_model(
     return ResolvedModel(result.path, ref, result.revision)
 
 
+#: The files of a PEFT LoRA adapter repo (``save_pretrained``): config and weights; pickles only with allow_pickle.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+
+
+def resolve_adapter(ref: str, *, revision: str | None = None, allow_pickle: bool = False) -> ResolvedModel:
+    """Turn a PEFT adapter reference (local folder or Hub repo id) into a folder holding its files.
+
+    A Hub adapter is downloaded into the Hugging Face cache (``adapter_config.json`` and
+    ``adapter_model.safetensors``; ``adapter_model.bin`` only when there is no safetensors file and
+    ``allow_pickle``), LFS files checked against the Hub's sha256, as :func:`fetch_model` does for models.
+    When the Hub cannot be reached an earlier download of the same revision is used.
+
+    Args:
+        ref: an existing folder, or ``owner/name`` on the Hub.
+        revision: branch, tag or commit sha for a Hub repo (ignored for a folder).
+        allow_pickle: accept ``adapter_model.bin`` when the repo has no safetensors.
+
+    Returns:
+        The folder, and the repo id and commit sha for a Hub adapter.
+
+    Raises:
+        UsageError: ``ref`` is neither a folder nor a repo id.
+        HubError: not found, gated, unreachable and not downloaded before, corrupt download.
+        CheckpointError: the repo has no adapter_config.json, or only pickle weights without ``allow_pickle``.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return ResolvedModel(path, None, None)
+    if path.exists():
+        raise UsageError(f"{ref} is a file, not an adapter folder", "give the folder that holds adapter_config.json")
+    if not is_repo_id(ref):
+        raise UsageError(f"{ref}: not a folder and not a Hugging Face repo id",
+                         "give a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a Hub repo id")
+    hf = _hf()
+    silent = _ByteProgress(None, 0).tqdm_class()
+    with _hub_errors(ref, revision):
+        try:
+            info = hf.HfApi().model_info(ref, revision=revision, files_metadata=True)
+        except Exception as exc:
+            if not _is_unreachable(exc):
+                raise
+            snapshot = Path(hf.snapshot_download(ref, revision=revision, local_files_only=True,
+                                                 allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE]))
+            return ResolvedModel(snapshot, ref, snapshot.name)
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        at = f"{ref}@{info.sha[:12]}"
+        if ADAPTER_CONFIG not in siblings:
+            raise CheckpointError(f"{at} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter", "check the repo id and --revision")
+        if ADAPTER_WEIGHTS in siblings:
+            files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        elif ADAPTER_PICKLE in siblings and allow_pickle:
+            files = [ADAPTER_CONFIG, ADAPTER_PICKLE]
+        elif ADAPTER_PICKLE in siblings:
+            raise CheckpointError(f"{at} has only pickle weights ({ADAPTER_PICKLE}), which can run code when loaded",
+                                  "pass --allow-pickle to load them with torch.load(weights_only=True), or use a safetensors revision")
+        else:
+            raise CheckpointError(f"{at} has no {ADAPTER_WEIGHTS}", "use a revision with safetensors adapter weights")
+        lfs_sha = {f: siblings[f].lfs.sha256 for f in files if siblings[f].lfs is not None}
+        snapshot = Path(hf.snapshot_download(ref, revision=info.sha, allow_patterns=files, tqdm_class=silent))
+    _verify_lfs_hashes(snapshot, lfs_sha)
+    return ResolvedModel(snapshot, ref, info.sha)
+
+
 # -- fetching ----------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,13 @@ The stages are one table (``STAGE_TABLE``). A recipe whose ``speculative:`` sect
 three rows — ``fetch-draft``, ``convert-draft`` (the draft's own precision and tp, optionally its first
 ``layers``) and ``build-draft`` — whose artifacts plan, build and deploy then consume (the pair is planned and
 built for the same GPUs, and deployed as ``tensorrt_llm_draft``); lookahead passes its (W, N, G) to plan, build and
-deploy. A recipe without speculation has the stages, and the keys, it always had.
+deploy. A recipe with a ``lora:`` section adds ``convert-lora``: every adapter converted for the checkpoint (fetched
+first when it is a Hub repo) into ``lora-adapters/<name>/``, each cached by its own inputs (a changed adapter is
+converted again, the others are not), and an index artifact ``lora/adapters.json`` whose digest plan, build and deploy
+consume: the plan sizes the adapter cache, the build gets the LoRA plugin and flags, deploy copies the adapters in;
+and ``verify-lora`` (with ``verify.enabled``): each converted adapter applied by the reference runtime on the
+checkpoint and compared with transformers + peft on the original (`yitrt verify --lora`).
+A recipe without speculation or LoRA has the stages, and the keys, it always had.
 """
 
 from __future__ import annotations
@@ -65,12 +71,14 @@ class StageRow:
         inputs: the stages whose artifacts it consumes (their digests enter its key).
         draft: only recipes with a draft-target draft have it (the draft model's fetch, convert and build); other
             recipes neither run nor report it, and no key reads it.
+        lora: only recipes with a ``lora:`` section have it (the adapters' conversion), like ``draft``.
     """
 
     name: str
     folder: str
     inputs: tuple[str, ...] = ()
     draft: bool = False
+    lora: bool = False
 
 
 #: the stages in run order: one row each (the draft of draft-target speculation is three more rows)
@@ -78,18 +86,22 @@ STAGE_TABLE = (
     StageRow("fetch", "model"),
     StageRow("convert", "checkpoint", ("fetch",)),
     StageRow("verify", "verify", ("fetch", "convert")),
+    StageRow("convert-lora", "lora", ("convert",), lora=True),
+    StageRow("verify-lora", "verify-lora", ("fetch", "convert", "convert-lora"), lora=True),
     StageRow("fetch-draft", "draft-model", (), draft=True),
     StageRow("convert-draft", "draft-checkpoint", ("fetch-draft",), draft=True),
-    StageRow("plan", "plan", ("convert", "convert-draft")),
+    StageRow("plan", "plan", ("convert", "convert-draft", "convert-lora")),
     StageRow("build-draft", "draft-engine", ("convert-draft", "convert"), draft=True),
-    StageRow("build", "engine", ("convert", "convert-draft")),
-    StageRow("deploy", "triton-repo", ("fetch", "convert", "plan", "build", "convert-draft", "build-draft")),
+    StageRow("build", "engine", ("convert", "convert-draft", "convert-lora")),
+    StageRow("deploy", "triton-repo", ("fetch", "convert", "plan", "build", "convert-draft", "build-draft", "convert-lora")),
     StageRow("smoke", "smoke", ("deploy",)),
 )
 STAGES = tuple(row.name for row in STAGE_TABLE)
 _ROWS = {row.name: row for row in STAGE_TABLE}
 #: artifact folder of each stage, under the work folder
 FOLDERS = {row.name: row.folder for row in STAGE_TABLE}
+#: where convert-lora writes each adapter's conversion (``<name>/``), under the work folder
+LORA_ADAPTERS = "lora-adapters"
 STATE_DIR = ".yitrt-run"
 #: progress(stage, kind) → a context manager yielding the stage function's progress callback (or None);
 #: kind is "bytes" (fetch, convert), "steps" (quantize, build) or "phase" (verify).
@@ -219,8 +231,8 @@ def has_draft(spec: Recipe) -> bool:
 
 
 def recipe_stages(spec: Recipe) -> tuple[str, ...]:
-    """The stages a recipe runs, in order (the draft's rows only with a draft)."""
-    return tuple(row.name for row in STAGE_TABLE if not row.draft or has_draft(spec))
+    """The stages a recipe runs, in order (the draft's rows only with a draft, the adapters' only with LoRA)."""
+    return tuple(row.name for row in STAGE_TABLE if (not row.draft or has_draft(spec)) and (not row.lora or spec.lora is not None))
 
 
 def stage_inputs(spec: Recipe, stage: str) -> tuple[str, ...]:
@@ -235,6 +247,9 @@ def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
     r = spec.resolved()
     target, serve, speculative = r["target"], r["serve"], r.get("speculative")
     spec_keys = {"speculative": speculative} if speculative is not None else {}
+    lora = r.get("lora")
+    if lora is not None:  # what the engine and the repository read of the section (the adapters' bytes come as inputs)
+        spec_keys["lora"] = lora
     limits_source = {"gpu": target["gpu"], "trtllm_version": target["trtllm_version"], "workload": r["workload"],
                      "kv_fraction": serve["kv_fraction"]}
     draft = (speculative or {}).get("draft") or {}
@@ -242,6 +257,9 @@ def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
         "fetch": r["model"],
         "convert": {"precision": r["precision"], "parallelism": r["parallelism"]},
         "verify": r["verify"],
+        "verify-lora": r["verify"] if lora is not None else {},
+        "convert-lora": ({"adapters": lora["adapters"], "max_rank": lora["max_rank"], "target_modules": lora["target_modules"]}
+                         if lora is not None else {}),
         "fetch-draft": draft.get("model") or {},
         "convert-draft": ({"precision": draft.get("precision"), "tp": spec.draft_tp, "layers": draft.get("layers"),
                            "gpu": target["gpu"], "parallel_embedding": r["parallelism"]["parallel_embedding"]} if draft else {}),
@@ -258,6 +276,17 @@ def stage_parameters(spec: Recipe, stage: str) -> dict[str, Any]:
 
 #: the artifacts each stage may consume (by producing stage); ``stage_inputs`` says which a recipe has
 STAGE_INPUTS = {row.name: row.inputs for row in STAGE_TABLE}
+
+
+def local_adapter_fingerprints(spec: Recipe) -> dict[str, str]:
+    """Adapter name → the identity (names, sizes, times) of its local folder's adapter files (Hub adapters: none; their
+    revision is in the key, and the conversion itself checks the files' hashes)."""
+    out = {}
+    for adapter in spec.lora.adapters if spec.lora is not None else ():
+        folder = Path(adapter.source).expanduser()
+        if adapter.is_local and folder.is_dir():
+            out[adapter.name] = fingerprint_files(folder, sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.startswith("adapter_")))
+    return out
 
 
 def folder_digest(folder: Path) -> str:
@@ -315,6 +344,8 @@ class _Run:
     # stages --------------------------------------------------------------------------------------------------------
     def key(self, stage: str) -> str:
         inputs = {s: self.digests.get(s) or "" for s in stage_inputs(self.spec, stage)}
+        if stage == "convert-lora":  # a local adapter folder is read in place: its files are an input like an artifact
+            inputs |= {f"adapter:{name}": fp for name, fp in local_adapter_fingerprints(self.spec).items()}
         return artifact_key(f"run:{stage}", stage_parameters(self.spec, stage), inputs)
 
     def progress(self, stage: str, kind: str) -> contextlib.AbstractContextManager:
@@ -514,6 +545,96 @@ class _Run:
                 "detail": f"top-1 {summary['top1_agreement']:.3f}, perplexity {summary['ppl_checkpoint']:.3f} "
                           f"({summary['ppl_delta_pct']:+.2f}%), greedy {summary['greedy_match_frac']:.2f}"}
 
+    def _stage_convert_lora(self) -> dict[str, Any]:
+        """Every adapter converted for the checkpoint (its dtype and tp), then checked together as the build will take
+        them; the index artifact records each one's folder, task id and digest."""
+        from yitrt.lora.convert import convert_adapter
+
+        lora = self.spec.lora
+        ids = lora.task_ids
+        entries = []
+        with self.progress("convert-lora", "steps") as cb:
+            for i, adapter in enumerate(lora.adapters):
+                out = self.work / LORA_ADAPTERS / adapter.name
+                source = str(Path(adapter.source).expanduser().absolute()) if adapter.is_local else adapter.source
+                convert_adapter(source, self.artifacts["convert"], out, max_lora_rank=lora.max_rank, target_modules=lora.target_modules,
+                                allow_pickle=adapter.allow_pickle, revision=adapter.revision, force=self.opts.force)
+                entries.append({"name": adapter.name, "task_id": ids[adapter.name], "path": str(out), "digest": folder_digest(out)})
+                if cb is not None:
+                    cb(f"adapter {adapter.name}", i + 1, len(lora.adapters))
+        build = self._lora_build(entries)  # the rank and modules against max_rank and target_modules, all adapters at once
+        out = self.out("convert-lora")
+        with ArtifactWriter(out, "convert-lora", {"lora": stage_parameters(self.spec, "convert-lora")},
+                            {"checkpoint": self.digests["convert"], **{f"adapter:{e['name']}": e["digest"] for e in entries}}) as art:
+            _write_json(art.path / "adapters.json", {"adapters": entries, "build": build.to_json()})
+        names = [e["name"] for e in entries]
+        return {"artifact": out, "data": {"adapters": [{k: e[k] for k in ("name", "task_id")} for e in entries],
+                                          "max_lora_rank": build.max_rank, "target_modules": list(build.target_modules)},
+                "detail": f"{len(entries)} adapter(s) ({', '.join(names)}); "
+                          f"max_lora_rank {build.max_rank}, modules {' '.join(build.target_modules)}"}
+
+    def _stage_verify_lora(self) -> dict[str, Any]:
+        """Every converted adapter verified on the checkpoint against transformers + peft (the checkpoint's thresholds)."""
+        v = self.spec.verify
+        if not v.enabled:
+            return {"status": "skipped", "detail": "verify.enabled is false"}
+        from yitrt.reference import EVAL_TOKENS
+        from yitrt.reference.verify import VerifyRequest, verify
+
+        reports, summaries, warnings = {}, {}, []
+        for entry in self._lora_entries():
+            request = VerifyRequest(checkpoint=self.artifacts["convert"], model=self.artifacts["fetch"], max_new_tokens=v.max_new_tokens,
+                                    eval_tokens=v.eval_tokens or EVAL_TOKENS, device=v.device, allow_pickle=self.spec.model.allow_pickle,
+                                    thresholds={"min_top1": v.min_top1, "max_ppl_delta_pct": v.max_ppl_delta}, lora=Path(entry["path"]))
+            with self.progress("verify-lora", "phase") as cb:
+                report = verify(request, cb)
+            data = report.to_json()
+            if not report.passed:
+                failed = self.work / f"verify-lora-{entry['name']}.failed.json"
+                _write_json(failed, data)
+                raise VerifyFailedError(f"verify of LoRA adapter {entry['name']} failed: {'; '.join(report.failures)} (report: {failed})",
+                                        "see the report; convert the adapter again (`yitrt lora convert`) or check it against its base")
+            reports[entry["name"]] = data
+            summaries[entry["name"]] = {k: data[k] for k in ("top1_agreement", "ppl_delta_pct", "greedy_match_frac", "passed")}
+            warnings += [f"adapter {entry['name']}: {w}" for w in report.warnings]
+        out = self.out("verify-lora")
+        with ArtifactWriter(out, "verify-lora", {"verify": stage_parameters(self.spec, "verify-lora")},
+                            {"checkpoint": self.digests["convert"], "model": self.digests["fetch"], "lora": self.digests["convert-lora"]}) as art:
+            _write_json(art.path / "reports.json", reports)
+        return {"artifact": out, "warnings": list(dict.fromkeys(warnings)), "data": summaries,
+                "detail": "; ".join(f"{name}: top-1 {s['top1_agreement']:.3f}, greedy {s['greedy_match_frac']:.2f}" for name, s in summaries.items())}
+
+    def _lora_entries(self) -> list[dict[str, Any]]:
+        """The converted adapters of this run (convert-lora's index)."""
+        index = json.loads((Path(self.artifacts["convert-lora"]) / "adapters.json").read_text())
+        return list(index["adapters"])
+
+    def _lora_build(self, entries: list[dict[str, Any]] | None = None):
+        """The engine's LoRA settings (``yitrt.build.lora.LoraBuild``; None without a lora section)."""
+        lora = self.spec.lora
+        if lora is None:
+            return None
+        from yitrt.build.lora import lora_build
+
+        c = lora.cache
+        cache = {"optimal_adapter_size": c.optimal_adapter_size, "max_adapter_size": c.max_adapter_size,
+                 "gpu_memory_fraction": c.gpu_memory_fraction, "host_memory_bytes": c.host_memory_bytes}
+        entries = entries if entries is not None else self._lora_entries()
+        return lora_build([Path(e["path"]) for e in entries], lora.max_rank, lora.target_modules, cache)
+
+    def _lora_deploy(self) -> dict[str, Any]:
+        """The DeployRequest field of LoRA (none without a lora section)."""
+        lora = self.spec.lora
+        if lora is None:
+            return {}
+        from yitrt.triton.lora import AdapterRequest, LoraRequest
+
+        built = self._lora_build()
+        c = lora.cache
+        adapters = tuple(AdapterRequest(e["name"], Path(e["path"]), e["task_id"]) for e in self._lora_entries())
+        return {"lora": LoraRequest(adapters, c.optimal_adapter_size, c.max_adapter_size, c.gpu_memory_fraction, c.host_memory_bytes,
+                                    c.prefetch, built.max_rank, built.target_modules)}
+
     def _stage_plan(self) -> dict[str, Any]:
         from yitrt.plan.memory import DEFAULT_KV_FRACTION, Workload
         from yitrt.plan.planner import PlanOptions, plan
@@ -523,7 +644,9 @@ class _Run:
         sp = spec.speculative
         speculative = ({"draft": str(self.artifacts["convert-draft"]), "max_draft_len": sp.max_draft_len} if has_draft(spec) else
                        {"lookahead": sp.lookahead} if sp is not None and sp.mode == "lookahead" else {})
-        opts = PlanOptions(gpu=spec.target.gpu, workload=workload, trtllm_version=spec.target.trtllm_version, **speculative)
+        lora = self._lora_build()
+        opts = PlanOptions(gpu=spec.target.gpu, workload=workload, trtllm_version=spec.target.trtllm_version, **speculative,
+                           lora=lora.cache if lora is not None else None)
         report = plan(str(self.artifacts["convert"]), opts)
         warnings = list(report.warnings)
         data = report.to_json()
@@ -534,7 +657,8 @@ class _Run:
             raise ValidationError([f"the checkpoint does not fit {report.gpu.name}: " + "; ".join(cand.plan.problems if cand.plan else [])]
                                   + report.suggestions, "change the recipe's parallelism or precision (`yitrt plan --compare`)")
         out = self.out("plan")
-        inputs = {"checkpoint": self.digests["convert"], **({"draft": self.digests["convert-draft"]} if has_draft(spec) else {})}
+        inputs = {"checkpoint": self.digests["convert"], **({"draft": self.digests["convert-draft"]} if has_draft(spec) else {}),
+                  **({"lora": self.digests["convert-lora"]} if spec.lora is not None else {})}
         with ArtifactWriter(out, "plan", {"plan": stage_parameters(spec, "plan")}, inputs) as art:
             _write_json(art.path / "plan.json", data)
         p = cand.plan
@@ -574,7 +698,7 @@ class _Run:
                                max_batch_size=b.max_batch_size, max_seq_len=b.max_seq_len, max_num_tokens=b.max_num_tokens,
                                workers=b.workers, trtllm_version=spec.target.trtllm_version, force=self.opts.force,
                                isl=spec.workload.isl, osl=spec.workload.osl, kv_fraction=spec.serve.kv_fraction,
-                               **self._speculative_build(stage))
+                               **self._speculative_build(stage), lora=self._lora_build() if stage == "build" else None)
         try:
             with self.progress(stage, "steps") as cb:
                 result = build_engine(request, cb)
@@ -604,7 +728,8 @@ class _Run:
                                 chunked_context=s.chunked_context, kv_host_cache=s.kv_host_cache, scheduler_policy=s.scheduler_policy,
                                 max_num_tokens=s.max_num_tokens, tokens_per_block=s.tokens_per_block, kv_cache_bytes=s.kv_cache_bytes,
                                 instances=s.instances, model_name=s.model_name,
-                                max_seq_len=limits.get("max_seq_len"), force=self.opts.force, **self._speculative_deploy(reference))
+                                max_seq_len=limits.get("max_seq_len"), force=self.opts.force, **self._speculative_deploy(reference),
+                                **self._lora_deploy())
         result = deploy(request)
         speculation = f"; {result.speculation.describe()}" if result.speculation else ""
         return {"artifact": result.out, "status": "reused" if result.reused else "ran", "warnings": list(result.warnings),
@@ -767,7 +892,8 @@ def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
     present = recipe_stages(loaded.spec)
     for option, name in (("--from", opts.from_stage), ("--until", opts.until_stage)):
         if name is not None and name not in present:
-            raise UsageError(f"{option} {name}: recipe {loaded.spec.name} has no {name} stage (it has no draft-target draft)",
+            why = "no lora section" if name == "convert-lora" else "no draft-target draft"
+            raise UsageError(f"{option} {name}: recipe {loaded.spec.name} has no {name} stage (it has {why})",
                              "its stages: " + ", ".join(present))
     work = Path(os.path.normpath(Path(opts.work_dir).absolute()))
     created = not os.path.lexists(work)

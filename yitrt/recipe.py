@@ -6,7 +6,9 @@ setting. :func:`load_recipe` reports every schema problem at once; :func:`check_
 cross-checks yitrt's stages would run later — sharding against the model's heads, scheme and KV format against
 the GPU and TensorRT-LLM line (``yitrt/plan/rules.yaml``), serving features against the plugin profile, the
 ``speculative:`` section (``yitrt/recipe_speculative.py``: its mode's fields, the draft against its heads, layers,
-vocabulary and the target's tokenizer), and whether the configuration fits the GPU — using only what is known
+vocabulary and the target's tokenizer), the ``lora:`` section (``yitrt/recipe_lora.py``: adapter names and task ids,
+ranks against ``max_rank``, target modules, prefetch against a bf16 engine), and whether the configuration fits the GPU
+(the LoRA adapter cache included) — using only what is known
 without downloading weights (the registry's dims for known Yi repos, a local folder's config.json, the demo GGUF's
 header).
 """
@@ -29,6 +31,7 @@ from pydantic import ValidationError as PydanticValidationError
 from yitrt import safe_yaml
 from yitrt.errors import UsageError, ValidationError
 from yitrt.limits import MAX_INSTANCES
+from yitrt.recipe_lora import Lora
 from yitrt.reference import DEVICES
 from yitrt.userfiles import name_problem
 
@@ -302,6 +305,7 @@ class Recipe(_Section):
     serve: Serve = Serve()
     slo: Slo | None = None
     speculative: Speculative | None = None
+    lora: Lora | None = None
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in (what every artifact records)."""
@@ -327,13 +331,15 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 SECTIONS: dict[str, type[BaseModel]] = {name: model for name, info in Recipe.model_fields.items()
                                         if (model := _section_type(info.annotation)) is not None}
 #: Sections that may be absent (null: the feature is off); the others default to their defaults.
-OPTIONAL_SECTIONS = ("slo", "speculative")
+OPTIONAL_SECTIONS = ("slo", "speculative", "lora")
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model whose field ``loc[-1]`` is (for typo suggestions)."""
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (lora.adapters.0.nmae): the item's model
+            continue
         info = model.model_fields.get(str(part))
         found = _section_type(info.annotation) if info is not None else None
         if found is None:
@@ -458,11 +464,19 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, *, check_mo
                 except PydanticValidationError:
                     pass
     problems += cross_check_sections(sections)
-    plan, warnings = None, []
+    plan, warnings, lora_cache = None, [], None
+    if check_model and sections.get("lora") is not None:
+        from yitrt.recipe_lora import lora_model_checks
+
+        more, lora_warnings, lora_cache = lora_model_checks(sections)
+        problems += more
+        warnings += lora_warnings
     if check_model and all(sections.get(k) is not None for k in _MODEL_CHECK_SECTIONS[:4]):
         # a section that did not parse is planned with its defaults, so the model's own problems still show
-        plan, more, warnings = model_checks({k: sections.get(k) or SECTIONS[k]() for k in _MODEL_CHECK_SECTIONS} | {"speculative": sections.get("speculative")})
+        plan, more, plan_warnings = model_checks({k: sections.get(k) or SECTIONS[k]() for k in _MODEL_CHECK_SECTIONS}
+                                                 | {"speculative": sections.get("speculative"), "lora_cache": lora_cache})
         problems += more
+        warnings += plan_warnings
     if check_model and sections.get("speculative") is not None:
         from yitrt.recipe_speculative import draft_model_checks
 
@@ -533,7 +547,7 @@ def model_checks(sections: dict[str, Any]) -> tuple[dict[str, Any] | None, list[
         workload = PlanWorkload(isl=work.isl, osl=work.osl, max_seq_len=build.max_seq_len, max_batch_size=build.max_batch_size,
                                 max_num_tokens=build.max_num_tokens, kv_fraction=serve.kv_fraction or DEFAULT_KV_FRACTION)
         options = {"gpu": target.gpu, "tp": (par.tp,), "pp": par.pp, "schemes": (precision.scheme,), "kv_cache": precision.kv_cache,
-                   "workload": workload, "trtllm_version": target.trtllm_version}
+                   "workload": workload, "trtllm_version": target.trtllm_version, "lora": sections.get("lora_cache")}
         report = None
         try:  # with the speculative section: the pair's (or lookahead's) figures
             extra = _speculative_plan_options(sections.get("speculative"), par.tp)
@@ -662,9 +676,10 @@ def cross_check_sections(sections: dict[str, Any]) -> list[str]:
                                plugins=flags if target.engine == "trtllm" else None,
                                serve={"kv_reuse": serve.kv_reuse, "chunked_context": serve.chunked_context} if serve is not None else None)
         problems += [str(f) for f in check(context) if f.severity == "error"]
+    from yitrt.recipe_lora import lora_problems
     from yitrt.recipe_speculative import speculative_problems
 
-    return problems + speculative_problems(sections)
+    return problems + speculative_problems(sections) + lora_problems(sections)
 
 
 def precision_problems(precision: Precision, where: str = "precision") -> tuple[Any, list[str]]:

@@ -7,7 +7,8 @@ so an unknown flag or a bad value fails the way the real command fails (argparse
 rank{N}.engine files whose bytes say they are not engines) and the timing cache, or fails with a known error
 text chosen by ``YITRT_DOUBLE_FAIL`` (oom, mpi, version, arch). Like the real command it refuses context-logit
 gathering with ``--max_draft_len`` > 0 and writes the speculative mode (as its integer flag), ``max_draft_len`` and
-the limits the builder derives from them (max_seq_len + max_draft_len, max_num_tokens ≥ batch·(draft + 1)). ``YITRT_DOUBLE_ARGV`` names a file where each
+the limits the builder derives from them (max_seq_len + max_draft_len, max_num_tokens ≥ batch·(draft + 1)), and the
+LoRA settings (``lora_config``, ``plugin_config.lora_plugin``). ``YITRT_DOUBLE_ARGV`` names a file where each
 call's argv is appended as a JSON line.
 """
 
@@ -107,6 +108,10 @@ def main() -> None:
     build_config["kv_cache_type"] = args.kv_cache_type or "PAGED"
     build_config["plugin_config"] = {k: getattr(args, k) for k in ("gpt_attention_plugin", "gemm_plugin", "tokens_per_block",
                                                                    "use_paged_context_fmha", "remove_input_padding", "context_fmha")}
+    # BuildConfig.lora_config as the builder records it (LoraConfig fields; the plugin's dtype in plugin_config, None when off)
+    build_config["plugin_config"]["lora_plugin"] = None if args.lora_plugin == "disable" else args.lora_plugin
+    build_config["lora_config"] = {"lora_dir": args.lora_dir or [], "lora_ckpt_source": args.lora_ckpt_source or "hf",
+                                   "max_lora_rank": args.max_lora_rank, "lora_target_modules": args.lora_target_modules or []}
     (out / "config.json").write_text(json.dumps({"version": VERSION, "pretrained_config": ckpt, "build_config": build_config}))
     Path(args.output_timing_cache).write_bytes(b"yitrt test double timing cache\n")
     print("[TensorRT-LLM] [I] Total time of building all engines: 00:00:00", flush=True)

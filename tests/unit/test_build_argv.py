@@ -162,3 +162,77 @@ def test_limits_on_the_command_line_win_over_profile_and_plan(tmp_path):
     mine = assemble(ckpt, get_gpu("H100"), plugins="low-latency", max_batch_size=8, max_seq_len=2048, max_num_tokens=1024)
     assert (mine.limits["max_batch_size"], mine.limits["max_seq_len"], mine.limits["max_num_tokens"]) == (8, 2048, 1024)
     assert mine.limits["max_input_len"] == 2047
+
+
+# -- LoRA (trtllm-serving-features.md §2.1) ----------------------------------------------------------------------------
+
+LORA_GOLDEN = {
+    # Yi-1.5-6B-Chat bf16 on an L4: adapter "qv" (rank 8, q and v: k is completed) and "mlp" (rank 16, gate/up/down);
+    # the device cache takes 0.1 of what the KV pool leaves (TensorRT-LLM's 0.05 holds no rank-16 adapter here)
+    "lora-yi6b-bf16-tp1-l4-1.2": dict(repo="01-ai/Yi-1.5-6B-Chat", gpu="L4", dtype="bfloat16", tp=1, cache={"gpu_memory_fraction": 0.1},
+                                      adapters=(("qv", 8, ("attn_q", "attn_v")), ("mlp", 16, ("mlp_h_to_4h", "mlp_gate", "mlp_4h_to_h")))),
+    # Yi-1.5-9B fp16 at tp 2 on H100s, one dense-only adapter with an explicit max rank 32
+    "lora-yi9b-fp16-tp2-h100-1.2": dict(repo="01-ai/Yi-1.5-9B-Chat", gpu="H100", dtype="float16", tp=2, max_rank=32,
+                                        adapters=(("dense", 4, ("attn_dense",)),)),
+}
+
+
+def _lora_spec(tmp_path, case, **overrides):
+    from yitrt.build.lora import ConvertedAdapter, lora_build
+
+    case = {**case, **overrides}
+    ckpt = write_checkpoint(tmp_path / "ckpt", case["repo"], tp=case["tp"], dtype=case["dtype"])
+    adapters = [ConvertedAdapter(tmp_path / "lora" / name, name, rank, modules, case.get("adapter_dtype", case["dtype"]),
+                                 case.get("adapter_tp", case["tp"])) for name, rank, modules in case["adapters"]]
+    lora = lora_build(adapters, case.get("max_rank"), case.get("target_modules"), case.get("cache"))
+    return assemble(ckpt, get_gpu(case["gpu"]), trtllm_version="1.2", lora=lora), ckpt
+
+
+@pytest.mark.parametrize("name", sorted(LORA_GOLDEN))
+def test_golden_lora_argv(tmp_path, name):
+    spec, ckpt = _lora_spec(tmp_path, LORA_GOLDEN[name])
+    argv = [a.replace(str(ckpt), "/CKPT").replace(str(tmp_path), "/TMP") for a in spec.argv(Path("/ENGINE"))]
+    config = spec.build_config()
+    record = {"argv": argv, "limits": config["limits"], "lora": {k: v for k, v in config["lora"].items() if k != "adapters"}}
+    record["lora"]["lora_dir"] = record["lora"]["lora_dir"].replace(str(tmp_path), "/TMP")
+    golden = GOLDEN / f"{name}.json"
+    if os.environ.get("YITRT_UPDATE_GOLDEN") == "1":
+        golden.write_text(json.dumps(record, indent=1) + "\n")
+    assert record == json.loads(golden.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(LORA_GOLDEN))
+def test_lora_argv_parses_as_1_2_and_says_everything_explicitly(tmp_path, name):
+    case = LORA_GOLDEN[name]
+    spec, _ = _lora_spec(tmp_path, case)
+    args = trtllm_12_parser().parse_args(spec.argv(Path("/ENGINE"))[1:])  # argparse exits on a flag or value 1.2 lacks
+    assert args.lora_plugin == case["dtype"]  # the engine's dtype, never auto (lora_weights must match it, §2.6)
+    modules = {m for _, _, mods in case["adapters"] for m in mods}
+    if modules & {"attn_q", "attn_k", "attn_v"}:
+        modules |= {"attn_q", "attn_k", "attn_v"}  # all-or-none, as TensorRT-LLM completes them
+    ids = {"attn_q": 1, "attn_k": 2, "attn_v": 3, "attn_dense": 4, "mlp_h_to_4h": 5, "mlp_4h_to_h": 6, "mlp_gate": 7}
+    assert args.lora_target_modules == sorted(modules, key=ids.__getitem__)
+    assert args.max_lora_rank == case.get("max_rank", max(r for _, r, _ in case["adapters"]))
+    assert args.lora_dir == [str(tmp_path / "lora" / case["adapters"][0][0] / "hf")] and args.lora_ckpt_source == "hf"
+    assert spec.plan.lora is not None and spec.plan.lora["modules"] == args.lora_target_modules
+
+
+def test_lora_builds_are_refused_with_every_reason(tmp_path):
+    case = LORA_GOLDEN["lora-yi6b-bf16-tp1-l4-1.2"]
+    with pytest.raises(ValidationError) as info:
+        _lora_spec(tmp_path / "a", case, max_rank=8, target_modules=["attn_q", "mlp_h_to_4h", "q_proj"])
+    text = str(info.value)
+    assert "adapter mlp has rank 16, above max_lora_rank 8" in text
+    assert "adapter mlp adapts mlp_gate, mlp_4h_to_h, which the engine would not enable" in text
+    assert "q_proj is the PEFT name" in text
+    with pytest.raises(ValidationError, match="the device LoRA cache of rank 0 is 42.2 MiB .* less than one max-sized adapter "
+                       r"\(rank 16 over attn_q, attn_k, attn_v, mlp_h_to_4h, mlp_4h_to_h, mlp_gate: 61.2 MiB\)"):
+        _lora_spec(tmp_path / "e", case, cache=None)  # TensorRT-LLM's default fraction 0.05 on the L4
+    with pytest.raises(ValidationError) as info:
+        _lora_spec(tmp_path / "b", case, adapter_dtype="float16")
+    assert "adapter qv was converted for float16, the engine is bfloat16" in str(info.value)
+    # k/v rows follow the KV-head repetition only past the KV heads (Yi-6B: 4): tp 2 vs 1 is fine, tp 8 vs 1 is not
+    kv = {**case, "adapters": (("k", 8, ("attn_k",)),)}
+    assert _lora_spec(tmp_path / "c", kv, tp=2, adapter_tp=1)[0].lora.adapters[0].tp == 1
+    with pytest.raises(ValidationError, match="adapter k was converted at tp 1, the engine is tp 8"):
+        _lora_spec(tmp_path / "d", {**kv, "gpu": "H100"}, tp=8, adapter_tp=1)

@@ -23,6 +23,19 @@ def test_a_gemm_row_is_the_same_whatever_the_padded_row_count():
         assert all(torch.equal(out, reference) for out in outputs), (k, n)
 
 
+def test_a_lora_delta_row_is_the_same_whatever_the_rows_sharing_its_adapter():
+    # the two low-rank GEMMs of a LoRA delta (yitrt.reference.lora): x·Aᵀ with A padded to MIN_COLS rows, then ·Bᵀ
+    from yitrt.reference.lora import MIN_COLS
+
+    gen = torch.Generator().manual_seed(4)
+    for k, r, n in ((64, 4, 64), (576, 16, 1536), (1536, 8, 576)):
+        a = torch.cat([torch.randn(r, k, generator=gen), torch.zeros(max(r, MIN_COLS) - r, k)])
+        b = torch.cat([torch.randn(n, r, generator=gen), torch.zeros(n, max(r, MIN_COLS) - r)], dim=1)
+        rows = torch.randn(40, k, generator=gen)
+        outputs = [((torch.cat([rows[:m], torch.zeros(gemm_rows(m) - m, k)]) @ a.T) @ b.T)[0] for m in range(1, 40)]
+        assert all(torch.equal(out, outputs[-1]) for out in outputs), (k, r, n)
+
+
 def test_unpadded_small_gemms_do_differ_so_the_padding_matters():
     gen = torch.Generator().manual_seed(1)
     weight, rows = torch.randn(1536, 576, generator=gen), torch.randn(16, 576, generator=gen)

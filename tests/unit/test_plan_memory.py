@@ -152,3 +152,87 @@ def test_prefix_cache_capacity_is_what_a_full_batch_leaves_in_the_pool():
     assert plan.max_tokens_in_paged_kv_cache == 64 * plan.blocks_per_sequence * 32
     assert cache["resident_prefixes_within_max_tokens"] == 0
     assert plan.to_json()["prefix_cache"] == cache
+
+
+# -- the LoRA adapter cache (trtllm-serving-features.md §2.5) --------------------------------------------------------
+
+
+def _lora(modules=("attn_q", "attn_k", "attn_v"), max_rank=16, **cache):
+    from yitrt.plan.lora import LoraCacheRequest
+
+    return LoraCacheRequest(tuple(modules), max_rank, **cache)
+
+
+def test_lora_cache_is_its_fraction_of_what_the_kv_pool_leaves_and_leaves_the_pool_alone():
+    from dataclasses import replace
+
+    base = request(YI_6B, "H100", tp=2)
+    plain, lora = plan_memory(base), plan_memory(replace(base, lora=_lora()))
+    assert lora.fits and lora.kv_tokens == plain.kv_tokens and lora.limits == plain.limits  # the executor sizes KV first
+    r = lora.ranks[0]
+    free = r.kv_pool / 0.9  # the pool is 0.9 of the free memory, so the executor's leftover is the other 0.1
+    assert abs(r.lora_cache - 0.05 * (free - r.kv_pool)) <= 2
+    assert plain.ranks[0].lora_cache == 0 and plain.lora is None
+    # one rank-16 q/k/v adapter on a rank of Yi-6B at tp 2 (hidden 4096, 32 heads, 4 KV heads of 128, 32 layers):
+    # q: in 4096 + out 4096/2, k and v: in 4096 + out 512/2 — per layer, × 16 × 2 bytes
+    need = 32 * ((4096 + 2048) + 2 * (4096 + 256)) * 16 * 2
+    stage = lora.lora["stages"][0]
+    assert stage["max_adapter_bytes"] == need and stage["max_adapters_on_device"] == r.lora_cache // need
+    assert stage["max_adapters_on_host"] == (1 << 30) // need
+    assert lora.to_json()["lora"]["triton"] == {"lora_cache_optimal_adapter_size": 8, "lora_cache_max_adapter_size": 16,
+                                                "lora_cache_gpu_memory_fraction": 0.05, "lora_cache_host_memory_bytes": 1 << 30}
+
+
+def test_lora_cache_row_modules_split_their_input_and_pipeline_stages_hold_their_layers():
+    from dataclasses import replace
+
+    plan = plan_memory(replace(request(YI_6B, "H100", tp=2, pp=2), lora=_lora(("attn_dense", "mlp_4h_to_h"), max_rank=8)))
+    # dense: in 4096/2 + out 4096; 4h_to_h: in 11008/2 + out 4096; 16 layers per stage, rank 8, bf16
+    assert [s["max_adapter_bytes"] for s in plan.lora["stages"]] == [16 * ((2048 + 4096) + (5504 + 4096)) * 8 * 2] * 2
+    assert [s["pp_rank"] for s in plan.lora["stages"]] == [0, 1]
+
+
+def test_lora_cache_too_small_is_refused_naming_the_fix():
+    from dataclasses import replace
+
+    no_room = plan_memory(replace(request(YI_6B, "H100", kv_fraction=1.0), lora=_lora()))
+    assert not no_room.fits
+    assert any("device LoRA cache" in p and "lora.cache.gpu_memory_fraction" in p and "serve.kv_fraction" in p
+               and "lora.cache.max_adapter_size" in p for p in no_room.problems)
+    # one rank-1 q/k/v adapter of Yi-6B at tp 1 is 32 · ((4096 + 4096) + 2 · (4096 + 512)) · 2 = 1,114,112 bytes
+    need_1 = 1_114_112
+    host = plan_memory(replace(request(YI_6B, "H100"), lora=_lora(max_rank=64, host_memory_bytes=8 * need_1)))
+    assert not host.fits and any("host LoRA cache" in p and "lora.cache.host_memory_bytes" in p for p in host.problems)
+    # ... which a max_adapter_size of 8 fits exactly, and one byte less does not
+    small = plan_memory(replace(request(YI_6B, "H100"), lora=_lora(max_rank=64, max_adapter_size=8, host_memory_bytes=8 * need_1)))
+    assert small.fits and small.lora["max_adapter_size"] == 8 and small.lora["stages"][0]["max_adapters_on_host"] == 1
+    short = plan_memory(replace(request(YI_6B, "H100"), lora=_lora(max_rank=64, max_adapter_size=8, host_memory_bytes=8 * need_1 - 1)))
+    assert not short.fits
+
+
+def test_lora_cache_sizes_are_clamped_to_max_rank_and_bad_ones_refused():
+    from yitrt.errors import UsageError
+
+    assert _lora(max_rank=4).effective_max_adapter_size == 4 and _lora(max_rank=4).effective_optimal_adapter_size == 4
+    assert _lora(max_rank=128).effective_max_adapter_size == 64
+    with pytest.raises(UsageError, match="gpu_memory_fraction"):
+        _lora(gpu_memory_fraction=0)
+    with pytest.raises(UsageError, match="no target module"):
+        _lora(modules=())
+
+
+def test_plan_command_plans_the_adapter_cache(cli):
+    import json
+
+    short = cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "16", "--json")
+    assert short.returncode == 13  # all seven modules at rank 16 do not fit TensorRT-LLM's default fraction on an L4
+    plan = json.loads(short.stdout)["candidates"][0]["plan"]
+    assert plan["lora"]["modules"] == ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
+    assert any("--lora-cache-fraction" in p for p in plan["problems"])
+    roomy = cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "16", "--lora-cache-fraction", "0.2")
+    assert roomy.returncode == 0 and "adapter cache (LoRA, rank 0, pp 0)" in roomy.stdout
+    qv = json.loads(cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "8", "--lora-modules", "attn_q,attn_v", "--json").stdout)
+    assert qv["candidates"][0]["plan"]["lora"]["modules"] == ["attn_q", "attn_k", "attn_v"]  # completed all-or-none
+    bad = cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-rank", "8", "--lora-modules", "q_proj")
+    assert bad.returncode == 2 and "q_proj is the PEFT name" in bad.stderr
+    assert cli("plan", "01-ai/Yi-1.5-6B-Chat", "--gpu", "L4", "--lora-modules", "attn_q").returncode == 2

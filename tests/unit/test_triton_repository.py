@@ -4,11 +4,13 @@ golden files per line. No server here (tests/integration/test_triton_server.py s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
+from yitrt.errors import ValidationError
 from yitrt.triton.contract import contract, known_lines, resolve_line
 from yitrt.triton.pbtxt import parse_config
 from yitrt.triton.repository import MODEL_NAMES, DeployRequest, EngineFacts, render_repository
@@ -186,3 +188,234 @@ def test_golden_repository(line):
 def _stable(text: str) -> str:
     """Drop the version line of the header comment (it names the yitrt version)."""
     return "\n".join(line for line in text.splitlines() if not line.startswith("# Written by yitrt")) + "\n"
+
+
+# -- LoRA (trtllm-serving-features.md §2.3, §2.5, §2.6) --------------------------------------------------------------
+
+WTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
+
+
+def write_base(folder: Path, dtype: str = "bfloat16") -> Path:
+    """A weightless tiny HF model (hidden 256, 8 heads, 2 KV heads, 4 layers) with the test tokenizer."""
+    import json
+
+    from yitrt.synthetic import SyntheticSpec, hf_config, write_tokenizer
+
+    folder.mkdir(parents=True)
+    write_tokenizer(folder, 512)
+    (folder / "config.json").write_text(json.dumps(hf_config(SyntheticSpec(dtype=dtype))))
+    return folder
+
+
+def write_adapter(folder: Path, base: Path, modules=("q_proj", "v_proj"), r: int = 4, seed: int = 0, scale: float = 0.05) -> Path:
+    """A PEFT-format LoRA adapter folder for ``base`` (random A and B of std ``scale``; what `yitrt lora convert` reads)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from yitrt.lora.modules import by_hf
+    from yitrt.models.config import load_config
+
+    cfg = load_config(base)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for hf in modules:
+            m = by_hf(hf)
+            key = f"base_model.model.model.layers.{layer}.{m.parent}.{hf}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((r, m.in_dim(cfg)), dtype=np.float32) * np.float32(scale)
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((m.out_dim(cfg), r), dtype=np.float32) * np.float32(scale)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules),
+                                                            "use_rslora": False, "base_model_name_or_path": str(base)}))
+    return folder
+
+
+def lora_engine(folder: Path, dtype: str = "bfloat16", modules=("attn_q", "attn_k", "attn_v"), max_rank: int = 8,
+                plugin: bool = True) -> Path:
+    """A TEST DOUBLE of an engine folder built with (or without) the LoRA plugin: config.json as a 1.2 build writes it."""
+    import json
+
+    folder.mkdir(parents=True)
+    pretrained = {"architecture": "LlamaForCausalLM", "dtype": dtype, "logits_dtype": "float32", "vocab_size": 512,
+                  "max_position_embeddings": 4096, "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+                  "quantization": {"quant_algo": None, "kv_cache_quant_algo": None}}
+    build = {"max_batch_size": 8, "max_input_len": 2047, "max_seq_len": 2048, "max_num_tokens": 8192, "kv_cache_type": "PAGED",
+             "plugin_config": {"paged_kv_cache": True, "remove_input_padding": True, "use_paged_context_fmha": True, "context_fmha": True,
+                               "lora_plugin": dtype if plugin else None},
+             "lora_config": {"lora_dir": [], "lora_ckpt_source": "hf", "max_lora_rank": max_rank, "lora_target_modules": list(modules)}}
+    (folder / "config.json").write_text(json.dumps({"version": "1.2.1", "pretrained_config": pretrained, "build_config": build}))
+    (folder / "rank0.engine").write_bytes(b"test double: not an engine\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_work(tmp_path_factory):
+    """Tiny bases in bf16 and fp16, and per dtype two converted adapters: qv (rank 4, q and v) and mlp (rank 8, gate/up/down)."""
+    from yitrt.lora.convert import convert_adapter
+
+    root = tmp_path_factory.mktemp("lora-deploy")
+    out = {}
+    for dtype in ("bfloat16", "float16"):
+        base = write_base(root / f"base-{dtype}", dtype)
+        qv = write_adapter(root / f"peft-qv-{dtype}", base)
+        mlp = write_adapter(root / f"peft-mlp-{dtype}", base, ("gate_proj", "up_proj", "down_proj"), r=8, seed=1)
+        out[dtype] = {"base": base, "qv": convert_adapter(qv, base, root / f"qv-{dtype}"),
+                      "mlp": convert_adapter(mlp, base, root / f"mlp-{dtype}")}
+    out["root"] = root
+    return out
+
+
+ALL_MODULES = ("attn_q", "attn_k", "attn_v", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate")
+
+
+@pytest.mark.parametrize("dtype", sorted(WTYPES))
+def test_lora_weights_take_the_engine_dtype_everywhere(dtype):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    facts = dataclasses.replace(_facts(), dtype=dtype)
+    configs = {name: parse_config(text) for name, text in
+               render_repository(DeployRequest(Path("/ENGINE"), Path("/REPO")), facts, "1.2", 7, [2]).items()}
+    for model in ("tensorrt_llm", "ensemble", "tensorrt_llm_bls"):
+        tensor = {t.name: t for t in configs[model].input}["lora_weights"]
+        assert pb.DataType.Name(tensor.data_type) == WTYPES[dtype], model
+    assert {t.name: t for t in configs["tensorrt_llm"].input}["lora_config"].data_type == pb.TYPE_INT32
+
+
+def _lora_deploy(tmp_path, work, dtype="bfloat16", engine=None, **lora):
+    from yitrt.triton.lora import AdapterRequest, LoraRequest
+    from yitrt.triton.repository import deploy
+
+    engine = engine or (tmp_path / "engine" if (tmp_path / "engine").is_dir() else lora_engine(tmp_path / "engine", dtype, ALL_MODULES, 8))
+    adapters = lora.pop("adapters", (AdapterRequest("qv", work[dtype]["qv"]), AdapterRequest("mlp", work[dtype]["mlp"])))
+    return deploy(DeployRequest(engine, tmp_path / "repo", tokenizer=work[dtype]["base"], lora=LoraRequest(adapters, **lora)))
+
+
+def test_lora_repository_holds_the_adapters_their_index_the_cache_and_the_readme(tmp_path, lora_work):
+    import json
+
+    result = _lora_deploy(tmp_path, lora_work, gpu_memory_fraction=0.1, host_memory_bytes=1 << 28, max_adapter_size=64)
+    repo = result.out
+    index = json.loads((repo / "lora_adapters.json").read_text())
+    assert index == {"adapters": [
+        {"name": "qv", "task_id": 1, "dir": "tensorrt_llm/lora/qv", "rank": 4, "modules": ["attn_q", "attn_v"], "dtype": "bfloat16"},
+        {"name": "mlp", "task_id": 2, "dir": "tensorrt_llm/lora/mlp", "rank": 8, "modules": ["mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"],
+         "dtype": "bfloat16"}]}
+    for entry in index["adapters"]:
+        for name in ("model.lora_weights.npy", "model.lora_config.npy"):  # the converted arrays, byte for byte
+            assert (repo / entry["dir"] / name).read_bytes() == (lora_work["bfloat16"][entry["name"]] / name).read_bytes()
+    assert not (repo / "lora").exists() and not (repo / "tensorrt_llm/lora/prefetch").exists()  # no model-like root folder
+    trt = parse_config((repo / "tensorrt_llm/config.pbtxt").read_text())
+    params = _params(trt)
+    assert (params["lora_cache_optimal_adapter_size"], params["lora_cache_max_adapter_size"], params["lora_cache_gpu_memory_fraction"],
+            params["lora_cache_host_memory_bytes"]) == ("8", "8", "0.1", str(1 << 28))  # max_adapter_size 64 clamped to the rank 8
+    assert params["lora_prefetch_dir"] == "${lora_prefetch_dir}"  # no prefetch: the backend's default (none)
+    assert "yitrt_max_lora_rank" not in params  # an engine knows its own
+    for name in ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls"):
+        parse_config((repo / name / "config.pbtxt").read_text())  # every config still parses with Triton's schema
+    readme = (repo / "README.md").read_text()
+    assert "| `qv` | 1 | 4 | attn_q, attn_v | `tensorrt_llm/lora/qv/` |" in readme
+    assert "| `mlp` | 2 | 8 | mlp_h_to_4h, mlp_4h_to_h, mlp_gate |" in readme
+    assert "yitrt chat localhost:8001 --model tensorrt_llm_bls --lora qv" in readme and "--lora-mix qv:0.5,mlp:0.5" in readme
+    assert "TYPE_BF16" in readme
+    assert result.summary["lora"] == [{"name": "qv", "task_id": 1}, {"name": "mlp", "task_id": 2}]
+    again = _lora_deploy(tmp_path, lora_work, gpu_memory_fraction=0.1, host_memory_bytes=1 << 28, max_adapter_size=64)
+    assert again.reused  # same inputs: the repository is reused
+
+
+def test_lora_prefetch_writes_numeric_task_folders_for_an_fp16_engine(tmp_path, lora_work):
+    from yitrt.triton.lora import AdapterRequest
+
+    adapters = (AdapterRequest("qv", lora_work["float16"]["qv"], task_id=7), AdapterRequest("mlp", lora_work["float16"]["mlp"]))
+    repo = _lora_deploy(tmp_path, lora_work, "float16", prefetch=True, adapters=adapters).out
+    prefetch = repo / "tensorrt_llm/lora/prefetch"
+    assert sorted(p.name for p in prefetch.iterdir()) == ["1", "7"]  # the given id, then the smallest free one
+    for task, name in (("7", "qv"), ("1", "mlp")):
+        assert sorted(p.name for p in (prefetch / task).iterdir()) == ["model.lora_config.npy", "model.lora_weights.npy"]
+        assert (prefetch / task / "model.lora_weights.npy").read_bytes() == (lora_work["float16"][name] / "model.lora_weights.npy").read_bytes()
+    params = _params(parse_config((repo / "tensorrt_llm/config.pbtxt").read_text()))
+    assert params["lora_prefetch_dir"] == str(repo / "tensorrt_llm/lora/prefetch")  # absolute, like engine_dir
+    tensor = {t.name: t for t in parse_config((repo / "ensemble/config.pbtxt").read_text()).input}["lora_weights"]
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert tensor.data_type == pb.TYPE_FP16
+
+
+def test_lora_deploy_refusals_are_all_reported_at_once(tmp_path, lora_work):
+    from yitrt.triton.lora import AdapterRequest
+
+    narrow = lora_engine(tmp_path / "narrow", "bfloat16", ("attn_q", "attn_k", "attn_v"), 4)
+    adapters = (AdapterRequest("qv", lora_work["bfloat16"]["qv"], 3), AdapterRequest("mlp", lora_work["bfloat16"]["mlp"], 3),
+                AdapterRequest("fp16", lora_work["float16"]["qv"]), AdapterRequest("../out", lora_work["bfloat16"]["qv"]))
+    with pytest.raises(ValidationError) as info:
+        _lora_deploy(tmp_path, lora_work, engine=narrow, adapters=adapters, prefetch=True)
+    text = " | ".join(info.value.problems)
+    assert "LoRA task ids must be unique: 3 given twice" in text
+    assert "LoRA adapter names must be a-z, 0-9, _ or - (at most 64; they name folders): not '../out'" in text
+    assert "LoRA adapter mlp has rank 8, above the engine's max_lora_rank 4" in text
+    assert "LoRA adapter mlp adapts mlp_h_to_4h, mlp_4h_to_h, mlp_gate, which the engine does not enable" in text
+    assert "LoRA adapter fp16 holds float16 weights, the engine is bfloat16" in text
+    assert "lora_prefetch_dir with a bfloat16 engine silently serves the base model (tensorrtllm_backend #791" in text
+    assert not (tmp_path / "repo").exists()  # nothing partial left behind
+    plain = lora_engine(tmp_path / "plain", plugin=False)
+    with pytest.raises(ValidationError, match="built without the LoRA plugin"):
+        _lora_deploy(tmp_path, lora_work, engine=plain)
+
+
+def test_reference_slot_gets_the_lora_limits_an_engine_has_from_its_build(lora_work):
+    from yitrt.triton.lora import AdapterRequest, LoraRequest
+    from yitrt.triton.lora import resolve as resolve_lora
+
+    req = LoraRequest((AdapterRequest("qv", lora_work["bfloat16"]["qv"]), AdapterRequest("mlp", lora_work["bfloat16"]["mlp"])))
+    lora, problems = resolve_lora(req, "bfloat16", "reference", None)
+    assert problems == [] and lora.max_rank == 8 and lora.modules == ALL_MODULES  # q/k/v completed, module-id order
+    facts = dataclasses.replace(_facts("reference"), dtype="bfloat16")
+    texts = render_repository(DeployRequest(Path("/ENGINE"), Path("/REPO"), engine="reference"), facts, "1.2", 7, [2], lora=lora)
+    params = _params(parse_config(texts["tensorrt_llm"]))
+    assert params["yitrt_lora_target_modules"] == ",".join(ALL_MODULES) and params["yitrt_max_lora_rank"] == "8"
+    assert params["lora_cache_max_adapter_size"] == "8" and params["lora_cache_gpu_memory_fraction"] == "0.05"
+
+
+def test_deploy_lora_option_parses_name_dir_and_task_id():
+    from yitrt.errors import UsageError
+    from yitrt.triton.lora import AdapterRequest, parse_adapter_option
+
+    assert parse_adapter_option("chat=/a/b") == AdapterRequest("chat", Path("/a/b"))
+    assert parse_adapter_option("chat=/a/b:7") == AdapterRequest("chat", Path("/a/b"), 7)
+    assert parse_adapter_option("x=C:dir") == AdapterRequest("x", Path("C:dir"))  # a colon not before digits is part of the path
+    for bad in ("chat", "Chat=/a", "chat=", "chat=/a:0"):
+        with pytest.raises(UsageError):
+            parse_adapter_option(bad)
+
+
+def test_build_and_deploy_commands_take_converted_adapters(tmp_path, lora_work, cli):
+    import json
+
+    from tests.unit.test_build_argv import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", "01-ai/Yi-1.5-6B-Chat")
+    qv = lora_work["bfloat16"]["qv"]
+    result = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--json", "--lora", str(qv),
+                 "--max-lora-rank", "16", "--lora-target-modules", "attn_q,attn_v")
+    # the tiny adapter's dims are not Yi-6B's: a dry run checks names, ranks and modules, not the base (convert did)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["argv"]
+    at = argv.index("--lora_target_modules")
+    assert argv[at + 1 : at + 4] == ["attn_q", "attn_k", "attn_v"] and argv[argv.index("--max_lora_rank") + 1] == "16"
+    shown = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--lora", str(qv))
+    assert shown.returncode == 0 and "# lora: 1 adapter(s) (qv-bfloat16), modules attn_q attn_k attn_v, max_lora_rank 4" in shown.stdout
+    assert "adapter cache (LoRA, rank 0, pp 0): device" in shown.stdout
+    refused = cli("build", str(ckpt), "--out", str(tmp_path / "e"), "--gpu", "H100", "--dry-run", "--max-lora-rank", "8")
+    assert refused.returncode == 2 and "need adapters" in refused.stderr
+    engine = lora_engine(tmp_path / "engine", "bfloat16", ALL_MODULES, 8)
+    deployed = cli("deploy", str(engine), "--out", str(tmp_path / "repo"), "--tokenizer", str(lora_work["bfloat16"]["base"]), "--json",
+                   "--lora", f"qv={qv}:4", "--lora", f"mlp={lora_work['bfloat16']['mlp']}", "--lora-cache-fraction", "0.2")
+    assert deployed.returncode == 0, deployed.stderr
+    assert json.loads(deployed.stdout)["lora"] == [{"name": "qv", "task_id": 4}, {"name": "mlp", "task_id": 1}]
+    params = _params(parse_config((tmp_path / "repo/tensorrt_llm/config.pbtxt").read_text()))
+    assert params["lora_cache_gpu_memory_fraction"] == "0.2"
+    prefetch = cli("deploy", str(engine), "--out", str(tmp_path / "repo2"), "--tokenizer", str(lora_work["bfloat16"]["base"]),
+                   "--lora", f"qv={qv}", "--lora-prefetch")
+    assert prefetch.returncode == 3 and "#791" in prefetch.stderr and not (tmp_path / "repo2").exists()

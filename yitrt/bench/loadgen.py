@@ -31,6 +31,7 @@ from yitrt.bench.metrics import RequestRecord, distribution
 from yitrt.bench.workload import Prompt, Session, continue_history, render_turn
 from yitrt.errors import UsageError, require
 from yitrt.triton import client as triton_client
+from yitrt.triton import lora_client
 
 #: In-flight streams per gRPC channel (HTTP/2 servers commonly cap concurrent streams per connection at 100).
 STREAMS_PER_CHANNEL = 32
@@ -95,6 +96,7 @@ class Prepared:
 
     prompt: Prompt
     tensors: list
+    adapter: str | None = None  # the LoRA adapter it asks for (its lora_task_id is among the tensors)
 
 
 def resolve_target(url: str, model: str | None) -> Target:
@@ -204,10 +206,12 @@ class _Point:
     """The state of one load point while it runs."""
 
     def __init__(self, target: Target, items: Sequence[Prepared], timeout: float,
-                 count_tokens: Callable[[str], int] | None, channels: int, codec: TokenCodec | None = None) -> None:
+                 count_tokens: Callable[[str], int] | None, channels: int, codec: TokenCodec | None = None,
+                 lora=None) -> None:
         aio = require("tritonclient.grpc.aio", "bench")
         self.target, self.items, self.timeout, self.count_tokens = target, items, timeout, count_tokens
         self.codec = codec
+        self.lora = lora  # lora_client.LoraSender: which adapters still need their weights sent
         # a local subchannel pool per client, or gRPC would share one connection between them
         self.clients = [aio.InferenceServerClient(target.url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
                         for _ in range(channels)]
@@ -227,15 +231,49 @@ class _Point:
     async def send(self, record: RequestRecord, item: Prepared) -> None:
         """Send one request and wait for all of it; every outcome lands in ``record`` (never raises)."""
         client = self.clients[record.index % len(self.clients)]
+        tensors = item.tensors
+        record.adapter = item.adapter
+        if item.adapter is not None and self.lora.needs_weights(item.adapter):
+            tensors = tensors + self.lora.weight_tensors(item.adapter)
+            record.lora_weights_sent = True
 
         async def one_request():
-            yield {"model_name": self.target.model, "inputs": item.tensors, "request_id": record.request_id}
+            yield {"model_name": self.target.model, "inputs": tensors, "request_id": record.request_id}
 
         start = time.perf_counter()
         record.sent_at = start - self.origin
+        tokens_entry = self.target.entry == "tokens"
+        for attempt in range(2):
+            pieces, ids = await self._attempt(client, one_request, record, start, tokens_entry)
+            if attempt or item.adapter is None or record.lora_weights_sent or not lora_client.not_cached(record.error):
+                break
+            # the server does not hold the adapter (evicted): once more, with its weights (counted in this request's times)
+            self.lora.forget(item.adapter)
+            tensors = tensors + self.lora.weight_tensors(item.adapter)
+            record.lora_weights_sent = record.lora_resent = True
+            record.error, record.response_times = None, []
+        if item.adapter is not None and record.error is None and record.response_times:
+            self.lora.confirm(item.adapter)  # answered: the server holds it, later requests send the id alone
+        record.e2e = time.perf_counter() - start
+        record.ttft = record.response_times[0] if record.response_times else None
+        if record.error is None and not record.response_times:
+            record.error = "the stream ended without a response"
+        if tokens_entry:
+            record.text = self.codec.decode(ids) if self.codec is not None else ""
+            if record.ok and record.output_tokens is None:
+                record.output_tokens, record.token_source = len(ids), "output_ids"
+        else:
+            record.text = "".join(pieces)
+        if record.ok and record.output_tokens is None:
+            record.output_tokens, record.token_source = (
+                (self.count_tokens(record.text), "tokenizer") if self.count_tokens else (len(record.response_times), "responses"))
+        if record.input_tokens is None and item.prompt.input_tokens is not None:
+            record.input_tokens = item.prompt.input_tokens
+
+    async def _attempt(self, client, one_request, record: RequestRecord, start: float, tokens_entry: bool) -> tuple[list[str], list[int]]:
+        """One stream of the request; its outcome lands in ``record``. Returns the text pieces and (token entry) ids."""
         pieces: list[str] = []
         ids: list[int] = []
-        tokens_entry = self.target.entry == "tokens"
         counted = 0  # the cumulative num_output_tokens of the responses so far (None once one came without it)
         stream = None
         try:
@@ -278,21 +316,7 @@ class _Point:
         finally:
             if stream is not None:
                 stream.cancel()  # a no-op once the stream has ended; frees it after an error or a timeout
-        record.e2e = time.perf_counter() - start
-        record.ttft = record.response_times[0] if record.response_times else None
-        if record.error is None and not record.response_times:
-            record.error = "the stream ended without a response"
-        if tokens_entry:
-            record.text = self.codec.decode(ids) if self.codec is not None else ""
-            if record.ok and record.output_tokens is None:
-                record.output_tokens, record.token_source = len(ids), "output_ids"
-        else:
-            record.text = "".join(pieces)
-        if record.ok and record.output_tokens is None:
-            record.output_tokens, record.token_source = (
-                (self.count_tokens(record.text), "tokenizer") if self.count_tokens else (len(record.response_times), "responses"))
-        if record.input_tokens is None and item.prompt.input_tokens is not None:
-            record.input_tokens = item.prompt.input_tokens
+        return pieces, ids
 
     async def closed_loop(self, concurrency: int, count: int | None, until: float | None, warmup: bool) -> None:
         """``concurrency`` workers sending back to back until ``count`` requests were sent or ``until`` passed."""
@@ -399,7 +423,7 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
                     count_tokens: Callable[[str], int] | None = None, sessions: Sequence[Session] | None = None,
                     ignore_eos: bool = True, count_input: Callable[[str], int] | None = None,
                     scrape: Callable[[], Any] | None = None, extra: dict[str, Any] | None = None,
-                    codec: TokenCodec | None = None) -> PointRun:
+                    codec: TokenCodec | None = None, lora=None) -> PointRun:
     """Run one load point: ``warmup`` requests first (at the point's concurrency, or one at a time for a rate),
     then the measured ones until ``num_requests`` were sent or ``duration`` seconds passed; wait for every answer.
 
@@ -413,6 +437,8 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
             in ``PointRun.scraped``.
         extra / codec: as in :func:`prepare`, for the turns of multi-turn sessions; ``codec`` also decodes the
             answers of a ``tokens`` entry model into the records' text.
+        lora: the ``lora_client.LoraSender`` of items that ask for adapters: a task's weights go with its requests
+            until the server answered one, and once more after a "not found in cache" refusal.
 
     Returns:
         Every record (warmup included, flagged) and the client's measurements of itself.
@@ -421,7 +447,7 @@ async def run_point(target: Target, load: Load, items: Sequence[Prepared], *, nu
         raise UsageError("multi-turn sessions run at a concurrency (sessions in flight)", "pass --concurrency, not --request-rate")
     in_flight = int(load.value) if load.kind == "concurrency" else max(1, math.ceil(load.value * 2))
     point = _Point(target, items, timeout, count_tokens, channels=max(1, math.ceil(in_flight / STREAMS_PER_CHANNEL)),
-                   codec=codec)
+                   codec=codec, lora=lora)
 
     def build(prompt: Prompt) -> Prepared:
         return prepare_one(target, prompt, ignore_eos, extra, codec)

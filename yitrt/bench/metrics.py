@@ -82,6 +82,8 @@ class RequestRecord:
         error: the server's or the transport's message when the request failed.
         session / turn: the multi-turn session (index within the load point) and the turn (0-based); None otherwise.
         acceptance: what the responses said about speculative decoding (``yitrt.bench.acceptance``).
+        adapter: the LoRA adapter asked for (None: the base model); ``lora_weights_sent``: its weights went with the
+            request; ``lora_resent``: the server did not hold it and the request went again with them.
     """
 
     index: int
@@ -101,6 +103,9 @@ class RequestRecord:
     session: int | None = None
     turn: int | None = None
     acceptance: Acceptance = field(default_factory=Acceptance)
+    adapter: str | None = None
+    lora_weights_sent: bool = False
+    lora_resent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -127,7 +132,8 @@ class RequestRecord:
                 "scheduled_at_s": round(self.scheduled_at, 6), "sent_at_s": round(self.sent_at, 6),
                 "ttft_ms": ms(self.ttft), "e2e_ms": ms(self.e2e), "tpot_ms": ms(self.tpot),
                 "response_ms": [ms(t) for t in self.response_times], "text": self.text,
-                "session": self.session, "turn": self.turn,
+                "session": self.session, "turn": self.turn, "adapter": self.adapter,
+                "lora_weights_sent": self.lora_weights_sent, "lora_resent": self.lora_resent,
                 "speculation": self.acceptance.figures(self.output_tokens) if self.acceptance.seen else None}
 
 

@@ -82,6 +82,9 @@ class BenchRequest:
         ignore_eos: send end_id -1 so that every request generates exactly its max_tokens.
         timeout: seconds one request may take.
         seed: seed of prompt words, lengths and arrival times.
+        lora: every request asks for this LoRA adapter of the repository ``repo`` (its ``lora_adapters.json``).
+        lora_mix: ``a:0.5,b:0.3,base:0.2`` — each request asks for an adapter drawn with these weights (``base``: none).
+        repo: the deployed repository listing the adapters (None: ``tokenizer`` when that is one).
     """
 
     url: str
@@ -106,6 +109,18 @@ class BenchRequest:
     num_draft_tokens: int | None = None
     lookahead: LookaheadSizes | None = None
     perf_metrics: bool | None = None
+    lora: str | None = None
+    lora_mix: str | None = None
+    repo: Path | None = None
+
+    @property
+    def adapter_repo(self) -> Path | None:
+        """Where the adapters are listed: ``repo``, else ``tokenizer`` when it holds ``lora_adapters.json``."""
+        from yitrt.triton.lora_client import ADAPTERS_FILE
+
+        if self.repo is not None:
+            return self.repo
+        return self.tokenizer if self.tokenizer is not None and (self.tokenizer / ADAPTERS_FILE).is_file() else None
 
     @property
     def multiturn(self) -> str | None:
@@ -152,6 +167,7 @@ def check_request(req: BenchRequest) -> None:
         problems.append(f"--slo-percentile must be in (0, 100], got {req.slo.percentile:g}")
     problems += _workload_problems(req)
     problems += acceptance.option_problems(req.num_draft_tokens, req.lookahead, req.model)
+    problems += _lora_problems(req)
     from yitrt.triton.client import parse_url
 
     try:
@@ -160,6 +176,54 @@ def check_request(req: BenchRequest) -> None:
         problems.append(exc.message)
     if problems:
         raise UsageError("; ".join(problems), "fix the options named")
+
+
+def _lora_problems(req: BenchRequest) -> list[str]:
+    """--lora / --lora-mix against the rest of the options and the repository's adapters."""
+    from yitrt.triton import lora_client
+
+    if req.lora is None and req.lora_mix is None:
+        return []
+    if req.lora is not None and req.lora_mix is not None:
+        return ["--lora and --lora-mix cannot be combined: --lora NAME is --lora-mix NAME:1"]
+    if req.multiturn is not None:
+        return ["--lora/--lora-mix run over prompts, not multi-turn sessions: use --dataset synthetic or a prompts file"]
+    if req.num_draft_tokens or req.lookahead is not None:
+        return ["--lora/--lora-mix are not combined with speculative decoding (the draft has no adapter)"]
+    if req.adapter_repo is None:
+        return ["--lora/--lora-mix need the deployed repository that lists the adapters: pass --repo REPO"]
+    try:
+        adapters = lora_client.read_adapters(req.adapter_repo)
+        if req.lora is not None:
+            lora_client.pick(adapters, req.lora)
+        else:
+            lora_client.parse_mix(req.lora_mix, set(adapters))
+    except UsageError as exc:
+        return [exc.message]
+    return []
+
+
+def lora_plan(req: BenchRequest) -> tuple[dict[str, float], dict]:
+    """(adapter name or ``base`` → weight, the repository's adapters) of a LoRA run ({} , {} without one)."""
+    from yitrt.triton import lora_client
+
+    if req.lora is None and req.lora_mix is None:
+        return {}, {}
+    adapters = lora_client.read_adapters(req.adapter_repo)
+    mix = {req.lora: 1.0} if req.lora is not None else lora_client.parse_mix(req.lora_mix, set(adapters))
+    return mix, adapters
+
+
+def _with_adapters(items: list, mix: dict[str, float], sender, seed: int) -> list:
+    """The prepared requests, each with its adapter's ``lora_task_id`` (drawn from the mix; ``base``: none)."""
+    from dataclasses import replace
+
+    from yitrt.triton import lora_client
+
+    names = lora_client.assign(mix, len(items), seed)
+    ids = {name: sender.id_tensor(name) for name in set(names) if name is not None}
+    return [item if name is None else replace(item, tensors=item.tensors + [ids[name]], adapter=name)
+            for item, name in zip(items, names, strict=True)]
 
 
 def _workload_problems(req: BenchRequest) -> list[str]:
@@ -301,6 +365,15 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     say = progress or (lambda line: None)
     target = loadgen.resolve_target(req.url, req.model)
     extra, warnings = acceptance.request_inputs(req.num_draft_tokens, req.lookahead, req.perf_metrics, target.inputs, target.model)
+    mix, adapters = lora_plan(req)
+    sender = None
+    if mix:
+        from yitrt.triton import lora_client
+
+        used = {name: adapters[name] for name in mix if name != lora_client.BASE}
+        sender = lora_client.LoraSender(require("tritonclient.grpc", "bench"), target.inputs, used, target.model)
+        for name in used:
+            sender.weight_tensors(name)  # built (and their dtype checked) before the load starts
     scraper = _metrics_scraper(req, warnings)
     tok_dir, add_special = _tokenizer(req, target)
     factory = None
@@ -320,6 +393,8 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
         total = sum((n if n is not None else DURATION_POOL) + req.warmup for n in counts)
         prompts = _prompts(req, factory, total, dataset)
         items = loadgen.prepare(target, prompts, req.ignore_eos, extra, codec)
+        if sender is not None:
+            items = _with_adapters(items, mix, sender, req.seed)
     count_tokens = (lambda text: len(factory.tokenizer(text, add_special_tokens=False)["input_ids"])) if factory else None
     runs: list[PointRun] = []
     offset = 0
@@ -338,7 +413,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
             rotated = items[offset:] + items[:offset]  # every point starts on prompts it has not sent yet
             run = asyncio.run(loadgen.run_point(target, load, rotated, num_requests=n, duration=req.duration, warmup=req.warmup,
                                                 timeout=req.timeout, seed=req.seed, count_tokens=count_tokens, scrape=scraper,
-                                                codec=codec))
+                                                codec=codec, lora=sender))
             offset = (offset + len(run.records)) % len(items)
         runs.append(run)
     ran = sum(len({r.session for r in run.records}) for run in runs) if sessions is not None else 0
@@ -348,7 +423,8 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     if scraper is not None and scraper.failures:
         warnings.append(f"{len(scraper.failures)} metrics scrapes failed (first: {scraper.failures[0]}): those points' "
                         "kv_cache figures are None")
-    report = build_report(req, target, runs, prompts, tok_dir, scraper.url if scraper else None, sessions, warnings, extra)
+    report = build_report(req, target, runs, prompts, tok_dir, scraper.url if scraper else None, sessions, warnings, extra,
+                          (mix, adapters) if mix else None)
     with ArtifactWriter(req.out, "bench", {"url": req.url, "model": target.model}, {}) as art:
         from yitrt.bench.plots import write_plots
 
@@ -367,9 +443,13 @@ def _codec(factory: PromptFactory) -> TokenCodec:
 
 def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompts: list[Prompt],
                  tokenizer: Path | None, metrics_url: str | None = None, sessions: list[Session] | None = None,
-                 warnings: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 warnings: list[str] | None = None, extra: dict[str, Any] | None = None,
+                 lora: tuple[dict[str, float], dict] | None = None) -> dict[str, Any]:
     """bench.json's content: settings, the workload, every point (metrics, KV-cache reuse, speculation, client and
-    server measurements, requests), the best point and the warnings; ``extra``: the speculation inputs sent."""
+    server measurements, requests; with LoRA the metrics per adapter), the best point and the warnings; ``extra``: the
+    speculation inputs sent; ``lora``: the adapter mix and the repository's adapters."""
+    from yitrt.triton import lora_client
+
     points, warnings = [], list(warnings or [])
     for run in runs:
         before, after = run.scraped or (None, None)
@@ -379,6 +459,13 @@ def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompt
                  "server_counts": run.server_counts}
         if sessions is not None:
             point["sessions"] = session_summary(run.records)
+        if lora is not None:  # the point's figures per adapter ("base": the requests without one)
+            point["adapters"] = {name: metrics.summarize([r for r in run.records if (r.adapter or lora_client.BASE) == name], req.slo)
+                                 for name in lora[0]}
+            resent = sum(1 for r in run.records if r.lora_resent)
+            if resent:
+                warnings.append(f"{run.load.label}: {resent} requests were refused as 'not found in cache' and sent again with "
+                                "their weights (the server evicted adapters: raise lora_cache_* or use fewer adapters)")
         warnings += point_warnings(req, run.load, point)
         warnings += acceptance.point_warnings(run.load.label, point["speculation"])
         point["requests"] = [r.to_json() for r in run.records]
@@ -411,6 +498,10 @@ def build_report(req: BenchRequest, target: Target, runs: list[PointRun], prompt
         "settings": {"num_requests": req.num_requests, "duration_s": req.duration, "warmup": req.warmup,
                      "timeout_s": req.timeout, "seed": req.seed},
         "slo": req.slo.to_json() if req.slo.given else None,
+        "lora": None if lora is None else {
+            "repo": str(req.adapter_repo), "mix": lora[0],
+            "adapters": {name: lora_client.describe(lora[1][name]) for name in lora[0] if name != lora_client.BASE},
+            "weights": "sent with a task's requests until the server answered one, and again after 'not found in cache'"},
         "points": points, "best": best, "warnings": warnings, "plots": [],
     }
 

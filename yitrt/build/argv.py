@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.build.flags import FlagSpec, flag_table, known_line, release_line
+from yitrt.build.lora import LoraBuild
 from yitrt.build.profiles import Profile, load_profile, pick_profile, resolve_flags
 from yitrt.build.speculative import SpeculativeBuild
 from yitrt.checkpoint.trtllm_config import TARGET_TRTLLM
@@ -47,6 +48,7 @@ class BuildSpec:
     pair: PairPlan | None = None
     max_beam_width: int = 1
     notes: list[str] = field(default_factory=list)
+    lora: LoraBuild | None = None
 
     @property
     def world_size(self) -> int:
@@ -60,8 +62,12 @@ class BuildSpec:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
             args += [f"--{name}", str(self.limits[name])]
         args += ["--max_beam_width", str(self.max_beam_width)]
-        for name, value in (self.speculation.argv_flags() if self.speculation else {}).items():
-            args += ([f"--{name}"] if value else []) if isinstance(value, bool) else [f"--{name}", str(value)]
+        for name, value in {**(self.speculation.argv_flags() if self.speculation else {}),
+                            **(self.lora.argv_flags() if self.lora else {})}.items():
+            if isinstance(value, bool):
+                args += [f"--{name}"] if value else []
+            else:  # a list is one flag with several values (nargs="+": --lora_target_modules attn_q attn_k ...)
+                args += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
         args += ["--workers", str(self.workers), "--log_level", "info",
                  "--output_timing_cache", str(Path(output_dir) / TIMING_CACHE)]
         if input_timing_cache is not None:
@@ -84,11 +90,13 @@ class BuildSpec:
             "limits": dict(self.limits), "max_beam_width": self.max_beam_width, "workers": self.workers, "plugin_config": plugins,
             "engine_limits": self.plan.limits.engine(self.speculation.engine_draft_len if self.speculation else 0),
             "speculative": self.speculation.to_json() if self.speculation else None,
+            "lora": self.lora.to_json() if self.lora else None,
             "plan": {"kv_tokens": self.plan.kv_tokens, "max_concurrent_sequences": self.plan.max_concurrent,
                      "isl": self.plan.request.workload.isl, "osl": self.plan.request.workload.osl,
                      "kv_cache_free_gpu_mem_fraction": self.plan.request.workload.kv_fraction,
                      "max_tokens_in_paged_kv_cache": self.plan.max_tokens_in_paged_kv_cache,
-                     "pair": {k: v for k, v in self.pair.to_json().items() if k != "draft"} if self.pair else None},
+                     "pair": {k: v for k, v in self.pair.to_json().items() if k != "draft"} if self.pair else None,
+                     "lora_cache": self.plan.lora},
             "warnings": [str(f) for f in self.findings if f.severity == "warning"],
         }
 
@@ -117,17 +125,18 @@ def _checkpoint_source(checkpoint: Path, what: str = "") -> PlanSource:
     return source
 
 
-def _plan_request(source: PlanSource, gpu: Gpu, workload: Workload, max_draft_len: int = 0) -> PlanRequest:
+def _plan_request(source: PlanSource, gpu: Gpu, workload: Workload, max_draft_len: int = 0, lora: LoraBuild | None = None) -> PlanRequest:
     return PlanRequest(cfg=source.cfg, dtype=source.dtype, scheme=get_scheme(source.scheme or "none"), kv=get_kv_cache(source.kv),
                        tp=source.tp or 1, pp=source.pp or 1, gpu=gpu, workload=workload,
-                       parallel_embedding=source.parallel_embedding, group_size=source.group_size, max_draft_len=max_draft_len)
+                       parallel_embedding=source.parallel_embedding, group_size=source.group_size, max_draft_len=max_draft_len,
+                       lora=lora.cache if lora else None)
 
 
 def _speculative_plan(source: PlanSource, gpu: Gpu, workload: Workload, speculation: SpeculativeBuild | None,
-                      problems: list[str], notes: list[str]) -> tuple[MemoryPlan, PairPlan | None]:
+                      problems: list[str], notes: list[str], lora: LoraBuild | None = None) -> tuple[MemoryPlan, PairPlan | None]:
     """This engine's plan: alone, with its lookahead/target draft length, or as one half of a draft-target pair."""
     if speculation is None or speculation.role == "lookahead":
-        return plan_memory(_plan_request(source, gpu, workload, speculation.draft_len if speculation else 0)), None
+        return plan_memory(_plan_request(source, gpu, workload, speculation.draft_len if speculation else 0, lora)), None
     k = speculation.draft_len
     if speculation.pair is None:
         other = "--draft DRAFT_CHECKPOINT" if speculation.role == "target" else "--target TARGET_CHECKPOINT --max-draft-len K"
@@ -164,13 +173,15 @@ def assemble(
     kv_fraction: float = DEFAULT_KV_FRACTION,
     speculation: SpeculativeBuild | None = None,
     max_beam_width: int = 1,
+    lora: LoraBuild | None = None,
 ) -> BuildSpec:
     """Resolve and check a build of ``checkpoint`` for ``gpu``.
 
     ``speculation`` (``yitrt.build.speculative.speculative_build``) adds the speculative build arguments and
     plans the engine for them: a lookahead engine with its ``max_draft_len``, a draft-target target or draft beside
     the other model of the pair when its checkpoint (``speculation.pair``) is known — both builds of a pair then get
-    the same ``max_batch_size``.
+    the same ``max_batch_size``. ``lora`` (``yitrt.build.lora.lora_build``) adds the LoRA plugin in the engine's
+    dtype and the LoRA build arguments, and plans the adapter cache.
 
     Raises:
         UsageError: the input is not a TensorRT-LLM checkpoint; unknown profile or version.
@@ -191,18 +202,24 @@ def assemble(
                             f"(KV reuse every round); plugin profile {profile.name} disables it")
         else:
             flags["use_paged_context_fmha"] = "enable"
+    if lora is not None:
+        if speculation is not None:
+            problems.append("yitrt does not combine LoRA adapters with speculative decoding: build one or the other")
+        flags["lora_plugin"] = source.dtype  # the plugin computes in the engine's dtype, as lora_weights must be (§2.6)
+        problems += lora.problems(source.dtype, tp, source.cfg.num_kv_heads)
     if speculation is None and max_beam_width < 1:
         problems.append(f"--max-beam-width must be >= 1, got {max_beam_width}")
     if known_line(line):
         table = flag_table().flags(line)
         problems += _flag_problems(flags, table, line)
         problems += _flag_problems(speculation.argv_flags() if speculation else {}, table, line)
+        problems += _flag_problems({k: v for k, v in (lora.argv_flags() if lora else {}).items() if not isinstance(v, list)}, table, line)
         tokens_per_block = int(flags.get("tokens_per_block") or table["tokens_per_block"].default)
     else:
         tokens_per_block = 32
     workload = Workload(isl=isl, osl=osl, max_seq_len=max_seq_len, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                         kv_fraction=kv_fraction, tokens_per_block=tokens_per_block).with_hints(hints)
-    plan, pair = _speculative_plan(source, gpu, workload, speculation, problems, notes)
+    plan, pair = _speculative_plan(source, gpu, workload, speculation, problems, notes, lora)
     if max_beam_width > 1 and speculation is None:
         notes.append(f"max_beam_width {max_beam_width}: the plan sizes the KV pool for one beam per sequence")
     limits = plan.limits.to_json()
@@ -221,4 +238,4 @@ def assemble(
     return BuildSpec(Path(checkpoint).absolute(), source, gpu, version, line, chain, flags, limits, workers, plan, findings,
                      speculation, pair, max_beam_width, notes + (["the draft's --gather_generation_logits: trtllm-build "
                      "prints that the flag is deprecated, but Triton returns generation logits only from an engine built "
-                     "with it (reference §1.1)"] if speculation and speculation.use_draft_logits else []))
+                     "with it (reference §1.1)"] if speculation and speculation.use_draft_logits else []), lora)

@@ -28,6 +28,7 @@ import yaml
 from yitrt.build import environment as env
 from yitrt.build.argv import TIMING_CACHE, BuildSpec, assemble
 from yitrt.build.flags import banner_version, release_line
+from yitrt.build.lora import LoraBuild
 from yitrt.build.speculative import engine_speculation, speculative_build
 from yitrt.errors import BuildError, MissingToolError, UsageError, ValidationError
 from yitrt.manifest import ArtifactWriter, artifact_digest, artifact_key, find_reusable, fingerprint_files
@@ -102,6 +103,8 @@ class BuildRequest:
     use_draft_logits: bool = False
     pair_checkpoint: Path | None = None
     max_beam_width: int = 1
+    #: LoRA adapters the engine serves (``yitrt.build.lora.lora_build``: converted adapters, max rank, target modules)
+    lora: LoraBuild | None = None
 
 
 @dataclass
@@ -235,7 +238,7 @@ def build_engine(req: BuildRequest, progress: Progress | None = None) -> BuildRe
     spec = assemble(req.checkpoint, gpu, plugins=req.plugins, trtllm_version=version, max_batch_size=req.max_batch_size,
                     max_seq_len=req.max_seq_len, max_num_tokens=req.max_num_tokens, workers=req.workers,
                     isl=req.isl, osl=req.osl, kv_fraction=req.kv_fraction or DEFAULT_KV_FRACTION,
-                    speculation=speculation, max_beam_width=req.max_beam_width)
+                    speculation=speculation, max_beam_width=req.max_beam_width, lora=req.lora)
     warnings += [str(f) for f in spec.findings if f.severity == "warning"]
     warnings += [f"plan: {n}" for n in spec.plan.notes] + spec.notes
     out = Path(req.out).absolute()

@@ -351,6 +351,7 @@ def verify(
     max_logit_diff: Annotated[float | None, typer.Option("--max-logit-diff", help="Override: maximum |Δlogit| as a fraction of max |logit|.")] = None,
     min_greedy: Annotated[float | None, typer.Option("--min-greedy", help="Override: minimum fraction of greedy tokens matched.")] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the original's folder).", **EXISTING_DIR)] = None,
+    lora: Annotated[Path | None, typer.Option("--lora", help="A converted LoRA adapter (yitrt lora convert's output): verify it on the checkpoint against transformers + peft.", **EXISTING_DIR)] = None,
     device: DeviceOpt = DeviceChoice.auto,
     compute_dtype: ComputeDtypeOpt = ComputeDtypeChoice.float32,
     revision: RevisionOpt = None,
@@ -364,7 +365,7 @@ def verify(
     request = VerifyRequest(
         checkpoint=checkpoint, model=model, prompts=tuple(read_prompts(prompts)) if prompts else None,
         eval_text=read_eval_text(eval_text), max_new_tokens=max_new_tokens, eval_tokens=eval_tokens, window=window,
-        device=device.value, compute_dtype=compute_dtype.value, allow_pickle=allow_pickle, tokenizer=tokenizer,
+        device=device.value, compute_dtype=compute_dtype.value, allow_pickle=allow_pickle, tokenizer=tokenizer, lora=lora,
         thresholds={"min_top1": min_top1, "max_ppl_delta_pct": max_ppl_delta, "max_logit_diff_rel": max_logit_diff, "min_greedy": min_greedy},
     )
     with render.phase_status(not json_) as progress:
@@ -428,12 +429,13 @@ def demo_model(
 
 
 def _register_commands() -> None:
-    from yitrt.cli import bench_cmds, plan_build, recipe_cmds, triton_cmds
+    from yitrt.cli import bench_cmds, lora_cmds, plan_build, recipe_cmds, triton_cmds
 
     plan_build.register(app)
     triton_cmds.register(app)
     bench_cmds.register(app)
     recipe_cmds.register(app)
+    lora_cmds.register(app)
 
 
 _register_commands()

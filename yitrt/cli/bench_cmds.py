@@ -65,6 +65,7 @@ def _render_report(report: dict[str, Any]) -> None:
         table.add_row(*row, style="bold green" if i == report["best"] else None)
     render.print_wide(table)
     _render_speculation(report)
+    _render_adapters(report)
     if slo:
         bounds = ", ".join(f"{k.split('_')[0].upper()} ≤ {slo[k]:g} ms" for k in ("ttft_ms", "tpot_ms") if slo[k] is not None)
         render.out.print(f"SLO: {bounds} at p{slo['percentile']:g}; goodput counts requests within every bound")
@@ -73,6 +74,17 @@ def _render_report(report: dict[str, Any]) -> None:
         why = "the highest output tokens/s meeting the SLO" if slo else "the highest output tokens/s (no SLO given)"
         render.out.print(f"best: {best['load']['label']} — {_fmt(best['output_token_throughput'])} output tok/s, "
                          f"{_fmt(best['request_throughput'], 2)} req/s ({why})")
+
+
+def _render_adapters(report: dict[str, Any]) -> None:
+    """One line per point and adapter of a LoRA run: requests, output tok/s, TTFT p50 and TPOT p50."""
+    if not report.get("lora"):
+        return
+    for p in report["points"]:
+        for name, m in (p.get("adapters") or {}).items():
+            render.out.print(f"adapter {p['load']['label']} {name}: {m['counts']['answered']}/{m['counts']['sent']} answered, "
+                             f"{_fmt(m['output_token_throughput'])} out tok/s, TTFT p50 {_fmt((m['ttft_ms'] or {}).get('p50'))} ms, "
+                             f"TPOT p50 {_fmt((m['tpot_ms'] or {}).get('p50'))} ms")
 
 
 def _render_speculation(report: dict[str, Any]) -> None:
@@ -134,6 +146,9 @@ def register(app: typer.Typer) -> None:
         respect_eos: Annotated[bool, typer.Option("--respect-eos", help="Let answers end at the end token (default: end_id -1, every answer has --osl tokens).")] = False,
         timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one request may take.")] = 600.0,
         seed: Annotated[int, typer.Option("--seed", help="Seed of prompts, lengths and arrival times.")] = 0,
+        lora: Annotated[str | None, typer.Option("--lora", help="Every request asks for this LoRA adapter of the repository (lora_adapters.json; see --repo).", show_default=False)] = None,
+        lora_mix: Annotated[str | None, typer.Option("--lora-mix", help="NAME:WEIGHT,... — each request asks for an adapter drawn with these weights (positive, summing to 1; base: no adapter), e.g. a:0.5,b:0.3,base:0.2.", show_default=False)] = None,
+        repo: Annotated[Path | None, typer.Option("--repo", help="The deployed repository listing the adapters [default: --tokenizer when it is one, else the current folder when it is one].", show_default=False, **EXISTING_DIR)] = None,
         json_: JsonOpt = False,
     ) -> None:
         """Run load points against a served deployment: TTFT, TPOT, E2E, throughput and goodput under an SLO, with plots."""
@@ -148,12 +163,17 @@ def register(app: typer.Typer) -> None:
         loads = ([Load("rate", v) for v in _numbers(request_rate, "--request-rate")] if request_rate is not None else
                  [Load("concurrency", v) for v in _numbers(concurrency or "1,4,16,64", "--concurrency")])
         folder = out or Path("yitrt-bench") / time.strftime("%Y%m%d-%H%M%S")
+        from yitrt.triton.lora_client import ADAPTERS_FILE
+
+        if (lora or lora_mix) and repo is None and not (tokenizer and (tokenizer / ADAPTERS_FILE).is_file()) and Path(ADAPTERS_FILE).is_file():
+            repo = Path(".")  # run from inside the repository, as its README's examples are
         req = BenchRequest(url, tuple(loads), folder, model=model, num_requests=num_requests, duration=duration, dataset=dataset,
                            isl=LengthSpec.parse(isl, "--isl"), osl=LengthSpec.parse(osl, "--osl"),
                            slo=Slo(slo_ttft, slo_tpot, slo_percentile), warmup=warmup, tokenizer=tokenizer,
                            ignore_eos=not respect_eos, timeout=timeout, seed=seed, prefix_tokens=prefix_tokens,
                            num_prefixes=num_prefixes, turns=turns, metrics_url=metrics_url, num_draft_tokens=num_draft_tokens,
-                           lookahead=None if lookahead is None else parse_lookahead(lookahead), perf_metrics=perf_metrics)
+                           lookahead=None if lookahead is None else parse_lookahead(lookahead), perf_metrics=perf_metrics,
+                           lora=lora, lora_mix=lora_mix, repo=repo)
         progress = None if json_ else (lambda line: render.err.print(f"bench {line}"))
         result = run_bench(req, progress)
         report = result.report

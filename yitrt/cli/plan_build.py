@@ -23,6 +23,29 @@ LookaheadOpt = Annotated[str | None, typer.Option("--lookahead", help="Lookahead
 VersionOpt = Annotated[str | None, typer.Option("--trtllm-version", help="TensorRT-LLM version the argv is for [default: the installed one, else 1.2].", show_default=False)]
 
 
+def _lora_cache(rank: int | None, modules: str | None, fraction: float, host: int, max_adapter_size: int):
+    """`yitrt plan`'s LoRA options → the adapter cache to plan (None without --lora-rank).
+
+    Raises:
+        UsageError: --lora-modules without --lora-rank, or names that are not Yi's TensorRT-LLM modules.
+    """
+    from yitrt.errors import UsageError
+
+    if rank is None:
+        if modules is not None:
+            raise UsageError("--lora-modules needs --lora-rank (the engine's max_lora_rank)", "add --lora-rank R")
+        return None
+    from yitrt.build.lora import engine_target_modules, target_module_problems
+    from yitrt.lora.modules import LORA_MODULES
+    from yitrt.plan.lora import LoraCacheRequest
+
+    names = [m.strip() for m in modules.split(",") if m.strip()] if modules is not None else [m.trtllm for m in LORA_MODULES]
+    if problems := target_module_problems(names):
+        raise UsageError(f"--lora-modules: {'; '.join(problems)}", "give TensorRT-LLM names, e.g. attn_q,attn_v,mlp_h_to_4h")
+    return LoraCacheRequest(tuple(engine_target_modules(names)), rank, max_adapter_size=max_adapter_size, gpu_memory_fraction=fraction,
+                            host_memory_bytes=host)
+
+
 def register(app: typer.Typer) -> None:
     """Add the plan/build commands to ``app``."""
 
@@ -53,6 +76,11 @@ def register(app: typer.Typer) -> None:
         draft_kv_cache: Annotated[str | None, typer.Option("--draft-kv-cache", help="The draft's KV-cache format [default: the target's].", show_default=False)] = None,
         draft_layers: Annotated[int | None, typer.Option("--draft-layers", min=1, help="Plan the draft's first N decoder layers only (a truncated self-draft: `yitrt truncate`, `convert --keep-layers`).", show_default=False)] = None,
         lookahead: LookaheadOpt = None,
+        lora_rank: Annotated[int | None, typer.Option("--lora-rank", min=1, help="LoRA: the engine's max_lora_rank; plans the adapter cache.", show_default=False)] = None,
+        lora_modules: Annotated[str | None, typer.Option("--lora-modules", help="LoRA: TensorRT-LLM target modules, comma-separated [default: all seven Yi modules].", show_default=False)] = None,
+        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="LoRA: lora_cache_gpu_memory_fraction.")] = 0.05,
+        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="LoRA: lora_cache_host_memory_bytes.")] = 1 << 30,
+        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="LoRA: lora_cache_max_adapter_size (clamped to --lora-rank).")] = 64,
         revision: RevisionOpt = None,
         json_: JsonOpt = False,
     ) -> None:
@@ -60,6 +88,7 @@ def register(app: typer.Typer) -> None:
 
         With --draft and --max-draft-len: a draft-target pair on the same GPUs (both weights, two KV pools, the two
         models' Triton KV settings). With --lookahead W,N,G: a lookahead engine (its max_draft_len, D+1 tokens per step).
+        With --lora-rank R [--lora-modules ...]: the LoRA adapter cache beside the KV pool.
         """
         from yitrt.build.speculative import parse_lookahead
         from yitrt.errors import UsageError
@@ -75,7 +104,8 @@ def register(app: typer.Typer) -> None:
                            workload=workload, trtllm_version=trtllm_version,
                            compare=compare or slo_ttft is not None, draft=draft, max_draft_len=max_draft_len, draft_tp=draft_tp,
                            draft_scheme=draft_scheme, draft_kv_cache=draft_kv_cache, draft_layers=draft_layers,
-                           lookahead=parse_lookahead(lookahead))
+                           lookahead=parse_lookahead(lookahead),
+                           lora=_lora_cache(lora_rank, lora_modules, lora_cache_fraction, lora_host_cache, lora_max_adapter_size))
         report = run_plan(model, opts, revision)
         if slo_ttft is not None:
             from yitrt.plan.perf import choose_under_slo
@@ -112,6 +142,9 @@ def register(app: typer.Typer) -> None:
         draft: Annotated[Path | None, typer.Option("--draft", help="Target build: the draft's checkpoint, to plan both engines on the same GPUs.", show_default=False, exists=True, file_okay=False)] = None,
         target: Annotated[Path | None, typer.Option("--target", help="Draft build: the target's checkpoint (with its --max-draft-len), to plan both engines on the same GPUs.", show_default=False, exists=True, file_okay=False)] = None,
         max_beam_width: Annotated[int, typer.Option("--max-beam-width", min=1, help="Beams per request (speculative decoding needs 1).")] = 1,
+        lora: Annotated[list[Path] | None, typer.Option("--lora", help="A `yitrt lora convert` folder the engine serves (repeat for more): adds the LoRA plugin in the engine's dtype, its target modules, max rank and --lora_dir.", show_default=False, exists=True, file_okay=False)] = None,
+        max_lora_rank: Annotated[int | None, typer.Option("--max-lora-rank", min=1, help="With --lora: --max_lora_rank [default: the largest adapter rank].", show_default=False)] = None,
+        lora_target_modules: Annotated[str | None, typer.Option("--lora-target-modules", help="With --lora: TensorRT-LLM module names, comma-separated [default: every module an adapter adapts; attn_q/k/v all or none].", show_default=False)] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the argv and resolved build config; run nothing (any machine).")] = False,
         force: ForceOpt = False,
         json_: JsonOpt = False,
@@ -120,8 +153,9 @@ def register(app: typer.Typer) -> None:
 
         Speculative decoding: `--speculative draft-target --max-draft-len K [--draft DRAFT_CKPT]` builds the target,
         `--draft-engine [--use-draft-logits] [--target TARGET_CKPT --max-draft-len K]` its draft, `--speculative
-        lookahead --lookahead W,N,G` a lookahead engine.
+        lookahead --lookahead W,N,G` a lookahead engine. LoRA: `--lora CONVERTED_ADAPTER` (repeatable).
         """
+        from yitrt.build.lora import lora_build
         from yitrt.build.runner import BuildRequest, build_engine
         from yitrt.errors import UsageError
 
@@ -136,7 +170,9 @@ def register(app: typer.Typer) -> None:
                            max_seq_len=max_seq_len, max_num_tokens=max_num_tokens, workers=workers,
                            trtllm_version=trtllm_version, dry_run=dry_run, force=force, speculative=speculative,
                            max_draft_len=max_draft_len, lookahead=lookahead, draft_engine=draft_engine,
-                           use_draft_logits=use_draft_logits, pair_checkpoint=draft or target, max_beam_width=max_beam_width)
+                           use_draft_logits=use_draft_logits, pair_checkpoint=draft or target, max_beam_width=max_beam_width,
+                           lora=lora_build(lora or [], max_lora_rank, [m.strip() for m in lora_target_modules.split(",") if m.strip()]
+                                           if lora_target_modules is not None else None))
         with render.stage_progress(not json_ and not dry_run) as progress:
             result = build_engine(req, progress)
         data = result.to_json()

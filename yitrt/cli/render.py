@@ -265,7 +265,12 @@ def verify_report(data: dict[str, Any]) -> None:
         ]
     algo = data["quant_algo"] or "none"
     title = f"verify {data['checkpoint']} against {data['model']} (quant {algo}, KV {data['kv_cache_quant_algo'] or 'model dtype'}, tp {data['tp_size']} × pp {data['pp_size']})"
+    lora = data.get("lora")
+    if lora:
+        title += f" with LoRA adapter {lora['name']} (r {lora['max_rank']}, alpha {lora['alpha']}, {lora['dtype']})"
     out.print(table(title, ["metric", "value", "threshold"], rows))
+    if lora:
+        out.print(f"adapter: the converted arrays in {lora['dir']} ({', '.join(lora['modules'] or [])}) against {lora['compared_with']}")
     pids = ", ".join(str(r["pid"]) for r in data["ranks"])
     out.print(f"ranks ran in processes {pids}; {data['seconds']:.1f}s")
     if pipe.get("ran"):

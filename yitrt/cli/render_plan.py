@@ -48,6 +48,8 @@ def plan_report(data: dict[str, Any]) -> None:
     tri = plan["triton"]
     out.print(f"Triton: kv_cache_free_gpu_mem_fraction {tri['kv_cache_free_gpu_mem_fraction']}, "
               f"max_tokens_in_paged_kv_cache {tri['max_tokens_in_paged_kv_cache']:,}")
+    if plan.get("lora"):
+        lora_cache_line(plan["lora"])
     for note in plan["notes"]:
         out.print(f"note: {note}")
     for s in data["suggestions"]:
@@ -58,6 +60,16 @@ def plan_report(data: dict[str, Any]) -> None:
         warn(w)
     if data.get("slo"):
         slo_report(data["slo"])
+
+
+def lora_cache_line(lora: dict[str, Any]) -> None:
+    """Print the LoRA adapter cache of a plan: per stage, the device and host caches and how many max-sized adapters fit."""
+    for stage in lora["stages"]:
+        out.print(f"adapter cache (LoRA, rank {stage['rank']}, pp {stage['pp_rank']}): device {_gb(stage['device_cache_bytes'])} "
+                  f"(lora_cache_gpu_memory_fraction {lora['gpu_memory_fraction']:g} of what the KV pool leaves), host "
+                  f"{_gb(stage['host_cache_bytes'])}; a max-sized adapter (rank {lora['max_adapter_size']} over "
+                  f"{', '.join(lora['modules'])}) takes {_gb(stage['max_adapter_bytes'])}: {stage['max_adapters_on_device']:,} fit on the "
+                  f"GPU, {stage['max_adapters_on_host']:,} on the host")
 
 
 def speculative_report(spec: dict[str, Any], target_plan: dict[str, Any]) -> None:
@@ -147,6 +159,12 @@ def build_report(data: dict[str, Any]) -> None:
         out.print(f"# TensorRT-LLM {cfg['trtllm_version']} ({cfg['release_line']}) on {cfg['gpu']['name']} (SM {cfg['gpu']['sm']}), "
                   f"profile {' + '.join(cfg['profiles'])}, {cfg['world_size']} rank(s); limits {lim}; "
                   f"plan: {cfg['plan']['max_concurrent_sequences']} sequences of {cfg['plan']['isl'] + cfg['plan']['osl']} tokens")
+        lora = cfg.get("lora")
+        if lora:
+            out.print(f"# lora: {len(lora['adapters'])} adapter(s) ({', '.join(a['name'] for a in lora['adapters'])}), modules "
+                      f"{' '.join(lora['target_modules'])}, max_lora_rank {lora['max_lora_rank']}, --lora_dir {lora['lora_dir']}")
+            if cfg["plan"].get("lora_cache"):
+                lora_cache_line(cfg["plan"]["lora_cache"])
         spec = cfg.get("speculative")
         if spec:
             eng = cfg["engine_limits"]

@@ -25,6 +25,18 @@ def _ids(text: str | None, option: str) -> tuple[int, ...] | None:
         raise UsageError(f"{option} {text!r} is not a list of GPU ids", f"write {option} 0,1") from None
 
 
+def _lora_request(options: list[str] | None, optimal: int, maximum: int, fraction: float, host: int, prefetch: bool):
+    """``--lora NAME=DIR[:TASK_ID]`` options and the cache options → a LoraRequest (None: no --lora)."""
+    from yitrt.errors import UsageError
+    from yitrt.triton.lora import LoraRequest, parse_adapter_option
+
+    if not options:
+        if prefetch:
+            raise UsageError("--lora-prefetch preloads the --lora adapters, and none is given", "add --lora NAME=DIR")
+        return None
+    return LoraRequest(tuple(parse_adapter_option(o) for o in options), optimal, maximum, fraction, host, prefetch)
+
+
 def register(app: typer.Typer) -> None:
     """Add the Triton commands to ``app``."""
 
@@ -59,6 +71,12 @@ def register(app: typer.Typer) -> None:
         draft_kv_fraction: Annotated[float | None, typer.Option("--draft-kv-fraction", min=0.01, max=1.0, help="Draft-target: the draft's kv_cache_free_gpu_mem_fraction [default: half the plan's when both share GPUs].", show_default=False)] = None,
         gpu_ids: Annotated[str | None, typer.Option("--gpu-ids", help="Draft-target engines: the target's GPUs, one per rank, e.g. 0,1 [default: the first tp×pp].", show_default=False)] = None,
         draft_gpu_ids: Annotated[str | None, typer.Option("--draft-gpu-ids", help="Draft-target engines: the draft's GPUs, one per rank [default: the first tp×pp, shared with the target].", show_default=False)] = None,
+        lora: Annotated[list[str] | None, typer.Option("--lora", help="A LoRA adapter the repository serves: NAME=DIR or NAME=DIR:TASK_ID (DIR: `yitrt lora convert` output; repeat for more; task ids default to the smallest free ones, 1..N).", show_default=False)] = None,
+        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="lora_cache_gpu_memory_fraction: of the GPU memory left after the engine and the KV pool.")] = 0.05,
+        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="lora_cache_host_memory_bytes.")] = 1 << 30,
+        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="lora_cache_max_adapter_size (clamped to the engine's max_lora_rank).")] = 64,
+        lora_optimal_adapter_size: Annotated[int, typer.Option("--lora-optimal-adapter-size", min=1, help="lora_cache_optimal_adapter_size (clamped to the engine's max_lora_rank).")] = 8,
+        lora_prefetch: Annotated[bool, typer.Option("--lora-prefetch", help="Preload every adapter at start (lora_prefetch_dir); refused for bf16 engines (backend #791).")] = False,
         force: ForceOpt = False,
         json_: JsonOpt = False,
     ) -> None:
@@ -76,7 +94,8 @@ def register(app: typer.Typer) -> None:
             max_seq_len=max_seq_len, words_encoding=words_encoding, speculative=speculative, draft=draft,
             num_draft_tokens=num_draft_tokens, use_draft_logits=use_draft_logits,
             lookahead=parse_lookahead(lookahead) if lookahead is not None else None, draft_kv_fraction=draft_kv_fraction,
-            gpu_ids=_ids(gpu_ids, "--gpu-ids"), draft_gpu_ids=_ids(draft_gpu_ids, "--draft-gpu-ids"), force=force))
+            gpu_ids=_ids(gpu_ids, "--gpu-ids"), draft_gpu_ids=_ids(draft_gpu_ids, "--draft-gpu-ids"), force=force,
+            lora=_lora_request(lora, lora_optimal_adapter_size, lora_max_adapter_size, lora_cache_fraction, lora_host_cache, lora_prefetch)))
         data = result.to_json()
         if json_:
             render.emit_json(data)
@@ -86,6 +105,9 @@ def register(app: typer.Typer) -> None:
         verb = "unchanged (same inputs)" if result.reused else "written"
         render.out.print(f"repository {result.out}: {verb}")
         spec = data.get("speculative")
+        if data.get("lora"):
+            render.out.print("  LoRA adapters (task id): " + ", ".join(f"{a['name']} ({a['task_id']})" for a in data["lora"])
+                             + f"; listed in {result.out / 'lora_adapters.json'}")
         ranks = (f"world size {data['world_size']} (tp {data['tp']} × pp {data['pp']})" if data["engine"] == "trtllm" else
                  f"one tritonserver; the reference worker runs tp {data['tp']} × pp {data['pp']} in its own processes")
         if data.get("orchestrator"):
@@ -155,15 +177,21 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option("--seed", min=0, show_default=False)] = None,
         num_draft_tokens: Annotated[int | None, typer.Option("--num-draft-tokens", min=0, help="Draft-target deployments: draft tokens per round [default: the deployment's]; 0 turns speculation off.", show_default=False)] = None,
         timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the answer.")] = 300.0,
+        lora: Annotated[str | None, typer.Option("--lora", help="Answer with this LoRA adapter of the repository (its lora_adapters.json; needs --repo).", show_default=False)] = None,
+        repo: Annotated[Path | None, typer.Option("--repo", help="The deployed repository (the folder yitrt deploy wrote): where --lora names are looked up [default: the current folder, when it is one].", show_default=False, **EXISTING_DIR)] = None,
+        lora_weights: Annotated[bool, typer.Option("--lora-weights/--no-lora-weights", help="Send the adapter's weights with the request; --no-lora-weights sends its task id alone (sent again with the weights if the server does not hold it).")] = True,
         json_: JsonOpt = False,
     ) -> None:
         """Ask a deployed model one chat turn over gRPC; the answer streams as it is generated."""
         from yitrt.triton.client import ChatRequest
         from yitrt.triton.client import chat as run_chat
+        from yitrt.triton.lora_client import ADAPTERS_FILE
 
+        if lora is not None and repo is None and Path(ADAPTERS_FILE).is_file():
+            repo = Path(".")  # run from inside the repository, as its README's examples are
         req = ChatRequest(url, message, model=model, system=system, max_tokens=max_tokens, stop_words=tuple(stop or ()),
                           stream=False if no_stream else None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          num_draft_tokens=num_draft_tokens, timeout=timeout)
+                          num_draft_tokens=num_draft_tokens, timeout=timeout, lora=lora, repo=repo, lora_weights=lora_weights)
         printer = None if json_ else (lambda piece: (render.out.file.write(piece), render.out.file.flush()))
         result = run_chat(req, printer)
         if json_:
@@ -171,8 +199,11 @@ def register(app: typer.Typer) -> None:
             return
         render.out.print("")
         data = result.to_json()
+        lora_note = ""
+        if data["adapter"]:
+            lora_note = f", adapter {data['adapter']['name']} (task {data['adapter']['task_id']})" + (", weights re-sent" if result.lora_resent else "")
         render.err.print(f"[{data['output_tokens'] or '?'} tokens, first {data['ttft_ms']} ms, total {data['total_ms']} ms, "
-                         f"{'streamed' if result.streamed else 'not streamed'}]")
+                         f"{'streamed' if result.streamed else 'not streamed'}{lora_note}]")
         if data["speculation"]:
             s = data["speculation"]
             render.err.print(f"[speculation: {s['accepted_draft_tokens']} of {s['draft_tokens']} draft tokens accepted "

@@ -59,12 +59,15 @@ class Source:
         shape: dims as config symbols (hidden, inter, vocab, q, kv).
         aliases: other spellings of the same tensor in older checkpoints, with their origin in a comment.
         role: "q", "k" or "v" for the parts of a QKV row, else "".
+        lora: the TensorRT-LLM LoRA module adapting this tensor (``attn_q``, ``mlp_h_to_4h``...), "" for none;
+            ``yitrt.lora.modules`` derives its table from this column (trtllm-serving-features.md §2.2).
     """
 
     name: str
     shape: tuple[str, ...]
     aliases: tuple[str, ...] = ()
     role: str = ""
+    lora: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,9 @@ LLAMA_TENSORS: tuple[TensorRule, ...] = (
     TensorRule(
         _T + "attention.qkv.weight",
         (
-            Source(_L + "self_attn.q_proj.weight", ("q", "hidden"), role="q"),
-            Source(_L + "self_attn.k_proj.weight", ("kv", "hidden"), role="k"),
-            Source(_L + "self_attn.v_proj.weight", ("kv", "hidden"), role="v"),
+            Source(_L + "self_attn.q_proj.weight", ("q", "hidden"), role="q", lora="attn_q"),
+            Source(_L + "self_attn.k_proj.weight", ("kv", "hidden"), role="k", lora="attn_k"),
+            Source(_L + "self_attn.v_proj.weight", ("kv", "hidden"), role="v", lora="attn_v"),
         ),
         Split.QKV, Scope.LAYER, Kind.LINEAR,
     ),
@@ -109,18 +112,18 @@ LLAMA_TENSORS: tuple[TensorRule, ...] = (
         ),
         Split.QKV, Scope.LAYER, Kind.BIAS, when="attention_bias",
     ),
-    TensorRule(_T + "attention.dense.weight", (Source(_L + "self_attn.o_proj.weight", ("hidden", "q")),), Split.ROW, Scope.LAYER, Kind.LINEAR),
+    TensorRule(_T + "attention.dense.weight", (Source(_L + "self_attn.o_proj.weight", ("hidden", "q"), lora="attn_dense"),), Split.ROW, Scope.LAYER, Kind.LINEAR),
     TensorRule(_T + "attention.dense.bias", (Source(_L + "self_attn.o_proj.bias", ("hidden",)),), Split.REPLICATE, Scope.LAYER, Kind.BIAS, when="attention_bias"),
     TensorRule(
         _T + "post_layernorm.weight",
         (Source(_L + "post_attention_layernorm.weight", ("hidden",), aliases=(_L + "ln2.weight",)),),  # ln2: legacy YiForCausalLM
         Split.REPLICATE, Scope.LAYER, Kind.NORM,
     ),
-    TensorRule(_T + "mlp.fc.weight", (Source(_L + "mlp.gate_proj.weight", ("inter", "hidden")),), Split.COLUMN, Scope.LAYER, Kind.LINEAR),
+    TensorRule(_T + "mlp.fc.weight", (Source(_L + "mlp.gate_proj.weight", ("inter", "hidden"), lora="mlp_h_to_4h"),), Split.COLUMN, Scope.LAYER, Kind.LINEAR),
     TensorRule(_T + "mlp.fc.bias", (Source(_L + "mlp.gate_proj.bias", ("inter",)),), Split.COLUMN, Scope.LAYER, Kind.BIAS, when="mlp_bias"),
-    TensorRule(_T + "mlp.gate.weight", (Source(_L + "mlp.up_proj.weight", ("inter", "hidden")),), Split.COLUMN, Scope.LAYER, Kind.LINEAR),
+    TensorRule(_T + "mlp.gate.weight", (Source(_L + "mlp.up_proj.weight", ("inter", "hidden"), lora="mlp_gate"),), Split.COLUMN, Scope.LAYER, Kind.LINEAR),
     TensorRule(_T + "mlp.gate.bias", (Source(_L + "mlp.up_proj.bias", ("inter",)),), Split.COLUMN, Scope.LAYER, Kind.BIAS, when="mlp_bias"),
-    TensorRule(_T + "mlp.proj.weight", (Source(_L + "mlp.down_proj.weight", ("hidden", "inter")),), Split.ROW, Scope.LAYER, Kind.LINEAR),
+    TensorRule(_T + "mlp.proj.weight", (Source(_L + "mlp.down_proj.weight", ("hidden", "inter"), lora="mlp_4h_to_h"),), Split.ROW, Scope.LAYER, Kind.LINEAR),
     TensorRule(_T + "mlp.proj.bias", (Source(_L + "mlp.down_proj.bias", ("hidden",)),), Split.REPLICATE, Scope.LAYER, Kind.BIAS, when="mlp_bias"),
     TensorRule("transformer.ln_f.weight", (Source("model.norm.weight", ("hidden",)),), Split.REPLICATE, Scope.LAST, Kind.NORM),
     TensorRule(

@@ -25,6 +25,8 @@ Per rank (reference/trtllm-checkpoint-and-build.md §2, §5, §6):
   least ``max_batch_size × (D + 1)`` (every sequence feeds D + 1 tokens per step); the plan mirrors both, sizes the
   activations for the raised ``max_num_tokens`` and each sequence's KV blocks for ISL + OSL + D (the draft tokens
   a step writes beyond the sequence).
+- **LoRA adapter cache** (``lora``): ``lora_cache_gpu_memory_fraction`` of the memory the KV pool leaves, which must
+  hold one max-sized adapter per rank, as the host cache must (``yitrt.plan.lora`` says why the pool is unchanged).
 - **another engine on the same GPUs** (``reserved_bytes``: a draft beside its target): its weights, activations,
   runtime and KV pool are taken from the memory before this engine's free memory is computed — the free memory
   this engine's executor sees when it is created after the other (``yitrt.plan.speculative``).
@@ -39,6 +41,7 @@ from yitrt.checkpoint.sharding import kv_heads_per_rank
 from yitrt.errors import UsageError
 from yitrt.models.config import ModelConfig
 from yitrt.plan.gpus import MIB, Gpu
+from yitrt.plan.lora import LoraCacheRequest
 from yitrt.quant.schemes import KV_BYTES_FP16, KvCacheFormat, Scheme
 from yitrt.verdict import measured
 
@@ -116,6 +119,7 @@ class PlanRequest:
         group_size: AWQ group size (None: the scheme's).
         max_draft_len: the engine's speculative ``--max_draft_len`` (draft-target K, lookahead D; 0: none).
         reserved_bytes: bytes per GPU another engine on the same GPUs holds (weights, activations, runtime, KV pool).
+        lora: the LoRA adapter cache the engine is served with (None: no LoRA plugin).
     """
 
     cfg: ModelConfig
@@ -130,6 +134,7 @@ class PlanRequest:
     group_size: int | None = None
     max_draft_len: int = 0
     reserved_bytes: int = 0
+    lora: LoraCacheRequest | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -165,6 +170,7 @@ class RankMemory:
     kv_pool: int
     kv_tokens: int
     kv_blocks: int
+    lora_cache: int = 0  # the device LoRA cache: its fraction of what the KV pool leaves (0 without LoRA)
 
     @property
     def weight_bytes(self) -> int:
@@ -176,7 +182,7 @@ class RankMemory:
         return {"rank": self.rank, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "layers": self.layers,
                 "weight_bytes": self.weight_bytes, "weights": self.weights, "kv_bytes_per_token": self.kv_bytes_per_token,
                 "activation_bytes": self.activations, "overhead_bytes": self.overhead, "kv_pool_bytes": self.kv_pool,
-                "kv_tokens": self.kv_tokens, "kv_blocks": self.kv_blocks}
+                "kv_tokens": self.kv_tokens, "kv_blocks": self.kv_blocks, "lora_cache_bytes": self.lora_cache}
 
 
 @dataclass
@@ -220,6 +226,7 @@ class MemoryPlan:
     problems: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
     notes: list[str] = field(default_factory=list)
     weights_fit: bool = True  # weights, activations and runtime leave room for a KV pool on every rank
+    lora: dict[str, Any] | None = None  # the adapter cache per stage (yitrt.plan.lora.cache_plan), None without LoRA
 
     @property
     def fits(self) -> bool:
@@ -267,7 +274,7 @@ class MemoryPlan:
             "ranks": [m.to_json() for m in self.ranks], "kv_tokens": self.kv_tokens, "kv_blocks": self.kv_blocks,
             "blocks_per_sequence": self.blocks_per_sequence, "max_concurrent_sequences": self.max_concurrent,
             "build_limits": self.limits.to_json(), "prefix_cache": self.prefix_cache(),
-            "speculative": self.speculative(), "reserved_bytes": r.reserved_bytes,
+            "speculative": self.speculative(), "reserved_bytes": r.reserved_bytes, "lora": self.lora,
             "triton": {"kv_cache_free_gpu_mem_fraction": w.kv_fraction,
                        "max_tokens_in_paged_kv_cache": self.max_tokens_in_paged_kv_cache},
         }
@@ -368,9 +375,12 @@ def _budget(req: PlanRequest, max_batch: int, max_num_tokens: int, max_seq_len: 
         pool = max(0, int(free * req.workload.kv_fraction))
         tokens = pool // per_token
         blocks = tokens // req.workload.tokens_per_block  # whole blocks only: a partial block cannot be allocated
+        # the executor gives the adapter cache its fraction of what is free once the KV pool is allocated (§2.5), so
+        # LoRA leaves the pool as it is and lives in the (1 − kv_fraction) share (yitrt.plan.lora)
+        lora_cache = int(max(0, free - pool) * req.lora.gpu_memory_fraction) if req.lora is not None else 0
         for tp_rank in range(req.tp):
             ranks.append(RankMemory(pp_rank * req.tp + tp_rank, tp_rank, pp_rank, layers, weights, per_token, act, over,
-                                    pool, tokens, blocks))
+                                    pool, tokens, blocks, lora_cache))
     return ranks
 
 
@@ -457,6 +467,13 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
     limits = BuildLimits(max_batch_size=batch, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                          max_input_len=max(1, max_seq_len - 1))
     max_tokens = min(kv_tokens, batch * blocks_per_seq * tpb)
+    lora = None
+    if req.lora is not None:
+        from yitrt.plan.lora import cache_plan
+
+        lora, lora_problems = cache_plan(req.lora, req.cfg, req.tp, req.dtype_bytes, ranks)
+        if not problems:  # a model that does not fit at all says only that
+            problems += lora_problems
     return MemoryPlan(req, ranks, limits, kv_tokens, blocks, blocks_per_seq, concurrent, max_tokens, problems, notes,
-                      weights_fit=need + req.reserved_bytes < req.gpu.memory_bytes)
+                      weights_fit=need + req.reserved_bytes < req.gpu.memory_bytes, lora=lora)
 

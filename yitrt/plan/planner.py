@@ -22,6 +22,7 @@ from yitrt.errors import UsageError, ValidationError
 from yitrt.models.config import ModelConfig, load_config, parse_config
 from yitrt.models.registry import load_registry, request_pitfalls
 from yitrt.plan.gpus import Gpu, get_gpu
+from yitrt.plan.lora import LoraCacheRequest
 from yitrt.plan.memory import MemoryPlan, PlanRequest, Workload, plan_memory
 from yitrt.plan.rules import Finding, check, rule_context
 from yitrt.plan.speculative import pair_problems, plan_pair
@@ -154,6 +155,8 @@ class PlanOptions:
     draft_layers: int | None = None
     draft_source: PlanSource | None = None
     lookahead: LookaheadSizes | None = None
+    #: the LoRA adapter cache the engine is served with (None: no LoRA)
+    lora: LoraCacheRequest | None = None
 
     @property
     def speculative(self) -> str | None:
@@ -236,7 +239,7 @@ def _request(source: PlanSource, opts: PlanOptions, gpu: Gpu, scheme: Scheme, kv
              max_draft_len: int = 0) -> PlanRequest:
     return PlanRequest(cfg=source.cfg, dtype=planned_dtype(source, scheme), scheme=scheme, kv=kv, tp=tp, pp=pp, gpu=gpu,
                        workload=opts.workload, parallel_embedding=source.parallel_embedding, group_size=source.group_size,
-                       max_draft_len=max_draft_len)
+                       max_draft_len=max_draft_len, lora=opts.lora)
 
 
 def _role_fields(role: str | None, draft_len: int) -> dict[str, Any]:
@@ -347,7 +350,9 @@ def plan(model_or_ckpt: str, opts: PlanOptions, revision: str | None = None, sou
         raise ValidationError(cand.invalid, "fix every problem listed; `yitrt plan --compare` shows what is valid")
     warnings += [str(f) for f in cand.findings if f.severity == "warning"]
     warnings += request_pitfalls(source.cfg, source.repo_id, {"pp": pp, "kv_cache": kv, "scheme": scheme})
-    suggestions = _suggest(source, opts, gpu, cand) if not cand.ok and opts.lookahead is None else []
+    # an adapter cache too small is the only problem a plan reports with it (memory.plan_memory): its fix is the cache's
+    lora_only = cand.plan is not None and cand.plan.lora is not None and not cand.plan.lora["fits"]
+    suggestions = _suggest(source, opts, gpu, cand) if not cand.ok and opts.lookahead is None and not lora_only else []
     report = PlanReport(source, gpu, opts, [cand], suggestions, warnings)
     if opts.lookahead is not None:
         la = opts.lookahead

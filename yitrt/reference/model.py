@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from yitrt.errors import UnsupportedModelError
+from yitrt.errors import UnsupportedModelError, UsageError
 from yitrt.reference.comm import Comm
 from yitrt.reference.layout import is_quantized
 from yitrt.reference.linear import (
@@ -29,6 +29,7 @@ from yitrt.reference.linear import (
     Step,
     WeightOnlyLinear,
 )
+from yitrt.reference.lora import LoraRows, RankAdapter
 from yitrt.reference.rope import Rotary, RotaryTable, apply_rotary
 from yitrt.reference.spec import CheckpointSpec
 
@@ -118,6 +119,7 @@ class PackedSegment:
     past: int  # tokens cached before the step
     slots: torch.Tensor  # [past + count] cache slots of all its tokens, in order
     context: bool  # context phase (its own new keys are attended to unquantized, as context FMHA reads them)
+    adapter: int | None = None  # LoRA task id whose adapter its rows use (``RankModel.adapters``), None: the base model
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,8 @@ class RankModel:
         # True: stored weights and scales, unquantized activations and K/V (see DecodedWeight.weights_only)
         self.weights_only = False
         self.q_size, self.kv_size = self.heads * d, self.kv_heads * d
+        #: LoRA adapters by task id (``RankEngine.load_adapter``): this rank's slices
+        self.adapters: dict[int, RankAdapter] = {}
 
     def new_cache(self) -> KvCache:
         """An empty KV cache."""
@@ -262,10 +266,11 @@ class RankModel:
         out = table[local.clamp(0, rows - 1)].to(self.compute) * mine[..., None].to(self.compute)
         return self.comm.all_reduce(out)
 
-    def _attention(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, cache: KvCache, mask: torch.Tensor) -> torch.Tensor:
+    def _attention(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, cache: KvCache, mask: torch.Tensor,
+                   lora: LoraRows | None) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.spec.head_size
-        qkv = self._linear(layer.qkv, x)
+        qkv = self._linear(layer.qkv, x, lora, index, "qkv")
         if "attention.qkv.bias" in layer.biases:
             qkv = qkv + layer.biases["attention.qkv.bias"].to(self.compute)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -290,26 +295,30 @@ class RankModel:
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = torch.softmax(scores, dim=-1) @ values
         out = out.transpose(1, 2).reshape(b, t, self.q_size).to(self.compute)
-        y = self.comm.all_reduce(self._linear(layer.dense, out))
+        y = self.comm.all_reduce(self._linear(layer.dense, out, lora, index, "dense"))
         if "attention.dense.bias" in layer.biases:
             y = y + layer.biases["attention.dense.bias"].to(self.compute)
         return y
 
-    def _linear(self, linear, x: torch.Tensor) -> torch.Tensor:
-        return linear.weights_only(x) if self.weights_only else linear(x)
+    def _linear(self, linear, x: torch.Tensor, lora: LoraRows | None = None, index: int = 0, name: str = "") -> torch.Tensor:
+        """A base linear on this rank (a row-parallel one before its all-reduce), plus the LoRA deltas of the rows
+        that have an adapter: the plugin adds them to the GEMM's local output (yitrt.reference.lora)."""
+        y = linear.weights_only(x) if self.weights_only else linear(x)
+        return y if lora is None else lora.add(index, name, x, y)
 
-    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        fc, gate = self._linear(layer.fc, x), self._linear(layer.gate, x)
+    def _mlp(self, layer: Layer, x: torch.Tensor, lora: LoraRows | None = None, index: int = 0) -> torch.Tensor:
+        fc, gate = self._linear(layer.fc, x, lora, index, "fc"), self._linear(layer.gate, x, lora, index, "gate")
         if "mlp.fc.bias" in layer.biases:
             fc = fc + layer.biases["mlp.fc.bias"].to(self.compute)
             gate = gate + layer.biases["mlp.gate.bias"].to(self.compute)
-        y = self.comm.all_reduce(self._linear(layer.proj, silu(fc) * gate))  # fc is the activated branch
+        y = self.comm.all_reduce(self._linear(layer.proj, silu(fc) * gate, lora, index, "proj"))  # fc is the activated branch
         if "mlp.proj.bias" in layer.biases:
             y = y + layer.biases["mlp.proj.bias"].to(self.compute)
         return y
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KvCache, last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KvCache, last_only: bool = False,
+                adapter: int | None = None) -> torch.Tensor:
         """Run new tokens through the model.
 
         Args:
@@ -318,6 +327,7 @@ class RankModel:
             key_valid: [B, S] which cache slots (old and new, S = cached + T) are real tokens.
             cache: updated in place.
             last_only: return logits of the last position only.
+            adapter: LoRA task id (``adapters``) every row uses; None: the base model.
 
         Returns:
             float32 logits [B, T or 1, vocab_size].
@@ -333,10 +343,11 @@ class RankModel:
         causal = slots[None, :] <= query_slots  # [T, S]
         # every query may see itself, so the left-padding rows stay finite (their outputs are never used)
         mask = (causal[None] & key_valid[:, None, :]) | (slots[None, :] == query_slots)[None]
+        lora = None if adapter is None else LoraRows([(self.adapter(adapter), None)])
         h = self.embed(ids)
         for index, layer in enumerate(self.layers):
-            h = h + self._attention(layer, index, rms_norm(h, layer.input_norm, spec.norm_epsilon), cos, sin, cache, mask)
-            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon))
+            h = h + self._attention(layer, index, rms_norm(h, layer.input_norm, spec.norm_epsilon), cos, sin, cache, mask, lora)
+            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon), lora, index)
         if last_only:
             h = h[:, -1:]
         h = rms_norm(h, self.ln_f, spec.norm_epsilon)
@@ -354,6 +365,8 @@ class RankModel:
         functions avoid torch's scalar tail paths, cos/sin come from a fixed table and attention pads and sums keys in
         fixed blocks (``attend``). So a sequence's logits are bit-identical whatever it is batched with, however its
         prompt is chunked and whether its prefix was computed now or reused from the cache (for a float KV cache).
+        Segments may use different LoRA adapters (``PackedSegment.adapter``): each adapter's rows run its delta GEMMs
+        together, padded the same way (``LoraRows``).
 
         Returns:
             float32 logits [len(step.logit_rows), vocab_size].
@@ -363,20 +376,45 @@ class RankModel:
         rows = gemm_rows(n)
         self.step.tokens = n  # the engine's GEMM m: real tokens (W4A8-AWQ picks its kernel by it, as the engine does)
         cos, sin = self.rope_table.rows(step.positions, step.seq_lens)
+        lora = self._lora_rows(step.segments)
         h = self.embed(_pad_rows(step.ids, rows)[None])[0]
         for index, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, spec.norm_epsilon)
-            h = h + self._attention_packed(layer, index, x, cos, sin, step, kv, rows)
-            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon))
+            h = h + self._attention_packed(layer, index, x, cos, sin, step, kv, rows, lora)
+            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, spec.norm_epsilon), lora, index)
         k = step.logit_rows.numel()
         h = rms_norm(_pad_rows(h[step.logit_rows], gemm_rows(k)), self.ln_f, spec.norm_epsilon)
         logits = self.comm.all_gather(self._linear(self.lm_head, h), dim=-1)[:k, : spec.vocab_size]
         logits = logits.to(_DTYPES.get(spec.logits_dtype, torch.float32))
         return logits.to(torch.float32)
 
-    def _attention_packed(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, step: PackedStep, kv, rows: int) -> torch.Tensor:
+    def adapter(self, task_id: int) -> RankAdapter:
+        """A loaded adapter.
+
+        Raises:
+            UsageError: no adapter is loaded under ``task_id`` (the engine loop's adapter cache loads it first).
+        """
+        found = self.adapters.get(task_id)
+        if found is None:
+            raise UsageError(f"LoRA task {task_id} not found in cache. Please send LoRA weights with request",
+                             "load the adapter (ReferenceRuntime.load_adapter) before using its task id")
+        return found
+
+    def _lora_rows(self, segments: tuple[PackedSegment, ...]) -> LoraRows | None:
+        """The step's rows grouped by adapter (None: no segment uses one)."""
+        groups: dict[int, list[int]] = {}
+        for seg in segments:
+            if seg.adapter is not None:
+                groups.setdefault(seg.adapter, []).extend(range(seg.start, seg.start + seg.count))
+        if not groups:
+            return None
+        dev = self.device
+        return LoraRows([(self.adapter(t), torch.tensor(rows, dtype=torch.long, device=dev)) for t, rows in groups.items()])
+
+    def _attention_packed(self, layer: Layer, index: int, x: torch.Tensor, cos, sin, step: PackedStep, kv, rows: int,
+                          lora: LoraRows | None = None) -> torch.Tensor:
         n, d = step.ids.numel(), self.spec.head_size
-        qkv = self._linear(layer.qkv, x)[:n]
+        qkv = self._linear(layer.qkv, x, lora, index, "qkv")[:n]
         if "attention.qkv.bias" in layer.biases:
             qkv = qkv + layer.biases["attention.qkv.bias"].to(self.compute)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -416,7 +454,7 @@ class RankModel:
                 cpos[hi - lo :] = seg.past  # padding rows see a real key: finite, discarded
                 result[:, lo:hi] = attend(chunk.contiguous(), keys, values, cpos.expand(self.kv_heads, -1))[:, : hi - lo]
             out[seg.start : seg.start + t] = result.reshape(self.kv_heads, group, t, d).permute(2, 0, 1, 3).reshape(t, self.heads, d)
-        y = self.comm.all_reduce(self._linear(layer.dense, out.reshape(rows, self.q_size).to(self.compute)))
+        y = self.comm.all_reduce(self._linear(layer.dense, out.reshape(rows, self.q_size).to(self.compute), lora, index, "dense"))
         if "attention.dense.bias" in layer.biases:
             y = y + layer.biases["attention.dense.bias"].to(self.compute)
         return y

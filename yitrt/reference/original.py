@@ -113,7 +113,8 @@ def greedy_original(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation with transformers' KV cache (never stops early: verify compares whole runs)."""
     device = next(model.parameters()).device
     # transformers 5.x renamed the cache argument (past_key_values is deprecated there)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards the argument
+    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     out = model(torch.tensor([prompt], device=device), use_cache=True)
     new: list[int] = []
     for _ in range(max_new_tokens):

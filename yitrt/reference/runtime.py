@@ -135,24 +135,51 @@ class RankEngine:
         """Which process and device this rank runs in."""
         return {"tp_rank": self.tp_rank, "pid": os.getpid(), "device": str(self.device), "layers": len(self.model.layers)}
 
-    def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False) -> tuple[torch.Tensor, list[int]]:
+    def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False,
+              adapter: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Logits of every position of every sequence.
 
         The first ``len - decode_tail`` tokens of a sequence go through one context pass; the last
         ``decode_tail`` are fed one step at a time through the KV cache (teacher forcing), as generation would
         read them — the path where a quantized KV cache acts. ``weights_only`` runs the stored weights with
-        unquantized activations and K/V (``DecodedWeight.weights_only``).
+        unquantized activations and K/V (``DecodedWeight.weights_only``; LoRA deltas are unquantized either way).
+        ``adapter``: the LoRA task id (``load_adapter``) every sequence runs with.
 
         Returns:
             (float32 logits [sum of lengths, vocab] on CPU, the lengths).
         """
+        if adapter is not None:
+            self.model.adapter(adapter)  # an unknown task id is refused before anything runs
         self.model.weights_only = weights_only
         try:
-            return self._score(sequences, decode_tail)
+            return self._score(sequences, decode_tail, adapter)
         finally:
             self.model.weights_only = False
 
-    def _score(self, sequences: list[list[int]], decode_tail: int) -> tuple[torch.Tensor, list[int]]:
+    def load_adapter(self, task_id: int, weights, config, max_lora_rank: int | None = None, enabled: set[str] | None = None,
+                     engine_dtype: str | None = None) -> None:
+        """Validate a LoRA adapter's request tensors against the checkpoint (``yitrt.lora.format.unpack``: TensorRT-LLM's
+        checks and messages) and keep this rank's slices under ``task_id``, replacing any adapter loaded under it.
+
+        Args:
+            task_id: the request's ``lora_task_id``.
+            weights: ``lora_weights`` [rows, max_row_len] or [1, rows, max_row_len] (numpy or torch; bf16 allowed).
+            config: ``lora_config`` [rows, 3] or [1, rows, 3] int32.
+            max_lora_rank, enabled, engine_dtype: the engine's limits, checked when given (None: not checked).
+
+        Raises:
+            LoraError: the tensors do not fit this checkpoint.
+        """
+        from yitrt.reference.lora import RankAdapter
+
+        m = self.model
+        m.adapters[task_id] = RankAdapter.load(m.spec, self.tp_rank, weights, config, self.device, max_lora_rank, enabled, engine_dtype)
+
+    def drop_adapter(self, task_id: int) -> bool:
+        """Forget the adapter of ``task_id``; False when none was loaded under it."""
+        return self.model.adapters.pop(task_id, None) is not None
+
+    def _score(self, sequences: list[list[int]], decode_tail: int, adapter: int | None = None) -> tuple[torch.Tensor, list[int]]:
         out: dict[int, torch.Tensor] = {}
         by_length: dict[int, list[int]] = {}
         for i, seq in enumerate(sequences):
@@ -162,20 +189,20 @@ class RankEngine:
             per_batch = max(1, _SCORE_TOKEN_BUDGET // length)
             for start in range(0, len(members), per_batch):
                 batch = members[start : start + per_batch]
-                for i, logits in zip(batch, self._score_equal([sequences[i] for i in batch], length - tail), strict=True):
+                for i, logits in zip(batch, self._score_equal([sequences[i] for i in batch], length - tail, adapter), strict=True):
                     out[i] = logits
         return torch.cat([out[i] for i in range(len(sequences))]), [len(s) for s in sequences]
 
-    def _score_equal(self, seqs: list[list[int]], context: int) -> list[torch.Tensor]:
+    def _score_equal(self, seqs: list[list[int]], context: int, adapter: int | None = None) -> list[torch.Tensor]:
         model, dev = self.model, self.device
         ids = torch.tensor(seqs, dtype=torch.long, device=dev)
         b, n = ids.shape
         cache = model.new_cache()
         positions = torch.arange(n, device=dev).expand(b, n)
         valid = torch.ones(b, n, dtype=torch.bool, device=dev)
-        parts = [model.forward(ids[:, :context], positions[:, :context], valid[:, :context], cache).cpu()]
+        parts = [model.forward(ids[:, :context], positions[:, :context], valid[:, :context], cache, adapter=adapter).cpu()]
         for t in range(context, n):
-            parts.append(model.forward(ids[:, t : t + 1], positions[:, t : t + 1], valid[:, : t + 1], cache).cpu())
+            parts.append(model.forward(ids[:, t : t + 1], positions[:, t : t + 1], valid[:, : t + 1], cache, adapter=adapter).cpu())
         logits = torch.cat(parts, dim=1)
         return list(logits.unbind(0))
 
@@ -208,7 +235,8 @@ class RankEngine:
             ids.extend(seg.tokens)
             positions.extend(range(seg.past, end))
             seq_lens.extend([end] * count)
-            segments.append(PackedSegment(start, count, seg.past, slots.to(dev), seg.context))
+            adapter = getattr(seg, "adapter", None)  # the request's LoRA task id (its adapter is loaded on every rank)
+            segments.append(PackedSegment(start, count, seg.past, slots.to(dev), seg.context, adapter))
             if seg.sample:
                 logit_rows.extend(range(start + count - seg.logits, start + count))
             start += count
@@ -220,7 +248,7 @@ class RankEngine:
                 ids.append(token)
                 positions.append(chain.numel() - 1)
                 seq_lens.append(chain.numel())
-                segments.append(PackedSegment(start, 1, chain.numel() - 1, chain.to(dev), False))
+                segments.append(PackedSegment(start, 1, chain.numel() - 1, chain.to(dev), False, adapter))
                 logit_rows.append(start)
                 start += 1
         step = PackedStep(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
@@ -316,6 +344,8 @@ class ReferenceRuntime:
         self._procs: list = []
         self._local: RankEngine | None = None
         self.ranks: list[dict[str, Any]] = []
+        #: LoRA task ids loaded on the ranks (``load_adapter``)
+        self.adapters: set[int] = set()
         if self.spec.tp == 1:
             self._local = RankEngine(self.spec, 0, LocalComm(), self.device, TORCH_DTYPES[compute_dtype])
             self.ranks = [self._local.info()]
@@ -388,14 +418,53 @@ class ReferenceRuntime:
         """``check_tokens`` for this runtime's checkpoint."""
         check_tokens(self.spec, sequences, new_tokens)
 
-    def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False) -> list[torch.Tensor]:
+    def score(self, sequences: list[list[int]], decode_tail: int = 0, weights_only: bool = False,
+              adapter: int | None = None) -> list[torch.Tensor]:
         """float32 logits [len, vocab] of every position of each sequence (non-empty sequences); the last
-        ``decode_tail`` tokens of each are fed one by one through the KV cache (see ``RankEngine.score``)."""
+        ``decode_tail`` tokens of each are fed one by one through the KV cache (see ``RankEngine.score``);
+        ``adapter``: a LoRA task id loaded with ``load_adapter`` that every sequence runs with.
+
+        Raises:
+            UsageError: an empty sequence, a token outside the vocab, an adapter not loaded.
+        """
         if not sequences or any(not s for s in sequences):
             raise UsageError("nothing to score (an empty token sequence)", "pass non-empty sequences")
         self.check_tokens(sequences, None)  # ids only: scoring past the context is how RoPE scaling is tested
-        logits, lengths = self._call("score", sequences, decode_tail, weights_only)
+        self._check_adapter(adapter)
+        logits, lengths = self._call("score", sequences, decode_tail, weights_only, adapter)
         return list(logits.split(lengths))
+
+    def load_adapter(self, task_id: int, weights, config, max_lora_rank: int | None = None, enabled: set[str] | None = None,
+                     engine_dtype: str | None = None) -> None:
+        """Load a LoRA adapter's request tensors (``lora_weights``, ``lora_config``: full unsplit matrices, B scaled)
+        on every rank under ``task_id`` (see ``RankEngine.load_adapter``); a second load under the same id replaces it.
+
+        Raises:
+            UsageError: ``task_id`` is not a non-negative integer (a UINT64).
+            LoraError: the tensors do not fit this checkpoint (TensorRT-LLM's request validation messages).
+        """
+        if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
+            raise UsageError(f"LoRA task id must be a non-negative integer, got {task_id!r}", "pass the lora_task_id as an unsigned integer")
+        if self._local is None:
+            # validated here first: an error inside the rank processes would end them (and the runtime)
+            from yitrt.reference.lora import unpack_for
+
+            unpack_for(self.spec, weights, config, max_lora_rank, enabled, engine_dtype)
+        self._call("load_adapter", task_id, weights, config, max_lora_rank, enabled, engine_dtype)
+        self.adapters.add(task_id)
+
+    def drop_adapter(self, task_id: int) -> bool:
+        """Forget a LoRA adapter on every rank; False when none was loaded under ``task_id``."""
+        if task_id not in self.adapters:
+            return False
+        self._call("drop_adapter", task_id)
+        self.adapters.discard(task_id)
+        return True
+
+    def _check_adapter(self, adapter: int | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            raise UsageError(f"LoRA task {adapter} not found in cache. Please send LoRA weights with request",
+                             "load the adapter first (ReferenceRuntime.load_adapter)")
 
     def engine(self, config):
         """An ``EngineLoop`` (in-flight batching, paged KV, reuse) on this runtime, with ``config`` (``EngineConfig``)."""
@@ -403,20 +472,24 @@ class ReferenceRuntime:
 
         return EngineLoop(self, config)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, end_ids: tuple[int, ...] = ()) -> list[list[int]]:
-        """New tokens for each prompt (the engine loop, every prompt admitted at once)."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None, end_ids: tuple[int, ...] = (),
+                 adapter: int | None = None) -> list[list[int]]:
+        """New tokens for each prompt (the engine loop, every prompt admitted at once; ``adapter``: the LoRA task id
+        every prompt runs with)."""
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive number")
         new: list[list[int]] = [[] for _ in prompts]
-        for events in self.generate_stream(prompts, [StopRule(max_new_tokens, tuple(end_ids))] * len(prompts), sampling):
+        for events in self.generate_stream(prompts, [StopRule(max_new_tokens, tuple(end_ids))] * len(prompts), sampling, adapter):
             for b, event in enumerate(events):
                 if event is not None:
                     new[b].append(event[0])
         return new
 
-    def generate_stream(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling | None = None) -> Iterator[list[tuple[int, str | None] | None]]:
+    def generate_stream(self, prompts: list[list[int]], rules: list[StopRule], sampling: Sampling | None = None,
+                        adapter: int | None = None) -> Iterator[list[tuple[int, str | None] | None]]:
         """Decode the prompts together on an engine loop sized to hold them all, each under its own ``StopRule``
-        (every prompt gets ``sampling``; a sampled prompt gets its own generator, seeded with ``sampling.seed``).
+        (every prompt gets ``sampling``; a sampled prompt gets its own generator, seeded with ``sampling.seed``;
+        ``adapter``: a loaded LoRA task id every prompt runs with).
 
         Yields:
             Per iteration, for each prompt: ``(token, finish_reason)`` (reason None while it goes on), or None when
@@ -431,14 +504,16 @@ class ReferenceRuntime:
             raise UsageError("max_new must be >= 1", "pass a positive number of new tokens")
         for prompt, rule in zip(prompts, rules, strict=True):
             self.check_tokens([prompt], rule.max_new)
+        self._check_adapter(adapter)
         tpb = 32
         blocks = sum(blocks_for(len(p) + r.max_new, tpb) for p, r in zip(prompts, rules, strict=True))
         config = EngineConfig(max_batch_size=len(prompts), max_num_tokens=sum(len(p) for p in prompts) + len(prompts),
                               tokens_per_block=tpb, primary_blocks=blocks, reuse=False)
         loop = self.engine(config)
         keys = [str(i) for i in range(len(prompts))]
+        lora = {} if adapter is None else {"adapter": adapter}  # loaded on the ranks already: the loop needs no adapter cache
         for key, prompt, rule in zip(keys, prompts, rules, strict=True):
-            loop.add(key, prompt, rule, sampling or Sampling())
+            loop.add(key, prompt, rule, sampling or Sampling(), **lora)
         while not loop.idle:
             events = {key: (token, reason) for key, token, reason in loop.step()}
             yield [events.get(key) for key in keys]

@@ -133,6 +133,8 @@ class VerifyRequest:
         thresholds: overrides of the threshold table.
         allow_pickle: let transformers load ``.bin`` weights of the original.
         tokenizer: tokenizer folder (default: the model folder).
+        lora: a converted LoRA adapter (``yitrt lora convert`` output) to verify on the checkpoint, compared with
+            transformers + peft (``yitrt.reference.verify_lora``); None: the base model.
     """
 
     checkpoint: Path
@@ -147,6 +149,7 @@ class VerifyRequest:
     thresholds: dict[str, float | None] = field(default_factory=dict)
     allow_pickle: bool = False
     tokenizer: Path | None = None
+    lora: Path | None = None
 
 
 def load_tokenizer(folder: Path):
@@ -388,6 +391,7 @@ class VerifyReport:
     seconds: float
     warnings: list[str]
     pipeline: PipelineCheck = field(default_factory=lambda: PipelineCheck(False, "not run"))
+    lora: dict[str, Any] | None = None  # the adapter verified (AdapterUnderTest.to_json), None: the base model
 
     @property
     def passed(self) -> bool:
@@ -438,6 +442,7 @@ class VerifyReport:
             "passed": self.passed,
             "seconds": round(self.seconds, 2),
             "warnings": self.warnings,
+            "lora": self.lora,
         }
 
 
@@ -527,6 +532,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
         CheckpointError / UnsupportedModelError: the checkpoint is malformed, was made from another model, or
             uses a format the reference runtime refuses.
         UsageError: bad options or inputs.
+        LoraError: ``req.lora`` is not a converted adapter the checkpoint's engine would take.
     """
     from yitrt.reference.original import check_original, greedy_original, load_original, score_original
     from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime, Sampling, check_tokens, resolve_device
@@ -545,6 +551,13 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
     thresholds = thresholds_for(spec, req.thresholds)
     record = fake_quant_record(req.checkpoint)
     device = resolve_device(req.device)
+    adapter = None
+    if req.lora is not None:  # checked whole before any model is loaded
+        from yitrt.reference.verify_lora import VERIFY_TASK_ID, read_adapter, with_peft
+
+        adapter = read_adapter(req.lora, spec, req.checkpoint, req.model)
+        warnings += list(adapter.warnings)
+    task = VERIFY_TASK_ID if adapter else None
 
     tokenizer = load_tokenizer(req.tokenizer or req.model)
     windows, prompts, prompts_text = _token_inputs(tokenizer, req, spec.vocab_size)
@@ -552,6 +565,8 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
 
     say("running the original with transformers")
     original = load_original(req.model, device, TORCH_DTYPES[req.compute_dtype], req.allow_pickle)
+    if adapter is not None:
+        original = with_peft(original, adapter)
     ref_windows = score_original(original, windows)
     ref_prompts = score_original(original, prompts)
     ref_greedy = [greedy_original(original, p, req.max_new_tokens) for p in prompts]
@@ -561,11 +576,13 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
     say(f"running the checkpoint with the reference runtime (tp {spec.tp}, pp {spec.pp})")
     with ReferenceRuntime(req.checkpoint, req.device, req.compute_dtype) as runtime:
         ranks = runtime.ranks
+        if adapter is not None:  # the converted arrays, as a request would bring them
+            runtime.load_adapter(task, adapter.weights, adapter.config)
         # the second half of each window goes through the KV cache one token at a time, so a quantized KV cache
         # (and the generation path) shows in the figures; the prompts take the context path
-        got = runtime.score(windows, decode_tail=req.window // 2) + runtime.score(prompts)
-        got_greedy = runtime.generate(prompts, req.max_new_tokens, Sampling(greedy=True))
-        say("comparing with the calibrated model's record")
+        got = runtime.score(windows, decode_tail=req.window // 2, adapter=task) + runtime.score(prompts, adapter=task)
+        got_greedy = runtime.generate(prompts, req.max_new_tokens, Sampling(greedy=True), adapter=task)
+        say("comparing with the calibrated model's record")  # of the base checkpoint: the record has no adapter
         pipeline = check_pipeline(runtime, spec, windows, record)
     got_windows, got_prompts = got[: len(windows)], got[len(windows):]
 
@@ -580,7 +597,7 @@ def verify(req: VerifyRequest, progress: ProgressFn | None = None) -> VerifyRepo
     report = VerifyReport(
         req.checkpoint, req.model, spec, comparison,
         perplexity(ref_windows, windows), perplexity(got_windows, windows), greedy, thresholds, [], ranks,
-        sum(len(w) for w in windows), 0.0, warnings, pipeline,
+        sum(len(w) for w in windows), 0.0, warnings, pipeline, adapter.to_json() if adapter else None,
     )
     hard, loss = _judge(report)
     if pipeline.ran:

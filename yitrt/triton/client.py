@@ -1,5 +1,5 @@
 """`yitrt chat`: one chat turn against a deployed repository over gRPC (tritonclient), streamed when the model is
-decoupled, with token counts and timings."""
+decoupled, with token counts and timings; with a LoRA adapter of the repository (``lora_client``) when asked."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,9 @@ class ChatRequest:
         num_draft_tokens: draft-target speculation through yitrt's BLS: draft tokens per round (None: the
             deployment's default; 0: off).
         timeout: seconds to wait for the whole answer.
+        lora: the name of a LoRA adapter of the deployed repository ``repo`` (its ``lora_adapters.json``).
+        lora_weights: send the adapter's weights with the request (False: its task id alone — the server must hold
+            it; when it answers "not found in cache" the request is sent once more, with the weights).
     """
 
     url: str
@@ -48,6 +52,9 @@ class ChatRequest:
     seed: int | None = None
     num_draft_tokens: int | None = None
     timeout: float = 300.0
+    lora: str | None = None
+    repo: Path | None = None
+    lora_weights: bool = True
 
 
 #: what a speculative answer reports (TensorRT-LLM's perf-metric outputs, yitrt's BLS per-step counts)
@@ -69,6 +76,9 @@ class ChatResult:
     steps: list[int] = field(default_factory=list)  # draft tokens accepted per target step (speculative answers)
     accepted: int | None = None
     drafted: int | None = None
+    adapter: dict[str, Any] | None = None  # the LoRA adapter asked for (name, task id, dtype)
+    lora_weights_sent: bool = False
+    lora_resent: bool = False  # the server did not hold the adapter: the request went again with its weights
 
     @property
     def speculation(self) -> dict[str, Any] | None:
@@ -85,7 +95,8 @@ class ChatResult:
         return {"text": self.text, "model": self.model, "streamed": self.streamed, "chunks": len(self.chunks),
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1), "total_ms": round(self.total_s * 1000, 1),
-                "output_tokens_per_s": None if tps is None else round(tps, 1), "speculation": self.speculation}
+                "output_tokens_per_s": None if tps is None else round(tps, 1), "speculation": self.speculation,
+                "adapter": self.adapter, "lora_weights_sent": self.lora_weights_sent, "lora_resent": self.lora_resent}
 
 
 def model_info(client, model: str) -> tuple[dict[str, str], bool]:
@@ -234,7 +245,14 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
         UsageError: no such model, or options the model cannot take.
         YitrtError: the server is unreachable. RequestFailedError: it answered with an error.
     """
+    from yitrt.triton import lora_client
+
     parse_url(req.url)  # before importing the client: a bad endpoint is the user's to fix first
+    adapter = None
+    if req.lora is not None:  # the repository's adapters are read before anything is sent
+        if req.repo is None:
+            raise UsageError("--lora needs the deployed repository that lists the adapters", "pass --repo REPO (the folder yitrt deploy wrote)")
+        adapter = lora_client.pick(lora_client.read_adapters(req.repo), req.lora)
     grpc = require("tritonclient.grpc", "serve")
     if req.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {req.max_tokens}", "pass a positive number")
@@ -246,19 +264,40 @@ def chat(req: ChatRequest, on_text: Callable[[str], None] | None = None) -> Chat
     if "num_draft_tokens" in names:  # the BLS of a draft-target deployment reports acceptance
         outputs += [grpc.InferRequestedOutput(n) for n in SPEC_OUTPUTS]
     inputs = build_inputs(grpc, names, req, stream, model)
-    result = ChatResult("", model, stream)
+    result = ChatResult("", model, stream, adapter=lora_client.describe(adapter))
+    sender = None
+    if adapter is not None:
+        sender = lora_client.LoraSender(grpc, names, {adapter.name: adapter}, model)
+        inputs.append(sender.id_tensor(adapter.name))
+        if req.lora_weights:
+            inputs += sender.weight_tensors(adapter.name)
+            result.lora_weights_sent = True
     start = time.perf_counter()
+    try:
+        _ask(client, model, req.timeout, inputs, outputs, result, start, on_text, decoupled)
+    except RequestFailedError as exc:
+        if sender is None or result.lora_weights_sent or not lora_client.not_cached(exc.message):
+            raise
+        # the server no longer holds the adapter (or never did): once more, with its weights
+        result.chunks, result.ttft_s, result.lora_resent = [], None, True
+        result.lora_weights_sent = True
+        _ask(client, model, req.timeout, inputs + sender.weight_tensors(adapter.name), outputs, result, time.perf_counter(),
+             on_text, decoupled)
+    result.total_s = time.perf_counter() - start
+    result.text = "".join(result.chunks)
+    return result
+
+
+def _ask(client, model: str, timeout: float, inputs, outputs, result: ChatResult, start: float, on_text, decoupled: bool) -> None:
+    """One request: the whole answer at once, or streamed from a decoupled model."""
     if not decoupled:
         try:
-            answer = client.infer(model, inputs, outputs=outputs, client_timeout=req.timeout)
+            answer = client.infer(model, inputs, outputs=outputs, client_timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             raise _failed(exc) from None
         _take(result, answer, start, on_text)
     else:
-        _stream(client, model, req.timeout, inputs, outputs, result, start, on_text)
-    result.total_s = time.perf_counter() - start
-    result.text = "".join(result.chunks)
-    return result
+        _stream(client, model, timeout, inputs, outputs, result, start, on_text)
 
 
 def _take(result: ChatResult, answer, start: float, on_text) -> None:

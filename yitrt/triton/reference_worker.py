@@ -7,7 +7,9 @@ torch) and talks to it over stdin/stdout, one JSON object per line:
     request  {"id": str, "input_ids": [int], "max_new": int, "min_new": int, "end_ids": [int], "stop_sequences": [[int]],
               "sampling": {"greedy": bool, "temperature": float, "top_k": int, "top_p": float, "seed": int},
               optional: "draft": [int] (draft_input_ids: one verification step), "draft_logits": base64 float32 [K, vocab],
-              "draft_threshold": float, "lookahead": [w, n, g], "return_logits": bool (generation logits)}
+              "draft_threshold": float, "lookahead": [w, n, g], "return_logits": bool (generation logits),
+              "lora_task_id": int, "lora_weights": base64 [rows, L] of "lora_dtype" (float16/float32; bfloat16 as the
+              float32 of its values), "lora_shape": [rows, L], "lora_config": [[module_id, layer, rank]]}
              {"cancel": str}                                              stop that request (TensorRT-LLM's `stop`)
     answer   {"ready": true, "tp": int, "engine": {...}, "warnings": [str], "stats": {...}}  once, after the checkpoint loaded
              {"id": str, "token": int, "finish": null|"end_id"|"stop_words"|"length"}   one per generated token
@@ -105,8 +107,37 @@ def _add(loop, request: dict[str, Any]) -> None:
         from yitrt.speculation import LookaheadSizes
 
         lookahead = LookaheadSizes(*(int(v) for v in request["lookahead"]))
+    task, weights, config = _lora(request)
     loop.add(request["id"], list(prompt), rule, Sampling(**(request.get("sampling") or {})), draft=draft,
-             lookahead=lookahead, return_logits=bool(request.get("return_logits")))  # add() checks the ids
+             lookahead=lookahead, return_logits=bool(request.get("return_logits")), adapter=task,
+             lora_weights=weights, lora_config=config)  # add() checks the ids and the adapter
+
+
+def _lora(request: dict[str, Any]) -> tuple[int | None, Any, Any]:
+    """The request's LoRA task id and arrays (None where absent), the weights in the dtype they were sent in: a
+    bfloat16 tensor for bf16 (numpy has none), so the adapter cache's dtype check sees what the client sent."""
+    task = request.get("lora_task_id")
+    weights = config = None
+    if request.get("lora_weights") is not None:
+        import numpy as np
+
+        dtype = request.get("lora_dtype", "float32")
+        if dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"lora_weights dtype {dtype} is not float16, bfloat16 or float32")
+        flat = np.frombuffer(base64.b64decode(request["lora_weights"]), dtype=np.float16 if dtype == "float16" else np.float32)
+        weights = flat.reshape([int(n) for n in request["lora_shape"]]).copy()
+        if dtype == "bfloat16":
+            import torch
+
+            weights = torch.from_numpy(weights).to(torch.bfloat16)  # exact: the values are bf16 values
+    if request.get("lora_config") is not None:
+        import numpy as np
+
+        config = np.asarray(request["lora_config"], dtype=np.int64)
+        if config.size and (config.min() < np.iinfo(np.int32).min or config.max() > np.iinfo(np.int32).max):
+            raise ValueError("lora_config holds values outside int32")
+        config = config.astype(np.int32)  # its shape as sent: the cache's checks name a wrong one
+    return (None if task is None else int(task)), weights, config
 
 
 def _handle(loop, message: dict[str, Any], out: _Writer) -> None:
@@ -124,6 +155,7 @@ def serve(checkpoint: Path, params: dict[str, Any], device: str, compute_dtype: 
     """Load the checkpoint, then answer requests from ``stdin`` on ``stdout`` until stdin closes."""
     from dataclasses import asdict
 
+    from yitrt.reference.engine.loop import EngineLoop
     from yitrt.reference.engine.parameters import engine_config
     from yitrt.reference.runtime import TORCH_DTYPES, ReferenceRuntime
 
@@ -158,7 +190,7 @@ def serve(checkpoint: Path, params: dict[str, Any], device: str, compute_dtype: 
             except Exception as exc:  # noqa: BLE001 - reported per request; a fresh loop serves what comes next
                 for seq in list(loop.scheduler.running) + list(loop.scheduler.waiting):
                     out.send({"id": seq.key, "error": _message(exc)})
-                loop = runtime.engine(config)
+                loop = EngineLoop(runtime, config, loop.adapters)  # cached adapters stay (they are on the ranks)
 
 
 def _send_events(loop, events: list[tuple[str, int, str | None]], out: _Writer) -> None:

@@ -25,7 +25,9 @@ from yitrt.limits import INT32_MAX, MAX_INSTANCES
 from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
 from yitrt.speculation import LookaheadSizes
 from yitrt.triton import contract as contracts
+from yitrt.triton import lora as lora_mod
 from yitrt.triton import speculative as spec_mod
+from yitrt.triton.lora import LoraDeployment, LoraRequest
 from yitrt.triton.model_src.yitrt_text import WORDS_ENCODINGS
 from yitrt.triton.pbtxt import Header, build_config, to_text
 from yitrt.triton.speculative import DRAFT_MODEL, Speculation
@@ -81,6 +83,8 @@ class DeployRequest:
             be theirs.
         draft_kv_fraction: the draft's kv_cache_free_gpu_mem_fraction (default: half of the plan's when both share GPUs).
         gpu_ids / draft_gpu_ids: ``gpu_device_ids`` of target and draft engines (default: the first tp×pp GPUs each).
+        lora: LoRA adapters and their cache (``yitrt.triton.lora``; None: none). ``lora_weights`` is typed with the
+            engine's dtype either way.
     """
 
     source: Path
@@ -112,6 +116,7 @@ class DeployRequest:
     draft_kv_fraction: float | None = None
     gpu_ids: tuple[int, ...] | None = None
     draft_gpu_ids: tuple[int, ...] | None = None
+    lora: LoraRequest | None = None
     force: bool = False
 
 
@@ -140,6 +145,7 @@ class EngineFacts:
     max_draft_len: int = 0
     gather_generation_logits: bool = False
     max_beam_width: int = 1
+    lora: dict[str, Any] | None = None  # the engine's LoRA build settings (yitrt.triton.lora.engine_lora; None: no plugin)
 
     @property
     def world_size(self) -> int:
@@ -256,7 +262,7 @@ def engine_facts(req: DeployRequest) -> EngineFacts:
                        vocab_size=_count(pretrained, "vocab_size", 0, cfg_path, low=0, high=1 << 24) or None, speculative_mode=mode,
                        max_draft_len=_count(build, "max_draft_len", 0, cfg_path, low=0, high=1 << 16),
                        gather_generation_logits=build.get("gather_generation_logits") is True or build.get("gather_all_token_logits") is True,
-                       max_beam_width=_count(build, "max_beam_width", 1, cfg_path, high=1024))
+                       max_beam_width=_count(build, "max_beam_width", 1, cfg_path, high=1024), lora=lora_mod.engine_lora(build))
 
 
 def _line(req: DeployRequest, facts: EngineFacts) -> str:
@@ -467,9 +473,9 @@ def repository_models(req: DeployRequest, spec: Speculation | None = None) -> li
 
 
 def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int],
-                      spec: Speculation | None = None) -> dict[str, str]:
+                      spec: Speculation | None = None, lora: LoraDeployment | None = None) -> dict[str, str]:
     """Every model's config.pbtxt text, by model name (the BLS under ``req.model_name``; the draft of draft-target
-    speculation as ``tensorrt_llm_draft``)."""
+    speculation as ``tensorrt_llm_draft``); ``lora``: the adapter cache parameters (and the slot's LoRA limits)."""
     models = contracts.contract(line)
     reference = facts.kind == "reference"
     batch = req.max_batch_size or facts.max_batch_size
@@ -494,10 +500,15 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
         fill["kv_cache_host_memory_bytes"] = str(int(req.kv_host_cache))
     if spec is not None:
         fill.update(spec_mod.target_fill(spec))
+    if lora is not None:
+        fill.update(lora.fill(req.out))
     # prompt_embedding_table: the ensemble declares TYPE_FP16 and Triton refuses an ensemble whose steps disagree
     # on a tensor's type (seen: "inconsistent data type"), so tensorrt_llm/BLS get FP16 too, as NVIDIA's docs fill it.
+    # lora_weights: the engine's dtype in tensorrt_llm, the ensemble and the BLS alike, adapters or not — the engine
+    # refuses any other ("Expected lora weights to be the same data type as base model": a bf16 engine and the
+    # template's FP16, trtllm-serving-features.md §2.6), and Triton refuses an ensemble whose steps disagree on a type
     types = {"logits_datatype": _DTYPES.get(facts.logits_dtype, "TYPE_FP32"), "encoder_input_features_data_type": "TYPE_FP16",
-             "prompt_embedding_table_data_type": "TYPE_FP16"}
+             "prompt_embedding_table_data_type": "TYPE_FP16", "lora_weights_data_type": _DTYPES.get(facts.dtype, "TYPE_FP16")}
     limits = {"max_input_len": str(facts.max_input_len)}
     slot = ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable, **_slot_limits(req),
              "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}
@@ -505,7 +516,8 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
     extra = {
         "preprocessing": {**limits, "yitrt_words_encoding": req.words_encoding, **({"end_id": str(end_id)} if end_id is not None else {}),
                           **({"stop_token_ids": ",".join(map(str, stops))} if stops else {})},
-        "tensorrt_llm": {**slot, **(spec_mod.target_parameters(spec, facts.kind) if spec else {})},
+        "tensorrt_llm": {**slot, **(spec_mod.target_parameters(spec, facts.kind) if spec else {}),
+                         **(lora.slot_parameters() if lora is not None and reference else {})},
         DRAFT_MODEL: slot,  # the draft slot stands in for an engine with the target's limits
         "tensorrt_llm_bls": {"tokenizer_dir": TOKENIZER_FOLDER, "skip_special_tokens": "true", "preprocessing_model_name": "preprocessing",
                              **{key: json.dumps(value, sort_keys=True) for key, value in bls_wiring(models).items()},
@@ -597,7 +609,8 @@ exec {body}
 """
 
 
-def _readme(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int], spec: Speculation | None = None) -> str:
+def _readme(req: DeployRequest, facts: EngineFacts, line: str, end_id: int | None, stops: list[int], spec: Speculation | None = None,
+            lora: LoraDeployment | None = None) -> str:
     bls = req.model_name
     stream = "true" if req.streaming else "false"
     reference = ("\n**This repository serves a CPU reference engine slot** (yitrt's reference runtime over the checkpoint "
@@ -650,7 +663,7 @@ model's chat template (`text_input`, if not empty, is appended as the last user 
 Differences from NVIDIA's templates, on purpose: stop/bad words are encoded alone and after a space
 (`preprocessing` parameter `yitrt_words_encoding`: `{req.words_encoding}`; `stock` encodes them alone); `tensorrt_llm` has
 {exclude}. Shapes are the stock ones: `text_output` is 1-D `[1]` per response (`as_numpy("text_output")[0]`).
-{spec_mod.readme_section(spec)}"""
+{spec_mod.readme_section(spec)}{lora.readme_section(bls) if lora is not None else ""}"""
 
 
 def deploy(req: DeployRequest) -> DeployResult:
@@ -671,6 +684,10 @@ def deploy(req: DeployRequest) -> DeployResult:
     facts = engine_facts(req)
     line = _line(req, facts)
     spec, problems, spec_warnings = spec_mod.resolve(req, facts)
+    lora, lora_problems = lora_mod.resolve(req.lora, facts.dtype, facts.kind, facts.lora)
+    problems = [*problems, *lora_problems]
+    if lora is not None and spec is not None:
+        problems.append("yitrt does not combine LoRA adapters with speculative decoding: deploy one or the other")
     if req.kv_reuse is None:  # a speculative target must reuse KV blocks (checked against the engine below)
         needed = (spec is not None and spec.draft_target) or facts.speculative_mode == "draft_tokens_external"
         req = dataclasses.replace(req, kv_reuse=True if needed else reuse_possible(facts))
@@ -686,11 +703,13 @@ def deploy(req: DeployRequest) -> DeployResult:
               "max_num_tokens": req.max_num_tokens, "tokens_per_block": req.tokens_per_block, "kv_cache_bytes": req.kv_cache_bytes,
               "instances": req.instances, "model_name": req.model_name,
               "max_input_len": req.max_input_len, "max_seq_len": req.max_seq_len, "words_encoding": req.words_encoding, "python": sys.executable if req.engine == "reference" else None,
-              "speculative": spec.to_json() if spec else None}
+              "speculative": spec.to_json() if spec else None, **({"lora": lora.to_json()} if lora is not None else {})}
     inputs = {"source": _source_fingerprint(facts.path),
               "tokenizer": fingerprint_files(tok_dir, [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()])}
     if spec is not None and spec.draft is not None:
         inputs["draft"] = _source_fingerprint(spec.draft.path)
+    for adapter in lora.adapters if lora is not None else ():
+        inputs[f"lora:{adapter.name}"] = fingerprint_files(adapter.source, list(lora_mod.NPY_FILES))
     out = Path(req.out).absolute()
     orchestrator = spec is not None and spec.orchestrator
     summary = {"max_batch_size": req.max_batch_size or facts.max_batch_size, "streaming": req.streaming, "end_id": end_id,
@@ -698,12 +717,13 @@ def deploy(req: DeployRequest) -> DeployResult:
                "entry_model": req.model_name, "tp": facts.tp, "pp": facts.pp, "world_size": 1 if orchestrator else facts.world_size,
                "kv_reuse": req.kv_reuse, "chunked_context": req.chunked_context, "scheduler_policy": req.scheduler_policy,
                "speculative": spec.to_json() if spec else None,
+               **({"lora": [{"name": a.name, "task_id": a.task_id} for a in lora.adapters]} if lora is not None else {}),
                **({"orchestrator": True, "orchestrator_gpus": spec.orchestrator_gpus} if orchestrator else {})}
     if not req.force:
         reused = find_reusable(out, STAGE, _key(params, inputs))
         if reused is not None:
             return DeployResult(out, True, line, facts, summary, warnings, spec)
-    configs = render_repository(req, facts, line, end_id, stops, spec)
+    configs = render_repository(req, facts, line, end_id, stops, spec, lora)
     with ArtifactWriter(out, STAGE, params, inputs, {"yitrt": __version__}) as art:
         for name, model in repository_models(req, spec):
             folder = art.path / name
@@ -714,7 +734,9 @@ def deploy(req: DeployRequest) -> DeployResult:
         launch = art.path / "launch.sh"
         launch.write_text(_launch_script(facts, spec))
         launch.chmod(0o755)
-        (art.path / "README.md").write_text(_readme(req, facts, line, end_id, stops, spec))
+        if lora is not None:
+            lora.write(art.path)
+        (art.path / "README.md").write_text(_readme(req, facts, line, end_id, stops, spec, lora))
         art.extra["deploy"] = {**summary, "line": line, "engine": facts.kind, "source": str(facts.path), "tokenizer": str(tok_dir),
                                "max_input_len": facts.max_input_len, "max_seq_len": facts.max_seq_len}
     return DeployResult(out, False, line, facts, summary, warnings, spec)

@@ -69,13 +69,14 @@ class BlockManager:
         """Blocks referenced by sequences."""
         return self.primary_blocks - self.free_blocks()
 
-    def match(self, tokens: list[int], logits_from: int | None = None) -> list[Node]:
-        """Cached blocks a sequence with ``tokens`` can reuse: its full blocks before the first position whose logits
-        must be computed (``logits_from``; default the last token). Empty when reuse is off."""
+    def match(self, tokens: list[int], logits_from: int | None = None, adapter: int | None = None) -> list[Node]:
+        """Cached blocks a sequence with ``tokens`` under LoRA task ``adapter`` (None: none) can reuse: its full blocks
+        before the first position whose logits must be computed (``logits_from``; default the last token), computed
+        under the same task. Empty when reuse is off."""
         if not self.reuse:
             return []
         first = len(tokens) - 1 if logits_from is None else logits_from
-        return self.tree.match(tokens, first // self.tokens_per_block)
+        return self.tree.match(tokens, first // self.tokens_per_block, adapter)
 
     def resident_idle(self, nodes: list[Node]) -> tuple[int, int]:
         """(nodes in the primary pool, of which unreferenced): what reusing ``nodes`` costs in free blocks."""
@@ -123,14 +124,14 @@ class BlockManager:
                     node.last_used = self.clock
                     self._cached_idle.add(node)
 
-    def commit(self, parent: Node | None, key: tuple[int, ...], block: int) -> Node:
-        """A sequence's block ``block`` is full: cache it after ``parent`` and return its node — or, when the same
-        block is cached already (computed by another sequence meanwhile), return that node and keep ``block``
-        private (values are identical either way)."""
-        existing = self.tree.child(parent, key)
+    def commit(self, parent: Node | None, key: tuple[int, ...], block: int, adapter: int | None = None) -> Node:
+        """A sequence's block ``block`` is full: cache it after ``parent`` (None: as a first block under LoRA task
+        ``adapter``) and return its node — or, when the same block is cached already (computed by another sequence
+        meanwhile), return that node and keep ``block`` private (values are identical either way)."""
+        existing = self.tree.child(parent, key, adapter)
         if existing is not None:
             return existing
-        node = self.tree.insert(parent, key, block, self.clock)
+        node = self.tree.insert(parent, key, block, self.clock, adapter)
         self._node[block] = node
         return node
 

@@ -3,7 +3,8 @@
 ``EngineLoop.add`` queues a request (checked at once: token ids, context length, what the pool and the token budget
 can ever hold, a draft or lookahead configuration the model takes), ``step`` runs one iteration and returns the tokens
 it produced (several for a speculative step: ``speculative.py``), ``stats`` gives the numbers the C++ backend reports as
-``nv_trt_llm_*`` metrics.
+``nv_trt_llm_*`` metrics. A request may name a LoRA task (``adapter``): its weights come with it the first time and
+are kept in the loop's adapter cache (``adapters.py``), which puts them on the ranks while requests using them run.
 """
 
 from __future__ import annotations
@@ -21,9 +22,20 @@ from yitrt.reference.engine.speculative import DraftTokens, LookaheadState, acce
 class EngineLoop:
     """In-flight batching over a runtime's paged KV cache (one loop per runtime at a time: it owns the cache)."""
 
-    def __init__(self, runtime, config: EngineConfig) -> None:
+    def __init__(self, runtime, config: EngineConfig, adapters=None) -> None:
+        """``adapters``: the adapter cache of an earlier loop on the same runtime to keep (its adapters stay on the
+        ranks); default a new one when ``config.lora`` is set."""
         self.runtime, self.config = runtime, config
-        self.scheduler = Scheduler(config)
+        if adapters is None and config.lora is not None:
+            from yitrt.reference.engine.adapters import AdapterCache
+
+            adapters = AdapterCache(config.lora, runtime.spec, lambda *a: runtime.load_adapter(*a), lambda t: runtime.drop_adapter(t))
+            if config.lora.prefetch_dir:
+                adapters.prefetch(config.lora.prefetch_dir)
+        elif adapters is not None:
+            adapters.reset_users()
+        self.adapters = adapters
+        self.scheduler = Scheduler(config, adapters)
         runtime._call("init_pool", config.primary_blocks, config.host_blocks, config.tokens_per_block, config.scratch_tokens)
         self.iterations = 0
         self.last: dict[str, Any] = {}
@@ -42,17 +54,33 @@ class EngineLoop:
         return self.scheduler.idle
 
     def add(self, key: str, prompt: list[int], rule, sampling, draft: DraftTokens | None = None, lookahead=None,
-            return_logits: bool = False) -> None:
+            return_logits: bool = False, adapter: int | None = None, lora_weights=None, lora_config=None) -> None:
         """Queue a request; ``draft``: a draft-target verification request (answered with one step), ``lookahead``:
         the request's own (w, n, g) (``LookaheadSizes``; default: the model's, on a lookahead model);
-        ``return_logits``: keep each generated token's logits row (``logits``; a draft model's generation logits).
+        ``return_logits``: keep each generated token's logits row (``logits``; a draft model's generation logits);
+        ``adapter``: the LoRA task id to generate with, ``lora_weights``/``lora_config`` its arrays (the first request
+        of a task; later ones send the id alone).
 
         Raises:
             UsageError: a token id outside the vocab, more than the context, more KV blocks than the pool holds, a
                 prompt over ``max_num_tokens`` without chunked context, a draft longer than ``max_draft_len`` (or on a
                 model built without draft tokens), lookahead sizes on a model without lookahead or above its own.
+            LoraError: LoRA arrays without a task id, an unknown task id without weights, arrays the engine refuses,
+                a full adapter cache (``AdapterCache.put``).
         """
         c = self.config
+        if adapter is None and (lora_weights is not None or lora_config is not None):
+            from yitrt.errors import LoraError
+
+            raise LoraError("lora_weights/lora_config sent without lora_task_id", "send the adapter's lora_task_id with its arrays")
+        if adapter is not None and self.adapters is None:
+            # no adapter cache (a loop of ReferenceRuntime.generate): the caller loaded the adapter on the ranks itself
+            from yitrt.errors import LoraError
+
+            if lora_weights is not None or adapter not in getattr(self.runtime, "adapters", ()):
+                raise LoraError(f"this model serves no LoRA adapters (lora_task_id {adapter} sent)",
+                                "deploy with LoRA adapters (the recipe's lora: section), or send no lora_* inputs")
+
         if draft is not None:
             if len(draft.tokens) > c.max_draft_len:  # the executor's check (tensorrtllm_backend #473's message)
                 raise UsageError(f"Number of draft tokens ({len(draft.tokens)}) is larger than maximum number of draft tokens ({c.max_draft_len})",
@@ -79,11 +107,16 @@ class EngineLoop:
         generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
         if return_logits and draft is not None:
             raise UsageError("generation logits of a verification request are not returned", "ask the draft model for its generation logits")
-        seq = Sequence(key, list(prompt), rule, sampling, 0, generator, draft=draft, want_logits=return_logits)
+        seq = Sequence(key, list(prompt), rule, sampling, 0, generator, draft=draft, want_logits=return_logits, adapter=adapter)
         sizes = lookahead or c.lookahead
         if sizes is not None and draft is None:
             seq.lookahead = LookaheadState.start(sizes, seq.prompt)
+        self.scheduler.check(len(seq.prompt), rule.max_new)  # refusals of the request itself before its adapter is stored
+        if adapter is not None and self.adapters is not None:
+            self.adapters.put(adapter, lora_weights, lora_config)
         self.scheduler.add(seq)
+        if adapter is not None and self.adapters is not None:
+            self.adapters.use(key, adapter)
 
     def cancel(self, key: str) -> bool:
         """Stop a request (waiting or running); False when it is not known (finished or never added)."""
@@ -156,4 +189,5 @@ class EngineLoop:
                                  "generation_requests": self.last.get("generation_requests", 0), "micro_batch_id": 0,
                                  "paused_requests": self.last.get("paused", 0)},
             "general": {"iteration_counter": self.iterations, "timestamp": int(time.time() * 1e6)},
+            **({"lora_cache": self.adapters.stats()} if self.adapters is not None else {}),
         }

@@ -8,6 +8,12 @@ an unknown ``batch_scheduler_policy`` falls back to ``guaranteed_no_evict`` with
 carries from its build (``max_num_tokens``, ``tokens_per_block``, ``--max_draft_len`` as ``yitrt_max_draft_len``) are
 parameters of the slot's config. ``decoding_mode: lookahead`` with the three ``lookahead_*`` sizes turns on lookahead
 decoding (trtllm-serving-features.md §1.2, T-mis); a draft-target target needs KV-cache reuse, as the executor does.
+The LoRA adapter cache (``adapters.py``) is sized by ``lora_cache_optimal_adapter_size``, ``lora_cache_max_adapter_size``,
+``lora_cache_gpu_memory_fraction`` (of ``yitrt_lora_free_memory_bytes``, the slot's stand-in for the GPU memory left
+after engine and KV cache), ``lora_cache_host_memory_bytes`` and ``lora_prefetch_dir`` (§2.5); the engine's LoRA build
+limits are ``yitrt_max_lora_rank`` (``--max_lora_rank``, default 64) and ``yitrt_lora_target_modules`` (comma-separated
+``--lora_target_modules``; unset: every Yi module). With neither set the slot stands for an engine built without the
+LoRA plugin: it has no adapter cache and refuses LoRA requests.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ DEFAULTS = {"max_batch_size": 8, "max_num_tokens": 8192, "tokens_per_block": 32,
 KEYS = ("max_batch_size", "max_num_tokens", "tokens_per_block", "max_tokens_in_paged_kv_cache", "yitrt_kv_cache_bytes",
         "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy",
         "yitrt_max_draft_len", "decoding_mode", "lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size")
+#: the LoRA cache's parameters (reference/trtllm-serving-features.md §2.5) and the slot's LoRA build limits
+LORA_KEYS = ("lora_cache_optimal_adapter_size", "lora_cache_max_adapter_size", "lora_cache_gpu_memory_fraction",
+             "lora_cache_host_memory_bytes", "lora_prefetch_dir", "yitrt_lora_free_memory_bytes", "yitrt_max_lora_rank",
+             "yitrt_lora_target_modules")
 #: decoding_mode values the backend knows (T-mis); the slot runs the sampling ones and lookahead
 _SAMPLING_MODES = ("auto", "top_k", "top_p", "top_k_top_p", "beam_search")
 _HEAD_MODES = ("medusa", "eagle", "explicit_draft_tokens")
@@ -101,8 +111,48 @@ def engine_config(params: dict[str, Any], spec, element_bytes: int = 4) -> tuple
         raise UsageError("yitrt_max_draft_len and decoding_mode lookahead are both set", "a model is a draft-target target or a lookahead model: drop one")
     config = EngineConfig(max_batch_size=batch, max_num_tokens=tokens, tokens_per_block=tpb, primary_blocks=blocks,
                           host_blocks=host // per_block, policy=policy, reuse=reuse, chunked_context=chunked,
-                          max_draft_len=draft_len, lookahead=lookahead)
+                          max_draft_len=draft_len, lookahead=lookahead, lora=lora_cache_config(params))
     return config, warnings
+
+
+def _float(key: str, value: str, low: float, high: float) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise UsageError(f"parameter {key} = {value!r} is not a number", f"set {key} to a number in the tensorrt_llm config") from None
+    if not low < number <= high:
+        raise UsageError(f"parameter {key} = {number} must be in ({low}, {high}]", f"set {key} in the tensorrt_llm config")
+    return number
+
+
+def lora_cache_config(params: dict[str, Any]):
+    """The adapter cache's ``LoraCacheConfig`` from the ``lora_cache_*`` parameters (unset: the backend's defaults);
+    None when neither ``yitrt_lora_target_modules`` nor ``yitrt_max_lora_rank`` is set (no LoRA plugin).
+
+    Raises:
+        UsageError: a value that does not parse or is out of range.
+    """
+    from yitrt.reference.engine import adapters as a
+
+    raw = {k: None if _unset(params.get(k)) else params.get(k) for k in LORA_KEYS}
+    if raw["yitrt_lora_target_modules"] is None and raw["yitrt_max_lora_rank"] is None:
+        return None
+
+    def number(key: str, default: int, low: int) -> int:
+        return default if raw[key] is None else _int(key, raw[key], low)
+
+    fraction = a.DEFAULT_GPU_FRACTION if raw["lora_cache_gpu_memory_fraction"] is None else \
+        _float("lora_cache_gpu_memory_fraction", raw["lora_cache_gpu_memory_fraction"], 0.0, 1.0)
+    free = number("yitrt_lora_free_memory_bytes", a.DEFAULT_FREE_MEMORY_BYTES, 1)
+    modules = None
+    if raw["yitrt_lora_target_modules"] is not None:
+        modules = tuple(m.strip() for m in str(raw["yitrt_lora_target_modules"]).split(",") if m.strip())
+    return a.LoraCacheConfig(optimal_adapter_size=number("lora_cache_optimal_adapter_size", a.DEFAULT_OPTIMAL_ADAPTER_SIZE, 1),
+                             max_adapter_size=number("lora_cache_max_adapter_size", a.DEFAULT_MAX_ADAPTER_SIZE, 1),
+                             device_bytes=int(fraction * free),
+                             host_bytes=number("lora_cache_host_memory_bytes", a.DEFAULT_HOST_BYTES, 1),
+                             max_lora_rank=number("yitrt_max_lora_rank", a.DEFAULT_MAX_LORA_RANK, 1),
+                             target_modules=modules, prefetch_dir=raw["lora_prefetch_dir"] and str(raw["lora_prefetch_dir"]))
 
 
 def _lookahead(raw: dict[str, Any]) -> LookaheadSizes | None:

@@ -4,9 +4,12 @@ TensorRT-LLM's block reuse (reference/trtllm-serving-features.md §3): a block e
 ``tokens_per_block`` slots hold computed keys and values (during generation too, as in 1.x), a later request
 reuses its longest chain of matching full blocks, and unreferenced blocks stay cached until evicted, least recently
 used first and leaves only. A block's key is its own token ids under its parent's node, so two blocks with the same
-tokens after different prefixes are different nodes. (TensorRT-LLM also keys by LoRA task and extra ids; the slot
-serves neither yet. It reuses whole blocks only: the engine's copy-on-partial-reuse of a last, partly matching
-block is not modelled.)
+tokens after different prefixes are different nodes. Blocks are also keyed by the LoRA task that computed them, as
+TensorRT-LLM's ``BlockKey.loraTaskId`` (§2.6, §3): every task (and the base model, task None) has its own root, so a
+chain never crosses from one adapter to another or to the base model — the same tokens give other keys and values
+under another adapter. Like the engine, the key is the task *id*: an id re-used for another adapter while its blocks
+are cached would reuse them (§2.6; the slot's adapter cache keeps the first weights of a cached id). (Extra ids are not
+served; the engine's copy-on-partial-reuse of a last, partly matching block is not modelled: whole blocks only.)
 """
 
 from __future__ import annotations
@@ -40,12 +43,22 @@ class PrefixTree:
 
     def __init__(self, tokens_per_block: int) -> None:
         self.tokens_per_block = tokens_per_block
-        self.root = Node((), None)
+        self.root = Node((), None)  # the base model's (no adapter)
+        self.roots: dict[int | None, Node] = {None: self.root}  # LoRA task id → the root of its blocks
         self.size = 0
 
-    def match(self, tokens: Sequence[int], max_blocks: int) -> list[Node]:
-        """The longest chain of cached blocks equal to the first full blocks of ``tokens`` (at most ``max_blocks``)."""
-        b, node, found = self.tokens_per_block, self.root, []
+    def _root(self, adapter: int | None) -> Node:
+        root = self.roots.get(adapter)
+        if root is None:
+            root = self.roots[adapter] = Node((), None)
+        return root
+
+    def match(self, tokens: Sequence[int], max_blocks: int, adapter: int | None = None) -> list[Node]:
+        """The longest chain of cached blocks equal to the first full blocks of ``tokens`` (at most ``max_blocks``)
+        that were computed under the LoRA task ``adapter`` (None: the base model)."""
+        b, node, found = self.tokens_per_block, self.roots.get(adapter), []
+        if node is None:
+            return found
         for i in range(min(max_blocks, len(tokens) // b)):
             node = node.children.get(tuple(tokens[i * b : (i + 1) * b]))
             if node is None:
@@ -53,13 +66,15 @@ class PrefixTree:
             found.append(node)
         return found
 
-    def child(self, parent: Node | None, key: tuple[int, ...]) -> Node | None:
-        """The cached block ``key`` after ``parent`` (None: after nothing, a sequence's first block)."""
-        return (parent or self.root).children.get(key)
+    def child(self, parent: Node | None, key: tuple[int, ...], adapter: int | None = None) -> Node | None:
+        """The cached block ``key`` after ``parent`` (None: after nothing — a sequence's first block under ``adapter``)."""
+        owner = parent if parent is not None else self.roots.get(adapter)
+        return None if owner is None else owner.children.get(key)
 
-    def insert(self, parent: Node | None, key: tuple[int, ...], block: int, tick: int) -> Node:
-        """Cache ``block`` (in the primary pool) as the block ``key`` after ``parent``."""
-        owner = parent or self.root
+    def insert(self, parent: Node | None, key: tuple[int, ...], block: int, tick: int, adapter: int | None = None) -> Node:
+        """Cache ``block`` (in the primary pool) as the block ``key`` after ``parent`` (None: a first block, under the
+        LoRA task ``adapter``; a later block belongs to its parent's task)."""
+        owner = parent if parent is not None else self._root(adapter)
         if key in owner.children:
             raise ValueError("block already cached")  # the caller reuses the existing node instead
         node = Node(key, owner, block, last_used=tick)
@@ -78,7 +93,7 @@ class PrefixTree:
 
     def nodes(self) -> Iterator[Node]:
         """Every cached block, parents before children."""
-        stack = list(self.root.children.values())
+        stack = [node for root in self.roots.values() for node in root.children.values()]
         while stack:
             node = stack.pop()
             yield node

@@ -17,7 +17,12 @@ Each iteration (one forward of the model over a packed batch):
    waits for an iteration with room (a prompt longer than ``max_num_tokens`` is refused on arrival, as the engine
    refuses it). A resumed request's recomputed context is chunked either way.
 3. **Blocks** — every scheduled request gets the blocks its new tokens need; cached blocks of a shared prefix are
-   referenced instead of recomputed when reuse is on.
+   referenced instead of recomputed when reuse is on (blocks of the same LoRA task only: ``prefix_tree``).
+
+A LoRA request (``Sequence.adapter``, a task id) is admitted only when its adapter is on the device cache or can be
+put there (``adapters.AdapterCache.admit``: least recently used adapters that no running request uses are evicted);
+otherwise it waits at the head of the queue, as TensorRT-LLM's capacity scheduler holds back a request whose PEFT
+pages do not fit (trtllm-serving-features.md §2.5).
 
 ``Scheduler.plan()`` returns the iteration's ``StepPlan`` (what every rank computes); ``Scheduler.finish()`` takes the
 sampled tokens back. ``records`` keeps what each iteration scheduled, for tests and the metrics.
@@ -64,6 +69,7 @@ class EngineConfig:
     chunked_context: bool = False
     max_draft_len: int = 0
     lookahead: Any = None  # LookaheadSizes
+    lora: Any = None  # adapters.LoraCacheConfig: LoRA requests are served (None: refused)
 
     @property
     def scratch_tokens(self) -> int:
@@ -115,6 +121,7 @@ class Sequence:
     want_logits: bool = False  # return_generation_logits: the rank returns its logits rows
     accepted: int = 0  # draft tokens accepted so far
     drafted: int = 0  # draft tokens offered so far
+    adapter: int | None = None  # LoRA task id (None: the base model)
 
     @property
     def tokens(self) -> list[int]:
@@ -163,6 +170,7 @@ class Segment:
     forks: tuple[tuple[int, int], ...] = ()
     scratch: int = 0
     ban_rows: int = 1
+    adapter: int | None = None  # LoRA task id whose adapter the ranks apply to these rows (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -192,8 +200,10 @@ class StepRecord:
 class Scheduler:
     """The batch manager's decisions, one iteration at a time (no tensors: ranks compute the plans)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, adapters: Any = None) -> None:
         self.config = config
+        #: the LoRA adapter cache (``adapters.AdapterCache``; None: no LoRA) — told who uses which adapter
+        self.adapters = adapters
         self.blocks = BlockManager(config.primary_blocks, config.host_blocks, config.tokens_per_block, config.reuse)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -238,11 +248,13 @@ class Scheduler:
         for seq in self.waiting:
             if seq.key == key:
                 self.waiting.remove(seq)
+                self._leave(seq)
                 return True
         for seq in self.running:
             if seq.key == key:
                 self._release(seq)
                 self.running.remove(seq)
+                self._leave(seq)
                 return True
         return False
 
@@ -295,6 +307,7 @@ class Scheduler:
             if reason is not None:
                 self._release(seq)
                 self.running.remove(seq)
+                self._leave(seq)
                 self.completed += 1
         c = self.blocks
         self.records.append(StepRecord(self._step, tuple((s.key, n, "context" if s.computed - n < s.context_end else "generation")
@@ -307,7 +320,7 @@ class Scheduler:
         c = self.config
         while self.waiting and len(self.running) < c.max_batch_size:
             seq = self.waiting[0]
-            nodes = self.blocks.match(seq.feed, seq.logits_from)
+            nodes = self.blocks.match(seq.feed, seq.logits_from, seq.adapter)
             resident, idle = self.blocks.resident_idle(nodes)
             free = self.blocks.free_blocks() - idle  # idle matched blocks stop being free once referenced
             if c.policy == "guaranteed_no_evict":
@@ -318,6 +331,8 @@ class Scheduler:
                 fits = blocks_for(first, c.tokens_per_block) - resident <= free
             if not fits:
                 break  # first come, first served: nothing overtakes the head of the queue
+            if seq.adapter is not None and self.adapters is not None and not self.adapters.admit(seq.key, seq.adapter):
+                break  # its adapter does not fit the device cache until a running request using another one ends
             self.waiting.popleft()
             seq.table = self.blocks.acquire(nodes, copies)
             seq.nodes = list(nodes)
@@ -382,6 +397,8 @@ class Scheduler:
     def _pause(self, seq: Sequence) -> None:
         self._release(seq)
         self.running.remove(seq)
+        if seq.adapter is not None and self.adapters is not None:
+            self.adapters.pause(seq.key, seq.adapter)  # off the device cache's users; still the host cache's
         seq.computed, seq.resumed = 0, True
         self.waiting.appendleft(seq)
         self.paused_total += 1
@@ -389,6 +406,11 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.blocks.release(seq.table)
         seq.table, seq.nodes = [], []
+
+    def _leave(self, seq: Sequence) -> None:
+        """The request is gone (finished or cancelled): its adapter loses a user."""
+        if seq.adapter is not None and self.adapters is not None:
+            self.adapters.leave(seq.key, seq.adapter)
 
     def _commit(self, seq: Sequence) -> None:
         """Cache the sequence's blocks that became full (a verification request's draft included: a block's keys and
@@ -400,7 +422,7 @@ class Scheduler:
         while len(seq.nodes) < seq.computed // b:
             i = len(seq.nodes)
             parent = seq.nodes[-1] if seq.nodes else None
-            seq.nodes.append(self.blocks.commit(parent, tuple(tokens[i * b : (i + 1) * b]), seq.table[i]))
+            seq.nodes.append(self.blocks.commit(parent, tuple(tokens[i * b : (i + 1) * b]), seq.table[i], seq.adapter))
 
     def _segment(self, seq: Sequence, n: int, scratch: int) -> Segment:
         feed, end = seq.feed, seq.computed + n
@@ -414,4 +436,5 @@ class Scheduler:
         ban_rows = max(0, rule.min_new - len(seq.new) - done) if seq.draft is not None else 1
         banned = tuple(rule.end_ids) if logits and len(seq.new) < rule.min_new else ()
         return Segment(seq.key, tuple(feed[seq.computed:end]), seq.computed, tuple(seq.table), seq.in_context, logits > 0,
-                       banned, seq.sampling.greedy and not seq.want_logits, max(logits, 1), tuple(seq.rows), scratch, ban_rows)
+                       banned, seq.sampling.greedy and not seq.want_logits, max(logits, 1), tuple(seq.rows), scratch, ban_rows,
+                       seq.adapter)

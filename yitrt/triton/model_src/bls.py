@@ -17,6 +17,9 @@ Compared with the stock BLS:
   as they finish and many requests run at once (stock: batch 1, no streaming). Every speculative response carries the
   target's ``total_accepted_draft_tokens``/``total_draft_tokens``/``acceptance_rate`` and yitrt's
   ``accepted_draft_tokens`` (per target step in that response).
+- LoRA: ``lora_task_id``, ``lora_weights`` and ``lora_config`` go to tensorrt_llm as they came (``lora_weights`` in
+  the data type this config declares, BF16 passed as its DLPack capsule: numpy has none); not with draft-target
+  rounds (refused: the draft model has no adapter).
 Which request tensor feeds which preprocessing and tensorrt_llm input is not written here: deploy derives it from the
 ensemble's wiring in its contract table for the TensorRT-LLM line (``yitrt_preprocessing_inputs``,
 ``yitrt_engine_inputs`` parameters), so renamed tensors (``min_length``/``min_tokens``) follow the line.
@@ -69,15 +72,20 @@ class TritonPythonModel:
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.pre_outputs}
 
     def _engine_inputs(self, request, pre, stream):
-        values = {}
+        values, passed = {}, []
         for target, (source, name) in self.engine_map.items():
+            if source == "request" and name == "lora_weights":  # any dtype, BF16 too: passed without numpy
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    passed.append(pb_utils.Tensor.from_dlpack(target, tensor.to_dlpack()))
+                continue
             value = pre[name] if source == "preprocessing" else text.array(request, name)
             if value is not None and value.size:  # an empty words list / bias means "none": not sent
                 # a BLS input reshaped to a scalar arrives as [batch]; the engine takes it as [batch, 1]
                 values[target] = value.reshape(1, -1) if value.ndim == 1 else value
         values["streaming"] = np.array([[stream]], dtype=np.bool_)
         values["exclude_input_in_output"] = np.array([[True]], dtype=np.bool_)
-        return [pb_utils.Tensor(name, value) for name, value in values.items()]
+        return [pb_utils.Tensor(name, value) for name, value in values.items()] + passed
 
     def _tokens(self, response):
         if response.has_error():
@@ -177,6 +185,8 @@ class TritonPythonModel:
         if stream and not self.decoupled:
             raise text.RequestError("stream=true needs the decoupled deployment (yitrt deploy --streaming); send stream=false")
         k = self._draft_tokens(request)
+        if k and any(pb_utils.get_input_tensor_by_name(request, n) is not None for n in ("lora_task_id", "lora_weights", "lora_config")):
+            raise text.RequestError("LoRA adapters are not served with draft-target speculation (the draft has no adapter); send num_draft_tokens 0")
         pre = self._preprocess(request)
         stop_words = text.strings(text.array(request, "stop_words")) if text.array(request, "stop_words") is not None else []
         answer = text.TextStream(self.tokenizer, stop_words, self.skip)

@@ -15,7 +15,11 @@ request semantics that the other models rely on:
   tokens generated so far, the stop request an empty one (the stock client sends input_lengths 0 and
   request_output_len 0 with it);
 - words lists whose offsets are all -1 mean "no words" (the stock preprocessing's ``""``); the worker refuses input
-  ids outside the vocab per request (the reference runtime's own check).
+  ids outside the vocab per request (the reference runtime's own check);
+- LoRA: ``lora_task_id`` selects an adapter; the first request of a task also carries ``lora_weights`` (the data type
+  this config declares: FP16, FP32 or BF16 — read through DLPack, numpy has no bfloat16) and ``lora_config``; the
+  worker's adapter cache (``yitrt.reference.engine.adapters``, sized by the ``lora_cache_*`` parameters) validates and
+  keeps them, and refuses an unknown id with the engine's "LoRA task N not found in cache" message.
 Generation runs in a worker process (``python -m yitrt.triton.reference_worker``) started with the interpreter
 named by the ``python_executable`` parameter (or ``YITRT_REFERENCE_PYTHON``): Triton's Python stub embeds a Python
 without torch. The worker runs yitrt's model of TensorRT-LLM's batch manager (``yitrt.reference.engine``: in-flight
@@ -48,7 +52,9 @@ _NOT_RETURNED = ("return_log_probs", "return_context_logits")
 ENGINE_PARAMETERS = ("max_num_tokens", "tokens_per_block", "max_tokens_in_paged_kv_cache", "yitrt_kv_cache_bytes",
                      "kv_cache_host_memory_bytes", "enable_kv_cache_reuse", "enable_chunked_context", "batch_scheduler_policy",
                      "yitrt_max_draft_len", "decoding_mode", "lookahead_window_size", "lookahead_ngram_size",
-                     "lookahead_verification_set_size")
+                     "lookahead_verification_set_size", "lora_cache_optimal_adapter_size", "lora_cache_max_adapter_size",
+                     "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes", "lora_prefetch_dir",
+                     "yitrt_lora_free_memory_bytes", "yitrt_max_lora_rank", "yitrt_lora_target_modules")
 #: per-request lookahead inputs: all three or none (T-utils getLookaheadDecodingFromTensors)
 _LOOKAHEAD_INPUTS = ("lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size")
 _NP_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_BF16": np.float32}
@@ -59,8 +65,9 @@ METRIC_FAMILIES = {
     "inflight_batcher": ("nv_trt_llm_inflight_batcher_metrics", "inflight_batcher_specific_metric", "TRT LLM inflight_batcher-specific metrics"),
     "general": ("nv_trt_llm_general_metrics", "general_type", "General TRT LLM metrics"),
 }
-_UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "encoder_input_features",
-                "guided_decoding_guide_type", "context_phase_params")
+_UNSUPPORTED = ("prompt_embedding_table", "encoder_input_features", "guided_decoding_guide_type", "context_phase_params")
+#: lora_weights' declared data type → the worker's name for it
+_LORA_DTYPES = {"TYPE_FP16": "float16", "TYPE_FP32": "float32", "TYPE_BF16": "bfloat16"}
 
 
 class _Pending:
@@ -84,6 +91,38 @@ def _no_tokens(length):
     """A response with no output ids and ``sequence_length`` ``length`` (0, or FAILED_LENGTH)."""
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
                                                       pb_utils.Tensor("sequence_length", np.full((1, 1), length, dtype=np.int32))])
+
+
+def bf16_values(tensor):
+    """A BF16 ``pb_utils.Tensor`` (on CPU) as float32 values, read through its DLPack capsule: numpy has no bfloat16 and
+    the Python backend's ``as_numpy()`` does not convert it, and this stub has no torch. A bf16 value is the upper half
+    of a float32, so shifting the 16 bits up is exact."""
+    import ctypes
+
+    class Device(ctypes.Structure):
+        _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
+
+    class DataType(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+    class DLTensor(ctypes.Structure):  # dlpack.h; DLManagedTensor begins with it
+        _fields_ = [("data", ctypes.c_void_p), ("device", Device), ("ndim", ctypes.c_int), ("dtype", DataType),
+                    ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                    ("byte_offset", ctypes.c_uint64)]
+
+    capsule = tensor.to_dlpack()
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    view = DLTensor.from_address(get(capsule, b"dltensor"))
+    if view.device.device_type != 1 or view.dtype.bits != 16 or view.dtype.code != 4:  # kDLCPU; kDLBfloat, 16 bits
+        raise ValueError(f"lora_weights arrived as DLPack type code {view.dtype.code}/{view.dtype.bits} bits on device "
+                         f"type {view.device.device_type}, not BF16 on the CPU")
+    shape = [view.shape[i] for i in range(view.ndim)]
+    count = int(np.prod(shape)) if shape else 1
+    raw = ctypes.string_at(view.data + view.byte_offset, count * 2) if count else b""
+    bits = np.frombuffer(raw, dtype=np.uint16).reshape(shape)
+    del capsule  # after the copy: the capsule owns the buffer
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _die_with_stub():
@@ -118,6 +157,8 @@ class TritonPythonModel:
         params = {key: text.param(config, key) for key in ENGINE_PARAMETERS if text.param(config, key) is not None}
         params["max_batch_size"] = text.param(config, "max_batch_size", str(config.get("max_batch_size") or 8))
         logits_type = next((o.get("data_type") for o in config.get("output", []) if o.get("name") == "generation_logits"), "TYPE_FP32")
+        lora_type = next((i.get("data_type") for i in config.get("input", []) if i.get("name") == "lora_weights"), "TYPE_FP16")
+        self.lora_dtype = _LORA_DTYPES.get(lora_type)
         self.logits_dtype = _NP_DTYPES.get(logits_type, np.float32)
         argv = [python, "-m", "yitrt.triton.reference_worker", self.checkpoint, "--engine-params", json.dumps(params)]
         self.worker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
@@ -240,6 +281,7 @@ class TritonPythonModel:
         message = {"input_ids": prompt, "max_new": int(max_new), "min_new": int(min_new or 0), "end_ids": [] if end_id is None or end_id < 0 else [end_id],
                    "stop_sequences": sequences, "sampling": sampling}
         message.update(self._speculation(request))
+        message.update(self._lora(request))
         item = _Pending(sender, prompt, streaming, self.exclude_input if exclude is None else exclude, counts, request.request_id())
         item.perf = bool(text.scalar(request, "return_perf_metrics", bool))
         if text.scalar(request, "return_generation_logits", bool):
@@ -272,6 +314,26 @@ class TritonPythonModel:
             if any(v is None for v in sizes):
                 raise ValueError("lookahead_window_size, lookahead_ngram_size and lookahead_verification_set_size must be sent together")
             out["lookahead"] = [int(v) for v in sizes]
+        return out
+
+    def _lora(self, request):
+        """The request's LoRA task id and arrays as worker fields (the worker's adapter cache checks them)."""
+        out = {}
+        task = text.scalar(request, "lora_task_id")
+        tensor = pb_utils.get_input_tensor_by_name(request, "lora_weights")
+        config = text.array(request, "lora_config")
+        if task is not None:
+            out["lora_task_id"] = int(task)
+        if tensor is not None:
+            if self.lora_dtype is None:
+                raise ValueError("lora_weights must be declared TYPE_FP16, TYPE_BF16 or TYPE_FP32 in this model's config")
+            values = bf16_values(tensor) if self.lora_dtype == "bfloat16" else tensor.as_numpy()
+            if values.size:  # empty: not sent
+                out["lora_weights"] = base64.b64encode(np.ascontiguousarray(values).tobytes()).decode()
+                out["lora_shape"] = list(values.shape)
+                out["lora_dtype"] = self.lora_dtype
+        if config is not None and np.asarray(config).size:
+            out["lora_config"] = np.asarray(config).astype(np.int64).tolist()
         return out
 
     def _tensors(self, item, tokens):
