@@ -223,7 +223,7 @@ def test_lora_builds_are_refused_with_every_reason(tmp_path):
         _lora_spec(tmp_path / "a", case, max_rank=8, target_modules=["attn_q", "mlp_h_to_4h", "q_proj"])
     text = str(info.value)
     assert "adapter mlp has rank 16, above max_lora_rank 8" in text
-    assert "adapter mlp adapts mlp_gate, mlp_4h_to_h, which the engine would not enable" in text
+    assert "adapter mlp adapts mlp_4h_to_h, which the engine would not enable" in text  # mlp_gate comes with mlp_h_to_4h
     assert "q_proj is the PEFT name" in text
     with pytest.raises(ValidationError, match="the device LoRA cache of rank 0 is 42.2 MiB .* less than one max-sized adapter "
                        r"\(rank 16 over attn_q, attn_k, attn_v, mlp_h_to_4h, mlp_4h_to_h, mlp_gate: 61.2 MiB\)"):
@@ -236,3 +236,21 @@ def test_lora_builds_are_refused_with_every_reason(tmp_path):
     assert _lora_spec(tmp_path / "c", kv, tp=2, adapter_tp=1)[0].lora.adapters[0].tp == 1
     with pytest.raises(ValidationError, match="adapter k was converted at tp 1, the engine is tp 8"):
         _lora_spec(tmp_path / "d", {**kv, "gpu": "H100"}, tp=8, adapter_tp=1)
+
+
+def test_lora_fc_and_gate_are_enabled_as_a_pair_and_swiglu_plugins_are_refused(tmp_path):
+    """The fused gated MLP adds an fc/gate LoRA only when the engine has both modules: an adapter of gate_proj alone
+    still gets mlp_gate enabled (else the engine would silently serve the base MLP); the FP8 SwiGLU GEMM plugins have no
+    fc/gate LoRA path at all."""
+    from yitrt.build.lora import ConvertedAdapter, lora_build
+
+    gate_only = ConvertedAdapter(tmp_path / "g", "g", 4, ("mlp_h_to_4h",), "float16", 1)
+    built = lora_build([gate_only])
+    assert built.target_modules == ("mlp_h_to_4h", "mlp_gate")
+    assert lora_build([ConvertedAdapter(tmp_path / "u", "u", 4, ("mlp_gate", "attn_dense"), "float16", 1)]).target_modules == (
+        "attn_dense", "mlp_h_to_4h", "mlp_gate")
+    assert built.problems("float16", 1, 4, {"gemm_swiglu_plugin": "disable"}) == []
+    (problem,) = built.problems("float16", 1, 4, {"low_latency_gemm_swiglu_plugin": "fp8"})
+    assert "--low_latency_gemm_swiglu_plugin has no LoRA path for mlp_h_to_4h/mlp_gate" in problem
+    dense = lora_build([ConvertedAdapter(tmp_path / "d", "d", 4, ("attn_dense",), "float16", 1)])
+    assert dense.problems("float16", 1, 4, {"gemm_swiglu_plugin": "fp8"}) == []  # no fc/gate adapter: nothing to lose

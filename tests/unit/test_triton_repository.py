@@ -419,3 +419,17 @@ def test_build_and_deploy_commands_take_converted_adapters(tmp_path, lora_work, 
     prefetch = cli("deploy", str(engine), "--out", str(tmp_path / "repo2"), "--tokenizer", str(lora_work["bfloat16"]["base"]),
                    "--lora", f"qv={qv}", "--lora-prefetch")
     assert prefetch.returncode == 3 and "#791" in prefetch.stderr and not (tmp_path / "repo2").exists()
+
+
+@pytest.mark.parametrize("count", [1, 3, 6, 7, 12])
+def test_lora_readme_mix_example_is_a_valid_lora_mix(count):
+    """The README's `--lora-mix` example is what bench accepts (its shares sum to 1, each positive) for any adapter count."""
+    import re
+
+    from yitrt.triton.lora import DeployedAdapter, LoraDeployment
+    from yitrt.triton.lora_client import parse_mix
+
+    adapters = tuple(DeployedAdapter(f"a{i}", i + 1, Path("/x"), 4, ("attn_q",), "float16") for i in range(count))
+    readme = LoraDeployment(adapters, 4, ("attn_q", "attn_k", "attn_v"), 4, 4, 0.05, 1 << 30, False).readme_section("tensorrt_llm_bls")
+    mix = re.search(r"--lora-mix (\S+)", readme).group(1)
+    assert set(parse_mix(mix, {a.name for a in adapters})) == {a.name for a in adapters}

@@ -206,7 +206,7 @@ def assemble(
         if speculation is not None:
             problems.append("yitrt does not combine LoRA adapters with speculative decoding: build one or the other")
         flags["lora_plugin"] = source.dtype  # the plugin computes in the engine's dtype, as lora_weights must be (§2.6)
-        problems += lora.problems(source.dtype, tp, source.cfg.num_kv_heads)
+        problems += lora.problems(source.dtype, tp, source.cfg.num_kv_heads, flags)
     if speculation is None and max_beam_width < 1:
         problems.append(f"--max-beam-width must be >= 1, got {max_beam_width}")
     if known_line(line):

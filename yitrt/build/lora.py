@@ -5,7 +5,11 @@
 "lora_plugin enabled, but no lora module enabled: setting useLoraPlugin to false" and serves no adapter (GJC), and
 the newest loader raises when neither modules nor a ``lora_dir`` are given (LMGR). The target modules are completed
 q/k/v all-or-none, as TensorRT-LLM does itself (LHELP ``get_missing_qkv_modules_from_lora_modules``), so the argv
-says what the engine will hold.
+says what the engine will hold; and ``mlp_h_to_4h``/``mlp_gate`` are completed as a pair: with ``--use_fused_mlp
+enable`` (yitrt's default) TensorRT-LLM's ``FusedGatedMLP`` adds the fc/gate LoRA only when the engine has BOTH modules
+(layers/mlp.py ``fc_gate_lora``: ``if mlp_fc_lora_params is not None and mlp_gate_lora_params is not None``), so an
+engine built with one of them would silently serve that module's adapter rows as the base model. A module an adapter
+does not adapt costs its share of the cache pages and a rank-0 GEMM, nothing else.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from yitrt.plan.lora import LoraCacheRequest
 
 #: the modules TensorRT-LLM enables together (a missing one is added and zero-filled, §2.1)
 QKV = ("attn_q", "attn_k", "attn_v")
+#: the modules the fused gated MLP adapts only together (see the module docstring)
+MLP_IN = ("mlp_h_to_4h", "mlp_gate")
+#: plugins whose fused fc/gate GEMM has no LoRA path ("LoRA of splitting fc and gate is not yet implemented for
+#: gemm_swiglu_plugin", layers/mlp.py ``FusedGatedMLP.fc_gate_plugin``)
+SWIGLU_PLUGINS = ("gemm_swiglu_plugin", "low_latency_gemm_swiglu_plugin")
 
 
 def target_module_problems(names: Iterable[str]) -> list[str]:
@@ -46,12 +55,14 @@ def target_module_problems(names: Iterable[str]) -> list[str]:
 
 
 def engine_target_modules(names: Iterable[str]) -> list[str]:
-    """The modules an engine enables for ``names``: q/k/v completed all-or-none, in module-id order, no repeats."""
+    """The modules an engine enables for ``names``: q/k/v completed all-or-none, fc/gate as a pair, in module-id order,
+    no repeats."""
     from yitrt.lora.modules import TRTLLM_MODULE_IDS
 
     chosen = set(names)
-    if chosen & set(QKV):
-        chosen |= set(QKV)
+    for group in (QKV, MLP_IN):
+        if chosen & set(group):
+            chosen |= set(group)
     return sorted(chosen, key=lambda n: TRTLLM_MODULE_IDS.get(n, 1 << 16))
 
 
@@ -116,9 +127,13 @@ class LoraBuild:
         return {"lora_target_modules": list(self.target_modules), "max_lora_rank": self.max_rank, "lora_dir": str(self.lora_dir),
                 "lora_ckpt_source": "hf"}
 
-    def problems(self, dtype: str, tp: int, num_kv_heads: int) -> list[str]:
-        """Why these adapters do not go with an engine of ``dtype`` at ``tp`` (empty: they do)."""
+    def problems(self, dtype: str, tp: int, num_kv_heads: int, plugin_flags: dict[str, Any] | None = None) -> list[str]:
+        """Why these adapters do not go with an engine of ``dtype`` at ``tp`` built with ``plugin_flags`` (empty: they do)."""
         out = []
+        swiglu = [f for f in SWIGLU_PLUGINS if (plugin_flags or {}).get(f) not in (None, "disable")]
+        if swiglu and set(MLP_IN) & set(self.target_modules):
+            out.append(f"--{swiglu[0]} has no LoRA path for {'/'.join(MLP_IN)} (TensorRT-LLM: \"LoRA of splitting fc and gate is not "
+                       f"yet implemented for gemm_swiglu_plugin\"): use a plugin profile without it, or adapters without gate_proj/up_proj")
         for a in self.adapters:
             if a.dtype != dtype:
                 out.append(f"adapter {a.name} was converted for {a.dtype}, the engine is {dtype} (lora_weights must be the engine's "

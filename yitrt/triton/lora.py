@@ -158,7 +158,10 @@ class LoraDeployment:
         """The README's LoRA section."""
         rows = "\n".join(f"| `{a.name}` | {a.task_id} | {a.rank} | {', '.join(a.modules)} | `{a.folder}/` |" for a in self.adapters)
         first = self.adapters[0].name
-        mix = ",".join(f"{a.name}:{1 / len(self.adapters):.2g}" for a in self.adapters)
+        n, digits = len(self.adapters), 2 if len(self.adapters) <= 10 else 4
+        share = [round(1 / n, digits)] * (n - 1)
+        share.append(1 - sum(share))  # the shares must sum to 1 (bench checks): 3 adapters are 0.33, 0.33, 0.34
+        mix = ",".join(f"{a.name}:{w:.{digits}f}".rstrip("0").rstrip(".") for a, w in zip(self.adapters, share, strict=True))
         prefetch = (f"All adapters are preloaded at start (`lora_prefetch_dir` = `{PREFETCH_FOLDER}/`), so a request may send its task id "
                     "alone from the first one." if self.prefetch else
                     "An adapter's first request must carry `lora_task_id`, `lora_weights` and `lora_config` (the two `.npy` files); "
@@ -178,6 +181,7 @@ The engine serves these adapters (`{ADAPTERS_FILE}` lists them for clients); a r
     yitrt bench localhost:8001 --model {bls} --lora {first}
     yitrt bench localhost:8001 --model {bls} --lora-mix {mix}
 
+Run these from this folder (chat and bench read `{ADAPTERS_FILE}` here), or add `--repo <this folder>`.
 {prefetch} `lora_weights` is {wtype} (the engine's dtype; a bf16 engine refuses FP16 weights). Adapter cache:
 `lora_cache_gpu_memory_fraction` {self.gpu_memory_fraction:g} of the GPU memory the KV pool leaves, `lora_cache_host_memory_bytes`
 {self.host_memory_bytes:,}, pages sized for rank {self.optimal_adapter_size} (`lora_cache_optimal_adapter_size`), up to rank
