@@ -398,6 +398,23 @@ def test_missing_r_and_alpha_both_reported(work, checkpoints, adapter_r4):
     assert "2 problems" in message and "no 'r'" in message and "no 'lora_alpha'" in message
 
 
+@pytest.mark.parametrize("key, value, expect", [
+    ("lora_alpha", "x", "'lora_alpha' is 'x', not a number"),
+    ("lora_alpha", None, "'lora_alpha' is None, not a number"),
+    ("r", -3, "'r' is -3, not a positive integer"),
+    ("r", "4", "'r' is '4', not a positive integer"),
+    ("rank_pattern", [1], "'rank_pattern' is [1], not a mapping"),
+    ("alpha_pattern", {"q_proj": "big"}, "'alpha_pattern' is {'q_proj': 'big'}, not a mapping"),
+    ("use_rslora", "yes", "'use_rslora' is 'yes', not true or false"),
+])
+def test_mistyped_config_values_are_refused_not_crashed_on(work, checkpoints, adapter_r4, key, value, expect):
+    """A value of the wrong type in adapter_config.json is a refusal naming it (exit 17), never an internal error: the
+    tensors are then checked without reading it."""
+    bad = _copy_adapter(adapter_r4[0], work / f"ad-typed-{key}", edit_config=lambda config: config.__setitem__(key, value))
+    assert expect in _refusal(bad, checkpoints[1], work / "never")
+    assert not (work / "never").exists()
+
+
 def test_unknown_and_fused_modules_refused_by_name(work, checkpoints, adapter_r4):
     def add(tensors):
         tensors["base_model.model.model.layers.0.self_attn.rotary_proj.lora_A.weight"] = np.zeros((4, 64), np.float32)

@@ -309,8 +309,9 @@ class AdapterModule:
 
 
 def _check_tensors(adapter: AdapterSource, base: BaseModel, max_lora_rank: int | None, enabled: set[str] | None,
-                   found: _Problems) -> list[AdapterModule]:
-    """Every tensor matched to a module and checked against the base; returns the (layer, module) entries."""
+                   found: _Problems, config_ok: bool = True) -> list[AdapterModule]:
+    """Every tensor matched to a module and checked against the base; returns the (layer, module) entries.
+    ``config_ok`` False: adapter_config.json's ranks/alphas are already refused, so they are not read here."""
     groups: dict[tuple[int, str], dict[str, str]] = {}
     module_keys: dict[tuple[int, str], str] = {}
     for name in sorted(adapter.shapes):
@@ -355,7 +356,7 @@ def _check_tensors(adapter: AdapterSource, base: BaseModel, max_lora_rank: int |
             found.add(f"{hf}: lora_B is {list(b_shape)}, the base model's {hf} has {n_out} outputs (an adapter of another model?)", layer)
         if b_shape[1] != rank:
             found.add(f"{hf}: lora_A has rank {rank} but lora_B {b_shape[1]}", layer)
-        want_rank, alpha = _module_rank_alpha(adapter.config, module_keys[(layer, hf)]) if "r" in adapter.config and "lora_alpha" in adapter.config else (rank, 0.0)
+        want_rank, alpha = _module_rank_alpha(adapter.config, module_keys[(layer, hf)]) if config_ok else (rank, 0.0)
         if _is_int(want_rank) and rank != want_rank:
             found.add(f"{hf}: the tensors have rank {rank}, adapter_config.json says {want_rank} (r / rank_pattern)", layer)
         if max_lora_rank is not None and rank > max_lora_rank:
@@ -474,8 +475,10 @@ def check_adapter(adapter: str | Path, base: str | Path, tp: int | None = None, 
     dtype = dtype or base_model.dtype
     _check_options(base_model, tp, dtype, max_lora_rank, found)
     enabled = _enabled_modules(target_modules, found)
+    before = len(problems)
     _check_config(source.config, problems)
-    modules = _check_tensors(source, base_model, max_lora_rank, enabled, found) if source.weights_file is not None else []
+    config_ok = len(problems) == before  # a refused r/lora_alpha/pattern is not used to check the tensors
+    modules = _check_tensors(source, base_model, max_lora_rank, enabled, found, config_ok) if source.weights_file is not None else []
     lines = found.lines()
     if lines:
         head = lines[0] if len(lines) == 1 else f"{len(lines)} problems: " + "; ".join(lines)
