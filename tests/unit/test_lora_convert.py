@@ -415,6 +415,17 @@ def test_mistyped_config_values_are_refused_not_crashed_on(work, checkpoints, ad
     assert not (work / "never").exists()
 
 
+def test_weights_overflowing_the_engine_dtype_are_refused(work, base_hf, adapter_r4):
+    """Finite PEFT weights whose scaled B exceeds float16 would be sent as Inf: refused, nothing written."""
+    def huge(tensors):
+        name = next(n for n in tensors if "lora_B" in n)
+        tensors[name] = np.full_like(tensors[name], 6e4)  # × alpha/r = 2 → 1.2e5 > float16's 65504
+
+    bad = _copy_adapter(adapter_r4[0], work / "ad-huge", edit_tensors=huge)
+    assert "overflow float16" in _refusal(bad, base_hf, work / "never")  # an fp32 HF base converts to a float16 engine
+    assert not (work / "never").exists()
+
+
 def test_unknown_and_fused_modules_refused_by_name(work, checkpoints, adapter_r4):
     def add(tensors):
         tensors["base_model.model.model.layers.0.self_attn.rotary_proj.lora_A.weight"] = np.zeros((4, 64), np.float32)
