@@ -112,6 +112,10 @@ def test_invalid_arrays_are_refused_with_the_engines_message_and_nothing_is_cach
     w, c = _adapter(4, modules=("attn_q",))
     with pytest.raises(LoraError, match="Expected lora weights to be the same data type as base model"):
         cache.put(1, w.astype(np.float16), c)
+    w, c = _adapter(4, modules=("attn_q",))
+    w[0, 0, 3] = np.nan  # valid shapes and dtype, but every token of the request would be NaN
+    with pytest.raises(LoraError, match="lora_weights hold NaN or Inf"):
+        cache.put(1, w, c)
     assert not cache.cached(1)
 
 

@@ -185,11 +185,16 @@ class AdapterCache:
         if weights is None:
             raise LoraError(f"LoRA task {task} not found in cache. Please send LoRA weights with request",
                             "send lora_weights and lora_config with the first request of a task (and after it was evicted)")
+        import numpy as np
+
         from yitrt.lora.format import unpack
 
         c = self.config
         unpack(weights, config, self.spec, self.spec.tp, c.max_lora_rank, None if c.target_modules is None else set(c.target_modules),
                self.dtype, self.spec.num_layers)
+        if not np.isfinite(np.asarray(weights, dtype=np.float32)).all():  # like non-finite draft_logits: refused on arrival
+            raise LoraError(f"LoRA task {task}: lora_weights hold NaN or Inf (every token of the request would be NaN)",
+                            "send the arrays `yitrt lora convert` wrote (it refuses non-finite adapters)")
         rows = _rows(config)
         pages = self.geometry.pages(rows)
         if pages > min(self.geometry.host_pages, self.geometry.device_pages):
