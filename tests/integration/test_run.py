@@ -88,6 +88,7 @@ def test_changed_limit_reruns_only_the_stages_that_depend_on_it(demo_run):
     assert statuses(data)["deploy"] == "ran" and data["did_work"] == ["deploy"]
 
 
+@pytest.mark.slow  # keeps `make test` near 12 min; --until runs in test_run_speculative and test_process_faults
 def test_from_and_until(demo_run, tmp_path):
     work, first, _ = demo_run
     assert first.returncode == 0, first.stderr

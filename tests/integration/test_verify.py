@@ -141,6 +141,7 @@ def test_checkpoint_of_another_model_is_refused(tiny, tmp_path):
     assert result.returncode == 5 and "was not made from" in data["error"]["message"]
 
 
+@pytest.mark.slow  # keeps `make test` near 12 min; thresholds are judged by tests/unit/test_verdicts.py in it
 def test_threshold_override_flips_the_verdict(tiny):
     result, data = _verify(tiny / "tp2", "--max-logit-diff", "0")
     assert result.returncode == 10 and any("logit scale" in f for f in data["failures"])
@@ -157,6 +158,7 @@ def test_generate_greedy_and_chat(tiny):
     assert json.loads(chat.stdout)["completions"][0]["prompt"] == "hi"
 
 
+@pytest.mark.slow  # keeps `make test` near 12 min: a second full verify for one refusal
 def test_model_without_tokenizer_needs_one_named(tiny, tmp_path):
     bare = write_synthetic_model(tmp_path / "bare", SyntheticSpec(seed=11))  # weights only, no tokenizer files
     convert(ConvertRequest(bare, tmp_path / "ckpt"))
