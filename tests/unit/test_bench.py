@@ -97,6 +97,20 @@ def test_synthetic_prompts_have_exact_token_lengths(tokenizer, add_special):
     assert again == prompts
 
 
+def test_a_small_vocabulary_refuses_synthetic_prompts_only(tmp_path):
+    """A tokenizer with too few whole words cannot draw synthetic prompts (the refusal names --dataset), but it still
+    counts and encodes a dataset's prompts: the check waits until a synthetic prompt is drawn."""
+    from yitrt.reference.verify import load_tokenizer
+    from yitrt.synthetic import write_tokenizer
+
+    write_tokenizer(tmp_path, 64)
+    factory = PromptFactory(load_tokenizer(tmp_path), add_special_tokens=False, seed=0)
+    assert factory.count("hello world") == len(factory.encode("hello world")) > 0
+    with pytest.raises(UsageError, match="too few whole-word tokens") as info:
+        factory.make(16)
+    assert "--dataset" in info.value.hint
+
+
 def test_dataset_lines_are_checked_before_anything_is_sent(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "hello there", "max_tokens": 5}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')

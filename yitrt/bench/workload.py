@@ -119,12 +119,22 @@ class PromptFactory:
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
         self.rng = random.Random(seed)
-        self.words = _word_tokens(tokenizer)
-        if len(self.words) < 100:
-            raise UsageError("the tokenizer has too few whole-word tokens to build synthetic prompts",
-                             "use --dataset FILE (a JSONL of prompts) instead")
+        self._words = _word_tokens(tokenizer)
         probe = "hello world"
         self.special = self.count(probe) - len(tokenizer(probe, add_special_tokens=False)["input_ids"])
+
+    @property
+    def words(self) -> list[int]:
+        """The whole-word token ids synthetic prompts are drawn from.
+
+        Raises:
+            UsageError: too few of them. Checked when a synthetic prompt is drawn, not before: a bench over a
+                ``--dataset`` only counts and encodes with the tokenizer, whatever its vocabulary.
+        """
+        if len(self._words) < 100:
+            raise UsageError("the tokenizer has too few whole-word tokens to build synthetic prompts",
+                             "use --dataset FILE (a JSONL of prompts) instead")
+        return self._words
 
     def count(self, text: str) -> int:
         """Tokens of ``text`` as the deployment's preprocessing counts them (special tokens included)."""
