@@ -117,6 +117,16 @@ def test_invalid_arrays_are_refused_with_the_engines_message_and_nothing_is_cach
     with pytest.raises(LoraError, match="lora_weights hold NaN or Inf"):
         cache.put(1, w, c)
     assert not cache.cached(1)
+    import torch  # the worker hands bf16 weights over as a torch tensor (numpy has no bfloat16)
+
+    bf16 = AdapterCache(LoraCacheConfig(max_lora_rank=8, target_modules=("attn_q",)), SimpleNamespace(**{**vars(SPEC), "dtype": "bfloat16"}),
+                        Ranks().load, Ranks().drop)
+    w, c = _adapter(4, modules=("attn_q",))
+    bf16.put(2, torch.from_numpy(w).to(torch.bfloat16), c)
+    assert bf16.cached(2)
+    w[0, 0, 3] = np.inf
+    with pytest.raises(LoraError, match="lora_weights hold NaN or Inf"):
+        bf16.put(3, torch.from_numpy(w).to(torch.bfloat16), c)
 
 
 def _sized(host_pages: int, device_pages: int, **kw) -> tuple[AdapterCache, Ranks]:

@@ -194,7 +194,7 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
             b = _kv_repeated(base_model, entry.module, b, tp)
         modules[(entry.layer, entry.module.trtllm)] = (a, b)
     weights, config = pack(modules, dtype)
-    if not np.isfinite(weights).all():  # finite inputs, but B · alpha/r (or A) beyond what the engine dtype holds
+    if np.isinf(weights).any():  # finite inputs (checked above), but B · alpha/r (or A) beyond what the engine dtype holds
         peak = max(float(np.abs(m).max()) for pair in modules.values() for m in pair)
         raise LoraError(f"cannot convert {adapter}: its scaled weights (largest |value| {peak:.4g}) overflow {dtype}",
                         "the adapter is damaged or was trained for a wider dtype; serve it on a bfloat16 or float32 engine")

@@ -192,7 +192,8 @@ class AdapterCache:
         c = self.config
         unpack(weights, config, self.spec, self.spec.tp, c.max_lora_rank, None if c.target_modules is None else set(c.target_modules),
                self.dtype, self.spec.num_layers)
-        if not np.isfinite(np.asarray(weights, dtype=np.float32)).all():  # like non-finite draft_logits: refused on arrival
+        values = weights.float().numpy() if hasattr(weights, "float") else np.asarray(weights, dtype=np.float32)  # torch bf16 or numpy
+        if not np.isfinite(values).all():  # like non-finite draft_logits: refused on arrival
             raise LoraError(f"LoRA task {task}: lora_weights hold NaN or Inf (every token of the request would be NaN)",
                             "send the arrays `yitrt lora convert` wrote (it refuses non-finite adapters)")
         rows = _rows(config)
