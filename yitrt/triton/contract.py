@@ -18,6 +18,8 @@ from yitrt.build.flags import release_line
 from yitrt.errors import UsageError
 
 _FLAGS = {"opt", "ragged", "scalar", "yitrt"}
+#: a model dtype → its Triton config data_type (the tensor-table dtypes a Yi engine can have)
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 
 def _key(line: str) -> tuple[int, int]:

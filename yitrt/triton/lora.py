@@ -167,7 +167,9 @@ class LoraDeployment:
                     "An adapter's first request must carry `lora_task_id`, `lora_weights` and `lora_config` (the two `.npy` files); "
                     "later requests send the task id alone while the adapter is cached (\"LoRA task N not found in cache. Please send "
                     "LoRA weights with request\" otherwise). `yitrt chat`/`yitrt bench` do this for you.")
-        wtype = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}.get(self.adapters[0].dtype, self.adapters[0].dtype)
+        from yitrt.triton.contract import TRITON_DTYPES
+
+        wtype = TRITON_DTYPES.get(self.adapters[0].dtype, self.adapters[0].dtype)
         return f"""
 ## LoRA adapters
 

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from yitrt.errors import UsageError
+from yitrt.triton.contract import TRITON_DTYPES
 
 ADAPTERS_FILE = "lora_adapters.json"
 #: the adapter-mix name that means "no adapter"
 BASE = "base"
 _NOT_CACHED = "not found in cache"
-_TRITON_DTYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ def read_adapters(repo: Path) -> dict[str, RepoAdapter]:
     for i, entry in enumerate(entries):
         ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("dir"), str) \
             and isinstance(entry.get("task_id"), int) and not isinstance(entry.get("task_id"), bool) and entry["task_id"] >= 0 \
-            and entry.get("dtype", "float16") in _TRITON_DTYPES
+            and entry.get("dtype", "float16") in TRITON_DTYPES
         if not ok:
-            raise UsageError(f"{path}: adapter {i} needs a name, a task_id >= 0, a dir and a dtype of {', '.join(_TRITON_DTYPES)}",
+            raise UsageError(f"{path}: adapter {i} needs a name, a task_id >= 0, a dir and a dtype of {', '.join(TRITON_DTYPES)}",
                              "redeploy the repository with yitrt deploy")
         if entry["name"] in out or entry["name"] == BASE:
             raise UsageError(f"{path}: adapter name {entry['name']!r} is {'repeated' if entry['name'] in out else 'reserved'}",
@@ -207,7 +207,7 @@ class LoraSender:
 
     def _build(self, adapter: RepoAdapter) -> list:
         declared = self.declared["lora_weights"]
-        wanted = _TRITON_DTYPES[adapter.dtype]
+        wanted = TRITON_DTYPES[adapter.dtype].removeprefix("TYPE_")  # the client spells BF16, not TYPE_BF16
         if declared != wanted:
             raise UsageError(f"adapter {adapter.name} is {adapter.dtype}, but the server's lora_weights input is {declared}",
                              f"convert the adapter with --dtype as the engine's ({declared}) and redeploy, or redeploy so lora_weights is {wanted}")

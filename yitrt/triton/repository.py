@@ -27,6 +27,7 @@ from yitrt.speculation import LookaheadSizes
 from yitrt.triton import contract as contracts
 from yitrt.triton import lora as lora_mod
 from yitrt.triton import speculative as spec_mod
+from yitrt.triton.contract import TRITON_DTYPES
 from yitrt.triton.lora import LoraDeployment, LoraRequest
 from yitrt.triton.model_src.yitrt_text import WORDS_ENCODINGS
 from yitrt.triton.pbtxt import Header, build_config, to_text
@@ -44,7 +45,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 #: Template variables left as ``${var}`` in one model although filled elsewhere: the C++ tensorrt_llm backend reads
 #: tokenizer_dir only for guided decoding (reference §1.5), and our relative folder means nothing to it.
 _LEFT_UNFILLED = {"tensorrt_llm": ("tokenizer_dir",)}
-_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 #: Python model sources (yitrt/triton/model_src) installed per model; yitrt_text.py goes beside each.
 _SOURCES = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py", "tensorrt_llm_bls": "bls.py"}
 
@@ -507,8 +507,8 @@ def render_repository(req: DeployRequest, facts: EngineFacts, line: str, end_id:
     # lora_weights: the engine's dtype in tensorrt_llm, the ensemble and the BLS alike, adapters or not — the engine
     # refuses any other ("Expected lora weights to be the same data type as base model": a bf16 engine and the
     # template's FP16, trtllm-serving-features.md §2.6), and Triton refuses an ensemble whose steps disagree on a type
-    types = {"logits_datatype": _DTYPES.get(facts.logits_dtype, "TYPE_FP32"), "encoder_input_features_data_type": "TYPE_FP16",
-             "prompt_embedding_table_data_type": "TYPE_FP16", "lora_weights_data_type": _DTYPES.get(facts.dtype, "TYPE_FP16")}
+    types = {"logits_datatype": TRITON_DTYPES.get(facts.logits_dtype, "TYPE_FP32"), "encoder_input_features_data_type": "TYPE_FP16",
+             "prompt_embedding_table_data_type": "TYPE_FP16", "lora_weights_data_type": TRITON_DTYPES.get(facts.dtype, "TYPE_FP16")}
     limits = {"max_input_len": str(facts.max_input_len)}
     slot = ({**limits, "max_seq_len": str(facts.max_seq_len), "python_executable": sys.executable, **_slot_limits(req),
              "yitrt_engine_slot": "reference: yitrt's CPU reference runtime, for tests and the demo; not TensorRT-LLM"}

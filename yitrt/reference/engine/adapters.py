@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yitrt.errors import LoraError, UsageError
+from yitrt.plan.memory import DTYPE_BYTES
 
 #: the backend's defaults for unset lora_cache_* parameters (§2.5), and trtllm-build's default max_lora_rank
 DEFAULT_OPTIMAL_ADAPTER_SIZE, DEFAULT_MAX_ADAPTER_SIZE = 8, 64
 DEFAULT_GPU_FRACTION, DEFAULT_HOST_BYTES, DEFAULT_MAX_LORA_RANK = 0.05, 1 << 30, 64
 DEFAULT_FREE_MEMORY_BYTES = 1 << 30
-_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _ceil(a: int, b: int) -> int:
@@ -162,7 +162,7 @@ class AdapterCache:
                  drop: Callable[[int], None]) -> None:
         self.config, self.spec, self._load, self._drop = config, spec, load, drop
         self.dtype = spec.dtype
-        self.geometry = geometry(config, spec, _ELEMENT_BYTES.get(spec.dtype, 2))
+        self.geometry = geometry(config, spec, DTYPE_BYTES.get(spec.dtype, 2))
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()  # least recently used first
         self._device: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.counters = {"loaded": 0, "evicted_host": 0, "evicted_device": 0}
