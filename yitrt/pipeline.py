@@ -505,17 +505,24 @@ class _Run(LoraStages):
                 "detail": f"{cfg.get('dtype')}, quant {quant.get('quant_algo') or 'none'}, KV {quant.get('kv_cache_quant_algo') or cfg.get('dtype')}, "
                           f"tp {tp} × pp {pp}{layers}"}
 
+    def _verify_request(self, lora: Path | None = None):
+        """The recipe's verify settings as a ``VerifyRequest`` of the run's checkpoint (with ``lora``: that converted
+        adapter applied)."""
+        from yitrt.reference import EVAL_TOKENS
+        from yitrt.reference.verify import VerifyRequest
+
+        v = self.spec.verify
+        return VerifyRequest(checkpoint=self.artifacts["convert"], model=self.artifacts["fetch"], max_new_tokens=v.max_new_tokens,
+                             eval_tokens=v.eval_tokens or EVAL_TOKENS, device=v.device, allow_pickle=self.spec.model.allow_pickle,
+                             thresholds={"min_top1": v.min_top1, "max_ppl_delta_pct": v.max_ppl_delta}, lora=lora)
+
     def _stage_verify(self) -> dict[str, Any]:
         v = self.spec.verify
         if not v.enabled:
             return {"status": "skipped", "detail": "verify.enabled is false"}
-        from yitrt.reference import EVAL_TOKENS
-        from yitrt.reference.verify import VerifyRequest, verify
+        from yitrt.reference.verify import verify
 
-        checkpoint, model = self.artifacts["convert"], self.artifacts["fetch"]
-        request = VerifyRequest(checkpoint=checkpoint, model=model, max_new_tokens=v.max_new_tokens,
-                                eval_tokens=v.eval_tokens or EVAL_TOKENS, device=v.device, allow_pickle=self.spec.model.allow_pickle,
-                                thresholds={"min_top1": v.min_top1, "max_ppl_delta_pct": v.max_ppl_delta})
+        request = self._verify_request()
         with self.progress("verify", "phase") as cb:
             report = verify(request, cb)
         data = report.to_json()

@@ -67,14 +67,11 @@ class LoraStages:
         if not v.enabled:
             return {"status": "skipped", "detail": "verify.enabled is false"}
         from yitrt.pipeline import _write_json, stage_parameters
-        from yitrt.reference import EVAL_TOKENS
-        from yitrt.reference.verify import VerifyRequest, verify
+        from yitrt.reference.verify import verify
 
         reports, summaries, warnings = {}, {}, []
         for entry in self._lora_entries():
-            request = VerifyRequest(checkpoint=self.artifacts["convert"], model=self.artifacts["fetch"], max_new_tokens=v.max_new_tokens,
-                                    eval_tokens=v.eval_tokens or EVAL_TOKENS, device=v.device, allow_pickle=self.spec.model.allow_pickle,
-                                    thresholds={"min_top1": v.min_top1, "max_ppl_delta_pct": v.max_ppl_delta}, lora=Path(entry["path"]))
+            request = self._verify_request(Path(entry["path"]))
             with self.progress("verify-lora", "phase") as cb:
                 report = verify(request, cb)
             data = report.to_json()
