@@ -40,7 +40,7 @@ def test_read_adapters_and_pick(tmp_path):
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"name": "a", "task_id": -1, "dir": "x", "dtype": "float16"}, "task_id >= 0"),
+    ({"name": "a", "task_id": -1, "dir": "x", "dtype": "float16"}, "a task_id of 0 to 2\\^64 - 1"),
     ({"name": "a", "task_id": 1, "dir": "x", "dtype": "int8"}, "dtype"),
     ({"name": "base", "task_id": 1, "dir": "x", "dtype": "float16"}, "reserved"),
     ({"name": "a", "task_id": 1, "dir": "../outside", "dtype": "float16"}, "outside"),
@@ -99,3 +99,20 @@ def test_sender_types_the_weights_as_the_server_declares_and_tracks_confirmation
         lora_client.LoraSender(grpc, {"lora_task_id": "UINT64"}, adapters, "ensemble")
     assert lora_client.not_cached("LoRA task 4 not found in cache. Please send LoRA weights with request")
     assert not lora_client.not_cached("PEFT Cache is full. Could not store taskId=4") and not lora_client.not_cached(None)
+
+
+@pytest.mark.parametrize("field, value", [("modules", 5), ("modules", [1]), ("dtype", ["f"]), ("dtype", {"a": 1}),
+                                          ("task_id", 1 << 64), ("task_id", -1), ("task_id", True), ("dir", None)])
+def test_a_mistyped_adapter_list_is_a_refusal_not_a_crash(tmp_path, field, value):
+    """Every field of lora_adapters.json a client reads is checked: a wrong type or a task id outside UINT64 is one
+    UsageError naming the file (exit 2), never a TypeError or OverflowError (exit 70)."""
+    entry = {"name": "a", "task_id": 1, "dir": "tensorrt_llm/lora/a", "rank": 2, "modules": ["attn_q"], "dtype": "float16", field: value}
+    with pytest.raises(UsageError, match="lora_adapters.json: adapter 0 needs"):
+        lora_client.read_adapters(_repo(tmp_path, [entry]))
+
+
+def test_adapter_arrays_that_are_not_numbers_are_refused(tmp_path):
+    repo = _repo(tmp_path)
+    np.save(repo / "tensorrt_llm/lora/a/model.lora_weights.npy", np.array([["x"] * 6] * 2))  # loads without pickle
+    with pytest.raises(UsageError, match="adapter a: .* holds <U1 weights"):
+        lora_client.read_adapters(repo)["a"].arrays()

@@ -23,7 +23,8 @@ peft = pytest.importorskip("peft")
 
 from yitrt.checkpoint.sharding import shard  # noqa: E402
 from yitrt.errors import LoraError  # noqa: E402
-from yitrt.lora.convert import CONFIG_NAME, HF_DIR, WEIGHTS_NAME, convert_adapter, read_converted  # noqa: E402
+from yitrt.lora import CONFIG_NAME, HF_DIR, WEIGHTS_NAME  # noqa: E402
+from yitrt.lora.convert import convert_adapter, read_converted  # noqa: E402
 from yitrt.lora.format import pack, rank_slice, round_bf16, unpack  # noqa: E402
 from yitrt.lora.modules import LORA_MODULES, by_hf, by_id, by_trtllm  # noqa: E402
 from yitrt.models.config import load_config  # noqa: E402
@@ -594,3 +595,19 @@ def test_hub_adapter_is_fetched_without_its_pickle_and_converted(work, checkpoin
     converted = read_converted(tmp_path / "out")
     np.testing.assert_array_equal(converted.weights, local.weights)
     np.testing.assert_array_equal(converted.config, local.config)
+
+
+def test_read_converted_refuses_a_manifest_whose_facts_are_not_an_adapters(work, checkpoints, adapter_r4):
+    """The manifest's own fields (dtype, tp, ranks, modules) are read by build, deploy and verify but not covered by its
+    file hashes: a hand-edited one is a LoraError, never a getattr(torch, 'load') or a KeyError."""
+    out = convert_adapter(adapter_r4[0], checkpoints[1], work / "conv-edited")
+    path = out / "yitrt-manifest.json"
+    good = path.read_text()
+    for field, value in (("dtype", "load"), ("tp", "2"), ("max_rank", 0), ("trtllm_modules", ["attn_qkv_typo"])):
+        data = json.loads(good)
+        data["extra"][field] = value
+        path.write_text(json.dumps(data))
+        with pytest.raises(LoraError, match="its manifest does not describe a converted adapter"):
+            read_converted(out)
+    path.write_text(good)
+    assert read_converted(out).dtype == "float32"

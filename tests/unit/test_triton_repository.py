@@ -433,3 +433,28 @@ def test_lora_readme_mix_example_is_a_valid_lora_mix(count):
     readme = LoraDeployment(adapters, 4, ("attn_q", "attn_k", "attn_v"), 4, 4, 0.05, 1 << 30, False).readme_section("tensorrt_llm_bls")
     mix = re.search(r"--lora-mix (\S+)", readme).group(1)
     assert set(parse_mix(mix, {a.name for a in adapters})) == {a.name for a in adapters}
+
+
+@pytest.mark.parametrize("text", ["a=dir:²", "a=dir:0", f"a=dir:{1 << 64}"])
+def test_deploy_lora_option_task_ids_are_ascii_uint64(text):
+    """`--lora NAME=DIR:TASK_ID`: a task id is ASCII digits from 1 to 2^64 - 1 (lora_task_id is UINT64); '²' is a
+    digit to str.isdigit and would crash int()."""
+    from yitrt.errors import UsageError
+    from yitrt.triton.lora import parse_adapter_option
+
+    if text.endswith("²"):  # not a task id: the whole text after '=' is the folder
+        assert parse_adapter_option(text).path == Path("dir:²")
+        return
+    with pytest.raises(UsageError, match="task id .* must be 1 to 2\\^64 - 1"):
+        parse_adapter_option(text)
+
+
+@pytest.mark.parametrize("build", [{"plugin_config": [1]}, {"plugin_config": {"lora_plugin": "float16"}, "lora_config": {"max_lora_rank": "x"}},
+                                   {"plugin_config": {"lora_plugin": "float16"}, "lora_config": ["x"]}])
+def test_engine_lora_settings_of_the_wrong_type_read_as_absent(build):
+    """An engine config.json's LoRA values are data: a wrong type reads as absent (deploy then refuses the engine's LoRA
+    settings, naming them), never an AttributeError or ValueError."""
+    from yitrt.triton.lora import engine_lora
+
+    got = engine_lora(build)
+    assert got is None or (got["max_lora_rank"] is None and got["lora_target_modules"] == [])

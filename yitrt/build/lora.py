@@ -120,7 +120,9 @@ class LoraBuild:
     @property
     def lora_dir(self) -> Path:
         """``--lora_dir``: the first adapter's PEFT copy (safetensors only)."""
-        return self.adapters[0].path / "hf"
+        from yitrt.lora import HF_DIR
+
+        return self.adapters[0].path / HF_DIR
 
     def argv_flags(self) -> dict[str, Any]:
         """The build arguments (not plugin flags), in argv order; a list is one flag with several values."""

@@ -32,14 +32,12 @@ import numpy as np
 
 from yitrt import __version__
 from yitrt.errors import LoraError
+from yitrt.lora import CONFIG_NAME, HF_DIR, WEIGHTS_NAME
 from yitrt.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModel, check_adapter, load_tensors
 from yitrt.lora.format import pack
-from yitrt.lora.modules import LORA_MODULES, LoraModule
+from yitrt.lora.modules import LORA_MODULES, STORE_DTYPES, LoraModule, by_trtllm
 
 STAGE = "lora-convert"
-WEIGHTS_NAME = "model.lora_weights.npy"
-CONFIG_NAME = "model.lora_config.npy"
-HF_DIR = "hf"
 
 
 def _kv_repeated(base: BaseModel, module: LoraModule, b: np.ndarray, tp: int) -> np.ndarray:
@@ -123,10 +121,23 @@ def read_converted(out: str | Path) -> ConvertedAdapter:
         config = np.load(out / CONFIG_NAME, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise LoraError(f"{out}: cannot read the LoRA arrays ({exc})", "convert the adapter again") from None
-    if weights.ndim != 3 or config.ndim != 3 or config.shape[2] != 3 or config.dtype != np.int32 or weights.shape[:2] != config.shape[:2]:
-        raise LoraError(f"{out}: lora arrays of shapes {list(weights.shape)} and {list(config.shape)} ({config.dtype})",
+    if weights.ndim != 3 or config.ndim != 3 or config.shape[2] != 3 or config.dtype != np.int32 or weights.shape[:2] != config.shape[:2] \
+            or weights.dtype.kind != "f":
+        raise LoraError(f"{out}: lora arrays of shapes {list(weights.shape)} ({weights.dtype}) and {list(config.shape)} ({config.dtype})",
                         "convert the adapter again")
-    return ConvertedAdapter(out, weights, config, manifest.to_json())
+    converted = ConvertedAdapter(out, weights, config, manifest.to_json())
+    info = converted.info  # the manifest's own fields are not covered by its file hashes: what readers use is checked
+    ok = isinstance(info, dict) and info.get("dtype") in STORE_DTYPES and _count(info.get("tp")) and _count(info.get("max_rank")) \
+        and isinstance(info.get("trtllm_modules"), list) and all(by_trtllm(m) is not None for m in info["trtllm_modules"] if isinstance(m, str)) \
+        and all(isinstance(m, str) for m in info["trtllm_modules"])
+    if not ok:
+        raise LoraError(f"{out}: its manifest does not describe a converted adapter (dtype, tp, max_rank, trtllm_modules)",
+                        "convert the adapter again")
+    return converted
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: int | None = None, dtype: str | None = None,

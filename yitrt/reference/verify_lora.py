@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.errors import LoraError, require
+from yitrt.lora import HF_DIR
+from yitrt.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 #: the task id the adapter is loaded under in verify's runtime (any id: the runtime holds one adapter)
 VERIFY_TASK_ID = 1
@@ -72,8 +74,8 @@ def read_adapter(folder: Path, spec, checkpoint: Path, model: Path) -> AdapterUn
     info = dict(converted.info)
     _check_kv_layout(info, spec, folder)
     unpack_for(spec, converted.weights, converted.config, engine_dtype=spec.dtype)
-    hf_dir = Path(folder) / "hf"
-    missing = [n for n in ("adapter_config.json", "adapter_model.safetensors") if not (hf_dir / n).is_file()]
+    hf_dir = Path(folder) / HF_DIR
+    missing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (hf_dir / n).is_file()]
     if missing:
         raise LoraError(f"{folder}: the PEFT copy lacks hf/{', hf/'.join(missing)}", "convert the adapter again with `yitrt lora convert`")
     warnings = []
@@ -137,7 +139,9 @@ def with_peft(original, adapter: AdapterUnderTest):
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoraError(f"peft could not load {adapter.hf_dir} onto the original ({first})", "convert the adapter for this base model") from None
-    store = getattr(torch, str(adapter.info.get("dtype") or "float32"))
+    from yitrt.reference.runtime import TORCH_DTYPES
+
+    store = TORCH_DTYPES[adapter.info["dtype"]]  # one of the store dtypes: read_converted checked it
     with torch.no_grad():
         for layer in model.modules():
             if not isinstance(layer, peft.tuners.lora.LoraLayer):

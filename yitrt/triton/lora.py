@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.errors import YitrtError
+from yitrt.lora import NPY_FILES
 
 ADAPTERS_FILE = "lora_adapters.json"
 LORA_FOLDER = "tensorrt_llm/lora"
@@ -30,8 +31,8 @@ PREFETCH_BF16 = ("lora_prefetch_dir with a bfloat16 engine silently serves the b
 PREFETCH_FIX = ("preload nothing (clients send each adapter's weights with its first request; `chat/bench --lora NAME` do), or "
                 "build the engine in float16")
 
-#: the request arrays of one adapter (``yitrt lora convert`` output, the names TensorRT-LLM's tools use)
-NPY_FILES = ("model.lora_weights.npy", "model.lora_config.npy")
+#: the largest lora_task_id (a UINT64 tensor, §2.3)
+MAX_TASK_ID = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ def parse_adapter_option(text: str) -> AdapterRequest:
     if not re.fullmatch(ADAPTER_NAME, name):
         raise UsageError(f"--lora {text!r}: the name {name!r} must be a-z, 0-9, _ or - (at most 64)", "e.g. --lora chat=DIR")
     folder, colon, task = rest.rpartition(":")
-    if colon and task.isdigit():
-        if int(task) < 1:
-            raise UsageError(f"--lora {text!r}: task id {task} must be >= 1", "task ids start at 1")
+    if colon and re.fullmatch(r"[0-9]+", task):  # ASCII digits only (str.isdigit takes '²' and '١')
+        if not 1 <= int(task) <= MAX_TASK_ID:
+            raise UsageError(f"--lora {text!r}: task id {task} must be 1 to 2^64 - 1 (lora_task_id is UINT64)", "task ids start at 1")
         return AdapterRequest(name, Path(folder), int(task))
     return AdapterRequest(name, Path(rest))
 
@@ -221,8 +222,8 @@ def resolve(req: LoraRequest | None, engine_dtype: str, engine_kind: str, engine
     given = [a.task_id for a in req.adapters if a.task_id is not None]
     if dup_ids := sorted({i for i in given if given.count(i) > 1}):
         problems.append(f"LoRA task ids must be unique: {', '.join(map(str, dup_ids))} given twice")
-    if bad := [i for i in given if isinstance(i, bool) or not isinstance(i, int) or i < 1]:
-        problems.append(f"LoRA task ids must be integers >= 1, not {', '.join(map(repr, bad))}")
+    if bad := [i for i in given if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= MAX_TASK_ID]:
+        problems.append(f"LoRA task ids must be integers from 1 to 2^64 - 1 (UINT64), not {', '.join(map(repr, bad))}")
     if engine_kind == "reference":
         if req.target_modules is not None:
             problems += [f"LoRA target modules: {p}" for p in target_module_problems(req.target_modules)]
@@ -285,10 +286,13 @@ def assign_task_ids(adapters: list[tuple[str, int | None]]) -> dict[str, int]:
 
 def engine_lora(build_config: dict[str, Any]) -> dict[str, Any] | None:
     """An engine's LoRA build settings from its config.json ``build_config`` (None: built without the LoRA plugin)."""
-    plugin = (build_config.get("plugin_config") or {}).get("lora_plugin")
+    plugins = build_config.get("plugin_config") if isinstance(build_config, dict) else None
+    plugin = plugins.get("lora_plugin") if isinstance(plugins, dict) else None
     if plugin in (None, False, "disable"):
         return None
     lora = build_config.get("lora_config") or {}
-    modules = lora.get("lora_target_modules") if isinstance(lora, dict) else None
-    return {"plugin": plugin, "max_lora_rank": lora.get("max_lora_rank") if isinstance(lora, dict) else None,
+    lora = lora if isinstance(lora, dict) else {}
+    modules, rank = lora.get("lora_target_modules"), lora.get("max_lora_rank")
+    # a value of the wrong type reads as absent: the caller then refuses the engine's LoRA settings, naming them
+    return {"plugin": plugin, "max_lora_rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
             "lora_target_modules": [m for m in modules if isinstance(m, str)] if isinstance(modules, list) else []}

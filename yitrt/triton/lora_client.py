@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from yitrt.errors import UsageError
+from yitrt.lora import NPY_FILES
 from yitrt.triton.contract import TRITON_DTYPES
+from yitrt.triton.lora import ADAPTERS_FILE, MAX_TASK_ID
 
-ADAPTERS_FILE = "lora_adapters.json"
 #: the adapter-mix name that means "no adapter"
 BASE = "base"
 _NOT_CACHED = "not found in cache"
@@ -51,7 +52,7 @@ class RepoAdapter:
             UsageError: a missing or unreadable array file.
         """
         out = []
-        for name in ("model.lora_weights.npy", "model.lora_config.npy"):
+        for name in NPY_FILES:
             path = self.folder / name
             try:
                 out.append(np.load(path, allow_pickle=False))
@@ -59,6 +60,9 @@ class RepoAdapter:
                 raise UsageError(f"adapter {self.name}: cannot read {path} ({exc})",
                                  "redeploy the repository (yitrt deploy) or convert the adapter again (yitrt lora convert)") from None
         weights, config = out
+        if weights.dtype.kind != "f" or config.dtype.kind not in "iu":  # allow_pickle=False still loads string arrays
+            raise UsageError(f"adapter {self.name}: {self.folder} holds {weights.dtype} weights and a {config.dtype} config, not float and int",
+                             "redeploy the repository (yitrt deploy) or convert the adapter again (yitrt lora convert)")
         if weights.ndim == 2:
             weights, config = weights[None], config.reshape(1, -1, 3)
         return weights, config.astype(np.int32)
@@ -83,11 +87,13 @@ def read_adapters(repo: Path) -> dict[str, RepoAdapter]:
     out: dict[str, RepoAdapter] = {}
     for i, entry in enumerate(entries):
         ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("dir"), str) \
-            and isinstance(entry.get("task_id"), int) and not isinstance(entry.get("task_id"), bool) and entry["task_id"] >= 0 \
-            and entry.get("dtype", "float16") in TRITON_DTYPES
+            and isinstance(entry.get("task_id"), int) and not isinstance(entry.get("task_id"), bool) \
+            and 0 <= entry["task_id"] <= MAX_TASK_ID and isinstance(entry.get("dtype", "float16"), str) \
+            and entry.get("dtype", "float16") in TRITON_DTYPES and isinstance(entry.get("modules") or [], list) \
+            and all(isinstance(m, str) for m in entry.get("modules") or [])
         if not ok:
-            raise UsageError(f"{path}: adapter {i} needs a name, a task_id >= 0, a dir and a dtype of {', '.join(TRITON_DTYPES)}",
-                             "redeploy the repository with yitrt deploy")
+            raise UsageError(f"{path}: adapter {i} needs a name, a task_id of 0 to 2^64 - 1, a dir, a dtype of {', '.join(TRITON_DTYPES)} "
+                             "and a list of module names", "redeploy the repository with yitrt deploy")
         if entry["name"] in out or entry["name"] == BASE:
             raise UsageError(f"{path}: adapter name {entry['name']!r} is {'repeated' if entry['name'] in out else 'reserved'}",
                              "give every adapter its own name (not 'base')")

@@ -22,6 +22,7 @@ from typing import Any
 from yitrt import __version__
 from yitrt.errors import CheckpointError, UsageError, ValidationError
 from yitrt.limits import INT32_MAX, MAX_INSTANCES
+from yitrt.lora import NPY_FILES
 from yitrt.manifest import ArtifactWriter, find_reusable, fingerprint_files, read_manifest
 from yitrt.speculation import LookaheadSizes
 from yitrt.triton import contract as contracts
@@ -709,7 +710,7 @@ def deploy(req: DeployRequest) -> DeployResult:
     if spec is not None and spec.draft is not None:
         inputs["draft"] = _source_fingerprint(spec.draft.path)
     for adapter in lora.adapters if lora is not None else ():
-        inputs[f"lora:{adapter.name}"] = fingerprint_files(adapter.source, list(lora_mod.NPY_FILES))
+        inputs[f"lora:{adapter.name}"] = fingerprint_files(adapter.source, list(NPY_FILES))
     out = Path(req.out).absolute()
     orchestrator = spec is not None and spec.orchestrator
     summary = {"max_batch_size": req.max_batch_size or facts.max_batch_size, "streaming": req.streaming, "end_id": end_id,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yitrt.errors import LoraError, UsageError
+from yitrt.lora import CONFIG_NAME, WEIGHTS_NAME
 from yitrt.plan.memory import DTYPE_BYTES
 
 #: the backend's defaults for unset lora_cache_* parameters (§2.5), and trtllm-build's default max_lora_rank
@@ -283,11 +284,11 @@ class AdapterCache:
             return loaded  # the engine skips a missing folder (PEFT prefetchLoraWeights)
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if not (name.isdigit() and os.path.isdir(path)):
+            if not (name.isascii() and name.isdigit() and os.path.isdir(path)):  # '²' and '١' are digits to str.isdigit
                 continue
             try:  # allow_pickle=False: an object array is refused, never unpickled
-                weights = np.load(os.path.join(path, "model.lora_weights.npy"), allow_pickle=False)
-                config = np.load(os.path.join(path, "model.lora_config.npy"), allow_pickle=False)
+                weights = np.load(os.path.join(path, WEIGHTS_NAME), allow_pickle=False)
+                config = np.load(os.path.join(path, CONFIG_NAME), allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise LoraError(f"lora_prefetch_dir task {name}: {exc}", "each task folder holds model.lora_weights.npy and model.lora_config.npy") from None
             self.put(int(name), weights, config)
