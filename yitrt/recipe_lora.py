@@ -11,7 +11,6 @@ bf16 engine (backend #791, §2.6).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,7 +46,9 @@ class LoraAdapter(_LoraSection):
     @property
     def is_local(self) -> bool:
         """Whether ``source`` names a folder (a path that exists, or one written as a path) rather than a Hub repo."""
-        return Path(self.source).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", self.source)
+        from yitrt.hub import is_repo_id
+
+        return Path(self.source).expanduser().exists() or not is_repo_id(self.source)
 
 
 class LoraCache(_LoraSection):
@@ -126,8 +127,13 @@ def adapter_summary(source: Path) -> dict[str, Any]:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise UsageError(f"{folder}/adapter_config.json: r is {r!r}, not a positive integer", "give a PEFT LoRA adapter")
     modules = config.get("target_modules")
-    if isinstance(modules, str):  # PEFT also takes one name, or a regex: a regex cannot be checked before conversion
-        modules = [modules]
+    if isinstance(modules, str):  # PEFT's one string is a regex (or "all-linear"): it is checked against the tensors at conversion
+        modules = []
+    elif not (isinstance(modules, list | type(None)) and all(isinstance(m, str) for m in modules or [])):
+        raise UsageError(f"{folder}/adapter_config.json: target_modules is {modules!r}"[:200] + ", not a list of module names",
+                         "give a PEFT LoRA adapter (save it with PEFT again)")
+    else:  # PEFT matches a name by its end ("self_attn.q_proj" is q_proj)
+        modules = [m.rsplit(".", 1)[-1] for m in modules or []]
     pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
     # a module's own rank (PEFT rank_pattern) may exceed r: the engine's max rank must hold the largest
     ranks = [r, *(v for v in pattern.values() if isinstance(v, int) and not isinstance(v, bool) and v > 0)]

@@ -112,6 +112,8 @@ def test_invalid_arrays_are_refused_with_the_engines_message_and_nothing_is_cach
     w, c = _adapter(4, modules=("attn_q",))
     with pytest.raises(LoraError, match="Expected lora weights to be the same data type as base model"):
         cache.put(1, w.astype(np.float16), c)
+    with pytest.raises(LoraError, match="lora_config has no rows"):  # an adapter of nothing is never cached as one
+        cache.put(1, np.zeros((1, 0, 0), np.float32), np.zeros((1, 0, 3), np.int32))
     w, c = _adapter(4, modules=("attn_q",))
     w[0, 0, 3] = np.nan  # valid shapes and dtype, but every token of the request would be NaN
     with pytest.raises(LoraError, match="lora_weights hold NaN or Inf"):

@@ -400,8 +400,8 @@ def test_missing_r_and_alpha_both_reported(work, checkpoints, adapter_r4):
 
 
 @pytest.mark.parametrize("key, value, expect", [
-    ("lora_alpha", "x", "'lora_alpha' is 'x', not a number"),
-    ("lora_alpha", None, "'lora_alpha' is None, not a number"),
+    ("lora_alpha", "x", "'lora_alpha' is 'x', not a positive number"),
+    ("lora_alpha", None, "'lora_alpha' is None, not a positive number"),
     ("r", -3, "'r' is -3, not a positive integer"),
     ("r", "4", "'r' is '4', not a positive integer"),
     ("rank_pattern", [1], "'rank_pattern' is [1], not a mapping"),
@@ -425,6 +425,33 @@ def test_weights_overflowing_the_engine_dtype_are_refused(work, base_hf, adapter
     bad = _copy_adapter(adapter_r4[0], work / "ad-huge", edit_tensors=huge)
     assert "overflow float16" in _refusal(bad, base_hf, work / "never")  # an fp32 HF base converts to a float16 engine
     assert not (work / "never").exists()
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda c: c.__setitem__("rank_pattern", {"q_proj(": 4}), "'rank_pattern' key 'q_proj(' is not a valid pattern"),
+    (lambda c: c.__setitem__("alpha_pattern", {"[": 2}), "'alpha_pattern' key '[' is not a valid pattern"),
+    (lambda c: c.__setitem__("lora_alpha", 0), "'lora_alpha' is 0, not a positive number"),
+    (lambda c: c.__setitem__("lora_alpha", -8), "'lora_alpha' is -8, not a positive number"),
+    (lambda c: c.__setitem__("init_lora_weights", "loftq"), "init_lora_weights 'loftq' rewrote the base model's weights"),
+])
+def test_config_values_peft_reads_as_patterns_or_scales_are_checked(work, checkpoints, adapter_r4, edit, expect):
+    """rank/alpha pattern keys are regular expressions (a broken one is refused, not re.error), alpha must be positive,
+    and LoftQ (like PiSSA) only fits the base it rewrote."""
+    bad = _copy_adapter(adapter_r4[0], work / "ad-cfg-edit", edit_config=edit)
+    assert expect in _refusal(bad, checkpoints[1], work / "never")
+
+
+def test_odd_tensor_names_are_refused_not_crashed_on_or_merged(work, checkpoints, adapter_r4):
+    """A layer number of thousands of digits is an unknown tensor (never int()'s digit limit), and two tensors naming
+    one module's lora_B under different prefixes are refused (neither silently wins)."""
+    def add(tensors):
+        some = next(n for n in tensors if n.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+        tensors["base_model.model.model.layers." + "9" * 5000 + ".self_attn.q_proj.lora_A.weight"] = tensors[some][:1]
+        tensors["zzz.model.layers.0.self_attn.q_proj.lora_B.weight"] = np.full_like(tensors[some], 7.0)
+
+    message = _refusal(_copy_adapter(adapter_r4[0], work / "ad-odd-names", edit_tensors=add), checkpoints[1], work / "never")
+    assert "is not a LoRA A/B weight of a decoder layer" in message
+    assert "two tensors for q_proj lora_B" in message
 
 
 def test_unknown_and_fused_modules_refused_by_name(work, checkpoints, adapter_r4):

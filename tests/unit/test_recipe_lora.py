@@ -151,3 +151,23 @@ def test_a_device_cache_too_small_names_its_fix_and_no_unrelated_one(tmp_path):
     assert "what fits" not in problem  # another tp or scheme is not the fix
     load_recipe(recipe(tmp_path, {"adapters": [{"name": "a", "source": a}], "cache": {"gpu_memory_fraction": 0.1}},
                        model={"repo": "01-ai/Yi-1.5-6B-Chat"}, target={"gpu": "L4"}))
+
+
+def test_peft_target_module_spellings_are_read_as_peft_reads_them(tmp_path):
+    """A string target_modules is PEFT's regex (checked at conversion, not refused here), a dotted name is matched by its
+    end, and a value of another type is a refusal naming it, never a TypeError."""
+    regex = adapter(tmp_path, "regex", modules=())
+    cfg = json.loads((tmp_path / "regex/adapter_config.json").read_text())
+    (tmp_path / "regex/adapter_config.json").write_text(json.dumps({**cfg, "target_modules": "q_proj|v_proj"}))
+    dotted = adapter(tmp_path, "dotted", modules=("self_attn.q_proj", "mlp.down_proj"))
+    spec = load_recipe(recipe(tmp_path, {"adapters": [{"name": "r", "source": regex}, {"name": "d", "source": dotted}]})).spec.lora
+    assert spec.task_ids == {"r": 1, "d": 2}
+    bad = adapter(tmp_path, "bad", modules=())
+    (tmp_path / "bad/adapter_config.json").write_text(json.dumps({**cfg, "target_modules": 5}))
+    assert any("target_modules is 5, not a list of module names" in p for p in problems_of(tmp_path, {"adapters": [{"name": "b", "source": bad}]}))
+
+
+def test_a_source_that_is_no_repo_id_is_a_missing_folder(tmp_path):
+    """`../nonexist` is not a Hub repo id (hub.is_repo_id): it is refused as a missing folder now, not fetched later."""
+    problems = problems_of(tmp_path, {"adapters": [{"name": "a", "source": str(tmp_path / ".." / "nonexist")}]})
+    assert any("is not a folder" in p for p in problems)

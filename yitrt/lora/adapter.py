@@ -39,7 +39,7 @@ from yitrt.lora.modules import LORA_MODULES, REFUSED_HF_MODULES, STORE_DTYPES, L
 
 #: A PEFT LoRA tensor of a decoder layer: ``…layers.N.(self_attn|mlp).MODULE.lora_(A|B).weight`` (the key pattern
 #: of hf_lora_convert.py, §2.4, anchored at both ends so nothing is silently dropped).
-_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<module>[A-Za-z0-9_]+)\.lora_(?P<ab>[AB])\.weight$")
+_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d{1,9})\.(?P<parent>self_attn|mlp)\.(?P<module>[A-Za-z0-9_]+)\.lora_(?P<ab>[AB])\.weight$")
 
 #: Tensors of a PEFT adapter that TensorRT-LLM's LoRA format cannot carry, each recognised by its key and named.
 _REFUSED_KEYS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -69,10 +69,11 @@ _REFUSED_SETTINGS: dict[str, str] = {
     "arrow_config": "Arrow (arrow_config) routes each token among several adapters",
 }
 #: init_lora_weights values whose initialisation rewrote the base weights (the adapter only works on that base).
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")  # peft LoraLayer.*_init rewrite base_layer.weight
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")  # peft LoraLayer.*_init rewrite base_layer.weight
+# (loftq_init replaces the base weight by its quantized form: the adapter corrects that base, not the original)
 
-_FIX = ("fix each problem listed: use an adapter trained on this base (PEFT LoRA on q/k/v/o/gate/up/down), the base the engine is "
-        "built from, and the engine's own --tp/--dtype/--max-lora-rank/--target-modules")
+_FIX = (f"fix each problem listed: use an adapter trained on this base (PEFT LoRA on {'/'.join(m.hf for m in LORA_MODULES)}), the base "
+        "the engine is built from, and the engine's own --tp/--dtype/--max-lora-rank/--target-modules")
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,9 @@ def _check_config(config: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"adapter_config.json has no {key!r} (the scale alpha/r cannot be known): save the adapter with PEFT again")
     if "r" in config and not (_is_int(config["r"]) and config["r"] > 0):
         problems.append(f"adapter_config.json 'r' is {config['r']!r}, not a positive integer")
-    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
-        problems.append(f"adapter_config.json 'lora_alpha' is {config['lora_alpha']!r}, not a number")
+    if "lora_alpha" in config and not (_is_number(config["lora_alpha"]) and config["lora_alpha"] > 0):
+        problems.append(f"adapter_config.json 'lora_alpha' is {config['lora_alpha']!r}, not a positive number (0 would serve the base "
+                        "model, a negative one the adapter's opposite)")
     if not isinstance(config.get("use_rslora", False), bool):
         problems.append(f"adapter_config.json 'use_rslora' is {config['use_rslora']!r}, not true or false")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -243,6 +245,12 @@ def _check_config(config: dict[str, Any], problems: list[str]) -> None:
         want = _is_int if key == "rank_pattern" else _is_number
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and want(v) and v > 0 for k, v in pattern.items()):
             problems.append(f"adapter_config.json {key!r} is {pattern!r}, not a mapping of module patterns to positive numbers"[:200])
+            continue
+        for k in pattern:  # PEFT matches the keys as regular expressions (get_pattern_key)
+            try:
+                re.compile(k)
+            except re.error as exc:
+                problems.append(f"adapter_config.json {key!r} key {k!r} is not a valid pattern ({exc})"[:200])
     for key, why in _REFUSED_SETTINGS.items():
         if config.get(key):
             shown = config[key] if not isinstance(config[key], list) else ", ".join(map(str, config[key]))
@@ -329,7 +337,11 @@ def _check_tensors(adapter: AdapterSource, base: BaseModel, max_lora_rank: int |
                 known = ", ".join(f"{m.parent}.{m.hf}" for m in LORA_MODULES)
                 found.add(f"unknown module {match['parent']}.{hf} (a LoRA on Yi adapts {known})")
             continue
-        groups.setdefault((layer, hf), {})[match["ab"]] = name
+        group = groups.setdefault((layer, hf), {})
+        if match["ab"] in group:  # two prefixes naming one module: which one PEFT would load is not knowable
+            found.add(f"two tensors for {hf} lora_{match['ab']}: {group[match['ab']]} and {name}", layer)
+            continue
+        group[match["ab"]] = name
         # the module's name inside the PEFT model's base (what rank_pattern keys are matched against)
         module_keys[(layer, hf)] = (match["prefix"].removeprefix("base_model.model.") + f"layers.{layer}.{match['parent']}.{hf}")
     entries = []

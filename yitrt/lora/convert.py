@@ -200,7 +200,8 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
     modules: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
     for entry in entries:
         a = tensors[entry.a_name]
-        b = (tensors[entry.b_name].astype(np.float64) * checked.scale(entry)).astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow becomes Inf: refused below, with the adapter named
+            b = (tensors[entry.b_name].astype(np.float64) * checked.scale(entry)).astype(np.float32)
         if repeat_kv and entry.module.role in ("k", "v"):
             b = _kv_repeated(base_model, entry.module, b, tp)
         modules[(entry.layer, entry.module.trtllm)] = (a, b)
@@ -208,7 +209,7 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path, tp: 
     if np.isinf(weights).any():  # finite inputs (checked above), but B · alpha/r (or A) beyond what the engine dtype holds
         peak = max(float(np.abs(m).max()) for pair in modules.values() for m in pair)
         raise LoraError(f"cannot convert {adapter}: its scaled weights (largest |value| {peak:.4g}) overflow {dtype}",
-                        "the adapter is damaged or was trained for a wider dtype; serve it on a bfloat16 or float32 engine")
+                        "the adapter is damaged, or (beyond float16 only) serve it on a bfloat16 or float32 engine")
 
     used = sorted({e.module.module_id for e in entries})
     ranks: dict[str, list[int]] = {}

@@ -71,7 +71,8 @@ def pack(modules: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], store_dt
     if store_dtype == "bfloat16":
         weights = round_bf16(weights)
     elif store_dtype == "float16":
-        weights = weights.astype(np.float16)
+        with np.errstate(over="ignore"):  # an overflow becomes Inf, which the converter refuses with its own message
+            weights = weights.astype(np.float16)
     return weights, config
 
 
@@ -144,6 +145,8 @@ def unpack(weights: Any, config: Any, cfg: Any, tp: int = 1, max_lora_rank: int 
     if c.shape[0] != w.shape[0]:
         raise LoraError("Expected dim1 lora_weights and lora_keys to have the same size",
                         f"lora_weights has {w.shape[0]} rows, lora_config {c.shape[0]}: send the two arrays of one conversion")
+    if c.shape[0] == 0:  # an adapter of nothing: never a meaningful request (the base model is asked for with no task id)
+        raise LoraError("lora_config has no rows: the adapter adapts nothing", "send the arrays `yitrt lora convert` wrote, or no LoRA tensors for the base model")
     if c.shape[1] != 3:
         # TensorRT-LLM also reads a 4th column (is_dora); the Triton template fixes 3 and yitrt has no DoRA
         raise LoraError(f"Expected dim2 of lora_keys to have a size in [3, 3], found {c.shape[1]}", "send [module_id, layer_idx, adapter_size] rows (DoRA is not supported)")
