@@ -797,7 +797,7 @@ def run_recipe(loaded: LoadedRecipe, opts: RunOptions) -> RunReport:
     present = recipe_stages(loaded.spec)
     for option, name in (("--from", opts.from_stage), ("--until", opts.until_stage)):
         if name is not None and name not in present:
-            why = "no lora section" if name == "convert-lora" else "no draft-target draft"
+            why = "no lora section" if _ROWS[name].lora else "no draft-target draft"
             raise UsageError(f"{option} {name}: recipe {loaded.spec.name} has no {name} stage (it has {why})",
                              "its stages: " + ", ".join(present))
     work = Path(os.path.normpath(Path(opts.work_dir).absolute()))

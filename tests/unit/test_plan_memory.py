@@ -196,7 +196,9 @@ def test_lora_cache_too_small_is_refused_naming_the_fix():
     from dataclasses import replace
 
     no_room = plan_memory(replace(request(YI_6B, "H100", kv_fraction=1.0), lora=_lora()))
-    assert not no_room.fits
+    assert not no_room.fits and no_room.lora["only_problem"]  # the cache alone: its fix is the cache's (no tp suggestions)
+    too_big = plan_memory(replace(request(YI_34B, "L4"), lora=_lora()))
+    assert not too_big.fits and not too_big.lora["only_problem"]  # the weights do not fit: the planner still suggests tp
     assert any("device LoRA cache" in p and "lora.cache.gpu_memory_fraction" in p and "serve.kv_fraction" in p
                and "lora.cache.max_adapter_size" in p for p in no_room.problems)
     # one rank-1 q/k/v adapter of Yi-6B at tp 1 is 32 · ((4096 + 4096) + 2 · (4096 + 512)) · 2 = 1,114,112 bytes

@@ -472,7 +472,9 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
         from yitrt.plan.lora import cache_plan
 
         lora, lora_problems = cache_plan(req.lora, req.cfg, req.tp, req.dtype_bytes, ranks)
-        if not problems:  # a model that does not fit at all says only that
+        # a model that does not fit at all says only that; "only_problem": the cache is all that keeps the plan from fitting
+        lora = {**lora, "only_problem": bool(lora_problems) and not problems}
+        if not problems:
             problems += lora_problems
     return MemoryPlan(req, ranks, limits, kv_tokens, blocks, blocks_per_seq, concurrent, max_tokens, problems, notes,
                       weights_fit=need + req.reserved_bytes < req.gpu.memory_bytes, lora=lora)

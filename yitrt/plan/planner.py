@@ -351,7 +351,7 @@ def plan(model_or_ckpt: str, opts: PlanOptions, revision: str | None = None, sou
     warnings += [str(f) for f in cand.findings if f.severity == "warning"]
     warnings += request_pitfalls(source.cfg, source.repo_id, {"pp": pp, "kv_cache": kv, "scheme": scheme})
     # an adapter cache too small is the only problem a plan reports with it (memory.plan_memory): its fix is the cache's
-    lora_only = cand.plan is not None and cand.plan.lora is not None and not cand.plan.lora["fits"]
+    lora_only = cand.plan is not None and cand.plan.lora is not None and cand.plan.lora["only_problem"]
     suggestions = _suggest(source, opts, gpu, cand) if not cand.ok and opts.lookahead is None and not lora_only else []
     report = PlanReport(source, gpu, opts, [cand], suggestions, warnings)
     if opts.lookahead is not None:
