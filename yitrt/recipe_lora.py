@@ -17,13 +17,15 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from yitrt.errors import YitrtError
+from yitrt.lora import (
+    DEFAULT_GPU_MEMORY_FRACTION,
+    DEFAULT_HOST_MEMORY_BYTES,
+    DEFAULT_MAX_ADAPTER_SIZE,
+    DEFAULT_OPTIMAL_ADAPTER_SIZE,
+)
 from yitrt.triton.lora import ADAPTER_NAME, PREFETCH_BF16, PREFETCH_FIX, assign_task_ids
 
 #: TensorRT-LLM's LoRA cache defaults (T-mis getPeftCacheConfigFromParams, §2.5).
-DEFAULT_OPTIMAL_ADAPTER_SIZE = 8
-DEFAULT_MAX_ADAPTER_SIZE = 64
-DEFAULT_GPU_MEMORY_FRACTION = 0.05
-DEFAULT_HOST_MEMORY_BYTES = 1 << 30
 StrictPositive = Annotated[int, Field(ge=1, strict=True)]
 
 

@@ -10,6 +10,11 @@ import typer
 
 from yitrt.cli import render, render_plan
 from yitrt.cli.options import CheckpointArg, ForceOpt, JsonOpt, KvCacheOpt, OutOpt, RevisionOpt
+from yitrt.lora import (
+    DEFAULT_GPU_MEMORY_FRACTION,
+    DEFAULT_HOST_MEMORY_BYTES,
+    DEFAULT_MAX_ADAPTER_SIZE,
+)
 from yitrt.plan.memory import DEFAULT_KV_FRACTION, DEFAULT_TOKENS_PER_BLOCK
 
 PLAN_DOES_NOT_FIT_EXIT = 13  # the plan ran and the configuration does not fit (not a usage error)
@@ -78,9 +83,9 @@ def register(app: typer.Typer) -> None:
         lookahead: LookaheadOpt = None,
         lora_rank: Annotated[int | None, typer.Option("--lora-rank", min=1, help="LoRA: the engine's max_lora_rank; plans the adapter cache.", show_default=False)] = None,
         lora_modules: Annotated[str | None, typer.Option("--lora-modules", help="LoRA: TensorRT-LLM target modules, comma-separated [default: all seven Yi modules].", show_default=False)] = None,
-        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="LoRA: lora_cache_gpu_memory_fraction.")] = 0.05,
-        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="LoRA: lora_cache_host_memory_bytes.")] = 1 << 30,
-        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="LoRA: lora_cache_max_adapter_size (clamped to --lora-rank).")] = 64,
+        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="LoRA: lora_cache_gpu_memory_fraction.")] = DEFAULT_GPU_MEMORY_FRACTION,
+        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="LoRA: lora_cache_host_memory_bytes.")] = DEFAULT_HOST_MEMORY_BYTES,
+        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="LoRA: lora_cache_max_adapter_size (clamped to --lora-rank).")] = DEFAULT_MAX_ADAPTER_SIZE,
         revision: RevisionOpt = None,
         json_: JsonOpt = False,
     ) -> None:

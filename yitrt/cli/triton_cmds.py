@@ -11,6 +11,12 @@ import typer
 
 from yitrt.cli import render
 from yitrt.cli.options import EXISTING_DIR, ForceOpt, JsonOpt, check_distinct_ports, port_option
+from yitrt.lora import (
+    DEFAULT_GPU_MEMORY_FRACTION,
+    DEFAULT_HOST_MEMORY_BYTES,
+    DEFAULT_MAX_ADAPTER_SIZE,
+    DEFAULT_OPTIMAL_ADAPTER_SIZE,
+)
 
 
 def _ids(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -72,10 +78,10 @@ def register(app: typer.Typer) -> None:
         gpu_ids: Annotated[str | None, typer.Option("--gpu-ids", help="Draft-target engines: the target's GPUs, one per rank, e.g. 0,1 [default: the first tp×pp].", show_default=False)] = None,
         draft_gpu_ids: Annotated[str | None, typer.Option("--draft-gpu-ids", help="Draft-target engines: the draft's GPUs, one per rank [default: the first tp×pp, shared with the target].", show_default=False)] = None,
         lora: Annotated[list[str] | None, typer.Option("--lora", help="A LoRA adapter the repository serves: NAME=DIR or NAME=DIR:TASK_ID (DIR: `yitrt lora convert` output; repeat for more; task ids default to the smallest free ones, 1..N).", show_default=False)] = None,
-        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="lora_cache_gpu_memory_fraction: of the GPU memory left after the engine and the KV pool.")] = 0.05,
-        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="lora_cache_host_memory_bytes.")] = 1 << 30,
-        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="lora_cache_max_adapter_size (clamped to the engine's max_lora_rank).")] = 64,
-        lora_optimal_adapter_size: Annotated[int, typer.Option("--lora-optimal-adapter-size", min=1, help="lora_cache_optimal_adapter_size (clamped to the engine's max_lora_rank).")] = 8,
+        lora_cache_fraction: Annotated[float, typer.Option("--lora-cache-fraction", min=0.0, max=1.0, help="lora_cache_gpu_memory_fraction: of the GPU memory left after the engine and the KV pool.")] = DEFAULT_GPU_MEMORY_FRACTION,
+        lora_host_cache: Annotated[int, typer.Option("--lora-host-cache", min=1, help="lora_cache_host_memory_bytes.")] = DEFAULT_HOST_MEMORY_BYTES,
+        lora_max_adapter_size: Annotated[int, typer.Option("--lora-max-adapter-size", min=1, help="lora_cache_max_adapter_size (clamped to the engine's max_lora_rank).")] = DEFAULT_MAX_ADAPTER_SIZE,
+        lora_optimal_adapter_size: Annotated[int, typer.Option("--lora-optimal-adapter-size", min=1, help="lora_cache_optimal_adapter_size (clamped to the engine's max_lora_rank).")] = DEFAULT_OPTIMAL_ADAPTER_SIZE,
         lora_prefetch: Annotated[bool, typer.Option("--lora-prefetch", help="Preload every adapter at start (lora_prefetch_dir); refused for bf16 engines (backend #791).")] = False,
         force: ForceOpt = False,
         json_: JsonOpt = False,

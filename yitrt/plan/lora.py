@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from yitrt.errors import UsageError
+from yitrt.lora import (
+    DEFAULT_GPU_MEMORY_FRACTION,
+    DEFAULT_HOST_MEMORY_BYTES,
+    DEFAULT_MAX_ADAPTER_SIZE,
+    DEFAULT_OPTIMAL_ADAPTER_SIZE,
+)
 
 
 @dataclass(frozen=True)
@@ -39,10 +45,10 @@ class LoraCacheRequest:
 
     modules: tuple[str, ...]
     max_rank: int
-    optimal_adapter_size: int = 8
-    max_adapter_size: int = 64
-    gpu_memory_fraction: float = 0.05
-    host_memory_bytes: int = 1 << 30
+    optimal_adapter_size: int = DEFAULT_OPTIMAL_ADAPTER_SIZE
+    max_adapter_size: int = DEFAULT_MAX_ADAPTER_SIZE
+    gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION
+    host_memory_bytes: int = DEFAULT_HOST_MEMORY_BYTES
 
     def __post_init__(self) -> None:
         """Refuse sizes no cache can be planned for.

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from yitrt.errors import YitrtError
-from yitrt.lora import NPY_FILES
+from yitrt.lora import (
+    DEFAULT_GPU_MEMORY_FRACTION,
+    DEFAULT_HOST_MEMORY_BYTES,
+    DEFAULT_MAX_ADAPTER_SIZE,
+    DEFAULT_OPTIMAL_ADAPTER_SIZE,
+    NPY_FILES,
+)
 
 ADAPTERS_FILE = "lora_adapters.json"
 LORA_FOLDER = "tensorrt_llm/lora"
@@ -79,10 +85,10 @@ class LoraRequest:
     """
 
     adapters: tuple[AdapterRequest, ...]
-    optimal_adapter_size: int = 8
-    max_adapter_size: int = 64
-    gpu_memory_fraction: float = 0.05
-    host_memory_bytes: int = 1 << 30
+    optimal_adapter_size: int = DEFAULT_OPTIMAL_ADAPTER_SIZE
+    max_adapter_size: int = DEFAULT_MAX_ADAPTER_SIZE
+    gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION
+    host_memory_bytes: int = DEFAULT_HOST_MEMORY_BYTES
     prefetch: bool = False
     max_rank: int | None = None
     target_modules: tuple[str, ...] | None = None

@@ -40,12 +40,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yitrt.errors import LoraError, UsageError
-from yitrt.lora import CONFIG_NAME, WEIGHTS_NAME
+from yitrt.lora import (
+    CONFIG_NAME,
+    DEFAULT_GPU_MEMORY_FRACTION,
+    DEFAULT_HOST_MEMORY_BYTES,
+    DEFAULT_MAX_ADAPTER_SIZE,
+    DEFAULT_MAX_LORA_RANK,
+    DEFAULT_OPTIMAL_ADAPTER_SIZE,
+    WEIGHTS_NAME,
+)
 from yitrt.plan.memory import DTYPE_BYTES
 
 #: the backend's defaults for unset lora_cache_* parameters (§2.5), and trtllm-build's default max_lora_rank
-DEFAULT_OPTIMAL_ADAPTER_SIZE, DEFAULT_MAX_ADAPTER_SIZE = 8, 64
-DEFAULT_GPU_FRACTION, DEFAULT_HOST_BYTES, DEFAULT_MAX_LORA_RANK = 0.05, 1 << 30, 64
 DEFAULT_FREE_MEMORY_BYTES = 1 << 30
 
 
@@ -69,8 +75,8 @@ class LoraCacheConfig:
 
     optimal_adapter_size: int = DEFAULT_OPTIMAL_ADAPTER_SIZE
     max_adapter_size: int = DEFAULT_MAX_ADAPTER_SIZE
-    device_bytes: int = int(DEFAULT_GPU_FRACTION * DEFAULT_FREE_MEMORY_BYTES)
-    host_bytes: int = DEFAULT_HOST_BYTES
+    device_bytes: int = int(DEFAULT_GPU_MEMORY_FRACTION * DEFAULT_FREE_MEMORY_BYTES)
+    host_bytes: int = DEFAULT_HOST_MEMORY_BYTES
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     target_modules: tuple[str, ...] | None = None
     prefetch_dir: str | None = None

@@ -141,7 +141,7 @@ def lora_cache_config(params: dict[str, Any]):
     def number(key: str, default: int, low: int) -> int:
         return default if raw[key] is None else _int(key, raw[key], low)
 
-    fraction = a.DEFAULT_GPU_FRACTION if raw["lora_cache_gpu_memory_fraction"] is None else \
+    fraction = a.DEFAULT_GPU_MEMORY_FRACTION if raw["lora_cache_gpu_memory_fraction"] is None else \
         _float("lora_cache_gpu_memory_fraction", raw["lora_cache_gpu_memory_fraction"], 0.0, 1.0)
     free = number("yitrt_lora_free_memory_bytes", a.DEFAULT_FREE_MEMORY_BYTES, 1)
     modules = None
@@ -150,7 +150,7 @@ def lora_cache_config(params: dict[str, Any]):
     return a.LoraCacheConfig(optimal_adapter_size=number("lora_cache_optimal_adapter_size", a.DEFAULT_OPTIMAL_ADAPTER_SIZE, 1),
                              max_adapter_size=number("lora_cache_max_adapter_size", a.DEFAULT_MAX_ADAPTER_SIZE, 1),
                              device_bytes=int(fraction * free),
-                             host_bytes=number("lora_cache_host_memory_bytes", a.DEFAULT_HOST_BYTES, 1),
+                             host_bytes=number("lora_cache_host_memory_bytes", a.DEFAULT_HOST_MEMORY_BYTES, 1),
                              max_lora_rank=number("yitrt_max_lora_rank", a.DEFAULT_MAX_LORA_RANK, 1),
                              target_modules=modules, prefetch_dir=raw["lora_prefetch_dir"] and str(raw["lora_prefetch_dir"]))
 
