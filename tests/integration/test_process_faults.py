@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.processes import TreeWatch, cmdlines, kill_all
+from tests.processes import TreeWatch, cmdlines, kill_all, living
 from yitrt.build.environment import find_tritonserver
 from yitrt.triton.cpu_stub import stub_env_dir
 
@@ -238,3 +238,40 @@ def test_run_killed_during_smoke_leaves_nothing(deployed_run, sig):
         proc.kill()
         kill_all(watch.sample())
         watch.stop()
+
+
+_HOLD_RUNTIME = """
+import sys, time
+from yitrt.reference.runtime import ReferenceRuntime
+
+if __name__ == "__main__":
+    runtime = ReferenceRuntime(sys.argv[1], device="cpu")
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_tensor_parallel_ranks_die_when_their_parent_is_sigkilled(tmp_path):
+    """The ranks of a tp 2 reference runtime (verify, generate, the slot's worker) are the forkserver's children, out of
+    reach of daemon=True and PDEATHSIG: each watches a pipe only the parent writes, so a SIGKILLed parent leaves no
+    rank, forkserver or resource tracker behind."""
+    from yitrt.checkpoint.convert import ConvertRequest, convert
+    from yitrt.synthetic import SyntheticSpec, write_synthetic_model
+
+    hf = write_synthetic_model(tmp_path / "hf", SyntheticSpec(seed=5, layers=2))
+    convert(ConvertRequest(hf, tmp_path / "tp2", tp=2))
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_RUNTIME)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "tp2")], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    watch = TreeWatch(proc.pid)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        ranks = watch.find("forkserver")
+        assert len(ranks) >= 3, cmdlines(set(ranks))  # the forkserver and the two ranks forked from it
+        proc.kill()
+        proc.wait(10)
+        left = watch.wait_gone(20)
+        assert not left, cmdlines(left)
+    finally:
+        watch.stop()
+        kill_all(living(watch.seen))

@@ -266,8 +266,21 @@ class RankEngine:
         return out
 
 
-def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str, commands, results) -> None:
-    """A TP rank's process: load its slice, then serve commands until told to stop."""
+def _exit_with_parent(watch) -> None:
+    """Block on the parent's watch pipe; when it closes (the parent exited, however it died), exit at once."""
+    try:
+        watch.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def _worker(folder: str, tp_rank: int, device: str, compute: str, init_file: str, commands, results, watch=None) -> None:
+    """A TP rank's process: load its slice, then serve commands until told to stop (or until the parent is gone)."""
+    if watch is not None:
+        import threading
+
+        threading.Thread(target=_exit_with_parent, args=(watch,), daemon=True, name="parent-watch").start()
     comm = None
     try:
         spec = load_spec(Path(folder))
@@ -366,10 +379,13 @@ class ReferenceRuntime:
         init_file = os.path.join(self._tmp.name, "rendezvous")
         self._results = ctx.Queue()
         self._commands = [ctx.Queue() for _ in range(self.spec.tp)]
+        # the ranks are the forkserver's children, not ours: neither daemon=True nor PDEATHSIG reaches them when this
+        # process is SIGKILLed. Each rank watches the read end of a pipe only this process can write: EOF = we are gone.
+        watch, self._watch = ctx.Pipe(duplex=False)
         for rank in range(self.spec.tp):
             proc = ctx.Process(
                 target=_worker, daemon=True,
-                args=(str(self.spec.path), rank, self.device.type, compute_dtype, init_file, self._commands[rank], self._results),
+                args=(str(self.spec.path), rank, self.device.type, compute_dtype, init_file, self._commands[rank], self._results, watch),
             )
             proc.start()
             self._procs.append(proc)
@@ -531,6 +547,8 @@ class ReferenceRuntime:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        if procs and hasattr(self, "_watch"):
+            self._watch.close()  # after the joins: a rank still stopping is not cut short
         if procs and hasattr(self, "_tmp"):
             self._tmp.cleanup()
 
